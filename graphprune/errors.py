@@ -1,0 +1,31 @@
+"""One error hierarchy; each class maps to one CLI exit code."""
+from __future__ import annotations
+
+__all__ = [
+    "GraphpruneError",
+    "BadInputError",
+    "PlanMismatchError",
+    "ValidationError",
+]
+
+
+class GraphpruneError(Exception):
+    """Base of every error graphprune raises on purpose."""
+
+    exit_code: int = 1
+
+
+class BadInputError(GraphpruneError):
+    """The user's file, option or plan cannot be used (exit 2)."""
+
+    exit_code = 2
+
+
+class PlanMismatchError(BadInputError):
+    """A plan was made for another model than the one given (exit 2)."""
+
+
+class ValidationError(GraphpruneError):
+    """The pruned model failed validation; nothing was written (exit 3)."""
+
+    exit_code = 3

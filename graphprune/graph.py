@@ -1,0 +1,133 @@
+"""Format-agnostic channel graph: tensors with shapes, ops with attributes.
+
+Frontends (ONNX, torch) build a :class:`ChannelGraph`; the op semantics table,
+the coupling analysis and the cost model read only this.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["Axis", "Dim", "TensorInfo", "OpNode", "ChannelGraph"]
+
+Dim = int | str | None
+"""A dimension: a known size, a symbolic name (dynamic), or None (unknown)."""
+
+TensorKind = Literal["input", "param", "activation"]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Axis:
+    """One axis of one tensor: the unit the coupling analysis links."""
+
+    tensor: str
+    axis: int
+
+    def __str__(self) -> str:
+        return f"{self.tensor}[{self.axis}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Static facts about a tensor.
+
+    Attributes:
+        name: Unique name in the graph.
+        shape: Dims, or None when even the rank is unknown.
+        dtype: Element type name (e.g. ``"FLOAT"``).
+        kind: ``input`` (graph input), ``param`` (constant) or ``activation``.
+        is_output: Whether the tensor is a graph output.
+    """
+
+    name: str
+    shape: tuple[Dim, ...] | None
+    dtype: str
+    kind: TensorKind
+    is_output: bool = False
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    def size(self, axis: int) -> int | None:
+        """Static size of ``axis``, or None when dynamic or unknown."""
+        if self.shape is None:
+            return None
+        dim = self.shape[axis]
+        return dim if isinstance(dim, int) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpNode:
+    """One operation, described by its ONNX identity.
+
+    Attributes:
+        name: Node name (unique; frontends make one up when absent).
+        domain: ONNX domain (``""`` is the default domain).
+        op_type: ONNX op type.
+        inputs: Input tensor names; ``""`` for an omitted optional input.
+        outputs: Output tensor names.
+        attrs: Attribute values as plain Python data.
+        opset: Opset version of the node's domain.
+        subgraph_refs: Outer-scope tensors read by subgraphs; non-empty
+            (or ``has_subgraph``) means the node holds control flow.
+        has_subgraph: Whether the node carries graph attributes.
+    """
+
+    name: str
+    domain: str
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: Mapping[str, Any]
+    opset: int
+    subgraph_refs: tuple[str, ...] = ()
+    has_subgraph: bool = False
+
+
+@dataclasses.dataclass
+class ChannelGraph:
+    """Tensors and ops in topological order, plus lazy access to constants.
+
+    Attributes:
+        tensors: Every known tensor by name.
+        nodes: Ops in topological order.
+        inputs: Graph input names (non-constant).
+        outputs: Graph output names.
+        constant_loader: Returns the value of a ``param`` tensor.
+    """
+
+    tensors: dict[str, TensorInfo]
+    nodes: list[OpNode]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    constant_loader: Callable[[str], np.ndarray]
+    _consumers: dict[str, list[OpNode]] | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """Value of a constant tensor, or None when ``name`` is not constant."""
+        info = self.tensors.get(name)
+        if not name or info is None or info.kind != "param":
+            return None
+        return self.constant_loader(name)
+
+    def info(self, name: str) -> TensorInfo | None:
+        return self.tensors.get(name) if name else None
+
+    def shape(self, name: str) -> tuple[Dim, ...] | None:
+        info = self.info(name)
+        return None if info is None else info.shape
+
+    def consumers(self) -> dict[str, list[OpNode]]:
+        """Map tensor name -> ops that read it (computed once)."""
+        if self._consumers is None:
+            out: dict[str, list[OpNode]] = {}
+            for node in self.nodes:
+                for name in (*node.inputs, *node.subgraph_refs):
+                    if name:
+                        out.setdefault(name, []).append(node)
+            self._consumers = out
+        return self._consumers

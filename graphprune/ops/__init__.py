@@ -1,0 +1,27 @@
+"""The op semantics table. Importing this package fills the registry."""
+from __future__ import annotations
+
+from graphprune.ops import conv, elementwise, linear, norm, shape  # noqa: F401  (registration)
+from graphprune.ops.registry import (
+    AdjustContext,
+    Adjustment,
+    Factor,
+    Freeze,
+    Link,
+    OpSpec,
+    Semantics,
+    lookup,
+    registered_ops,
+)
+
+__all__ = [
+    "AdjustContext",
+    "Adjustment",
+    "Factor",
+    "Freeze",
+    "Link",
+    "OpSpec",
+    "Semantics",
+    "lookup",
+    "registered_ops",
+]

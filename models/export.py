@@ -1,0 +1,49 @@
+"""Export a torch model to ONNX with a dynamic batch dimension."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["export_onnx"]
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    input_shape: tuple[int, ...] = (1, 28, 28),
+    opset: int = 17,
+    bn: Literal["keep", "fold"] = "fold",
+    dynamo: bool = False,
+) -> None:
+    """Write ``model`` to ``path`` as ONNX.
+
+    Args:
+        model: The module (put in eval mode here).
+        path: Output file.
+        input_shape: Shape of one sample (the batch dimension is dynamic).
+        opset: ONNX opset.
+        bn: ``fold`` merges BatchNorm into the preceding conv (the usual eval
+            export); ``keep`` leaves BatchNormalization nodes in the graph.
+        dynamo: Use the torch.export-based exporter instead of TorchScript.
+    """
+    model = model.eval()
+    x = torch.randn(2, *input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            torch.onnx.export(
+                model, (x,), str(path), opset_version=opset, input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
+            )
+            return
+        mode = torch.onnx.TrainingMode.PRESERVE if bn == "keep" else torch.onnx.TrainingMode.EVAL
+        torch.onnx.export(
+            model, (x,), str(path), opset_version=opset, input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, training=mode,
+            do_constant_folding=bn == "fold", dynamo=False,
+        )
