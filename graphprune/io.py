@@ -1,0 +1,67 @@
+"""Safe file output: never overwrite the input, write atomically."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx_ir as ir
+
+from graphprune.errors import BadInputError
+
+__all__ = ["check_output_path", "staged_output", "save_onnx", "write_text_atomic"]
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+"""Models with more initializer bytes than this are saved with external data."""
+
+
+def check_output_path(source: Path, output: Path, force: bool) -> None:
+    """Refuse to write over the input, or over an existing file without ``force``.
+
+    Raises:
+        BadInputError: When the output is the input, exists, or its folder does not.
+    """
+    if output.exists() and source.exists() and output.resolve() == source.resolve():
+        raise BadInputError(f"output {output} is the input file: choose another path (the input is never overwritten)")
+    if output.exists() and not force:
+        raise BadInputError(f"output {output} exists: pass --force to replace it")
+    if not output.parent.resolve().is_dir():
+        raise BadInputError(f"output folder {output.parent} does not exist")
+
+
+@contextlib.contextmanager
+def staged_output(output: Path) -> Iterator[Path]:
+    """Yield a path in a private folder beside ``output``; move it (and its data file) in place on success.
+
+    Nothing is left behind when the body raises (or is interrupted).
+    """
+    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        staged = stage / output.name
+        yield staged
+        for extra in sorted(stage.iterdir()):
+            if extra != staged:
+                os.replace(extra, output.parent / extra.name)
+        os.replace(staged, output)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def save_onnx(model: ir.Model, path: Path) -> None:
+    """Save, with external data (``<name>.data``) when the weights are large."""
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        ir.save(model, path, external_data=f"{path.name}.data")
+    else:
+        for v in model.graph.initializers.values():
+            if isinstance(v.const_value, ir.ExternalTensor):
+                v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
+        ir.save(model, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with staged_output(path) as tmp:
+        tmp.write_text(text)

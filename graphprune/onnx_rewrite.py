@@ -1,0 +1,131 @@
+"""ONNX backend: apply a plan to an onnx-ir model."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.coupling import Coupling
+from graphprune.graph import Axis, ChannelGraph, OpNode
+from graphprune.onnx_frontend import OnnxModel
+from graphprune.ops import AdjustContext, Adjustment, lookup
+from graphprune.plan import Plan, kept_elements
+
+__all__ = ["apply_plan", "clone_model", "value_map", "node_map"]
+
+log = logging.getLogger(__name__)
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """An independent copy of a model (weights included)."""
+    return ir.from_proto(ir.to_proto(model))
+
+
+def value_map(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of the main graph."""
+    out: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    out.update(graph.initializers)
+    for node in graph:
+        out.update((o.name, o) for o in node.outputs if o.name)
+    return out
+
+
+def node_map(graph: ir.Graph) -> dict[str, ir.Node]:
+    """Nodes by the names the frontend gave them."""
+    return {node.name or f"{node.op_type}_{k}": node for k, node in enumerate(graph)}
+
+
+def apply_plan(om: OnnxModel, coupling: Coupling, plan: Plan) -> ir.Model:
+    """Return a pruned copy of ``om.model``; the original is left untouched.
+
+    Raises:
+        PlanMismatchError: When the plan does not fit the model.
+    """
+    kept = kept_elements(plan, coupling, om.graph)
+    model = clone_model(om.model)
+    values = value_map(model.graph)
+    _slice_tensors(om.graph, values, kept)
+    ctx = AdjustContext(kept, om.graph)
+    nodes = node_map(model.graph)
+    for op in om.graph.nodes:
+        spec = lookup(op.domain, op.op_type)
+        if spec is None or spec.adjust is None:
+            continue
+        adj = spec.adjust(op, ctx)
+        if adj:
+            _apply_adjustment(model.graph, nodes[op.name], op, adj, values)
+    return model
+
+
+def _slice_tensors(graph: ChannelGraph, values: Mapping[str, ir.Value], kept: Mapping[Axis, np.ndarray]) -> None:
+    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for axis, k in kept.items():
+        by_tensor.setdefault(axis.tensor, []).append((axis.axis, k))
+    for name, cuts in by_tensor.items():
+        value = values[name]
+        if graph.tensors[name].kind == "param":
+            arr = graph.const(name)
+            assert arr is not None
+            for axis, k in cuts:
+                arr = np.take(arr, k, axis=axis)
+            value.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
+            value.shape = ir.Shape(arr.shape)
+        elif value.shape is not None:
+            dims = list(value.shape)
+            for axis, k in cuts:
+                dims[axis] = int(k.size)
+            value.shape = ir.Shape(dims)
+
+
+def _new_const(graph: ir.Graph, base: str, arr: np.ndarray) -> ir.Value:
+    existing = {v for v in graph.initializers}
+    name, k = base, 0
+    while name in existing:
+        k += 1
+        name = f"{base}_{k}"
+    value = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)))
+    graph.register_initializer(value)
+    return value
+
+
+def _set_input(node: ir.Node, index: int, value: ir.Value) -> None:
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+
+
+def _apply_adjustment(graph: ir.Graph, node: ir.Node, op: OpNode, adj: Adjustment, values: Mapping[str, ir.Value]) -> None:
+    for key, val in adj.attrs.items():
+        if val is None:
+            node.attributes.pop(key, None)
+        else:
+            node.attributes[key] = ir.convenience.convert_attribute(key, val)
+    for index, arr in adj.const_inputs.items():
+        _set_input(node, index, _new_const(graph, f"{op.name}_in{index}_pruned", np.asarray(arr)))
+    for index, entries in adj.shape_overrides.items():
+        old = node.inputs[index]
+        assert old is not None
+        if old.const_value is not None:
+            arr = old.const_value.numpy().copy()
+            for j, n in entries.items():
+                arr[j] = n
+            _set_input(node, index, _new_const(graph, f"{op.name}_in{index}_pruned", arr))
+        else:
+            _override_at_run_time(graph, node, op, index, old, entries)
+
+
+def _override_at_run_time(graph: ir.Graph, node: ir.Node, op: OpNode, index: int, old: ir.Value, entries: Mapping[int, int]) -> None:
+    """shape' = shape * keep + set, for a shape vector computed at run time."""
+    rank = old.shape[0] if old.shape is not None and isinstance(old.shape[0], int) else max(entries) + 1
+    keep = np.ones(rank, np.int64)
+    put = np.zeros(rank, np.int64)
+    for j, n in entries.items():
+        keep[j], put[j] = 0, n
+    mul = ir.Node("", "Mul", [old, _new_const(graph, f"{op.name}_keep", keep)], name=f"{op.name}_shape_mul")
+    add = ir.Node("", "Add", [mul.outputs[0], _new_const(graph, f"{op.name}_set", put)], name=f"{op.name}_shape_add")
+    mul.outputs[0].name = f"{op.name}_shape_kept"
+    add.outputs[0].name = f"{op.name}_shape_pruned"
+    graph.insert_before(node, [mul, add])
+    node.replace_input_with(index, add.outputs[0])
