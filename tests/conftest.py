@@ -1,0 +1,26 @@
+"""Shared fixtures: reference models exported once per session."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import models
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Return a function (name, opset, bn) -> path of the exported ONNX file (cached)."""
+    root = tmp_path_factory.mktemp("exported")
+    cache: dict[tuple[str, int, str], Path] = {}
+
+    def get(name: str, opset: int = 17, bn: str = "keep") -> Path:
+        key = (name, opset, bn)
+        if key not in cache:
+            path = root / f"{name}-{opset}-{bn}.onnx"
+            models.export_onnx(models.build(name), path, opset=opset, bn=bn)  # type: ignore[arg-type]
+            cache[key] = path
+        return cache[key]
+
+    return get
