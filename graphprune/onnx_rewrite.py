@@ -55,7 +55,8 @@ def apply_plan(om: OnnxModel, coupling: Coupling, plan: Plan) -> ir.Model:
             continue
         adj = spec.adjust(op, ctx)
         if adj:
-            _apply_adjustment(model.graph, nodes[op.name], op, adj, values)
+            rank = len(om.graph.shape(op.outputs[0]) or ())
+            _apply_adjustment(model.graph, nodes[op.name], op, adj, rank)
     return model
 
 
@@ -96,7 +97,8 @@ def _set_input(node: ir.Node, index: int, value: ir.Value) -> None:
     node.replace_input_with(index, value)
 
 
-def _apply_adjustment(graph: ir.Graph, node: ir.Node, op: OpNode, adj: Adjustment, values: Mapping[str, ir.Value]) -> None:
+def _apply_adjustment(graph: ir.Graph, node: ir.Node, op: OpNode, adj: Adjustment, rank: int) -> None:
+    """Apply attribute, constant-input and shape-vector edits (``rank``: the output's rank)."""
     for key, val in adj.attrs.items():
         if val is None:
             node.attributes.pop(key, None)
@@ -113,12 +115,13 @@ def _apply_adjustment(graph: ir.Graph, node: ir.Node, op: OpNode, adj: Adjustmen
                 arr[j] = n
             _set_input(node, index, _new_const(graph, f"{op.name}_in{index}_pruned", arr))
         else:
-            _override_at_run_time(graph, node, op, index, old, entries)
+            _override_at_run_time(graph, node, op, index, old, entries, rank)
 
 
-def _override_at_run_time(graph: ir.Graph, node: ir.Node, op: OpNode, index: int, old: ir.Value, entries: Mapping[int, int]) -> None:
+def _override_at_run_time(
+    graph: ir.Graph, node: ir.Node, op: OpNode, index: int, old: ir.Value, entries: Mapping[int, int], rank: int
+) -> None:
     """shape' = shape * keep + set, for a shape vector computed at run time."""
-    rank = old.shape[0] if old.shape is not None and isinstance(old.shape[0], int) else max(entries) + 1
     keep = np.ones(rank, np.int64)
     put = np.zeros(rank, np.int64)
     for j, n in entries.items():
