@@ -22,7 +22,7 @@ from graphprune.errors import BadInputError
 from graphprune.graph import ChannelGraph, Dim, OpNode, TensorInfo
 from graphprune.runtime import make_session, sample_inputs
 
-__all__ = ["OnnxModel", "load_onnx", "to_channel_graph", "prepare"]
+__all__ = ["OnnxModel", "load_onnx", "to_channel_graph", "prepare", "inline_proto"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,16 @@ def prepare(model: ir.Model, path: Path | None = None) -> OnnxModel:
     return OnnxModel(model, graph, path)
 
 
+def inline_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto with external-data weights read inline (files stay open)."""
+    proto = ir.to_proto(model)
+    by_name = {t.name: t for t in proto.graph.initializer}
+    for name, value in model.graph.initializers.items():
+        if isinstance(value.const_value, ir.ExternalTensor) and name in by_name:
+            by_name[name].CopyFrom(onnx.numpy_helper.from_array(value.const_value.numpy(), name))
+    return proto
+
+
 def _unresolved(graph: ChannelGraph) -> bool:
     """Whether some activation shape is unknown or has a dim not named by an input."""
     named = {d for n in graph.inputs for d in graph.tensors[n].shape or () if isinstance(d, str)}
@@ -107,7 +117,7 @@ def observe_shapes(model: ir.Model, graph: ChannelGraph) -> dict[str, tuple[Dim,
     name. Returns {} when the model cannot run on onnxruntime.
     """
     try:
-        proto = ir.to_proto(model)
+        proto = inline_proto(model)
         known = {o.name for o in proto.graph.output}
         for node in proto.graph.node:
             for name in node.output:

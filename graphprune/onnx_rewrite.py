@@ -9,18 +9,31 @@ import onnx_ir as ir
 
 from graphprune.coupling import Coupling
 from graphprune.graph import Axis, ChannelGraph, OpNode
-from graphprune.onnx_frontend import OnnxModel
+from graphprune.onnx_frontend import OnnxModel, inline_proto
 from graphprune.ops import AdjustContext, Adjustment, lookup
 from graphprune.plan import Plan, kept_elements
 
-__all__ = ["apply_plan", "clone_model", "value_map", "node_map"]
+__all__ = ["apply_plan", "clone_model", "model_bytes", "value_map", "node_map"]
 
 log = logging.getLogger(__name__)
 
 
 def clone_model(model: ir.Model) -> ir.Model:
-    """An independent copy of a model (weights included)."""
-    return ir.from_proto(ir.to_proto(model))
+    """An independent copy of a model's graph; weight tensors (immutable) are shared.
+
+    Sharing keeps external-data tensors pointing at their files.
+    """
+    copy = ir.from_proto(ir.to_proto(model))
+    for name, value in copy.graph.initializers.items():
+        original = model.graph.initializers.get(name)
+        if original is not None and original.const_value is not None:
+            value.const_value = original.const_value
+    return copy
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    """Serialised model with every weight inline (for sessions built from memory)."""
+    return inline_proto(model).SerializeToString()
 
 
 def value_map(graph: ir.Graph) -> dict[str, ir.Value]:

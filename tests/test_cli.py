@@ -95,3 +95,35 @@ def test_console_script_runs_as_module(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "graphprune.cli", "groups", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "no such file" in proc.stderr
+
+
+def test_external_data_model_round_trip(exported, tmp_path):
+    import onnx
+
+    src_dir = tmp_path / "ext"
+    src_dir.mkdir()
+    src = src_dir / "model.onnx"
+    proto = onnx.load(str(exported("resnet20")))
+    onnx.save(proto, str(src), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    assert (src_dir / "model.onnx.data").exists()
+    out = tmp_path / "pruned.onnx"
+    assert run("prune", str(src), "-o", str(out), "--verify", "--latency-runs", "0") == 0
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_external_data_outside_folder_refused(exported, tmp_path, capsys):
+    import onnx
+
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    proto = onnx.load(str(exported("vgg")))
+    onnx.save(proto, str(inner / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    (inner / "m.data").rename(tmp_path / "m.data")
+    model = onnx.load(str(inner / "m.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../m.data"
+    onnx.save(model, str(inner / "m.onnx"))
+    assert run("groups", str(inner / "m.onnx")) == 2
+    assert "outside the model's folder" in capsys.readouterr().err
