@@ -13,7 +13,7 @@ from graphprune.onnx_frontend import OnnxModel, inline_proto
 from graphprune.ops import AdjustContext, Adjustment, lookup
 from graphprune.plan import Plan, kept_elements
 
-__all__ = ["apply_plan", "clone_model", "model_bytes", "value_map", "node_map"]
+__all__ = ["apply_plan", "clone_model", "model_bytes", "new_const", "value_map", "node_map"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _slice_tensors(graph: ChannelGraph, values: Mapping[str, ir.Value], kept: Ma
             value.shape = ir.Shape(dims)
 
 
-def _new_const(graph: ir.Graph, base: str, arr: np.ndarray) -> ir.Value:
+def new_const(graph: ir.Graph, base: str, arr: np.ndarray) -> ir.Value:
     existing = {v for v in graph.initializers}
     name, k = base, 0
     while name in existing:
@@ -118,7 +118,7 @@ def _apply_adjustment(graph: ir.Graph, node: ir.Node, op: OpNode, adj: Adjustmen
         else:
             node.attributes[key] = ir.convenience.convert_attribute(key, val)
     for index, arr in adj.const_inputs.items():
-        _set_input(node, index, _new_const(graph, f"{op.name}_in{index}_pruned", np.asarray(arr)))
+        _set_input(node, index, new_const(graph, f"{op.name}_in{index}_pruned", np.asarray(arr)))
     for index, entries in adj.shape_overrides.items():
         old = node.inputs[index]
         assert old is not None
@@ -126,7 +126,7 @@ def _apply_adjustment(graph: ir.Graph, node: ir.Node, op: OpNode, adj: Adjustmen
             arr = old.const_value.numpy().copy()
             for j, n in entries.items():
                 arr[j] = n
-            _set_input(node, index, _new_const(graph, f"{op.name}_in{index}_pruned", arr))
+            _set_input(node, index, new_const(graph, f"{op.name}_in{index}_pruned", arr))
         else:
             _override_at_run_time(graph, node, op, index, old, entries, rank)
 
@@ -139,8 +139,8 @@ def _override_at_run_time(
     put = np.zeros(rank, np.int64)
     for j, n in entries.items():
         keep[j], put[j] = 0, n
-    mul = ir.Node("", "Mul", [old, _new_const(graph, f"{op.name}_keep", keep)], name=f"{op.name}_shape_mul")
-    add = ir.Node("", "Add", [mul.outputs[0], _new_const(graph, f"{op.name}_set", put)], name=f"{op.name}_shape_add")
+    mul = ir.Node("", "Mul", [old, new_const(graph, f"{op.name}_keep", keep)], name=f"{op.name}_shape_mul")
+    add = ir.Node("", "Add", [mul.outputs[0], new_const(graph, f"{op.name}_set", put)], name=f"{op.name}_shape_add")
     mul.outputs[0].name = f"{op.name}_shape_kept"
     add.outputs[0].name = f"{op.name}_shape_pruned"
     graph.insert_before(node, [mul, add])

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphprune.errors import ValidationError
 from graphprune.graph import Axis, ChannelGraph
 from graphprune.onnx_frontend import OnnxModel
-from graphprune.onnx_rewrite import clone_model, model_bytes, value_map
+from graphprune.onnx_rewrite import clone_model, model_bytes, new_const, value_map
 from graphprune.runtime import make_session, providers
 
 __all__ = ["ValidationReport", "validate_pruned", "masked_model", "compare_outputs"]
@@ -119,8 +119,8 @@ def masked_model(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
     for name, mask in masks.items():
         x = values[name]
         dtype = x.dtype.numpy() if x.dtype is not None else np.float32
-        mask_v = _const(graph, f"{name}__mask", mask)
-        zero_v = _const(graph, f"{name}__zero", np.zeros((), dtype))
+        mask_v = new_const(graph, f"{name}__mask", mask)
+        zero_v = new_const(graph, f"{name}__zero", np.zeros((), dtype))
         where = ir.Node("", "Where", [mask_v, x, zero_v], name=f"{name}__masking")
         where.outputs[0].name = f"{name}__masked"
         x.replace_all_uses_with(where.outputs[0])
@@ -129,9 +129,3 @@ def masked_model(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
         assert producer is not None
         graph.insert_after(producer, where)
     return model
-
-
-def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)))
-    graph.register_initializer(value)
-    return value
