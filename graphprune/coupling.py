@@ -306,12 +306,19 @@ class _GroupStatus:
     weighted: frozenset[int]
 
 
+def _groups_with(el: _Elements, sol: _Solution, kind_of_element: np.ndarray, kind: str) -> np.ndarray:
+    """Per group: whether any of its elements lies in a tensor of ``kind``."""
+    found = np.zeros(sol.n_groups, bool)
+    found[sol.group_of_label[sol.label][kind_of_element == kind]] = True
+    return found
+
+
+def _element_kinds(el: _Elements, graph: ChannelGraph) -> np.ndarray:
+    return np.array([_kind(graph, a) for a in el.axes])[el.axis_of_elements()]
+
+
 def _group_status(el: _Elements, sol: _Solution, graph: ChannelGraph) -> _GroupStatus:
-    axis_of = el.axis_of_elements()
-    kinds = np.array([_kind(graph, a) for a in el.axes])
-    g_of_el = sol.group_of_label[sol.label]
-    has_param = np.zeros(sol.n_groups, bool)
-    has_param[g_of_el[kinds[axis_of] == "param"]] = True
+    has_param = _groups_with(el, sol, _element_kinds(el, graph), "param")
     frozen = np.zeros(sol.n_groups, bool)
     frozen[sol.group_of_label[sol.label_frozen]] = True
     return _GroupStatus(frozenset(np.flatnonzero(frozen).tolist()), frozenset(np.flatnonzero(has_param).tolist()))
@@ -348,11 +355,8 @@ def _groups(graph: ChannelGraph, el: _Elements, sol: _Solution, reasons: dict[Ax
     kinds = np.array([_kind(graph, a) for a in el.axes])
     local = np.arange(el.total) - el.offsets[axis_of]
     g_of_el = sol.group_of_label[sol.label]
-    has_param = np.zeros(sol.n_groups, bool)
-    has_param[g_of_el[kinds[axis_of] == "param"]] = True
-    has_act = np.zeros(sol.n_groups, bool)
-    has_act[g_of_el[kinds[axis_of] == "activation"]] = True
-    keep = has_param & has_act
+    element_kinds = kinds[axis_of]
+    keep = _groups_with(el, sol, element_kinds, "param") & _groups_with(el, sol, element_kinds, "activation")
     # Channel order inside a group: by first element; groups ordered the same way.
     first = np.full(sol.label_frozen.size, el.total, np.int64)
     np.minimum.at(first, sol.label, np.arange(el.total))

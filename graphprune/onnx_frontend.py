@@ -22,7 +22,7 @@ from graphprune.errors import BadInputError
 from graphprune.graph import ChannelGraph, Dim, OpNode, TensorInfo
 from graphprune.runtime import make_session, sample_inputs
 
-__all__ = ["OnnxModel", "load_onnx", "to_channel_graph", "prepare", "inline_proto"]
+__all__ = ["OnnxModel", "load_onnx", "to_channel_graph", "prepare", "inline_proto", "node_name"]
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,11 @@ def _outer_refs(node: ir.Node) -> tuple[str, ...]:
     return tuple(sorted(used - defined))
 
 
+def node_name(node: ir.Node, index: int) -> str:
+    """The name an op gets in the channel graph: its own, or op type and position."""
+    return node.name or f"{node.op_type}_{index}"
+
+
 def _topological(nodes: list[OpNode], produced: dict[str, int]) -> list[OpNode]:
     dag = nx.DiGraph()
     dag.add_nodes_from(range(len(nodes)))
@@ -253,7 +258,7 @@ def to_channel_graph(model: ir.Model, shapes: dict[str, tuple[Dim, ...]] | None 
         domain = "" if node.domain == "ai.onnx" else node.domain
         nodes.append(
             OpNode(
-                name=node.name or f"{node.op_type}_{k}",
+                name=node_name(node, k),
                 domain=domain,
                 op_type=node.op_type,
                 inputs=tuple(i.name if i is not None else "" for i in node.inputs),

@@ -11,7 +11,7 @@ from graphprune.cost import Cost, model_cost
 from graphprune.coupling import Coupling, build_groups
 from graphprune.io import check_output_path, save_onnx, staged_output
 from graphprune.onnx_frontend import OnnxModel, load_onnx, prepare
-from graphprune.onnx_rewrite import apply_plan
+from graphprune.onnx_rewrite import apply_kept
 from graphprune.plan import Plan, kept_elements, uniform_plan
 from graphprune.runtime import make_session, measure_latency, sample_inputs
 from graphprune.validate import ValidationReport, validate_pruned
@@ -84,7 +84,7 @@ def prune_file(source: Path, output: Path, options: PruneOptions) -> PruneResult
         om.graph, coupling, options.ratio, options.criterion, options.round_to, options.seed
     )
     kept = kept_elements(plan, coupling, om.graph)
-    pruned = apply_plan(om, coupling, plan)
+    pruned = apply_kept(om, kept)
     RemoveUnusedNodesPass()(pruned)
     feeds = sample_inputs(om.graph, batch=2)
     before = _stats(om, source, model_cost(om.graph), options.latency_runs)

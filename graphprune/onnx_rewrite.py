@@ -9,11 +9,11 @@ import onnx_ir as ir
 
 from graphprune.coupling import Coupling
 from graphprune.graph import Axis, ChannelGraph, OpNode
-from graphprune.onnx_frontend import OnnxModel, inline_proto
+from graphprune.onnx_frontend import OnnxModel, inline_proto, node_name
 from graphprune.ops import AdjustContext, Adjustment, lookup
 from graphprune.plan import Plan, kept_elements
 
-__all__ = ["apply_plan", "clone_model", "model_bytes", "new_const", "value_map", "node_map"]
+__all__ = ["apply_plan", "apply_kept", "clone_model", "model_bytes", "new_const", "value_map", "node_map"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def value_map(graph: ir.Graph) -> dict[str, ir.Value]:
 
 def node_map(graph: ir.Graph) -> dict[str, ir.Node]:
     """Nodes by the names the frontend gave them."""
-    return {node.name or f"{node.op_type}_{k}": node for k, node in enumerate(graph)}
+    return {node_name(node, k): node for k, node in enumerate(graph)}
 
 
 def apply_plan(om: OnnxModel, coupling: Coupling, plan: Plan) -> ir.Model:
@@ -56,7 +56,11 @@ def apply_plan(om: OnnxModel, coupling: Coupling, plan: Plan) -> ir.Model:
     Raises:
         PlanMismatchError: When the plan does not fit the model.
     """
-    kept = kept_elements(plan, coupling, om.graph)
+    return apply_kept(om, kept_elements(plan, coupling, om.graph))
+
+
+def apply_kept(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
+    """Pruned copy of ``om.model`` keeping, on every listed axis, the given elements."""
     model = clone_model(om.model)
     values = value_map(model.graph)
     _slice_tensors(om.graph, values, kept)
