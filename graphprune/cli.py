@@ -1,4 +1,4 @@
-"""Command line: ``graphprune groups|prune|demo``."""
+"""Command line: ``graphprune groups|analyze|prune|demo``."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", type=Path)
     g.add_argument("--json", type=Path, help="also write the groups as JSON")
 
+    an = sub.add_parser("analyze", help="effective filters per group and the network's maximum compression")
+    an.add_argument("model", type=Path)
+    an.add_argument("--data", required=True, help="fashion-mnist, an .npz (arrays named after the inputs, optional 'labels') or an image folder")
+    an.add_argument("--samples", type=_positive, default=1024, help="calibration samples (default 1024)")
+    an.add_argument("--batch-size", type=_positive, default=64)
+    an.add_argument("--loss", choices=("fisher", "labels", "projection"), help="default: labels when the data has them, else fisher")
+    an.add_argument("--eps", type=_ratio, default=1e-2, help="spectral energy left out of the effective rank (default 0.01)")
+    an.add_argument("--floor", type=float, default=0.0, help="absolute eigenvalue floor (default 0)")
+    an.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split")
+    an.add_argument("--image-size", type=_positive, nargs=2, metavar=("H", "W"), help="image folder: resize to H W")
+    an.add_argument("--mean", type=float, nargs="+", default=[0.0], help="image folder: per-channel mean")
+    an.add_argument("--std", type=float, nargs="+", default=[1.0], help="image folder: per-channel std")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("-o", "--output", type=Path, help="write the analysis as JSON (F matrices beside it as .fisher.npz)")
+    an.add_argument("--plot", type=Path, help="write a PNG plot")
+    an.add_argument("--html", type=Path, help="write a self-contained HTML report")
+
     pr = sub.add_parser("prune", help="remove a fraction of the channels of every prunable group")
     pr.add_argument("model", type=Path)
     pr.add_argument("-o", "--output", type=Path, required=True)
@@ -82,6 +99,46 @@ def _groups(args: argparse.Namespace, console: Console) -> None:
     groups_table(coupling, console)
     if args.json:
         write_text_atomic(args.json, groups_json(coupling))
+
+
+def _analyze(args: argparse.Namespace, console: Console) -> None:
+    from rich.progress import Progress
+
+    from graphprune.analysis import AnalysisOptions, analyze
+    from graphprune.analysis_report import analysis_table, write_html, write_plot
+    from graphprune.coupling import build_groups
+    from graphprune.data import ImageOptions, load_data
+    from graphprune.distributed import is_main, process_group
+    from graphprune.onnx_frontend import load_onnx
+
+    for path in (args.output, args.plot, args.html):
+        if path is not None and path.resolve() == args.model.resolve():
+            raise BadInputError(f"{path} is the input model: choose another path")
+        if path is not None and not path.parent.resolve().is_dir():
+            raise BadInputError(f"output folder {path.parent} does not exist")
+    with process_group():
+        om = load_onnx(args.model)
+        coupling = build_groups(om.graph)
+        images = ImageOptions(tuple(args.image_size) if args.image_size else None, tuple(args.mean), tuple(args.std))
+        data = load_data(args.data, om.graph, args.samples, args.seed, args.split, images)
+        loss = args.loss or ("labels" if data.labels is not None else "fisher")
+        options = AnalysisOptions(eps=args.eps, floor=args.floor, loss=loss, batch_size=args.batch_size, seed=args.seed)
+        meta = {"model": str(args.model), "data": args.data}
+        with Progress(console=console, transient=True, disable=not is_main()) as bar:
+            task = bar.add_task("gradient matrices", total=len(data))
+            result = analyze(om.graph, coupling, data, options, lambda done, total: bar.update(task, completed=done, total=total), meta=meta)
+        if not is_main():
+            return
+        analysis_table(result, console)
+        if args.output:
+            npz = result.save(args.output)
+            console.print(f"analysis: {args.output} (F matrices: {npz})")
+        if args.plot:
+            write_plot(result, args.plot)
+            console.print(f"plot: {args.plot}")
+        if args.html:
+            write_html(result, args.html, f"graphprune analysis of {args.model.name}")
+            console.print(f"report: {args.html}")
 
 
 def _prune(args: argparse.Namespace, console: Console) -> None:
@@ -121,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     err = Console(stderr=True)
     try:
-        {"groups": _groups, "prune": _prune, "demo": _demo}[args.command](args, console)
+        {"groups": _groups, "analyze": _analyze, "prune": _prune, "demo": _demo}[args.command](args, console)
     except GraphpruneError as exc:
         if args.debug:
             raise

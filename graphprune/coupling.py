@@ -105,7 +105,7 @@ def node_semantics(node: OpNode, graph: ChannelGraph) -> Semantics:
     if node.has_subgraph or node.subgraph_refs:
         return freeze_node(node, graph, f"control flow op '{node.op_type}' (subgraphs are not pruned)")
     spec = lookup(node.domain, node.op_type)
-    if spec is None:
+    if spec is None or spec.couple is None:
         name = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
         return freeze_node(node, graph, f"unsupported op '{name}'")
     try:

@@ -5,6 +5,7 @@ __all__ = [
     "GraphpruneError",
     "BadInputError",
     "PlanMismatchError",
+    "UnsupportedOpError",
     "ValidationError",
 ]
 
@@ -23,6 +24,10 @@ class BadInputError(GraphpruneError):
 
 class PlanMismatchError(BadInputError):
     """A plan was made for another model than the one given (exit 2)."""
+
+
+class UnsupportedOpError(BadInputError):
+    """The model holds ops that graphprune cannot execute in torch (exit 2)."""
 
 
 class ValidationError(GraphpruneError):

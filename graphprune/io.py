@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from graphprune.errors import BadInputError
 
-__all__ = ["check_output_path", "staged_output", "save_onnx", "write_text_atomic"]
+__all__ = ["check_output_path", "staged_output", "save_onnx", "write_text_atomic", "write_bytes_atomic"]
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Models with more initializer bytes than this are saved with external data."""
@@ -65,3 +65,8 @@ def save_onnx(model: ir.Model, path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     with staged_output(path) as tmp:
         tmp.write_text(text)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with staged_output(path) as tmp:
+        tmp.write_bytes(data)

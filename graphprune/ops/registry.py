@@ -25,6 +25,7 @@ __all__ = [
     "AdjustContext",
     "OpSpec",
     "register",
+    "register_run",
     "lookup",
     "registered_ops",
     "attr_or_input",
@@ -115,18 +116,25 @@ class Adjustment:
 CoupleFn = Callable[[OpNode, ChannelGraph], Semantics]
 AdjustFn = Callable[[OpNode, AdjustContext], Adjustment]
 MacsFn = Callable[[OpNode, ChannelGraph], int]
+RunFn = Callable[[OpNode, list[Any]], tuple[Any, ...]]
+"""Torch execution of one node: (node, input tensors or None) -> output tensors."""
 
 
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
-    """One row of the op semantics table."""
+    """One row of the op semantics table.
+
+    ``couple`` of None means the op is executable (``run``) but has no channel
+    semantics: its axes freeze, as for an unknown op.
+    """
 
     domain: str
     op_type: str
-    couple: CoupleFn
+    couple: CoupleFn | None
     adjust: AdjustFn | None = None
     macs: MacsFn | None = None
     torch_targets: tuple[str, ...] = ()
+    run: RunFn | None = None
 
 
 _TABLE: dict[tuple[str, str], OpSpec] = {}
@@ -148,9 +156,32 @@ def register(
     def deco(fn: CoupleFn) -> CoupleFn:
         for op_type in op_types:
             key = (domain, op_type)
-            if key in _TABLE:
+            old = _TABLE.get(key)
+            if old is not None and old.couple is not None:
                 raise ValueError(f"op {key} registered twice")
-            _TABLE[key] = OpSpec(domain, op_type, fn, adjust, macs, torch_targets)
+            run = old.run if old is not None else None
+            _TABLE[key] = OpSpec(domain, op_type, fn, adjust, macs, torch_targets, run)
+        return fn
+
+    return deco
+
+
+def register_run(*op_types: str, domain: str = "") -> Callable[[RunFn], RunFn]:
+    """Decorator: attach a torch implementation to ops of the table.
+
+    An op without channel semantics gets a row whose axes freeze.
+
+    Raises:
+        ValueError: When an op gets two implementations.
+    """
+
+    def deco(fn: RunFn) -> RunFn:
+        for op_type in op_types:
+            key = (domain, op_type)
+            old = _TABLE.get(key) or OpSpec(domain, op_type, None)
+            if old.run is not None:
+                raise ValueError(f"op {key} has two torch implementations")
+            _TABLE[key] = dataclasses.replace(old, run=fn)
         return fn
 
     return deco

@@ -1,0 +1,40 @@
+"""Data parallelism under ``torchrun``: join the process group from the environment."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["process_group", "rank", "is_main"]
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[None]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise.
+
+    The backend is NCCL when torch sees a GPU, else gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or torch.distributed.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def is_main() -> bool:
+    return rank() == 0
