@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", type=Path, help="write the result as JSON")
     pr.add_argument("--latency-runs", type=int, default=20, help="onnxruntime runs per latency figure (0: skip)")
 
+    r = sub.add_parser("run", help="run a pipeline (passes/*.toml) on a model")
+    r.add_argument("pipeline", type=Path, help="pipeline TOML, e.g. passes/hierarchical.toml")
+    r.add_argument("--model", type=Path, required=True)
+    r.add_argument("-o", "--output", type=Path, required=True)
+    r.add_argument("--data", help="training / calibration data: fashion-mnist, an .npz or an image folder")
+    r.add_argument("--eval-data", help="labelled data for accuracy figures (e.g. fashion-mnist:test)")
+    r.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="override a pass option (repeatable)")
+    r.add_argument("--force", action="store_true", help="replace an existing output file")
+
     d = sub.add_parser("demo", help="export a reference model, prune it, verify it, report")
     d.add_argument("--model", default="resnet20")
     d.add_argument("--ratio", type=_ratio, default=0.5)
@@ -164,6 +173,18 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
         write_text_atomic(args.json, prune_json(result))
 
 
+def _run(args: argparse.Namespace, console: Console) -> None:
+    from graphprune.pipeline import load_pipeline
+    from graphprune.run_pipeline import run_file
+
+    pipeline = load_pipeline(args.pipeline, args.set)
+    result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console)
+    console.print(f"wrote {result.output}")
+    for path in (result.report_json, result.report_html):
+        if path is not None:
+            console.print(f"report: {path}")
+
+
 def _demo(args: argparse.Namespace, console: Console) -> None:
     from graphprune.demo import run_demo
 
@@ -178,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     err = Console(stderr=True)
     try:
-        {"groups": _groups, "analyze": _analyze, "prune": _prune, "demo": _demo}[args.command](args, console)
+        {"groups": _groups, "analyze": _analyze, "prune": _prune, "run": _run, "demo": _demo}[args.command](args, console)
     except GraphpruneError as exc:
         if args.debug:
             raise

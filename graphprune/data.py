@@ -180,7 +180,8 @@ def load_data(
     """Load calibration data named by ``spec``.
 
     Args:
-        spec: ``fashion-mnist``, a ``.npz`` file or an image folder.
+        spec: ``fashion-mnist`` (``fashion-mnist:test`` for the test split),
+            a ``.npz`` file or an image folder.
         graph: The model (input names, shapes and dtypes are checked).
         samples: Keep a random subset of this many samples (seeded).
         seed: Subset seed.
@@ -190,8 +191,8 @@ def load_data(
     Raises:
         BadInputError: Missing files, wrong shapes, NaN, too few samples.
     """
-    if spec == "fashion-mnist":
-        x, y = load_fashion_mnist(split)
+    if spec in ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test"):
+        x, y = load_fashion_mnist(spec.partition(":")[2] or split)
         inputs, labels = (x,), y
     else:
         path = Path(spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 __all__ = [
     "GraphpruneError",
     "BadInputError",
+    "OverLimitError",
     "PlanMismatchError",
     "UnsupportedOpError",
     "ValidationError",
@@ -34,3 +35,9 @@ class ValidationError(GraphpruneError):
     """The pruned model failed validation; nothing was written (exit 3)."""
 
     exit_code = 3
+
+
+class OverLimitError(GraphpruneError):
+    """The target is beyond the estimated maximum compression rate (exit 4)."""
+
+    exit_code = 4

@@ -16,7 +16,7 @@ from graphprune.criteria import score_group
 from graphprune.errors import BadInputError, PlanMismatchError
 from graphprune.graph import Axis, ChannelGraph
 
-__all__ = ["GroupPlan", "Plan", "uniform_plan", "kept_elements", "keep_count"]
+__all__ = ["GroupPlan", "Plan", "uniform_plan", "plan_from_keep", "kept_elements", "keep_count"]
 
 FORMAT = "graphprune.plan/1"
 
@@ -114,6 +114,17 @@ def uniform_plan(
         groups.append(GroupPlan(g.id, g.anchor, g.channels, tuple(int(i) for i in keep)))
     meta = {"method": "uniform", "ratio": ratio, "criterion": criterion, "round_to": round_to, "seed": seed}
     return Plan(tuple(groups), meta)
+
+
+def plan_from_keep(coupling: Coupling, keep: Mapping[int, np.ndarray], meta: Mapping[str, Any] | None = None) -> Plan:
+    """A plan from kept channel indices per group id (groups keeping everything are left out)."""
+    groups = []
+    for gid in sorted(keep):
+        g = coupling.by_id(gid)
+        kept = np.unique(np.asarray(keep[gid], dtype=np.int64))
+        if kept.size < g.channels:
+            groups.append(GroupPlan(gid, g.anchor, g.channels, tuple(int(i) for i in kept)))
+    return Plan(tuple(groups), dict(meta or {}))
 
 
 def kept_elements(plan: Plan, coupling: Coupling, graph: ChannelGraph) -> dict[Axis, np.ndarray]:

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["DropOrder", "greedy_drop_order", "keep_set", "drop_cost"]
+__all__ = ["DropOrder", "greedy_drop_order", "keep_set", "drop_cost", "pivoted_cholesky_order"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,3 +73,28 @@ def greedy_drop_order(f: np.ndarray, grad: np.ndarray | None = None) -> DropOrde
 def keep_set(f: np.ndarray, k: int, grad: np.ndarray | None = None) -> np.ndarray:
     """Sorted indices of the ``k`` channels the greedy rule keeps."""
     return greedy_drop_order(f, grad).keep(k)
+
+
+def pivoted_cholesky_order(f: np.ndarray) -> np.ndarray:
+    """Removal order from pivoted Cholesky on F: the last pivots go first.
+
+    The pivots are the channels that explain most of F's remaining diagonal;
+    the channels picked last add least new curvature (METHOD.md's alternative).
+    """
+    c = f.shape[0]
+    residual = np.diag(f).astype(np.float64).copy()
+    basis = np.zeros((c, c))
+    picked: list[int] = []
+    free = np.ones(c, dtype=bool)
+    for k in range(c):
+        j = int(np.argmax(np.where(free, residual, -np.inf)))
+        picked.append(j)
+        free[j] = False
+        pivot = residual[j]
+        if pivot <= 1e-300:
+            picked += [int(i) for i in np.flatnonzero(free)]
+            break
+        col = (f[:, j] - basis[:, :k] @ basis[j, :k]) / np.sqrt(pivot)
+        basis[:, k] = col
+        residual = np.clip(residual - col**2, 0.0, None)
+    return np.array(picked[::-1], dtype=np.int64)

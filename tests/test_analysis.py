@@ -199,3 +199,14 @@ def test_greedy_removes_redundant_channels_first():
     assert order.order[0] == 4 and order.cost[1] == 0.0
     for k in range(6):
         assert order.cost[k] == pytest.approx(drop_cost(f, order.order[:k]))
+
+
+def test_torch_module_analysis_names_parameters(trained):
+    from graphprune.module_analysis import analyze_module
+
+    model, x, y = trained
+    planted = _plant(model, 1, 1, 1)
+    a = analyze_module(planted, [torch.from_numpy(x[:2])], Calibration((x,), y, "test"), AnalysisOptions(loss="labels", eps=0.0))
+    g = _conv1_group(a)
+    assert g.anchor == "conv1.weight[0]" and g.channels == 12
+    assert (g.singular.elimination, g.singular.overlap, g.singular.linear_dependence) == (1, 1, 1)

@@ -1,0 +1,57 @@
+"""Fine-tune an ONNX model through the differentiable interpreter and write the weights back."""
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+import torch
+
+from graphprune.data import Calibration
+from graphprune.interpreter import GraphInterpreter
+from graphprune.onnx_frontend import OnnxModel, prepare
+from graphprune.onnx_rewrite import clone_model
+from graphprune.training import FitOptions, Progress, fit
+
+__all__ = ["finetune_onnx", "with_weights"]
+
+log = logging.getLogger(__name__)
+
+
+def with_weights(om: OnnxModel, interp: GraphInterpreter) -> OnnxModel:
+    """A copy of ``om`` whose floating-point initializers hold the interpreter's current values."""
+    model = clone_model(om.model)
+    for name, tensor in interp.named_constants().items():
+        value = model.graph.initializers.get(name)
+        if value is None or not tensor.is_floating_point() or value.const_value is None:
+            continue
+        dtype = value.const_value.dtype.numpy()
+        value.const_value = ir.tensor(tensor.detach().cpu().numpy().astype(dtype, copy=False), name=name)
+    return prepare(model, om.path)
+
+
+def finetune_onnx(
+    om: OnnxModel,
+    data: Calibration,
+    options: FitOptions,
+    teacher: OnnxModel | None = None,
+    progress: Progress | None = None,
+    device: torch.device | None = None,
+) -> OnnxModel:
+    """Train ``om``'s weights on ``data`` (labels, else distillation from ``teacher``).
+
+    BatchNormalization nodes use batch statistics while training and keep
+    their updated running statistics. The input model is not modified.
+
+    Raises:
+        BadInputError: No labels and no teacher.
+        UnsupportedOpError: An op has no torch implementation.
+    """
+    student = GraphInterpreter(om.graph)
+    teach = GraphInterpreter(teacher.graph) if teacher is not None and data.labels is None else None
+    if teach is not None:
+        for p in teach.parameters():
+            p.requires_grad_(False)
+    fit(student, data, options, teach, progress, device)
+    return with_weights(om, student.cpu())
+
+

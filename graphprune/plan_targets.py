@@ -1,0 +1,84 @@
+"""Turn a plan pass's options into a plan: fixed targets, the estimated limit, or a measured latency."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from graphprune.analysis import Analysis
+from graphprune.coupling import Coupling
+from graphprune.errors import BadInputError
+from graphprune.hierarchical import PlanOptions, Target, make_plan, removal_orders
+from graphprune.onnx_frontend import OnnxModel
+from graphprune.plan import Plan, plan_from_keep
+
+__all__ = ["plan_for", "limit_plan", "latency_plan"]
+
+log = logging.getLogger(__name__)
+
+LATENCY_STEPS = 6
+
+
+def _target(options: Any) -> Target | None:
+    given = [(k, getattr(options, k)) for k in ("ratio", "macs", "params", "latency") if getattr(options, k) is not None]
+    if len(given) > 1:
+        raise BadInputError(f"give one target, not {' and '.join(k for k, _ in given)}")
+    return Target(*given[0]) if given else None
+
+
+def limit_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis, criterion: str, round_to: int) -> Plan:
+    """Every analysed group keeps exactly its effective filters (the estimated maximum rate)."""
+    options = PlanOptions(method="hierarchical", criterion=criterion, round_to=round_to)
+    orders = removal_orders(coupling, om.graph, options, analysis)
+    keep = {}
+    for gid, o in orders.items():
+        c = o.order.size
+        k = o.floor if round_to <= 1 else min(c, int(np.ceil(o.floor / round_to)) * round_to)
+        keep[gid] = np.sort(o.order[c - k:])
+    return plan_from_keep(coupling, keep, {"method": "hierarchical", "criterion": criterion, "target": "limit", "round_to": round_to})
+
+
+def latency_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, base: PlanOptions, value: float, runs: int) -> Plan:
+    """Reach ``value`` x the original's onnxruntime latency by adjusting a MACs target (measured)."""
+    from graphprune.onnx_rewrite import apply_plan
+    from graphprune.onnx_rewrite import model_bytes
+    from graphprune.runtime import make_session, measure_latency, sample_inputs
+
+    feeds = sample_inputs(om.graph, batch=1)
+
+    def latency(model: Any) -> float:
+        return measure_latency(make_session(model_bytes(model)), feeds, runs=runs)
+
+    original = latency(om.model)
+    frac, best, fallback = value, None, None
+    for step in range(LATENCY_STEPS):
+        plan = make_plan(om.graph, coupling, PlanOptions(**{**base.__dict__, "target": Target("macs", frac)}), analysis)
+        ratio = latency(apply_plan(om, coupling, plan)) / original
+        log.info("latency step %d: MACs target %.3f -> latency %.3f of the original", step, frac, ratio)
+        fallback = plan
+        if ratio <= value:
+            best = plan
+            if ratio >= 0.95 * value:
+                break
+        frac = float(np.clip(frac * value / max(ratio, 1e-6), 0.01, 0.99))
+    plan = best or fallback
+    assert plan is not None
+    return plan
+
+
+def plan_for(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, options: Any, figures: dict[str, Any]) -> Plan:
+    """The plan a plan pass asks for; records the target in ``figures``."""
+    target = _target(options)
+    base = PlanOptions(options.method, options.criterion, Target("macs", 0.5), options.round_to, options.allow_over_limit, options.seed)
+    if target is None:
+        if analysis is None or options.method != "hierarchical":
+            raise BadInputError("give a target (ratio, macs, params or latency); only hierarchical pruning with an analysis defaults to the estimated limit")
+        figures["target"] = "estimated maximum rate"
+        return limit_plan(om, coupling, analysis, options.criterion, options.round_to)
+    figures["target"] = f"{target.kind} {target.value:g}"
+    if target.kind == "latency":
+        if not 0.0 < target.value < 1.0:
+            raise BadInputError(f"--latency must be in (0, 1), got {target.value}")
+        return latency_plan(om, coupling, analysis, base, target.value, options.latency_runs)
+    return make_plan(om.graph, coupling, PlanOptions(**{**base.__dict__, "target": target}), analysis)

@@ -1,0 +1,89 @@
+"""Run a pipeline on an ONNX file: load, run passes, validate, save atomically, report."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from graphprune.data import load_data
+from graphprune.io import check_output_path, save_onnx, staged_output, write_text_atomic
+from graphprune.measure import Figures
+from graphprune.onnx_frontend import load_onnx
+from graphprune.passes import Workspace, check_model
+from graphprune.pipeline import Pipeline, run_passes
+from graphprune.prune_report import prune_figures_table, write_prune_html
+
+__all__ = ["RunResult", "run_file"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """Where things were written and the workspace's figures."""
+
+    output: Path
+    report_json: Path | None
+    report_html: Path | None
+    figures: dict[str, Any]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Figures):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def run_file(
+    pipeline: Pipeline,
+    model: Path,
+    output: Path,
+    data: str | None = None,
+    eval_data: str | None = None,
+    force: bool = False,
+    console: Console | None = None,
+) -> RunResult:
+    """Run ``pipeline`` on ``model`` and write ``output`` only when every pass and validation succeeded.
+
+    Raises:
+        BadInputError, OverLimitError, ValidationError, UnsupportedOpError.
+    """
+    console = console or Console()
+    check_output_path(model, output, force)
+    om = load_onnx(model)
+    train = load_data(data, om.graph) if data else None
+    test = load_data(eval_data, om.graph) if eval_data else None
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(pipeline.name, total=None, info="")
+
+        def status(message: str) -> None:
+            bar.update(task, description=message, total=None, completed=0, info="")
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update(task, total=total, completed=step, info=f"loss {loss:.4f}")
+
+        ws = Workspace(original=om, model=om, data=train, eval_data=test, status=status, progress=progress)
+        ws = run_passes(pipeline, ws, lambda p, r: console.print(f"pass {p.name}: done{' (model changed)' if r.modified else ''}"))
+        status("validating and saving")
+        with staged_output(output) as staged:
+            save_onnx(ws.model.model, staged)
+            check_model(om, load_onnx(staged))
+    figures = _jsonable(ws.figures)
+    report = ws.figures.get("report", {"html": False, "json": False})
+    stem = output.with_suffix("")
+    html_path = stem.with_name(stem.name + ".report.html") if report.get("html") else None
+    json_path = stem.with_name(stem.name + ".report.json") if report.get("json") else None
+    prune_figures_table(ws, console)
+    if json_path is not None:
+        doc = {"pipeline": pipeline.name, "passes": list(pipeline.names), "model": str(model), "output": str(output),
+               "figures": figures, "plan_meta": dict(ws.plan.meta) if ws.plan else None,
+               "analysis": ws.analysis.to_dict() if ws.analysis else None}
+        write_text_atomic(json_path, json.dumps(doc, indent=1, default=str))
+    if html_path is not None:
+        write_prune_html(ws, html_path, f"graphprune: {model.name} -> {output.name}")
+    return RunResult(output, json_path, html_path, figures)

@@ -1,0 +1,51 @@
+"""Reference models trained on Fashion-MNIST, cached on disk by (name, epochs, seed)."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graphprune.data import Calibration, load_fashion_mnist
+from graphprune.training import FitOptions, fit
+
+__all__ = ["fashion_mnist", "trained"]
+
+log = logging.getLogger(__name__)
+
+
+def fashion_mnist(split: str) -> Calibration:
+    """The Fashion-MNIST split as labelled data (raises BadInputError when not installed)."""
+    x, y = load_fashion_mnist(split)
+    return Calibration((x,), y, f"fashion-mnist/{split}")
+
+
+def trained(
+    name: str,
+    epochs: float = 3.0,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] = ".graphprune-cache",
+    lr: float = 0.05,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> nn.Module:
+    """Reference model ``name`` trained on the Fashion-MNIST training set (cached state dict).
+
+    The cache key holds every training setting, so a changed setting retrains.
+    """
+    import models
+
+    path = Path(cache_dir) / f"{name}-fmnist-e{epochs:g}-lr{lr:g}-s{seed}.pt"
+    model = models.build(name, seed)
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    torch.manual_seed(seed)
+    fit(model, fashion_mnist("train"), FitOptions(epochs=epochs, lr=lr, seed=seed), progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model.eval()
