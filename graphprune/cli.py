@@ -91,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="override a pass option (repeatable)")
     r.add_argument("--force", action="store_true", help="replace an existing output file")
 
-    d = sub.add_parser("demo", help="export a reference model, prune it, verify it, report")
+    d = sub.add_parser("demo", help="train a reference CNN on Fashion-MNIST, analyse, prune hierarchically, fine-tune, validate, report")
     d.add_argument("--model", default="resnet20")
-    d.add_argument("--ratio", type=_ratio, default=0.5)
+    d.add_argument("--epochs", type=float, default=2.0, help="training epochs of the reference model (cached)")
+    d.add_argument("--finetune-epochs", type=float, default=1.0)
+    d.add_argument("--pipeline", type=Path, help="pipeline TOML (default: passes/hierarchical.toml)")
     d.add_argument("-o", "--output-dir", type=Path, default=Path("graphprune-demo"))
     return p
 
@@ -188,7 +190,17 @@ def _run(args: argparse.Namespace, console: Console) -> None:
 def _demo(args: argparse.Namespace, console: Console) -> None:
     from graphprune.demo import run_demo
 
-    run_demo(args.model, args.ratio, args.output_dir, console)
+    import models
+
+    if args.model not in models.REFERENCE_MODELS:
+        raise BadInputError(f"unknown reference model '{args.model}' (known: {', '.join(models.REFERENCE_MODELS)})")
+    if args.epochs <= 0 or args.finetune_epochs <= 0:
+        raise BadInputError("--epochs and --finetune-epochs must be positive")
+    result = run_demo(args.model, args.output_dir, console, args.epochs, args.finetune_epochs, args.pipeline)
+    console.print(f"pruned model: {result.output}")
+    for path in (result.report_html, result.report_json):
+        if path is not None:
+            console.print(f"report: {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

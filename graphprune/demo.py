@@ -1,39 +1,59 @@
-"""The demo: export a reference model, list its groups, prune, verify, report."""
+"""The demo: train a reference CNN on Fashion-MNIST, analyse, prune hierarchically, fine-tune, validate, report."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import Progress
 
-from graphprune.coupling import build_groups
-from graphprune.io import write_text_atomic
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_prune import PruneOptions, prune_file
-from graphprune.report import groups_table, prune_json, prune_table
+from graphprune.errors import BadInputError
+from graphprune.pipeline import load_pipeline
+from graphprune.run_pipeline import RunResult, run_file
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "default_pipeline"]
 
 
-def run_demo(model: str, ratio: float, out_dir: Path, console: Console) -> Path:
-    """Export ``model`` from ``models/`` to ONNX, prune it by ``ratio`` and verify exactness.
+def default_pipeline() -> Path:
+    """``passes/hierarchical.toml`` of the source tree this package runs from.
 
-    Returns:
-        Path of the JSON report.
+    Raises:
+        BadInputError: When the package is not run from a clone (no ``passes/``).
+    """
+    path = Path(__file__).resolve().parents[1] / "passes" / "hierarchical.toml"
+    if not path.exists():
+        raise BadInputError(f"{path} not found: run the demo from a clone of the repository (pip install -e .), or pass --pipeline")
+    return path
+
+
+def run_demo(
+    model: str,
+    out_dir: Path,
+    console: Console,
+    epochs: float = 2.0,
+    finetune_epochs: float = 1.0,
+    pipeline: Path | None = None,
+) -> RunResult:
+    """Train ``model`` on Fashion-MNIST (cached), export it to ONNX and run the hierarchical pipeline on it.
+
+    The pipeline prunes every group to its effective filters (the estimated
+    maximum rate), checks exactness, fine-tunes, validates on onnxruntime and
+    writes an HTML and a JSON report beside the pruned model.
+
+    Raises:
+        BadInputError: Fashion-MNIST is not installed, or a bad option.
     """
     import models
+    from models.fashion import fashion_mnist, trained
 
+    fashion_mnist("test")  # fails early, with the install command, when the dataset is missing
     out_dir.mkdir(parents=True, exist_ok=True)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"training {model} on Fashion-MNIST ({epochs:g} epochs, cached)", total=None)
+        net = trained(model, epochs, cache_dir=out_dir / "cache",
+                      progress=lambda step, total, loss: bar.update(task, total=total, completed=step))
     source = out_dir / f"{model}.onnx"
-    with console.status(f"exporting reference model '{model}' to ONNX..."):
-        models.export_onnx(models.build(model), source, bn="keep")
-    console.print(f"exported {source}")
-    groups_table(build_groups(load_onnx(source).graph), console)
+    models.export_onnx(net, source, bn="keep")
+    console.print(f"trained and exported {source}")
+    steps = load_pipeline(pipeline or default_pipeline(), [f"finetune.epochs={finetune_epochs}"])
     output = out_dir / f"{model}.pruned.onnx"
-    with console.status("pruning, validating on onnxruntime, measuring latency..."):
-        result = prune_file(source, output, PruneOptions(ratio=ratio, verify=True, force=True))
-    prune_table(result, console)
-    report = out_dir / "report.json"
-    write_text_atomic(report, prune_json(result))
-    write_text_atomic(out_dir / "plan.json", result.plan.to_json())
-    console.print(f"report: {report}")
-    return report
+    return run_file(steps, source, output, "fashion-mnist", "fashion-mnist:test", force=True, console=console)

@@ -1,0 +1,119 @@
+"""The planner: targets reached, no over-pruning, over-limit policy, rounding, baselines."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import models
+from graphprune.analysis import AnalysisOptions, analyze
+from graphprune.cost import cost_with_keep, model_cost
+from graphprune.coupling import build_groups
+from graphprune.data import Calibration
+from graphprune.errors import BadInputError, OverLimitError
+from graphprune.hierarchical import PlanOptions, Target, make_plan
+from graphprune.onnx_frontend import load_onnx
+from graphprune.plan_targets import latency_plan, limit_plan
+from graphprune.selection import greedy_drop_order, pivoted_cholesky_order
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    path = tmp_path_factory.mktemp("h") / "resnet20.onnx"
+    models.export_onnx(models.build("resnet20"), path, bn="keep")
+    om = load_onnx(path)
+    coupling = build_groups(om.graph)
+    x = np.random.default_rng(0).standard_normal((256, *models.INPUT_SHAPE)).astype(np.float32)
+    analysis = analyze(om.graph, coupling, Calibration((x,), None, "random"), AnalysisOptions(eps=0.05))
+    return om, coupling, analysis
+
+
+def _keep(plan, coupling):
+    out = {g.id: g.channels for g in coupling.prunable}
+    out.update({g.group: len(g.keep) for g in plan.groups})
+    return out
+
+
+@pytest.mark.parametrize("kind,value", [("macs", 0.5), ("params", 0.4), ("ratio", 0.3)])
+def test_hierarchical_reaches_target_without_over_pruning(analysed, kind, value):
+    om, coupling, analysis = analysed
+    plan = make_plan(om.graph, coupling, PlanOptions(target=Target(kind, value)), analysis)
+    keep = _keep(plan, coupling)
+    for g in analysis.groups:
+        assert keep[g.group] >= max(1, g.effective), g.anchor
+    cost, orig = cost_with_keep(om.graph, coupling, keep), model_cost(om.graph)
+    if kind == "macs":
+        assert cost.macs <= value * orig.macs and cost.macs > 0.9 * value * orig.macs
+    elif kind == "params":
+        assert cost.params <= value * orig.params
+    else:
+        total = sum(g.channels for g in analysis.groups)
+        assert sum(keep[g.group] for g in analysis.groups) <= (1 - value) * total + 1e-9
+
+
+def test_beyond_the_limit_is_refused_unless_allowed(analysed):
+    om, coupling, analysis = analysed
+    limit = analysis.limit.at_limit.macs / analysis.limit.original.macs
+    target = Target("macs", limit * 0.6)
+    with pytest.raises(OverLimitError, match="maximum compression") as info:
+        make_plan(om.graph, coupling, PlanOptions(target=target), analysis)
+    assert info.value.exit_code == 4
+    plan = make_plan(om.graph, coupling, PlanOptions(target=target, allow_over_limit=True), analysis)
+    keep = _keep(plan, coupling)
+    assert plan.meta["over_limit"] is True
+    assert any(keep[g.group] < g.effective for g in analysis.groups)
+    assert cost_with_keep(om.graph, coupling, keep).macs <= target.value * analysis.limit.original.macs
+
+
+def test_limit_plan_keeps_exactly_the_effective_filters(analysed):
+    om, coupling, analysis = analysed
+    keep = _keep(limit_plan(om, coupling, analysis, "effective", 1), coupling)
+    assert all(keep[g.group] == max(1, g.effective) for g in analysis.groups)
+    assert cost_with_keep(om.graph, coupling, keep).macs == analysis.limit.at_limit.macs
+
+
+def test_round_to(analysed):
+    om, coupling, analysis = analysed
+    plan = make_plan(om.graph, coupling, PlanOptions(target=Target("macs", 0.6), round_to=8), analysis)
+    assert all(len(g.keep) % 8 == 0 or len(g.keep) == g.channels for g in plan.groups)
+
+
+def test_uniform_prunes_every_group_alike(analysed):
+    om, coupling, _ = analysed
+    plan = make_plan(om.graph, coupling, PlanOptions(method="uniform", criterion="l1", target=Target("macs", 0.5)))
+    fractions = {round(len(g.keep) / g.channels, 1) for g in plan.groups}
+    assert len(fractions) == 1 and len(plan.groups) == len(coupling.prunable)
+
+
+def test_global_taylor_ignores_the_limit(analysed):
+    om, coupling, analysis = analysed
+    limit = analysis.limit.at_limit.macs / analysis.limit.original.macs
+    plan = make_plan(om.graph, coupling, PlanOptions(method="global", criterion="taylor", target=Target("macs", limit * 0.8)), analysis)
+    assert cost_with_keep(om.graph, coupling, _keep(plan, coupling)).macs <= limit * 0.8 * analysis.limit.original.macs
+
+
+def test_options_are_checked(analysed):
+    om, coupling, analysis = analysed
+    with pytest.raises(BadInputError, match="needs an analysis"):
+        make_plan(om.graph, coupling, PlanOptions(target=Target("macs", 0.5)), None)
+    with pytest.raises(BadInputError, match="method"):
+        make_plan(om.graph, coupling, PlanOptions(method="nope"), analysis)
+    with pytest.raises(BadInputError, match="macs"):
+        make_plan(om.graph, coupling, PlanOptions(target=Target("macs", 1.5)), analysis)
+
+
+def test_latency_target_is_measured(analysed):
+    om, coupling, analysis = analysed
+    plan = latency_plan(om, coupling, analysis, PlanOptions(), 0.6, runs=10)
+    keep = _keep(plan, coupling)
+    assert cost_with_keep(om.graph, coupling, keep).macs < model_cost(om.graph).macs
+
+
+def test_level_two_drops_dead_and_dependent_channels_first():
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((500, 5))
+    g = np.c_[g[:, :2], np.zeros(500), g[:, 2:], g[:, 0] + g[:, 1]]
+    f = g.T @ g / 500
+    order = greedy_drop_order(f).order
+    assert order[0] == 2
+    chol = pivoted_cholesky_order(f)
+    assert sorted(chol.tolist()) == list(range(7)) and chol[0] == 2
