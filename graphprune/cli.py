@@ -26,6 +26,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -70,8 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="remove a fraction of the channels of every prunable group")
     pr.add_argument("model", type=Path)
     pr.add_argument("-o", "--output", type=Path, required=True)
-    pr.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of each group's channels to remove (default 0.5)")
-    pr.add_argument("--criterion", choices=("l1", "l2", "random"), default="l1")
+    target = pr.add_mutually_exclusive_group()
+    target.add_argument("--ratio", type=_ratio, help="fraction of the channels to remove (default 0.5 without --data)")
+    target.add_argument("--macs", type=_fraction, help="fraction of the original MACs to keep")
+    target.add_argument("--params", type=_fraction, help="fraction of the original parameters to keep")
+    target.add_argument("--latency", type=_fraction, help="fraction of the original onnxruntime latency to reach (measured)")
+    pr.add_argument("--method", choices=("hierarchical", "uniform", "global"), help="default: hierarchical with --data, else uniform")
+    pr.add_argument("--criterion", choices=("effective", "cholesky", "taylor", "l1", "l2", "random"),
+                    help="level 2 rule; default: effective with --data, else l1")
+    pr.add_argument("--data", help="calibration / fine-tuning data (fashion-mnist, .npz, image folder): enables the analysis")
+    pr.add_argument("--eval-data", help="labelled data for accuracy figures")
+    pr.add_argument("--samples", type=_positive, default=2048, help="analysis samples (default 2048)")
+    pr.add_argument("--eps", type=_ratio, default=1e-2, help="analysis: spectral energy left out of the effective rank")
+    pr.add_argument("--allow-over-limit", action="store_true", help="allow targets beyond the estimated maximum compression")
+    pr.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tune after pruning (needs --data)")
     pr.add_argument("--round-to", type=_positive, default=1, help="keep channel counts multiples of N")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--verify", action="store_true", help="check the pruned model equals the original with removed channels zeroed")
@@ -152,7 +174,46 @@ def _analyze(args: argparse.Namespace, console: Console) -> None:
             console.print(f"report: {args.html}")
 
 
+def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
+    """Analysis-based or target-based pruning: the same passes as ``graphprune run``."""
+    from graphprune.pipeline import parse_pipeline
+    from graphprune.run_pipeline import run_file
+
+    method = args.method or ("hierarchical" if args.data else "uniform")
+    criterion = args.criterion or ("effective" if method == "hierarchical" else "l1")
+    target = {k: getattr(args, k) for k in ("ratio", "macs", "params", "latency") if getattr(args, k) is not None}
+    passes: list[dict] = []
+    if method == "hierarchical" or criterion in ("effective", "cholesky", "taylor"):
+        if not args.data:
+            raise BadInputError(f"--method {method} --criterion {criterion} needs calibration data (--data)")
+        passes.append({"name": "analyze", "samples": args.samples, "eps": args.eps, "seed": args.seed})
+    passes.append({"name": "plan", "method": method, "criterion": criterion, "round_to": args.round_to,
+                   "allow_over_limit": args.allow_over_limit, "seed": args.seed, **target})
+    passes.append({"name": "rewrite", "verify": True})
+    if args.finetune_epochs > 0:
+        if not args.data:
+            raise BadInputError("--finetune-epochs needs --data")
+        passes.append({"name": "finetune", "epochs": args.finetune_epochs, "seed": args.seed})
+    passes += [{"name": "validate", "latency_runs": max(0, args.latency_runs)}, {"name": "report"}]
+    pipeline = parse_pipeline({"pipeline": {"name": "prune"}, "pass": passes})
+    result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console)
+    if args.plan_out and result.plan is not None:
+        from graphprune.io import write_text_atomic
+
+        write_text_atomic(args.plan_out, result.plan.to_json())
+    for path in (result.report_json, result.report_html):
+        if path is not None:
+            console.print(f"report: {path}")
+
+
 def _prune(args: argparse.Namespace, console: Console) -> None:
+    if args.data or args.method or args.criterion in ("effective", "cholesky", "taylor") or any(
+        getattr(args, k) is not None for k in ("macs", "params", "latency")
+    ):
+        if args.plan is not None:
+            raise BadInputError("--plan applies a saved plan: do not combine it with a target, --method or --data")
+        _prune_pipeline(args, console)
+        return
     from graphprune.io import write_text_atomic
     from graphprune.onnx_prune import PruneOptions, prune_file
     from graphprune.plan import Plan
@@ -162,7 +223,7 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
         if path is not None and path.resolve() == args.model.resolve():
             raise BadInputError(f"{path} is the input model: choose another path")
     options = PruneOptions(
-        ratio=args.ratio, criterion=args.criterion, round_to=args.round_to, seed=args.seed,
+        ratio=0.5 if args.ratio is None else args.ratio, criterion=args.criterion or "l1", round_to=args.round_to, seed=args.seed,
         verify=args.verify, plan=Plan.load(args.plan) if args.plan else None, force=args.force,
         latency_runs=max(0, args.latency_runs),
     )

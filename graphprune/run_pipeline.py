@@ -15,6 +15,7 @@ from graphprune.measure import Figures
 from graphprune.onnx_frontend import load_onnx
 from graphprune.passes import Workspace, check_model
 from graphprune.pipeline import Pipeline, run_passes
+from graphprune.plan import Plan
 from graphprune.prune_report import prune_figures_table, write_prune_html
 
 __all__ = ["RunResult", "run_file"]
@@ -28,6 +29,7 @@ class RunResult:
     report_json: Path | None
     report_html: Path | None
     figures: dict[str, Any]
+    plan: Plan | None = None
 
 
 def _jsonable(value: Any) -> Any:
@@ -86,4 +88,4 @@ def run_file(
         write_text_atomic(json_path, json.dumps(doc, indent=1, default=str))
     if html_path is not None:
         write_prune_html(ws, html_path, f"graphprune: {model.name} -> {output.name}")
-    return RunResult(output, json_path, html_path, figures)
+    return RunResult(output, json_path, html_path, figures, ws.plan)

@@ -131,3 +131,18 @@ def test_html_report_renders_in_headless_chromium(exported, tmp_path):
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert "estimated maximum compression" in dom and "<img" in dom
+
+
+def test_prune_cli_targets_and_methods(exported, tmp_path, capsys):
+    out, plan = tmp_path / "g.onnx", tmp_path / "plan.json"
+    assert main(["prune", str(exported("resnet20")), "-o", str(out), "--macs", "0.4", "--method", "global", "--criterion", "l2",
+                 "--latency-runs", "0", "--plan-out", str(plan)]) == 0
+    report = json.loads((tmp_path / "g.report.json").read_text())
+    assert report["figures"]["after"]["macs"] <= 0.4 * report["figures"]["before"]["macs"]
+    assert json.loads(plan.read_text())["meta"]["method"] == "global"
+    data = _npz(tmp_path / "cal.npz")
+    assert main(["prune", str(exported("resnet20")), "-o", str(tmp_path / "h.onnx"), "--macs", "0.02", "--data", str(data), "--latency-runs", "0"]) == 4
+    assert "--allow-over-limit" in capsys.readouterr().err and not (tmp_path / "h.onnx").exists()
+    assert main(["prune", str(exported("resnet20")), "-o", str(tmp_path / "h.onnx"), "--macs", "0.02", "--data", str(data),
+                 "--allow-over-limit", "--latency-runs", "0"]) == 0
+    assert main(["prune", str(exported("resnet20")), "-o", str(tmp_path / "t.onnx"), "--criterion", "taylor"]) == 2
