@@ -240,8 +240,13 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     from graphprune.pipeline import load_pipeline
     from graphprune.run_pipeline import run_file
 
+    from graphprune.distributed import process_group
+
     pipeline = load_pipeline(args.pipeline, args.set)
-    result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console)
+    with process_group():
+        result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console)
+    if result is None:  # not the main rank
+        return
     console.print(f"wrote {result.output}")
     for path in (result.report_json, result.report_html):
         if path is not None:

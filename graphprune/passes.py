@@ -247,7 +247,9 @@ class FineTunePass(Pass):
         if ws.data is None:
             raise BadInputError("the finetune pass needs data (--data)")
         ws.status(f"fine-tuning ({self.options.epochs:g} epochs)")
-        ws.model = finetune_onnx(ws.model, ws.data, self.options, teacher=ws.original, progress=ws.progress)
+        from graphprune.fisher import default_device
+
+        ws.model = finetune_onnx(ws.model, ws.data, self.options, teacher=ws.original, progress=ws.progress, device=default_device())
         return PassResult(ws, True)
 
 

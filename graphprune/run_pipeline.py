@@ -48,19 +48,27 @@ def run_file(
     eval_data: str | None = None,
     force: bool = False,
     console: Console | None = None,
-) -> RunResult:
+) -> RunResult | None:
     """Run ``pipeline`` on ``model`` and write ``output`` only when every pass and validation succeeded.
+
+    Under ``torchrun`` every rank runs the passes (analysis and fine-tuning
+    are data parallel) and only rank 0 validates, writes and reports; the
+    other ranks return None.
 
     Raises:
         BadInputError, OverLimitError, ValidationError, UnsupportedOpError.
     """
+    from graphprune.distributed import is_main
+
     console = console or Console()
+    if not is_main():
+        console = Console(quiet=True)
     check_output_path(model, output, force)
     om = load_onnx(model)
     train = load_data(data, om.graph) if data else None
     test = load_data(eval_data, om.graph) if eval_data else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+                  TimeRemainingColumn(), console=console, transient=True, disable=not is_main()) as bar:
         task = bar.add_task(pipeline.name, total=None, info="")
 
         def status(message: str) -> None:
@@ -71,6 +79,8 @@ def run_file(
 
         ws = Workspace(original=om, model=om, data=train, eval_data=test, status=status, progress=progress)
         ws = run_passes(pipeline, ws, lambda p, r: console.print(f"pass {p.name}: done{' (model changed)' if r.modified else ''}"))
+        if not is_main():
+            return None
         status("validating and saving")
         with staged_output(output) as staged:
             save_onnx(ws.model.model, staged)

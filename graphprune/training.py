@@ -77,6 +77,9 @@ def fit(
 ) -> float:
     """Train ``model`` in place; returns the mean loss of the last 50 steps.
 
+    Under ``torchrun`` every rank takes its slice of each batch and gradients
+    are averaged (all-reduce), so ranks stay identical.
+
     Raises:
         BadInputError: No labels and no teacher, or non-positive epochs.
     """
@@ -95,26 +98,54 @@ def fit(
     n = len(data)
     steps = max(1, math.ceil(options.epochs * n / options.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    rng = np.random.default_rng(options.seed)
+    rank, world = _dist()
+    rng = np.random.default_rng(options.seed)  # same order on every rank; each takes its slice of a batch
     order = rng.permutation(n)
     pos, recent = 0, []
     for step in range(steps):
         if pos + options.batch_size > n:
             order, pos = rng.permutation(n), 0
-        idx = order[pos:pos + options.batch_size]
+        idx = order[pos:pos + options.batch_size][rank::world]
         pos += options.batch_size
         x = tuple(torch.from_numpy(a[idx]).to(device) for a in data.inputs)
         labels = None if data.labels is None else data.labels[idx]
         loss = _loss(logits_of(model(*x)), labels, x, teacher, options.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            _average_gradients(params, world)
         opt.step()
         sched.step()
         recent = (recent + [float(loss.detach())])[-50:]
         if progress is not None:
             progress(step + 1, steps, float(np.mean(recent)))
+    if world > 1:
+        _average_buffers(model, world)
     model.eval()
     return float(np.mean(recent))
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """Data parallelism: every rank ends the step with the mean gradient."""
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
+
+@torch.no_grad()
+def _average_buffers(model: nn.Module, world: int) -> None:
+    """BN running statistics, averaged so every rank holds the same model."""
+    for b in model.buffers():
+        if b.is_floating_point():
+            torch.distributed.all_reduce(b)
+            b /= world
 
 
 @torch.no_grad()

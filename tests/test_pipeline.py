@@ -146,3 +146,22 @@ def test_prune_cli_targets_and_methods(exported, tmp_path, capsys):
     assert main(["prune", str(exported("resnet20")), "-o", str(tmp_path / "h.onnx"), "--macs", "0.02", "--data", str(data),
                  "--allow-over-limit", "--latency-runs", "0"]) == 0
     assert main(["prune", str(exported("resnet20")), "-o", str(tmp_path / "t.onnx"), "--criterion", "taylor"]) == 2
+
+
+def test_run_under_torchrun_two_processes(exported, tmp_path):
+    """Data-parallel fine-tuning: both ranks run, rank 0 alone validates and writes."""
+    import os
+    import sys
+
+    data = _npz(tmp_path / "cal.npz", n=64)
+    out = tmp_path / "dp.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "graphprune.cli",
+         "run", str(ROOT / "passes/uniform.toml"), "--model", str(exported("vgg")), "--data", str(data), "-o", str(out),
+         "--set", "finetune.epochs=1", "--set", "finetune.batch_size=16", "--set", "validate.latency_runs=0"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("wrote ") == 1
+    onnx.checker.check_model(str(out), full_check=True)
+    assert (tmp_path / "dp.report.json").exists()
