@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("groups", help="list the coupling groups of a model")
-    g.add_argument("model", type=Path)
+    g.add_argument("model", type=Path, help="an ONNX file or a saved torch ExportedProgram (.pt2)")
     g.add_argument("--json", type=Path, help="also write the groups as JSON")
 
     an = sub.add_parser("analyze", help="effective filters per group and the network's maximum compression")
-    an.add_argument("model", type=Path)
+    an.add_argument("model", type=Path, help="an ONNX file or a saved torch ExportedProgram (.pt2)")
     an.add_argument("--data", required=True, help="fashion-mnist, an .npz (arrays named after the inputs, optional 'labels') or an image folder")
     an.add_argument("--samples", type=_positive, default=1024, help="calibration samples (default 1024)")
     an.add_argument("--batch-size", type=_positive, default=64)
@@ -122,13 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_graph(path: Path):  # noqa: ANN202 - ChannelGraph, imported lazily
+    """The channel graph of an ONNX file or a saved ExportedProgram (``.pt2``)."""
+    if path.suffix == ".pt2":
+        from graphprune.torch_frontend import load_exported_program
+
+        return load_exported_program(path).graph
+    from graphprune.onnx_frontend import load_onnx
+
+    return load_onnx(path).graph
+
+
 def _groups(args: argparse.Namespace, console: Console) -> None:
     from graphprune.coupling import build_groups
     from graphprune.io import write_text_atomic
-    from graphprune.onnx_frontend import load_onnx
     from graphprune.report import groups_json, groups_table
 
-    coupling = build_groups(load_onnx(args.model).graph)
+    coupling = build_groups(_load_graph(args.model))
     groups_table(coupling, console)
     if args.json:
         write_text_atomic(args.json, groups_json(coupling))
@@ -142,7 +152,6 @@ def _analyze(args: argparse.Namespace, console: Console) -> None:
     from graphprune.coupling import build_groups
     from graphprune.data import ImageOptions, load_data
     from graphprune.distributed import is_main, process_group
-    from graphprune.onnx_frontend import load_onnx
 
     for path in (args.output, args.plot, args.html):
         if path is not None and path.resolve() == args.model.resolve():
@@ -150,16 +159,16 @@ def _analyze(args: argparse.Namespace, console: Console) -> None:
         if path is not None and not path.parent.resolve().is_dir():
             raise BadInputError(f"output folder {path.parent} does not exist")
     with process_group():
-        om = load_onnx(args.model)
-        coupling = build_groups(om.graph)
+        graph = _load_graph(args.model)
+        coupling = build_groups(graph)
         images = ImageOptions(tuple(args.image_size) if args.image_size else None, tuple(args.mean), tuple(args.std))
-        data = load_data(args.data, om.graph, args.samples, args.seed, args.split, images)
+        data = load_data(args.data, graph, args.samples, args.seed, args.split, images)
         loss = args.loss or ("labels" if data.labels is not None else "fisher")
         options = AnalysisOptions(eps=args.eps, floor=args.floor, loss=loss, batch_size=args.batch_size, seed=args.seed)
         meta = {"model": str(args.model), "data": args.data}
         with Progress(console=console, transient=True, disable=not is_main()) as bar:
             task = bar.add_task("gradient matrices", total=len(data))
-            result = analyze(om.graph, coupling, data, options, lambda done, total: bar.update(task, completed=done, total=total), meta=meta)
+            result = analyze(graph, coupling, data, options, lambda done, total: bar.update(task, completed=done, total=total), meta=meta)
         if not is_main():
             return
         analysis_table(result, console)

@@ -16,7 +16,7 @@ from graphprune.criteria import score_group
 from graphprune.errors import BadInputError, PlanMismatchError
 from graphprune.graph import Axis, ChannelGraph
 
-__all__ = ["GroupPlan", "Plan", "uniform_plan", "plan_from_keep", "kept_elements", "keep_count"]
+__all__ = ["GroupPlan", "Plan", "uniform_plan", "plan_from_keep", "kept_elements", "keep_count", "translate_plan"]
 
 FORMAT = "graphprune.plan/1"
 
@@ -158,3 +158,39 @@ def kept_elements(plan: Plan, coupling: Coupling, graph: ChannelGraph) -> dict[A
         assert size is not None  # prunable groups only hold static axes
         out[axis] = np.setdiff1d(np.arange(size), np.concatenate(parts))
     return out
+
+
+def translate_plan(plan: Plan, source: Coupling, target: Coupling) -> Plan:
+    """The same plan for another description of the same model (torch path <-> ONNX path).
+
+    Groups are matched by a weight axis they share (same tensor name and
+    axis: parameter names survive both frontends), and channels by the
+    element order of that axis.
+
+    Raises:
+        PlanMismatchError: When a planned group has no counterpart.
+    """
+    index: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
+    for g in target.groups:
+        for m in g.params():
+            index.setdefault((m.tensor, m.axis), []).append((g.id, m.indices))
+    groups = []
+    for gp in plan.groups:
+        src = source.by_id(gp.group)
+        match = None
+        for m in src.params():
+            for gid, dst_idx in index.get((m.tensor, m.axis), []):
+                if dst_idx.shape == m.indices.shape and set(dst_idx[:, 0].tolist()) == set(m.indices[:, 0].tolist()):
+                    match = (gid, dst_idx, m.indices)
+                    break
+            if match is not None:
+                break
+        if match is None:
+            raise PlanMismatchError(f"plan group {gp.group} ({gp.anchor}) has no counterpart in the other model")
+        gid, dst_idx, src_idx = match
+        dst = target.by_id(gid)
+        # channel c of the source group is the target channel holding the same first element
+        where = {int(e): c for c, e in enumerate(dst_idx[:, 0])}
+        keep = sorted(where[int(src_idx[c, 0])] for c in gp.keep)
+        groups.append(GroupPlan(dst.id, dst.anchor, dst.channels, tuple(keep)))
+    return Plan(tuple(groups), dict(plan.meta))

@@ -48,7 +48,7 @@ class MobileNetV2(nn.Module):
 
 
 def channel_shuffle(x: torch.Tensor, groups: int, channels: int) -> torch.Tensor:
-    """Reshape-Transpose-Reshape shuffle; the channel count is static, not read from x."""
+    """Reshape-Transpose-Reshape shuffle of ``channels`` (a Python int: static in exports)."""
     return x.unflatten(1, (groups, channels // groups)).transpose(1, 2).flatten(1, 2)
 
 
@@ -66,12 +66,16 @@ class ShuffleBlock(nn.Module):
         self.short = nn.Sequential(*_cbr(cin, cin, 3, stride, groups=cin, act=False), *_cbr(cin, half, 1)) if stride > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channel counts come from layer attributes (Python ints: static Split/Reshape in exports)
+        # that graphprune updates when it prunes. The shuffle pairs channel i of both halves, so
+        # both halves keep as many channels as the branch's last conv produces.
+        half = self.branch[-3].out_channels
         if self.short is None:
-            a, b = x.split(self.cout // 2, dim=1)  # static sizes: exported as Split
+            a, b = x.split([half, self.branch[0].in_channels], dim=1)
             out = torch.cat((a, self.branch(b)), 1)
         else:
             out = torch.cat((self.short(x), self.branch(x)), 1)
-        return channel_shuffle(out, 2, self.cout)
+        return channel_shuffle(out, 2, 2 * half)
 
 
 class ShuffleNetV2(nn.Module):

@@ -16,11 +16,12 @@ class Attention(nn.Module):
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+    def _split(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        # The head size follows the projection's width, so a pruned head dim needs no attribute edits.
+        return x.unflatten(-1, (self.heads, proj.out_features // self.heads)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
+        q, k, v = self._split(self.q(x), self.q), self._split(self.k(x), self.k), self._split(self.v(x), self.v)
         att = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim**-0.5, dim=-1)
         return self.proj((att @ v).transpose(1, 2).flatten(2))
 

@@ -1,0 +1,217 @@
+"""torch frontend: an ``nn.Module`` (or a saved ExportedProgram) as a channel graph.
+
+``torch.export`` traces the module to aten ops; each aten target is rewritten
+into the ONNX-form op the semantics table already knows (``aten.conv2d`` ->
+``Conv``, ``aten.linear`` -> ``Transpose`` + ``MatMul`` + ``Add``...), so both
+formats share one table, one coupling analysis, one interpreter. Parameters
+and buffers keep their qualified names (``layer1.0.conv1.weight``), which is
+what the module backend slices. Targets without a converter become ops of
+the ``aten`` domain, which the table does not know: their channels freeze.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphprune.errors import BadInputError
+from graphprune.graph import ChannelGraph, Dim, OpNode, TensorInfo
+
+__all__ = ["TorchModel", "load_module", "load_exported_program", "to_channel_graph"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "BFLOAT16", torch.float64: "DOUBLE",
+           torch.int64: "INT64", torch.int32: "INT32", torch.bool: "BOOL", torch.uint8: "UINT8", torch.int8: "INT8"}
+
+
+@dataclasses.dataclass
+class TorchModel:
+    """A traced module: the program, its channel graph, and graph tensor -> module state name."""
+
+    module: nn.Module | None
+    program: torch.export.ExportedProgram
+    graph: ChannelGraph
+    state_names: dict[str, str]
+
+
+class _Builder:
+    """Accumulates ONNX-form nodes, tensors and constants while walking the aten graph."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, TensorInfo] = {}
+        self.nodes: list[OpNode] = []
+        self.consts: dict[str, np.ndarray] = {}
+        self.alias: dict[str, str] = {}
+
+    def name(self, arg: Any) -> str:
+        n = arg.name if isinstance(arg, torch.fx.Node) else str(arg)
+        return self.alias.get(n, n)
+
+    def tensor(self, name: str, shape: tuple[Dim, ...] | None, dtype: str, kind: str) -> None:
+        self.tensors[name] = TensorInfo(name, shape, dtype, kind)  # type: ignore[arg-type]
+
+    def const(self, base: str, value: Any, dtype: Any = np.float32) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = f"{base}.c{len(self.consts)}"
+        self.consts[name] = arr
+        self.tensor(name, tuple(arr.shape), "INT64" if arr.dtype == np.int64 else "FLOAT", "param")
+        return name
+
+    def add(self, name: str, op: str, inputs: Sequence[str], outputs: Sequence[str], **attrs: Any) -> None:
+        self.nodes.append(OpNode(name, "", op, tuple(inputs), tuple(outputs), attrs, 18))
+
+
+def _dims(val: Any, batch: dict[str, str]) -> tuple[Dim, ...] | None:
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        return None
+    out: list[Dim] = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            key = str(d)
+            out.append(batch.setdefault(key, key))
+    return tuple(out)
+
+
+def _dtype(val: Any) -> str:
+    return _DTYPES.get(getattr(val, "dtype", None), "UNDEFINED")
+
+
+Converter = Callable[[_Builder, torch.fx.Node, str], None]
+_CONVERTERS: dict[str, Converter] = {}
+
+
+def _converts(*targets: str) -> Callable[[Converter], Converter]:
+    def deco(fn: Converter) -> Converter:
+        for t in targets:
+            _CONVERTERS[t] = fn
+        return fn
+    return deco
+
+
+def _arg(node: torch.fx.Node, i: int, key: str, default: Any) -> Any:
+    if i < len(node.args):
+        return node.args[i]
+    return node.kwargs.get(key, default)
+
+
+def _pair(v: Any, n: int) -> list[int]:
+    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)] * n
+
+
+from graphprune import torch_converters  # noqa: E402,F401  (fills _CONVERTERS)
+
+
+def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGraph, dict[str, str]]:
+    """Describe an ExportedProgram as a channel graph of ONNX-form ops.
+
+    Returns:
+        The graph and a map graph tensor name -> module state name.
+    """
+    b = _Builder()
+    batch: dict[str, str] = {}
+    sig = program.graph_signature
+    state = {**program.state_dict, **getattr(program, "constants", {})}
+    state_names: dict[str, str] = {}
+    targets = {s.arg.name: s.target for s in sig.input_specs if s.target is not None}
+    inputs: list[str] = []
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder":
+            if node.name in targets:
+                qual = targets[node.name]
+                b.alias[node.name] = qual
+                state_names[qual] = qual
+                b.tensor(qual, _dims(val, batch), _dtype(val), "param")
+                b.consts[qual] = state[qual].detach().cpu().numpy()
+            else:
+                inputs.append(node.name)
+                b.tensor(node.name, _dims(val, batch), _dtype(val), "input")
+        elif node.op == "call_function":
+            key = str(node.target)
+            if key == "<built-in function getitem>":
+                b.alias[node.name] = f"{b.name(node.args[0])}.{int(node.args[1])}"
+                continue
+            conv = _CONVERTERS.get(key)
+            if isinstance(val, (tuple, list)):
+                for i, v in enumerate(val):
+                    b.tensor(f"{node.name}.{i}", _dims(v, batch), _dtype(v), "activation")
+            else:
+                b.tensor(node.name, _dims(val, batch), _dtype(val), "activation")
+            if conv is None:
+                args = [b.name(a) for a in node.args if isinstance(a, torch.fx.Node)]
+                outs = [f"{node.name}.{i}" for i in range(len(val))] if isinstance(val, (tuple, list)) else [node.name]
+                b.nodes.append(OpNode(node.name, "aten", key, tuple(args), tuple(outs), {}, 1))
+            else:
+                conv(b, node, node.name)
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    outputs = tuple(b.name(a) for a in out_node.args[0] if isinstance(a, torch.fx.Node))
+    tensors = {k: dataclasses.replace(v, is_output=k in outputs) for k, v in b.tensors.items()}
+    consts = b.consts
+    graph = ChannelGraph(tensors, b.nodes, tuple(inputs), outputs, lambda name: consts[name])
+    return graph, state_names
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def load_module(module: nn.Module, example_inputs: Sequence[torch.Tensor], dynamic_batch: bool = True) -> TorchModel:
+    """Trace ``module`` (eval mode) with torch.export; a dynamic batch when possible.
+
+    Raises:
+        BadInputError: When the module cannot be traced; the message names the
+            failing op or construct and suggests pruning the ONNX export instead.
+    """
+    module = module.eval()
+    args = tuple(example_inputs)
+    errors = []
+    attempts: list[dict[str, Any]] = []
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        attempts.append({"dynamic_shapes": tuple({0: batch} for _ in args)})
+    attempts.append({})
+    for extra in attempts:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(module, args, **extra)
+            break
+        except Exception as exc:  # noqa: BLE001 - tracing failures are the user's model
+            errors.append(_short(exc))
+    else:
+        raise BadInputError(
+            f"torch.export cannot trace {type(module).__name__}: {errors[-1]}; "
+            "export the model to ONNX and prune the ONNX file instead"
+        )
+    graph, names = to_channel_graph(program)
+    return TorchModel(module, program, graph, names)
+
+
+def load_exported_program(path: str | os.PathLike[str]) -> TorchModel:
+    """Load a ``.pt2`` file saved with ``torch.export.save``.
+
+    Raises:
+        BadInputError: When the file is missing or not an ExportedProgram.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"{p}: no such file")
+    try:
+        program = torch.export.load(str(p))
+    except Exception as exc:  # noqa: BLE001
+        raise BadInputError(f"{p}: not a saved ExportedProgram ({_short(exc)})") from None
+    graph, names = to_channel_graph(program)
+    return TorchModel(None, program, graph, names)

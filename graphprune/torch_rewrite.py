@@ -1,0 +1,182 @@
+"""torch backend: apply a plan to an ``nn.Module`` (its own class, sliced parameters).
+
+The plan's kept elements of every parameter and buffer axis come from the
+torch frontend's channel graph; the module is deep-copied, its tensors sliced
+in place of the originals (still ``nn.Parameter``s, so it trains), and the
+attributes of standard layers updated (Conv in/out channels and groups,
+Linear features, BatchNorm/GroupNorm/LayerNorm sizes). ``nn.MultiheadAttention``
+traces to ``scaled_dot_product_attention`` on packed projections, which the
+table does not know: its channels are frozen, not pruned. ``save_pruned`` / ``load_pruned`` store the plan and the state
+dict only: the pruned module is rebuilt from the original class, never
+unpickled.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphprune.coupling import Coupling, build_groups
+from graphprune.errors import BadInputError, ValidationError
+from graphprune.graph import Axis
+from graphprune.plan import Plan, kept_elements
+from graphprune.torch_frontend import TorchModel, load_module
+
+__all__ = ["apply_plan", "prune_module", "masked_reference", "verify_module", "save_pruned", "load_pruned"]
+
+log = logging.getLogger(__name__)
+
+
+def _owner(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    path, _, leaf = qualified.rpartition(".")
+    return (root.get_submodule(path) if path else root), leaf
+
+
+def _slice_state(module: nn.Module, kept: Mapping[Axis, np.ndarray], state_names: Mapping[str, str]) -> set[str]:
+    """Slice every parameter / buffer with kept elements; returns the owners touched."""
+    per_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for axis, idx in kept.items():
+        if axis.tensor in state_names:
+            per_tensor.setdefault(state_names[axis.tensor], []).append((axis.axis, idx))
+    touched = set()
+    for qual, axes in per_tensor.items():
+        owner, leaf = _owner(module, qual)
+        old = getattr(owner, leaf)
+        value = old.detach()
+        for ax, idx in axes:
+            value = value.index_select(ax, torch.as_tensor(idx, dtype=torch.long, device=value.device))
+        value = value.clone()
+        if isinstance(old, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
+        else:
+            owner.register_buffer(leaf, value, persistent=leaf not in owner._non_persistent_buffers_set)
+        touched.add(qual.rpartition(".")[0])
+    return touched
+
+
+def _fix_attributes(module: nn.Module, original: nn.Module, touched: set[str]) -> None:
+    """Make standard layers' size attributes agree with their sliced tensors."""
+    for name in touched:
+        m = module.get_submodule(name) if name else module
+        o = original.get_submodule(name) if name else original
+        if isinstance(m, nn.modules.conv._ConvNd):
+            w = m.weight
+            depthwise = o.groups > 1 and o.groups == o.in_channels
+            if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight (in, out / groups, ...)
+                m.in_channels = w.shape[0]
+                if depthwise:
+                    m.groups = m.in_channels
+                m.out_channels = w.shape[1] * m.groups
+            else:  # weight (out, in / groups, ...)
+                m.out_channels = w.shape[0]
+                if depthwise:
+                    m.groups = m.out_channels // (o.out_channels // o.in_channels)
+                m.in_channels = w.shape[1] * m.groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            ref = m.weight if m.weight is not None else m.running_mean
+            m.num_features = ref.shape[0]
+        elif isinstance(m, nn.GroupNorm):
+            m.num_channels = m.weight.shape[0]
+            if m.num_channels % m.num_groups:
+                raise ValidationError(f"{name}: GroupNorm would have {m.num_channels} channels for {m.num_groups} groups")
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+
+
+def prune_module(tm: TorchModel, coupling: Coupling, plan: Plan) -> nn.Module:
+    """A pruned copy of ``tm.module`` (the original is left untouched).
+
+    Raises:
+        PlanMismatchError: When the plan was made for another model.
+        ValidationError: When a layer cannot take the new sizes.
+    """
+    if tm.module is None:
+        raise BadInputError("this program was loaded from a file: apply plans to the nn.Module it was exported from")
+    kept = kept_elements(plan, coupling, tm.graph)
+    new = copy.deepcopy(tm.module)
+    touched = _slice_state(new, kept, tm.state_names)
+    _fix_attributes(new, tm.module, touched)
+    return new.eval()
+
+
+def apply_plan(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor]) -> nn.Module:
+    """Trace ``model``, check ``plan`` fits it, and return the pruned copy."""
+    tm = load_module(model, example_inputs)
+    return prune_module(tm, build_groups(tm.graph), plan)
+
+
+def masked_reference(tm: TorchModel, kept: Mapping[Axis, np.ndarray], inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The original's outputs with every removed element zeroed on every tensor of its group."""
+    from graphprune.interpreter import GraphInterpreter
+
+    interp = GraphInterpreter(tm.graph).eval()
+    masks: dict[str, torch.Tensor] = {}
+    for axis, idx in kept.items():
+        info = tm.graph.tensors[axis.tensor]
+        size = info.size(axis.axis)
+        assert size is not None
+        keep = torch.zeros(size)
+        keep[torch.as_tensor(idx, dtype=torch.long)] = 1.0
+        shape = [1] * (info.rank or 0)
+        shape[axis.axis] = size
+        m = keep.reshape(shape)
+        masks[axis.tensor] = masks[axis.tensor] * m if axis.tensor in masks else m
+    with torch.no_grad():
+        for name, m in masks.items():
+            if name in tm.state_names:
+                interp.constant(name).mul_(m.to(interp.constant(name).dtype))
+        taps = {n: (lambda mask: (lambda t: t * mask.to(t.dtype)))(m) for n, m in masks.items() if n not in tm.state_names}
+        return interp(*inputs, taps=taps)
+
+
+def verify_module(tm: TorchModel, coupling: Coupling, plan: Plan, pruned: nn.Module, inputs: Sequence[torch.Tensor],
+                  rtol: float = 1e-4, atol: float = 1e-4) -> float:
+    """Check the pruned module against the masked original; returns the max abs error.
+
+    Raises:
+        ValidationError: When they differ (module code that hard-codes channel counts, for instance).
+    """
+    kept = kept_elements(plan, coupling, tm.graph)
+    want = masked_reference(tm, kept, inputs)
+    with torch.no_grad():
+        got = pruned.eval()(*inputs)
+    got_t = got if isinstance(got, tuple) else (got,)
+    err = 0.0
+    for w, g in zip(want, got_t):
+        if w.shape != g.shape or not torch.allclose(g, w, rtol=rtol, atol=atol):
+            diff = (g - w).abs().max().item() if w.shape == g.shape else float("inf")
+            raise ValidationError(
+                f"the pruned module differs from the masked original (max abs error {diff:.3g}): its forward "
+                "may hard-code channel counts; derive them from tensors or layer attributes, or prune the ONNX export"
+            )
+        err = max(err, (g - w).abs().max().item())
+    return err
+
+
+def save_pruned(path: str | os.PathLike[str], plan: Plan, module: nn.Module) -> None:
+    """Write ``<path>.plan.json`` and ``<path>.pt`` (state dict only)."""
+    from graphprune.io import write_bytes_atomic, write_text_atomic
+
+    p = Path(path)
+    write_text_atomic(p.with_suffix(".plan.json"), plan.to_json())
+    import io
+
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    write_bytes_atomic(p.with_suffix(".pt"), buf.getvalue())
+
+
+def load_pruned(path: str | os.PathLike[str], model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> nn.Module:
+    """Rebuild a pruned module: the original class instance, the saved plan, then the saved weights."""
+    p = Path(path)
+    pruned = apply_plan(model, Plan.load(p.with_suffix(".plan.json")), example_inputs)
+    pruned.load_state_dict(torch.load(p.with_suffix(".pt"), map_location="cpu", weights_only=True))
+    return pruned

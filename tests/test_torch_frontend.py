@@ -1,0 +1,163 @@
+"""torch in, torch out: the same groups as ONNX, exact pruned modules of their own class, parity with ONNX."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import models
+from graphprune.coupling import build_groups
+from graphprune.errors import BadInputError
+from graphprune.io import save_onnx
+from graphprune.onnx_frontend import load_onnx
+from graphprune.onnx_rewrite import apply_plan as apply_onnx_plan
+from graphprune.plan import translate_plan, uniform_plan
+from graphprune.runtime import make_session
+from graphprune.torch_frontend import load_exported_program, load_module
+from graphprune.torch_rewrite import apply_plan, load_pruned, prune_module, save_pruned, verify_module
+
+
+def _x(n: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, *models.INPUT_SHAPE)).astype(np.float32))
+
+
+def _signature(coupling):
+    return sorted((g.channels, g.prunable) for g in coupling.groups)
+
+
+@pytest.mark.parametrize("name", models.SMALL_MODELS)
+def test_same_groups_as_onnx(exported, name):
+    tm = load_module(models.build(name), [_x(2)])
+    onnx_groups = build_groups(load_onnx(exported(name, 17, "keep")).graph)
+    assert _signature(build_groups(tm.graph)) == _signature(onnx_groups)
+
+
+@pytest.mark.parametrize("name", models.SMALL_MODELS)
+def test_pruned_module_is_exact_trains_and_exports(exported, tmp_path, name):
+    module = models.build(name)
+    tm = load_module(module, [_x(2)])
+    coupling = build_groups(tm.graph)
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    assert type(pruned) is type(module)
+    assert verify_module(tm, coupling, plan, pruned, [_x()]) < 1e-4
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in module.parameters())
+    # trains: one optimizer step in train mode changes the weights
+    pruned.train()
+    opt = torch.optim.SGD(pruned.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in pruned.parameters()]
+    pruned(_x(4)).sum().backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, pruned.parameters()))
+    pruned.eval()
+    # exports to ONNX again, and the export matches the module
+    path = tmp_path / "pruned.onnx"
+    models.export_onnx(pruned, path, bn="keep")
+    session = make_session(str(path))
+    with torch.no_grad():
+        want = pruned(_x()).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": _x().numpy()})[0], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "densenet", "mobilenetv2", "shufflenetv2", "vit"])
+def test_same_plan_same_outputs_as_the_onnx_path(exported, tmp_path, name):
+    module = models.build(name)
+    om = load_onnx(exported(name, 17, "keep"))
+    onnx_coupling = build_groups(om.graph)
+    onnx_plan = uniform_plan(om.graph, onnx_coupling, 0.4, criterion="random", seed=3)
+    tm = load_module(module, [_x(2)])
+    torch_coupling = build_groups(tm.graph)
+    plan = translate_plan(onnx_plan, onnx_coupling, torch_coupling)
+    assert len(plan.groups) == len(onnx_plan.groups)
+    pruned = prune_module(tm, torch_coupling, plan)
+    path = tmp_path / "onnx_path.onnx"
+    save_onnx(apply_onnx_plan(om, onnx_coupling, onnx_plan), path)
+    x = _x(5, 1)
+    with torch.no_grad():
+        want = pruned(x).numpy()
+    session = make_session(str(path))
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_save_and_rebuild_from_class_and_state_dict(tmp_path):
+    module = models.build("resnet20")
+    tm = load_module(module, [_x(2)])
+    coupling = build_groups(tm.graph)
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.add_(0.01)  # as if fine-tuned
+    save_pruned(tmp_path / "small", plan, pruned)
+    rebuilt = load_pruned(tmp_path / "small", models.build("resnet20"), [_x(2)])
+    with torch.no_grad():
+        np.testing.assert_array_equal(rebuilt(_x()).numpy(), pruned(_x()).numpy())
+    assert (tmp_path / "small.plan.json").exists() and (tmp_path / "small.pt").exists()
+    # the same API straight from a plan
+    assert sum(p.numel() for p in apply_plan(models.build("resnet20"), plan, [_x(2)]).parameters()) == sum(p.numel() for p in pruned.parameters())
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent control flow
+            return y
+        return -y
+
+
+def test_untraceable_model_gives_a_clear_error():
+    with pytest.raises(BadInputError) as info:
+        load_module(_DataDependent(), [_x(2)])
+    msg = str(info.value)
+    assert "cannot trace _DataDependent" in msg and "prune the ONNX file instead" in msg
+
+
+class _WithSilu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
+        self.c = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.nn.functional.silu(self.b(torch.relu(self.a(x)))))
+
+
+def test_unknown_functions_freeze_their_channels():
+    tm = load_module(_WithSilu(), [_x(2)])
+    coupling = build_groups(tm.graph)
+    by_anchor = {g.anchor: g for g in coupling.groups}
+    assert by_anchor["a.weight[0]"].prunable
+    frozen = by_anchor["b.weight[0]"]
+    assert not frozen.prunable and any("silu" in r for r in frozen.frozen)
+
+
+def test_saved_exported_program_loads(tmp_path):
+    module = models.build("vgg")
+    program = torch.export.export(module, (_x(2),))
+    path = tmp_path / "vgg.pt2"
+    torch.export.save(program, str(path))
+    tm = load_exported_program(path)
+    assert _signature(build_groups(tm.graph)) == _signature(build_groups(load_module(module, [_x(2)]).graph))
+    with pytest.raises(BadInputError):
+        load_exported_program(tmp_path / "missing.pt2")
+
+
+def test_cli_reads_pt2(tmp_path, capsys):
+    from graphprune.cli import main
+
+    module = models.build("resnet20")
+    path = tmp_path / "resnet20.pt2"
+    torch.export.save(torch.export.export(module, (_x(2),)), str(path))
+    assert main(["groups", str(path)]) == 0
+    assert "13 groups: 12 prunable, 1 frozen" in capsys.readouterr().out
+    data = tmp_path / "cal.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((64, *models.INPUT_SHAPE)).astype(np.float32))
+    assert main(["analyze", str(path), "--data", str(data), "-o", str(tmp_path / "a.json")]) == 0
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a program")
+    assert main(["groups", str(bad)]) == 2
