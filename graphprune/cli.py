@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--eps", type=_ratio, default=1e-2, help="analysis: spectral energy left out of the effective rank")
     pr.add_argument("--allow-over-limit", action="store_true", help="allow targets beyond the estimated maximum compression")
     pr.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tune after pruning (needs --data)")
+    pr.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                    help="least-squares compensation of dropped channels (default: on with --data)")
+    pr.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
+                    help="BN re-estimation or bias correction after rewrite (default: on with --data)")
     pr.add_argument("--round-to", type=_positive, default=1, help="keep channel counts multiples of N")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--verify", action="store_true", help="check the pruned model equals the original with removed channels zeroed")
@@ -198,7 +202,15 @@ def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
         passes.append({"name": "analyze", "samples": args.samples, "eps": args.eps, "seed": args.seed})
     passes.append({"name": "plan", "method": method, "criterion": criterion, "round_to": args.round_to,
                    "allow_over_limit": args.allow_over_limit, "seed": args.seed, **target})
+    compensate = bool(args.data) if args.compensate is None else args.compensate
+    repair = bool(args.data) if args.repair is None else args.repair
+    if (compensate or repair) and not args.data:
+        raise BadInputError("--compensate and --repair need calibration data (--data)")
+    if compensate:
+        passes.append({"name": "compensate", "seed": args.seed})
     passes.append({"name": "rewrite", "verify": True})
+    if repair:
+        passes.append({"name": "repair", "seed": args.seed})
     if args.finetune_epochs > 0:
         if not args.data:
             raise BadInputError("--finetune-epochs needs --data")
@@ -216,7 +228,7 @@ def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
 
 
 def _prune(args: argparse.Namespace, console: Console) -> None:
-    if args.data or args.method or args.criterion in ("effective", "cholesky", "taylor") or any(
+    if args.data or args.method or args.compensate or args.repair or args.criterion in ("effective", "cholesky", "taylor") or any(
         getattr(args, k) is not None for k in ("macs", "params", "latency")
     ):
         if args.plan is not None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -12,7 +14,7 @@ from graphprune.onnx_frontend import OnnxModel, prepare
 from graphprune.onnx_rewrite import clone_model
 from graphprune.training import FitOptions, Progress, fit
 
-__all__ = ["finetune_onnx", "with_weights"]
+__all__ = ["finetune_onnx", "with_weights", "with_constants"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,16 @@ def with_weights(om: OnnxModel, interp: GraphInterpreter) -> OnnxModel:
             continue
         dtype = value.const_value.dtype.numpy()
         value.const_value = ir.tensor(tensor.detach().cpu().numpy().astype(dtype, copy=False), name=name)
+    return prepare(model, om.path)
+
+
+def with_constants(om: OnnxModel, values: Mapping[str, np.ndarray]) -> OnnxModel:
+    """A copy of ``om`` with the named initializers replaced (same dtype)."""
+    model = clone_model(om.model)
+    for name, arr in values.items():
+        value = model.graph.initializers[name]
+        dtype = value.const_value.dtype.numpy() if value.const_value is not None else arr.dtype
+        value.const_value = ir.tensor(np.asarray(arr).astype(dtype, copy=False), name=name)
     return prepare(model, om.path)
 
 

@@ -156,13 +156,14 @@ class RewritePass(Pass):
         if ws.plan is None:
             raise BadInputError("the rewrite pass needs a plan: put a plan pass before it")
         ws.status("rewriting the model")
-        ws.kept = kept_elements(ws.plan, ws.groups(), ws.original.graph)
-        pruned = apply_kept(ws.original, ws.kept)
+        source = ws.model  # the original, or its compensated copy (same graph, other weights)
+        ws.kept = kept_elements(ws.plan, ws.groups(), source.graph)
+        pruned = apply_kept(source, ws.kept)
         RemoveUnusedNodesPass()(pruned)
         ws.model = prepare(pruned, ws.original.path)
         if self.options.verify:
             ws.status("checking exactness on onnxruntime")
-            report = check_model(ws.original, ws.model, ws.kept)
+            report = check_model(source, ws.model, ws.kept)
             ws.figures["exact_max_abs_error"] = report.max_abs_error
         return PassResult(ws, bool(ws.plan.groups))
 
@@ -251,6 +252,80 @@ class FineTunePass(Pass):
 
         ws.model = finetune_onnx(ws.model, ws.data, self.options, teacher=ws.original, progress=ws.progress, device=default_device())
         return PassResult(ws, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompensateOptions:
+    """Least-squares compensation on ``samples`` calibration samples."""
+
+    samples: int = 1024
+    batch_size: int = 64
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.samples < 2 or self.batch_size < 1:
+            raise BadInputError("compensate needs samples >= 2 and batch_size >= 1")
+
+
+def _subset(data: Calibration, n: int, seed: int) -> Calibration:
+    import numpy as np
+
+    if len(data) <= n:
+        return data
+    pick = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
+    return Calibration(tuple(a[pick] for a in data.inputs), None if data.labels is None else data.labels[pick], data.source)
+
+
+@register_pass
+class CompensatePass(Pass):
+    """Fold least-squares reconstructions of the plan's dropped channels into their consumers (before rewrite)."""
+
+    name = "compensate"
+    Options = CompensateOptions
+
+    def run(self, ws: Workspace) -> PassResult:
+        from graphprune.compensation import compensate
+        from graphprune.onnx_finetune import with_constants
+
+        if ws.data is None or ws.plan is None:
+            raise BadInputError("the compensate pass needs data (--data) and a plan pass before it")
+        ws.status("compensating dropped channels")
+        data = _subset(ws.data, self.options.samples, self.options.seed)
+        result = compensate(ws.model.graph, ws.groups(), ws.plan, data, self.options.batch_size)
+        ws.figures["compensated_edges"] = result.edges
+        ws.figures["compensation_skipped"] = list(result.skipped)
+        if result.values:
+            ws.model = with_constants(ws.model, result.values)
+        return PassResult(ws, bool(result.values))
+
+
+@register_pass
+class RepairPass(Pass):
+    """Statistics repair after rewrite: BN re-estimation, else bias correction of the pruned groups' consumers."""
+
+    name = "repair"
+    Options = CompensateOptions
+
+    def run(self, ws: Workspace) -> PassResult:
+        from graphprune.gates import plan_gates
+        from graphprune.onnx_finetune import with_constants
+        from graphprune.repair import correct_biases, has_batch_norm, reestimate_batch_norm
+
+        if ws.data is None or ws.plan is None or ws.kept is None:
+            raise BadInputError("the repair pass needs data (--data) and a rewrite pass before it")
+        ws.status("repairing statistics")
+        data = _subset(ws.data, self.options.samples, self.options.seed)
+        if has_batch_norm(ws.model.graph):
+            values = reestimate_batch_norm(ws.model.graph, data, self.options.batch_size)
+            ws.figures["repair"] = "batchnorm re-estimation"
+        else:
+            gates = plan_gates(ws.groups(), ws.original.graph)
+            consumers = sorted({e.node for g in ws.plan.groups for e in gates.edges.get(g.group, ())})
+            values = correct_biases(ws.original.graph, ws.model.graph, consumers, ws.kept, data, self.options.batch_size)
+            ws.figures["repair"] = f"bias correction of {len(values)} consumers"
+        if values:
+            ws.model = with_constants(ws.model, values)
+        return PassResult(ws, bool(values))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,7 +97,7 @@ def _build_pass(entry: Mapping[str, Any], where: str) -> Pass:
 
 
 def _check_order(passes: Sequence[Pass], where: str) -> None:
-    analysed = planned = False
+    analysed = planned = rewritten = False
     for p in passes:
         if p.name == "analyze":
             analysed = True
@@ -105,8 +105,14 @@ def _check_order(passes: Sequence[Pass], where: str) -> None:
             if isinstance(p.options, PlanPassOptions) and p.options.needs_analysis and not analysed:
                 raise BadInputError(f"{where}: the plan pass (method {p.options.method}, criterion {p.options.criterion}) needs an analyze pass before it")
             planned = True
-        elif p.name == "rewrite" and not planned:
-            raise BadInputError(f"{where}: the rewrite pass needs a plan pass before it")
+        elif p.name in ("rewrite", "compensate") and not planned:
+            raise BadInputError(f"{where}: the {p.name} pass needs a plan pass before it")
+        elif p.name == "rewrite":
+            rewritten = True
+        elif p.name == "compensate" and rewritten:
+            raise BadInputError(f"{where}: the compensate pass must come before the rewrite pass")
+        elif p.name == "repair" and not rewritten:
+            raise BadInputError(f"{where}: the repair pass needs a rewrite pass before it")
 
 
 def parse_pipeline(data: Mapping[str, Any], where: str = "pipeline") -> Pipeline:

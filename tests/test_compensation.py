@@ -1,0 +1,148 @@
+"""Compensation and statistics repair: exact on planted dependences, means restored, bad data refused."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import models
+from graphprune.cli import main
+from graphprune.compensation import compensate
+from graphprune.coupling import build_groups
+from graphprune.data import Calibration
+from graphprune.onnx_finetune import with_constants
+from graphprune.onnx_frontend import load_onnx, prepare
+from graphprune.onnx_rewrite import apply_kept, model_bytes
+from graphprune.plan import GroupPlan, Plan, kept_elements
+from graphprune.repair import correct_biases, output_means, reestimate_batch_norm
+from graphprune.runtime import make_session
+
+SHAPE = (2, 10, 10)
+
+
+class Linear2(nn.Module):
+    """conv1 -> conv2 (3x3, zero padding) -> relu -> pool -> fc: conv1's channels enter conv2 linearly."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv2(self.conv1(x))).mean((2, 3)))
+
+
+def _export(module: nn.Module, path) -> object:
+    torch.onnx.export(module.eval(), (torch.zeros(2, *SHAPE),), str(path), input_names=["input"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}})
+    return load_onnx(path)
+
+
+def _run(om, x: np.ndarray) -> np.ndarray:
+    return make_session(model_bytes(om.model)).run(None, {"input": x})[0]
+
+
+def _planted(seed: int = 0) -> Linear2:
+    """Channel 5 of conv1 is 0.7 * channel 1 - 1.3 * channel 3 (weights and bias); conv2 reads it (non-zero weights)."""
+    torch.manual_seed(seed)
+    m = Linear2()
+    with torch.no_grad():
+        m.conv1.weight[5] = 0.7 * m.conv1.weight[1] - 1.3 * m.conv1.weight[3]
+        m.conv1.bias[5] = 0.7 * m.conv1.bias[1] - 1.3 * m.conv1.bias[3]
+        assert m.conv2.weight[:, 5].abs().sum() > 0
+    return m
+
+
+def test_planted_dependent_channel_is_removed_exactly(tmp_path):
+    om = _export(_planted(), tmp_path / "p.onnx")
+    coupling = build_groups(om.graph)
+    (g,) = [g for g in coupling.groups if g.anchor == "conv1.weight[0]"]
+    plan = Plan((GroupPlan(g.id, g.anchor, g.channels, (0, 1, 2, 3, 4)),))
+    x = np.random.default_rng(0).standard_normal((64, *SHAPE)).astype(np.float32)
+    comp = compensate(om.graph, coupling, plan, Calibration((x,), None, "cal"))
+    assert comp.edges == 1 and not comp.skipped
+    pruned = prepare(apply_kept(with_constants(om, comp.values), kept_elements(plan, coupling, om.graph)))
+    plain = prepare(apply_kept(om, kept_elements(plan, coupling, om.graph)))
+    test = np.random.default_rng(1).standard_normal((16, *SHAPE)).astype(np.float32)
+    want = _run(om, test)
+    np.testing.assert_allclose(_run(pruned, test), want, rtol=1e-4, atol=1e-4)
+    assert np.abs(_run(plain, test) - want).max() > 1e-2  # without compensation the output changes
+
+
+def _folded(tmp_path, name="resnet20"):
+    path = tmp_path / f"{name}.onnx"
+    models.export_onnx(models.build(name), path, bn="fold")
+    return load_onnx(path)
+
+
+def test_bias_correction_restores_consumer_means(tmp_path):
+    om = _folded(tmp_path)
+    coupling = build_groups(om.graph)
+    rng = np.random.default_rng(0)
+    groups = []
+    for g in coupling.prunable[:6]:
+        keep = np.sort(rng.permutation(g.channels)[: g.channels // 2])
+        groups.append(GroupPlan(g.id, g.anchor, g.channels, tuple(int(i) for i in keep)))
+    plan = Plan(tuple(groups))
+    kept = kept_elements(plan, coupling, om.graph)
+    pruned = prepare(apply_kept(om, kept))
+    x = rng.standard_normal((96, *models.INPUT_SHAPE)).astype(np.float32)
+    data = Calibration((x,), None, "cal")
+    from graphprune.gates import plan_gates
+
+    gates = plan_gates(coupling, om.graph)
+    consumers = sorted({e.node for gp in plan.groups for e in gates.edges[gp.group]})
+    values = correct_biases(om.graph, pruned.graph, consumers, kept, data)
+    assert values
+    repaired = with_constants(pruned, values)
+    nodes = {n.name: n for n in repaired.graph.nodes}
+    outs = [nodes[c].outputs[0] for c in consumers if c in nodes and nodes[c].inputs[2] in values]
+    want, before, after = output_means(om.graph, outs, data), output_means(pruned.graph, outs, data), output_means(repaired.graph, outs, data)
+    from graphprune.graph import Axis
+
+    for out in outs:
+        idx = kept.get(Axis(out, 1))
+        ref = want[out] if idx is None else want[out][idx]
+        np.testing.assert_allclose(after[out], ref, rtol=1e-3, atol=1e-4)
+    assert any(np.abs(before[o] - (want[o] if kept.get(Axis(o, 1)) is None else want[o][kept[Axis(o, 1)]])).max() > 1e-3 for o in outs)
+
+
+def test_batchnorm_reestimation_matches_the_batch_statistics(exported):
+    om = load_onnx(exported("vgg", 17, "keep"))
+    x = np.random.default_rng(0).standard_normal((128, *models.INPUT_SHAPE)).astype(np.float32)
+    values = reestimate_batch_norm(om.graph, Calibration((x,), None, "cal"), batch_size=32)
+    first = next(n for n in om.graph.nodes if n.op_type == "BatchNormalization")
+    mean = output_means(om.graph, [first.inputs[0]], Calibration((x,), None, "cal"))[first.inputs[0]]
+    np.testing.assert_allclose(values[first.inputs[3]], mean, rtol=1e-4, atol=1e-5)
+    assert len(values) == 2 * sum(n.op_type == "BatchNormalization" for n in om.graph.nodes)
+
+
+@pytest.mark.parametrize("kind,message", [("nan", "NaN"), ("shape", "sample shape"), ("few", "at least 2 samples")])
+def test_bad_calibration_data_is_refused(exported, tmp_path, capsys, kind, message):
+    x = np.zeros((8, *models.INPUT_SHAPE), np.float32)
+    if kind == "nan":
+        x[0, 0, 0, 0] = np.nan
+    elif kind == "shape":
+        x = np.zeros((8, 2, 28, 28), np.float32)
+    else:
+        x = x[:1]
+    np.savez(tmp_path / "bad.npz", input=x)
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(exported("vgg")), "-o", str(out), "--macs", "0.5", "--method", "uniform",
+                 "--data", str(tmp_path / "bad.npz"), "--compensate"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_prune_cli_compensates_by_default_with_data(exported, tmp_path):
+    import json
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", input=rng.standard_normal((64, *models.INPUT_SHAPE)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(exported("resnet20", 13, "fold")), "-o", str(out), "--macs", "0.5", "--method", "uniform",
+                 "--criterion", "l2", "--data", str(tmp_path / "cal.npz"), "--latency-runs", "0"]) == 0
+    figures = json.loads((tmp_path / "o.report.json").read_text())["figures"]
+    assert figures["compensated_edges"] > 0 and figures["repair"].startswith("bias correction")
