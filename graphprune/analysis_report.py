@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 
 from rich.console import Console
@@ -11,15 +10,9 @@ from rich.table import Table
 
 from graphprune.analysis import Analysis
 from graphprune.io import write_bytes_atomic, write_text_atomic
+from graphprune.plots import figure_png, fmt_count, plot_spectra, pyplot
 
 __all__ = ["analysis_table", "analysis_plot_png", "write_plot", "write_html"]
-
-
-def _fmt(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def analysis_table(analysis: Analysis, console: Console) -> None:
@@ -44,19 +37,15 @@ def analysis_table(analysis: Analysis, console: Console) -> None:
         console.print(f"[yellow]warning:[/] {warned[0].warning} (and {len(warned) - 1} more group(s))" if len(warned) > 1 else f"[yellow]warning:[/] {warned[0].warning}")
     lim = analysis.limit
     console.print(
-        f"maximum compression (every group at its effective filters): MACs {_fmt(lim.original.macs)} -> "
-        f"{_fmt(lim.at_limit.macs)} ({lim.macs_reduction:.2f}x), parameters {_fmt(lim.original.params)} -> "
-        f"{_fmt(lim.at_limit.params)} ({lim.params_reduction:.2f}x)"
+        f"maximum compression (every group at its effective filters): MACs {fmt_count(lim.original.macs)} -> "
+        f"{fmt_count(lim.at_limit.macs)} ({lim.macs_reduction:.2f}x), parameters {fmt_count(lim.original.params)} -> "
+        f"{fmt_count(lim.at_limit.params)} ({lim.params_reduction:.2f}x)"
     )
 
 
 def analysis_plot_png(analysis: Analysis) -> bytes:
     """Per-group bars (channels vs effective filters) and normalised spectra, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = analysis.groups
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 0.35 * len(groups) + 6), 4.2))
     xs = range(len(groups))
@@ -67,21 +56,8 @@ def analysis_plot_png(analysis: Analysis) -> bytes:
     ax1.set_ylabel("channels")
     ax1.legend(fontsize=8)
     ax1.set_title("channels and effective filters per group")
-    for g in groups:
-        eig = [v for v in g.eigenvalues]
-        top = eig[0] if eig and eig[0] > 0 else 1.0
-        ys = [max(v / top, 1e-16) for v in eig]
-        ax2.plot([(i + 1) / len(eig) for i in range(len(eig))], ys, lw=0.8, alpha=0.7)
-    ax2.set_yscale("log")
-    ax2.set_ylim(bottom=1e-12)
-    ax2.set_xlabel("eigenvalue index / channels")
-    ax2.set_ylabel("eigenvalue / largest")
-    ax2.set_title("spectra of F_g")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    plot_spectra(ax2, groups)
+    return figure_png(fig)
 
 
 def write_plot(analysis: Analysis, path: Path) -> None:
@@ -110,8 +86,8 @@ def write_html(analysis: Analysis, path: Path, title: str = "graphprune analysis
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:nth-child(2){{text-align:left}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>{analysis.samples} samples, loss <b>{html.escape(o.loss)}</b>, eps {o.eps:g}.
-Estimated maximum compression: MACs {_fmt(lim.original.macs)} &rarr; {_fmt(lim.at_limit.macs)}
-(<b>{lim.macs_reduction:.2f}x</b>), parameters {_fmt(lim.original.params)} &rarr; {_fmt(lim.at_limit.params)}
+Estimated maximum compression: MACs {fmt_count(lim.original.macs)} &rarr; {fmt_count(lim.at_limit.macs)}
+(<b>{lim.macs_reduction:.2f}x</b>), parameters {fmt_count(lim.original.params)} &rarr; {fmt_count(lim.at_limit.params)}
 (<b>{lim.params_reduction:.2f}x</b>).</p>
 <img alt="channels, effective filters and spectra per group" src="data:image/png;base64,{png}" style="max-width:100%">
 <table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>

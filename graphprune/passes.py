@@ -115,16 +115,11 @@ class AnalyzePass(Pass):
     Options = AnalyzePassOptions
 
     def run(self, ws: Workspace) -> PassResult:
-        import numpy as np
-
         if ws.data is None:
             raise BadInputError("the analyze pass needs calibration data (--data)")
         ws.status("effective filter analysis")
         o = self.options
-        data = ws.data
-        if len(data) > o.samples:
-            pick = np.sort(np.random.default_rng(o.seed).permutation(len(data))[: o.samples])
-            data = Calibration(tuple(a[pick] for a in data.inputs), None if data.labels is None else data.labels[pick], data.source)
+        data = _subset(ws.data, o.samples, o.seed)
         loss = "fisher" if o.loss == "labels" and data.labels is None else o.loss
         options = AnalysisOptions(eps=o.eps, floor=o.floor, loss=loss, batch_size=o.batch_size, seed=o.seed)
         ws.analysis = analyze(ws.original.graph, ws.groups(), data, options)

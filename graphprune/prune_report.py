@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from typing import Any
 
 from rich.console import Console
@@ -11,15 +10,9 @@ from rich.table import Table
 
 from graphprune.io import write_text_atomic
 from graphprune.measure import Figures
+from graphprune.plots import figure_png, fmt_count, plot_spectra, pyplot
 
 __all__ = ["before_after_rows", "prune_figures_table", "group_rows", "write_prune_html"]
-
-
-def _fmt(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def before_after_rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -29,8 +22,8 @@ def before_after_rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]
     if isinstance(b, Figures) and isinstance(a, Figures):
         if b.accuracy is not None and a.accuracy is not None:
             rows.append(("accuracy", f"{b.accuracy:.4f}", f"{a.accuracy:.4f}", f"{100 * (a.accuracy - b.accuracy):+.2f} pp"))
-        rows.append(("parameters", _fmt(b.params), _fmt(a.params), f"{b.params / max(1, a.params):.2f}x smaller"))
-        rows.append(("MACs / sample", _fmt(b.macs), _fmt(a.macs), f"{b.macs / max(1, a.macs):.2f}x fewer"))
+        rows.append(("parameters", fmt_count(b.params), fmt_count(a.params), f"{b.params / max(1, a.params):.2f}x smaller"))
+        rows.append(("MACs / sample", fmt_count(b.macs), fmt_count(a.macs), f"{b.macs / max(1, a.macs):.2f}x fewer"))
         if b.latency_ms and a.latency_ms:
             rows.append((f"latency, batch 1 ({figures.get('provider', 'onnxruntime')})", f"{b.latency_ms:.3f} ms",
                          f"{a.latency_ms:.3f} ms", f"{b.latency_ms / a.latency_ms:.2f}x faster"))
@@ -66,11 +59,7 @@ def group_rows(ws: Any) -> list[dict[str, Any]]:
 
 
 def _plot(ws: Any) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = group_rows(ws)
     spectra = ws.analysis.groups if ws.analysis else ()
     fig, axes = plt.subplots(1, 2 if spectra else 1, figsize=(max(8.0, 0.35 * len(rows) + 6), 4.2), squeeze=False)
@@ -86,21 +75,8 @@ def _plot(ws: Any) -> str:
     ax.set_title("channels: total, effective, kept")
     ax.legend(fontsize=8)
     if spectra:
-        ax2 = axes[0][1]
-        for g in spectra:
-            top = g.eigenvalues[0] if g.eigenvalues and g.eigenvalues[0] > 0 else 1.0
-            ax2.plot([(i + 1) / len(g.eigenvalues) for i in range(len(g.eigenvalues))],
-                     [max(v / top, 1e-16) for v in g.eigenvalues], lw=0.8, alpha=0.7)
-        ax2.set_yscale("log")
-        ax2.set_ylim(bottom=1e-12)
-        ax2.set_xlabel("eigenvalue index / channels")
-        ax2.set_ylabel("eigenvalue / largest")
-        ax2.set_title("spectra of F_g")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+        plot_spectra(axes[0][1], spectra)
+    return base64.b64encode(figure_png(fig)).decode()
 
 
 def write_prune_html(ws: Any, path: Any, title: str) -> None:

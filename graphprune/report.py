@@ -9,6 +9,7 @@ from rich.table import Table
 
 from graphprune.coupling import Coupling
 from graphprune.onnx_prune import ModelStats, PruneResult
+from graphprune.plots import fmt_count
 
 __all__ = ["groups_table", "groups_json", "prune_table", "prune_json"]
 
@@ -42,13 +43,6 @@ def groups_json(coupling: Coupling) -> str:
     return json.dumps({"groups": data, "prunable": len(coupling.prunable)}, indent=1)
 
 
-def _fmt(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
@@ -60,9 +54,9 @@ def prune_table(result: PruneResult, console: Console) -> None:
     for col in ("", "before", "after", "reduction"):
         table.add_column(col, justify="right")
     rows = (
-        ("parameters", b.params, a.params, _fmt),
-        ("MACs / sample", b.macs, a.macs, _fmt),
-        ("file size (bytes)", b.file_bytes, a.file_bytes, _fmt),
+        ("parameters", b.params, a.params, fmt_count),
+        ("MACs / sample", b.macs, a.macs, fmt_count),
+        ("file size (bytes)", b.file_bytes, a.file_bytes, fmt_count),
         ("latency, batch 1 (ms)", b.latency_ms, a.latency_ms, lambda x: f"{x:.3f}"),
     )
     for label, x, y, fmt in rows:

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,16 @@ from graphprune.graph import Axis
 from graphprune.plan import Plan, kept_elements
 from graphprune.torch_frontend import TorchModel, load_module
 
-__all__ = ["apply_plan", "prune_module", "masked_reference", "verify_module", "save_pruned", "load_pruned"]
+__all__ = [
+    "apply_plan",
+    "prune_module",
+    "compensate_module",
+    "reestimate_module_batch_norm",
+    "masked_reference",
+    "verify_module",
+    "save_pruned",
+    "load_pruned",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +115,38 @@ def prune_module(tm: TorchModel, coupling: Coupling, plan: Plan) -> nn.Module:
     touched = _slice_state(new, kept, tm.state_names)
     _fix_attributes(new, tm.module, touched)
     return new.eval()
+
+
+def compensate_module(tm: TorchModel, coupling: Coupling, plan: Plan, data: Any, batch_size: int = 64) -> nn.Module:
+    """A copy of ``tm.module`` whose consumers absorb least-squares reconstructions of ``plan``'s dropped
+    channels (see :mod:`graphprune.compensation`); prune it with the same plan afterwards."""
+    from graphprune.compensation import compensate
+
+    if tm.module is None:
+        raise BadInputError("compensation needs the nn.Module, not a loaded program")
+    result = compensate(tm.graph, coupling, plan, data, batch_size)
+    new = copy.deepcopy(tm.module)
+    with torch.no_grad():
+        for name, value in result.values.items():
+            owner, leaf = _owner(new, tm.state_names[name])
+            getattr(owner, leaf).copy_(torch.from_numpy(value))
+    return new.eval()
+
+
+@torch.no_grad()
+def reestimate_module_batch_norm(module: nn.Module, data: Any, batch_size: int = 128) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``data`` (cumulative average), in place."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    module.train()
+    for _, inputs, _ in data.batches(batch_size):
+        module(*(torch.from_numpy(a) for a in inputs))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    return module.eval()
 
 
 def apply_plan(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor]) -> nn.Module:

@@ -146,3 +146,29 @@ def test_prune_cli_compensates_by_default_with_data(exported, tmp_path):
                  "--criterion", "l2", "--data", str(tmp_path / "cal.npz"), "--latency-runs", "0"]) == 0
     figures = json.loads((tmp_path / "o.report.json").read_text())["figures"]
     assert figures["compensated_edges"] > 0 and figures["repair"].startswith("bias correction")
+
+
+def test_torch_module_compensation_and_bn_repair():
+    from graphprune.torch_frontend import load_module
+    from graphprune.torch_rewrite import compensate_module, prune_module, reestimate_module_batch_norm
+
+    module = _planted()
+    x = torch.randn(64, *SHAPE)
+    tm = load_module(module, [x[:2]])
+    coupling = build_groups(tm.graph)
+    (g,) = [g for g in coupling.groups if g.anchor == "conv1.weight[0]"]
+    plan = Plan((GroupPlan(g.id, g.anchor, g.channels, (0, 1, 2, 3, 4)),))
+    compensated = compensate_module(tm, coupling, plan, Calibration((x.numpy(),), None, "cal"))
+    tm2 = load_module(compensated, [x[:2]])
+    small = prune_module(tm2, build_groups(tm2.graph), plan)
+    test = torch.randn(8, *SHAPE)
+    with torch.no_grad():
+        np.testing.assert_allclose(small(test).numpy(), module(test).numpy(), rtol=1e-4, atol=1e-4)
+    bn = models.build("vgg")
+    cal = Calibration((np.random.default_rng(0).standard_normal((64, *models.INPUT_SHAPE)).astype(np.float32),), None, "c")
+    reestimate_module_batch_norm(bn, cal, batch_size=64)
+    first = bn.features[1]
+    with torch.no_grad():
+        want = bn.features[0](torch.from_numpy(cal.inputs[0])).mean((0, 2, 3))
+    np.testing.assert_allclose(first.running_mean.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    assert not bn.training
