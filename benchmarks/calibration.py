@@ -8,8 +8,9 @@ Run: python benchmarks/calibration.py [--model resnet20] [--epochs 3] [--samples
    selection), then r_g / 2, then r_g / 4; test accuracy on --test images.
    Pruning is done with channel gates at 0, which equals the rewritten model
    (tests/test_gates.py checks this on every reference model).
-4. Whole network at the estimated maximum rate for several eps: MACs reduction
-   and accuracy before fine-tuning.
+4. Whole network at the estimated maximum rate for several eps, and under
+   one network-wide predicted-loss budget: MACs reduction and accuracy
+   before fine-tuning.
 5. The default eps: the real ONNX rewrite, accuracy on onnxruntime, then a brief
    fine-tune (--finetune-epochs, labels) through the interpreter; full test set.
 Needs: apt-get install -y dataset-fashion-mnist.
@@ -137,6 +138,22 @@ def main() -> None:
         net.add_row(f"{eps:g}", f"{original.macs / c.macs:.2f}x", f"{original.params / c.params:.2f}x", f"{acc:.3f}")
         results["network"].append({"eps": eps, "macs_reduction": original.macs / c.macs, "params_reduction": original.params / c.params, "accuracy": acc})
     console.print(net)
+
+    from graphprune.analysis import summarize
+    from graphprune.fisher import FisherResult
+
+    bud = Table(title="whole network under one predicted-loss budget (analysis --budget), no fine-tuning")
+    for col in ("budget", "MACs reduction", "params reduction", "accuracy"):
+        bud.add_column(col, justify="right")
+    fisher = FisherResult(analysis.fisher, analysis.samples, analysis.skipped, "labels")
+    results["budget"] = []
+    for budget in (0.005, 0.01, 0.02, 0.05):
+        b = summarize(fisher, om.graph, coupling, AnalysisOptions(loss="labels", budget=budget))
+        counts_b = {g.group: max(1, g.effective) for g in b.groups}
+        acc = _gated_accuracy(interp, gates, _keep_sets(analysis, counts_b), sizes, test_sub)
+        bud.add_row(f"{budget:g}", f"{b.limit.macs_reduction:.2f}x", f"{b.limit.params_reduction:.2f}x", f"{acc:.3f}")
+        results["budget"].append({"budget": budget, "macs_reduction": b.limit.macs_reduction, "accuracy": acc})
+    console.print(bud)
 
     counts = _ranks(analysis, args.eps)
     plan = plan_from_keep(coupling, _keep_sets(analysis, counts), {"method": "effective", "eps": args.eps})

@@ -149,24 +149,27 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "bn": args.bn, "base": base, "limit": limit, "rows": rows}, indent=1))
     if args.plot:
-        import matplotlib
+        plot(rows, base, args.plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (tool, method), style in {("graphprune", "hierarchical / effective"): "o-", ("graphprune", "uniform / l2"): "s-",
-                                      ("Torch-Pruning", "uniform / l2"): "x--", ("Torch-Pruning", "uniform / taylor"): "d--"}.items():
-            sel = [r for r in rows if r["tool"] == tool and r["method"] == method]
-            key = "comp + repair" if tool == "graphprune" else "repair"
-            ax.plot([r["macs_reduction"] for r in sel], [r[key] for r in sel], style, label=f"{tool} {method} ({key})")
-        ax.axhline(base, color="k", lw=0.8, ls=":", label="unpruned")
-        ax.set_xlabel("MACs reduction")
-        ax.set_ylabel("test accuracy, no fine-tuning")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
+def plot(rows: list[dict], base: float, path: Path) -> None:
+    """Accuracy vs MACs reduction per tool and method (graphprune with comp + repair, Torch-Pruning with repair)."""
+    from graphprune.plots import pyplot
 
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (tool, method), style in {("graphprune", "hierarchical / effective"): "o-", ("graphprune", "uniform / l2"): "s-",
+                                  ("Torch-Pruning", "uniform / l2"): "x--", ("Torch-Pruning", "uniform / taylor"): "d--"}.items():
+        sel = sorted((r for r in rows if r["tool"] == tool and r["method"] == method), key=lambda r: r["macs_reduction"])
+        key = "comp + repair" if tool == "graphprune" else "repair"
+        ax.plot([r["macs_reduction"] for r in sel], [r[key] for r in sel], style, label=f"{tool} {method} ({key})")
+    ax.axhline(base, color="k", lw=0.8, ls=":", label="unpruned")
+    ax.set_xlabel("MACs reduction")
+    ax.set_ylabel("test accuracy, no fine-tuning")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ planner) plus an ``.npz`` with the F matrices.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import logging
 import os
@@ -49,6 +50,10 @@ class AnalysisOptions:
         loss: ``fisher``, ``labels`` or ``projection`` (see :data:`graphprune.fisher.LOSSES`).
         batch_size: Samples per forward/backward pass.
         seed: Seed of the Fisher label sampling and projections.
+        budget: When set, r_g comes from one network-wide budget instead of
+            eps: channels are removed across all groups, cheapest predicted
+            loss increase first (greedy second-order costs), while the total
+            stays within ``budget`` (METHOD.md section 2, step 4).
     """
 
     eps: float = 1e-2
@@ -56,6 +61,7 @@ class AnalysisOptions:
     loss: str = "fisher"
     batch_size: int = 64
     seed: int = 0
+    budget: float | None = None
 
     def check(self) -> None:
         """Raises BadInputError on out-of-range values."""
@@ -65,6 +71,8 @@ class AnalysisOptions:
             raise BadInputError(f"--floor must be >= 0, got {self.floor}")
         if self.batch_size < 1:
             raise BadInputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.budget is not None and self.budget < 0.0:
+            raise BadInputError(f"--budget must be >= 0, got {self.budget}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +239,30 @@ def _group_result(gid: int, anchor: str, gf: GroupFisher, samples: int, options:
     )
 
 
+def _within_budget(groups: tuple[GroupAnalysis, ...], fisher: FisherResult, budget: float) -> tuple[GroupAnalysis, ...]:
+    """r_g of every group from one network-wide predicted-loss budget (cheapest removals first)."""
+    orders = {g.group: greedy_drop_order(fisher.groups[g.group].f) for g in groups}
+    removed = {g.group: 0 for g in groups}
+    heap = [(float(o.cost[1] - o.cost[0]), gid) for gid, o in orders.items() if o.order.size > 1]
+    heapq.heapify(heap)
+    total = 0.0
+    while heap:
+        step, gid = heapq.heappop(heap)
+        if total + step > budget:
+            break
+        total += step
+        removed[gid] += 1
+        o, k = orders[gid], removed[gid]
+        if o.order.size - k > 1:
+            heapq.heappush(heap, (float(o.cost[k + 1] - o.cost[k]), gid))
+    out = []
+    for g in groups:
+        r = g.channels - removed[g.group]
+        out.append(dataclasses.replace(g, effective=r, redundancy=1.0 - r / g.channels,
+                                       predicted_loss=float(orders[g.group].cost[removed[g.group]])))
+    return tuple(out)
+
+
 def summarize(
     fisher: FisherResult, graph: ChannelGraph, coupling: Coupling, options: AnalysisOptions, meta: Mapping[str, Any] | None = None
 ) -> Analysis:
@@ -239,6 +271,8 @@ def summarize(
         _group_result(gid, coupling.by_id(gid).anchor, fisher.groups[gid], fisher.samples, options)
         for gid in sorted(fisher.groups)
     )
+    if options.budget is not None:
+        groups = _within_budget(groups, fisher, options.budget)
     keep = {g.group: max(1, g.effective) for g in groups}
     limit = NetworkLimit(model_cost(graph), cost_with_keep(graph, coupling, keep))
     return Analysis(groups, dict(fisher.skipped), limit, fisher.samples, options, dict(fisher.groups), dict(meta or {}))

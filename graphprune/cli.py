@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--loss", choices=("fisher", "labels", "projection"), help="default: labels when the data has them, else fisher")
     an.add_argument("--eps", type=_ratio, default=1e-2, help="spectral energy left out of the effective rank (default 0.01)")
     an.add_argument("--floor", type=float, default=0.0, help="absolute eigenvalue floor (default 0)")
+    an.add_argument("--budget", type=float, help="network-wide predicted loss increase allowed; sets every r_g instead of --eps")
     an.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split")
     an.add_argument("--image-size", type=_positive, nargs=2, metavar=("H", "W"), help="image folder: resize to H W")
     an.add_argument("--mean", type=float, nargs="+", default=[0.0], help="image folder: per-channel mean")
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--eval-data", help="labelled data for accuracy figures")
     pr.add_argument("--samples", type=_positive, default=2048, help="analysis samples (default 2048)")
     pr.add_argument("--eps", type=_ratio, default=1e-2, help="analysis: spectral energy left out of the effective rank")
+    pr.add_argument("--budget", type=float, help="analysis: one network-wide predicted-loss budget instead of --eps")
     pr.add_argument("--allow-over-limit", action="store_true", help="allow targets beyond the estimated maximum compression")
     pr.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tune after pruning (needs --data)")
     pr.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
@@ -168,7 +170,8 @@ def _analyze(args: argparse.Namespace, console: Console) -> None:
         images = ImageOptions(tuple(args.image_size) if args.image_size else None, tuple(args.mean), tuple(args.std))
         data = load_data(args.data, graph, args.samples, args.seed, args.split, images)
         loss = args.loss or ("labels" if data.labels is not None else "fisher")
-        options = AnalysisOptions(eps=args.eps, floor=args.floor, loss=loss, batch_size=args.batch_size, seed=args.seed)
+        options = AnalysisOptions(eps=args.eps, floor=args.floor, loss=loss, batch_size=args.batch_size, seed=args.seed,
+                                  budget=args.budget)
         meta = {"model": str(args.model), "data": args.data}
         with Progress(console=console, transient=True, disable=not is_main()) as bar:
             task = bar.add_task("gradient matrices", total=len(data))
@@ -199,7 +202,10 @@ def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
     if method == "hierarchical" or criterion in ("effective", "cholesky", "taylor"):
         if not args.data:
             raise BadInputError(f"--method {method} --criterion {criterion} needs calibration data (--data)")
-        passes.append({"name": "analyze", "samples": args.samples, "eps": args.eps, "seed": args.seed})
+        analyze = {"name": "analyze", "samples": args.samples, "eps": args.eps, "seed": args.seed}
+        if args.budget is not None:
+            analyze["budget"] = args.budget
+        passes.append(analyze)
     passes.append({"name": "plan", "method": method, "criterion": criterion, "round_to": args.round_to,
                    "allow_over_limit": args.allow_over_limit, "seed": args.seed, **target})
     compensate = bool(args.data) if args.compensate is None else args.compensate

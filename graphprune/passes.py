@@ -121,7 +121,7 @@ class AnalyzePass(Pass):
         o = self.options
         data = _subset(ws.data, o.samples, o.seed)
         loss = "fisher" if o.loss == "labels" and data.labels is None else o.loss
-        options = AnalysisOptions(eps=o.eps, floor=o.floor, loss=loss, batch_size=o.batch_size, seed=o.seed)
+        options = AnalysisOptions(eps=o.eps, floor=o.floor, loss=loss, batch_size=o.batch_size, seed=o.seed, budget=o.budget)
         ws.analysis = analyze(ws.original.graph, ws.groups(), data, options)
         lim = ws.analysis.limit
         ws.figures["max_macs_reduction"] = lim.macs_reduction

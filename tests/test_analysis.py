@@ -210,3 +210,15 @@ def test_torch_module_analysis_names_parameters(trained):
     g = _conv1_group(a)
     assert g.anchor == "conv1.weight[0]" and g.channels == 12
     assert (g.singular.elimination, g.singular.overlap, g.singular.linear_dependence) == (1, 1, 1)
+
+
+def test_network_budget_sets_the_ranks(trained, tmp_path):
+    model, x, y = trained
+    planted = _plant(model, 2, 0, 0)
+    zero = _conv1_group(_analyze(planted, x, y, tmp_path, loss="labels", budget=0.0))
+    assert zero.effective == zero.channels - 2  # only the free (dead) channels go at a zero budget
+    small, large = (_analyze(planted, x, y, tmp_path, loss="labels", budget=b) for b in (0.01, 0.2))
+    assert sum(g.effective for g in large.groups) <= sum(g.effective for g in small.groups)
+    for a in (small, large):
+        assert sum(g.predicted_loss for g in a.groups) <= a.options.budget + 1e-12
+    assert large.limit.macs_reduction >= small.limit.macs_reduction > 1.0

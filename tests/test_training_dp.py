@@ -29,6 +29,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     fit(model, _data(), OPTIONS)
     if rank == 0:
         torch.save(model.state_dict(), out)
+    torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
     torch.distributed.destroy_process_group()
 
 
