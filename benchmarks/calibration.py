@@ -30,7 +30,7 @@ from rich.table import Table
 
 import models
 from graphprune.analysis import Analysis, AnalysisOptions, analyze
-from graphprune.coupling import Coupling, build_groups
+from graphprune.coupling import build_groups
 from graphprune.data import Calibration
 from graphprune.gates import GatePlan, gate_taps, plan_gates
 from graphprune.interpreter import GraphInterpreter
