@@ -100,8 +100,9 @@ def _order_for(gid: int, coupling: Coupling, graph: ChannelGraph, criterion: str
             order = pivoted_cholesky_order(f)
         else:
             order = np.argsort(np.diag(f), kind="stable")
-        cost = np.array([0.5 * f[np.ix_(order[: k + 1], order[: k + 1])].sum() for k in range(len(order))])
-        return order, np.diff(np.concatenate([[0.0], cost]))
+        sub = f[np.ix_(order, order)]
+        # removing order[k] after order[:k] adds F_kk / 2 + sum_{d < k} F_kd to the predicted loss
+        return order, 0.5 * np.diag(sub) + np.tril(sub, -1).sum(1)
     scores = score_group(group, graph, criterion, seed)
     order = np.argsort(scores, kind="stable")
     return order, scores[order] / max(float(scores.mean()), 1e-30)

@@ -8,7 +8,7 @@ import numpy as np
 
 from graphprune.analysis import Analysis
 from graphprune.coupling import Coupling
-from graphprune.errors import BadInputError
+from graphprune.errors import BadInputError, OverLimitError
 from graphprune.hierarchical import PlanOptions, Target, make_plan, removal_orders
 from graphprune.onnx_frontend import OnnxModel
 from graphprune.plan import Plan, plan_from_keep
@@ -53,7 +53,14 @@ def latency_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, b
     original = latency(om.model)
     frac, best, fallback = value, None, None
     for step in range(LATENCY_STEPS):
-        plan = make_plan(om.graph, coupling, PlanOptions(**{**base.__dict__, "target": Target("macs", frac)}), analysis)
+        options = PlanOptions(**{**base.__dict__, "target": Target("macs", frac)})
+        try:
+            plan = make_plan(om.graph, coupling, options, analysis)
+        except OverLimitError:
+            if analysis is None or frac <= analysis.limit.at_limit.macs / analysis.limit.original.macs:
+                raise
+            frac = analysis.limit.at_limit.macs / analysis.limit.original.macs * (1 + 1e-9)
+            continue
         ratio = latency(apply_plan(om, coupling, plan)) / original
         log.info("latency step %d: MACs target %.3f -> latency %.3f of the original", step, frac, ratio)
         fallback = plan
@@ -62,6 +69,11 @@ def latency_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, b
             if ratio >= 0.95 * value:
                 break
         frac = float(np.clip(frac * value / max(ratio, 1e-6), 0.01, 0.99))
+    if best is None and not base.allow_over_limit and analysis is not None:
+        raise OverLimitError(
+            f"latency {value:g} of the original was not reached without pruning past the effective filters "
+            "(latency is measured: a busy machine makes it noisy); lower the target or pass --allow-over-limit"
+        )
     plan = best or fallback
     assert plan is not None
     return plan
