@@ -21,7 +21,28 @@ from graphprune.onnx_frontend import OnnxModel, prepare
 from graphprune.plan import Plan, kept_elements
 from graphprune.training import FitOptions
 
-__all__ = ["Workspace", "PassResult", "Pass", "PASSES", "register_pass"]
+__all__ = [
+    "Workspace",
+    "PassResult",
+    "Pass",
+    "PASSES",
+    "register_pass",
+    "check_model",
+    "AnalyzePass",
+    "AnalyzePassOptions",
+    "PlanPass",
+    "PlanPassOptions",
+    "CompensatePass",
+    "CompensateOptions",
+    "RewritePass",
+    "RewriteOptions",
+    "RepairPass",
+    "FineTunePass",
+    "ValidatePass",
+    "ValidateOptions",
+    "ReportPass",
+    "ReportOptions",
+]
 
 log = logging.getLogger(__name__)
 
