@@ -51,6 +51,14 @@ class Calibration:
     def __len__(self) -> int:
         return int(self.inputs[0].shape[0])
 
+    def subset(self, n: int, seed: int = 0) -> Calibration:
+        """A seeded random subset of ``n`` samples (kept in their order), or self when smaller."""
+        if len(self) <= n:
+            return self
+        pick = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        labels = None if self.labels is None else self.labels[pick]
+        return Calibration(tuple(a[pick] for a in self.inputs), labels, self.source)
+
     def batches(
         self, batch_size: int, rank: int = 0, world: int = 1
     ) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray | None]]:
@@ -205,14 +213,9 @@ def load_data(
     _check(inputs, labels, graph, spec)
     dtypes = {n: graph.tensors[n].dtype for n in graph.inputs}
     inputs = tuple(a.astype(np.float32) if dtypes[n] == "FLOAT" else a for n, a in zip(graph.inputs, inputs))
-    n = inputs[0].shape[0]
-    if samples is not None:
-        if samples < 2:
-            raise BadInputError(f"--samples must be at least 2, got {samples}")
-        if samples < n:
-            pick = np.sort(np.random.default_rng(seed).permutation(n)[:samples])
-            inputs = tuple(a[pick] for a in inputs)
-            labels = None if labels is None else labels[pick]
+    if samples is not None and samples < 2:
+        raise BadInputError(f"--samples must be at least 2, got {samples}")
     if inputs[0].shape[0] < 2:
         raise BadInputError(f"{spec}: at least 2 samples are needed, got {inputs[0].shape[0]}")
-    return Calibration(tuple(inputs), labels, spec)
+    data = Calibration(tuple(inputs), labels, spec)
+    return data if samples is None else data.subset(samples, seed)

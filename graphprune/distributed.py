@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["process_group", "rank", "is_main"]
+__all__ = ["process_group", "rank", "rank_and_world", "is_main"]
 
 
 @contextlib.contextmanager
@@ -30,10 +30,15 @@ def process_group() -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
-def rank() -> int:
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside torchrun)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def rank() -> int:
+    return rank_and_world()[0]
 
 
 def is_main() -> bool:

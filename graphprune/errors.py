@@ -8,6 +8,7 @@ __all__ = [
     "PlanMismatchError",
     "UnsupportedOpError",
     "ValidationError",
+    "short_message",
 ]
 
 
@@ -41,3 +42,9 @@ class OverLimitError(GraphpruneError):
     """The target is beyond the estimated maximum compression rate (exit 4)."""
 
     exit_code = 4
+
+
+def short_message(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type name), cut to ``limit`` characters."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from graphprune.data import Calibration
+from graphprune.distributed import rank_and_world
 from graphprune.errors import BadInputError
 from graphprune.gates import GatePlan, gate_taps
 from graphprune.interpreter import GraphInterpreter
@@ -59,12 +60,6 @@ class FisherResult:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _per_sample_noise(idx: np.ndarray, shape: tuple[int, ...], seed: int, kind: str) -> np.ndarray:
@@ -136,7 +131,7 @@ def collect_fisher(
         raise BadInputError(f"unknown --loss '{loss}' (choose from {', '.join(LOSSES)})")
     device = device or default_device()
     model = model.to(device).eval()
-    rank, world = _dist()
+    rank, world = rank_and_world()
     for p in model.parameters():
         p.requires_grad_(False)
     first = next(data.batches(max(2, min(batch_size, len(data)))))

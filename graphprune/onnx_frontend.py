@@ -18,7 +18,7 @@ from onnx_ir.passes.common import (
     ShapeInferencePass,
 )
 
-from graphprune.errors import BadInputError
+from graphprune.errors import BadInputError, short_message
 from graphprune.graph import ChannelGraph, Dim, OpNode, TensorInfo
 from graphprune.runtime import make_session, sample_inputs
 
@@ -144,9 +144,7 @@ def observe_shapes(model: ir.Model, graph: ChannelGraph) -> dict[str, tuple[Dim,
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    return first[:200]
+    return short_message(exc)
 
 
 def _check_external_paths(model: ir.Model, path: Path) -> None:

@@ -140,7 +140,7 @@ class AnalyzePass(Pass):
             raise BadInputError("the analyze pass needs calibration data (--data)")
         ws.status("effective filter analysis")
         o = self.options
-        data = _subset(ws.data, o.samples, o.seed)
+        data = ws.data.subset(o.samples, o.seed)
         loss = "fisher" if o.loss == "labels" and data.labels is None else o.loss
         options = AnalysisOptions(eps=o.eps, floor=o.floor, loss=loss, batch_size=o.batch_size, seed=o.seed, budget=o.budget)
         ws.analysis = analyze(ws.original.graph, ws.groups(), data, options)
@@ -283,15 +283,6 @@ class CompensateOptions:
             raise BadInputError("compensate needs samples >= 2 and batch_size >= 1")
 
 
-def _subset(data: Calibration, n: int, seed: int) -> Calibration:
-    import numpy as np
-
-    if len(data) <= n:
-        return data
-    pick = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
-    return Calibration(tuple(a[pick] for a in data.inputs), None if data.labels is None else data.labels[pick], data.source)
-
-
 @register_pass
 class CompensatePass(Pass):
     """Fold least-squares reconstructions of the plan's dropped channels into their consumers (before rewrite)."""
@@ -306,7 +297,7 @@ class CompensatePass(Pass):
         if ws.data is None or ws.plan is None:
             raise BadInputError("the compensate pass needs data (--data) and a plan pass before it")
         ws.status("compensating dropped channels")
-        data = _subset(ws.data, self.options.samples, self.options.seed)
+        data = ws.data.subset(self.options.samples, self.options.seed)
         result = compensate(ws.model.graph, ws.groups(), ws.plan, data, self.options.batch_size)
         ws.figures["compensated_edges"] = result.edges
         ws.figures["compensation_skipped"] = list(result.skipped)
@@ -330,7 +321,7 @@ class RepairPass(Pass):
         if ws.data is None or ws.plan is None or ws.kept is None:
             raise BadInputError("the repair pass needs data (--data) and a rewrite pass before it")
         ws.status("repairing statistics")
-        data = _subset(ws.data, self.options.samples, self.options.seed)
+        data = ws.data.subset(self.options.samples, self.options.seed)
         if has_batch_norm(ws.model.graph):
             values = reestimate_batch_norm(ws.model.graph, data, self.options.batch_size)
             ws.figures["repair"] = "batchnorm re-estimation"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.errors import BadInputError
+from graphprune.errors import BadInputError, short_message
 from graphprune.graph import ChannelGraph, Dim, OpNode, TensorInfo
 
 __all__ = ["TorchModel", "load_module", "load_exported_program", "to_channel_graph"]
@@ -164,8 +164,7 @@ def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGrap
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    return short_message(exc, 300)
 
 
 def load_module(module: nn.Module, example_inputs: Sequence[torch.Tensor], dynamic_batch: bool = True) -> TorchModel:

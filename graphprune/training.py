@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune.data import Calibration
+from graphprune.distributed import rank_and_world
 from graphprune.errors import BadInputError
 
 __all__ = ["FitOptions", "fit", "accuracy", "logits_of"]
@@ -98,7 +99,7 @@ def fit(
     n = len(data)
     steps = max(1, math.ceil(options.epochs * n / options.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    rank, world = _dist()
+    rank, world = rank_and_world()
     rng = np.random.default_rng(options.seed)  # same order on every rank; each takes its slice of a batch
     order = rng.permutation(n)
     pos, recent = 0, []
@@ -123,12 +124,6 @@ def fit(
         _average_buffers(model, world)
     model.eval()
     return float(np.mean(recent))
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _average_gradients(params: list[nn.Parameter], world: int) -> None:
