@@ -13,10 +13,12 @@ from graphprune.data import load_data
 from graphprune.io import check_output_path, save_onnx, staged_output, write_text_atomic
 from graphprune.measure import Figures
 from graphprune.onnx_frontend import load_onnx
-from graphprune.passes import Workspace, check_model
+from graphprune.passes import Workspace
 from graphprune.pipeline import Pipeline, run_passes
 from graphprune.plan import Plan
 from graphprune.prune_report import prune_figures_table, write_prune_html
+from graphprune.runtime import sample_inputs
+from graphprune.validate import validate_pruned
 
 __all__ = ["RunResult", "run_file"]
 
@@ -84,7 +86,7 @@ def run_file(
         status("validating and saving")
         with staged_output(output) as staged:
             save_onnx(ws.model.model, staged)
-            check_model(om, load_onnx(staged))
+            validate_pruned(om, staged, sample_inputs(om.graph, batch=2))  # the file itself, before it is moved in place
     figures = _jsonable(ws.figures)
     report = ws.figures.get("report", {"html": False, "json": False})
     stem = output.with_suffix("")
