@@ -33,7 +33,7 @@ from graphprune.graph import ChannelGraph
 from graphprune.plan import Plan, plan_from_keep
 from graphprune.selection import greedy_drop_order, pivoted_cholesky_order
 
-__all__ = ["METHODS", "ALL_CRITERIA", "TARGETS", "Target", "PlanOptions", "GroupOrder", "removal_orders", "make_plan", "metric"]
+__all__ = ["METHODS", "ALL_CRITERIA", "TARGETS", "Target", "PlanOptions", "GroupOrder", "removal_orders", "round_counts", "keep_sets", "make_plan", "metric"]
 
 METHODS = ("hierarchical", "uniform", "global")
 ALL_CRITERIA = ("effective", "cholesky", "taylor", *CRITERIA)
@@ -126,14 +126,16 @@ def metric(cost: Cost, kind: str, kept_channels: int) -> float:
     return {"macs": cost.macs, "params": cost.params, "ratio": kept_channels}[kind]
 
 
-def _round(keep: dict[int, int], orders: Mapping[int, GroupOrder], coupling: Coupling, n: int) -> dict[int, int]:
+def round_counts(keep: Mapping[int, int], orders: Mapping[int, GroupOrder], n: int) -> dict[int, int]:
+    """Channel counts rounded up to multiples of ``n``, never below a group's floor nor above its size."""
     if n <= 1:
-        return keep
-    out = {}
-    for gid, k in keep.items():
-        c = coupling.by_id(gid).channels
-        out[gid] = min(c, max(orders[gid].floor if orders[gid].floor > 1 else 1, int(math.ceil(k / n)) * n))
-    return out
+        return dict(keep)
+    return {gid: min(orders[gid].order.size, max(orders[gid].floor, int(math.ceil(k / n)) * n)) for gid, k in keep.items()}
+
+
+def keep_sets(orders: Mapping[int, GroupOrder], counts: Mapping[int, int]) -> dict[int, np.ndarray]:
+    """Level 2: the last ``counts[g]`` channels of each group's removal order, sorted."""
+    return {gid: np.sort(orders[gid].order[orders[gid].order.size - k:]) for gid, k in counts.items()}
 
 
 def _greedy(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, kind: str,
@@ -223,6 +225,5 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
             meta["over_limit"] = True
         if not reached:
             raise BadInputError(f"the target cannot be reached even keeping one channel per group ({kind})")
-        keep = _round(keep, orders, coupling, options.round_to)
-    sets = {g: np.sort(orders[g].order[full[g] - k:]) for g, k in keep.items()}
-    return plan_from_keep(coupling, sets, meta)
+        keep = round_counts(keep, orders, options.round_to)
+    return plan_from_keep(coupling, keep_sets(orders, keep), meta)

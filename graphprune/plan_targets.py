@@ -9,7 +9,7 @@ import numpy as np
 from graphprune.analysis import Analysis
 from graphprune.coupling import Coupling
 from graphprune.errors import BadInputError, OverLimitError
-from graphprune.hierarchical import PlanOptions, Target, make_plan, removal_orders
+from graphprune.hierarchical import PlanOptions, Target, keep_sets, make_plan, removal_orders, round_counts
 from graphprune.onnx_frontend import OnnxModel
 from graphprune.plan import Plan, plan_from_keep
 
@@ -31,12 +31,8 @@ def limit_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis, criterion:
     """Every analysed group keeps exactly its effective filters (the estimated maximum rate)."""
     options = PlanOptions(method="hierarchical", criterion=criterion, round_to=round_to)
     orders = removal_orders(coupling, om.graph, options, analysis)
-    keep = {}
-    for gid, o in orders.items():
-        c = o.order.size
-        k = o.floor if round_to <= 1 else min(c, int(np.ceil(o.floor / round_to)) * round_to)
-        keep[gid] = np.sort(o.order[c - k:])
-    return plan_from_keep(coupling, keep, {"method": "hierarchical", "criterion": criterion, "target": "limit", "round_to": round_to})
+    counts = round_counts({gid: o.floor for gid, o in orders.items()}, orders, round_to)
+    return plan_from_keep(coupling, keep_sets(orders, counts), {"method": "hierarchical", "criterion": criterion, "target": "limit", "round_to": round_to})
 
 
 def latency_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, base: PlanOptions, value: float, runs: int) -> Plan:
