@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
 from graphprune.coupling import Coupling
 from graphprune.data import Calibration
-from graphprune.gates import GateEdge, plan_gates
+from graphprune.gates import GateEdge, compose, plan_gates
 from graphprune.graph import ChannelGraph, OpNode
 from graphprune.interpreter import GraphInterpreter
 from graphprune.plan import Plan
@@ -96,14 +96,13 @@ class _Stats:
 def _collect(graph: ChannelGraph, targets: list[_Target], data: Calibration, batch_size: int) -> list[_Stats]:
     interp = GraphInterpreter(graph).eval()
     stats = [_Stats(t.edge.index.shape[0]) for t in targets]
-    taps = {}
+    per_edge: dict[tuple[str, int], list[Callable[[torch.Tensor], torch.Tensor]]] = {}
     for t, st in zip(targets, stats):
         def tap(x: torch.Tensor, t: _Target = t, st: _Stats = st) -> torch.Tensor:
             st.add(x, t.edge.axis, t.edge.index[:, 0])
             return x
-        key = (t.edge.node, t.edge.input_index)
-        prev = taps.get(key)
-        taps[key] = tap if prev is None else (lambda x, a=prev, b=tap: b(a(x)))
+        per_edge.setdefault((t.edge.node, t.edge.input_index), []).append(tap)
+    taps = {key: compose(fns) for key, fns in per_edge.items()}
     with torch.no_grad():
         for _, inputs, _ in data.batches(batch_size):
             interp(*(torch.from_numpy(a) for a in inputs), edge_taps=taps)

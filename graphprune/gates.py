@@ -22,7 +22,7 @@ import torch
 from graphprune.coupling import Coupling, Group
 from graphprune.graph import ChannelGraph
 
-__all__ = ["GateEdge", "GatePlan", "plan_gates", "gate_taps"]
+__all__ = ["GateEdge", "GatePlan", "plan_gates", "gate_taps", "compose"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,9 @@ def _gate_fn(gate: torch.Tensor, edge: GateEdge) -> Callable[[torch.Tensor], tor
     return apply
 
 
-def _compose(fns: list[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+def compose(fns: list[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Apply ``fns`` in order (several taps on one edge)."""
+
     def apply(x: torch.Tensor) -> torch.Tensor:
         for fn in fns:
             x = fn(x)
@@ -127,4 +129,4 @@ def gate_taps(plan: GatePlan, gates: Mapping[int, torch.Tensor]) -> dict[tuple[s
     for gid, gate in gates.items():
         for edge in plan.edges[gid]:
             per_edge.setdefault((edge.node, edge.input_index), []).append(_gate_fn(gate, edge))
-    return {k: v[0] if len(v) == 1 else _compose(v) for k, v in per_edge.items()}
+    return {k: v[0] if len(v) == 1 else compose(v) for k, v in per_edge.items()}

@@ -21,14 +21,13 @@ log = logging.getLogger(__name__)
 
 def with_weights(om: OnnxModel, interp: GraphInterpreter) -> OnnxModel:
     """A copy of ``om`` whose floating-point initializers hold the interpreter's current values."""
-    model = clone_model(om.model)
-    for name, tensor in interp.named_constants().items():
-        value = model.graph.initializers.get(name)
-        if value is None or not tensor.is_floating_point() or value.const_value is None:
-            continue
-        dtype = value.const_value.dtype.numpy()
-        value.const_value = ir.tensor(tensor.detach().cpu().numpy().astype(dtype, copy=False), name=name)
-    return prepare(model, om.path)
+    inits = om.model.graph.initializers
+    values = {
+        name: tensor.detach().cpu().numpy()
+        for name, tensor in interp.named_constants().items()
+        if tensor.is_floating_point() and name in inits and inits[name].const_value is not None
+    }
+    return with_constants(om, values)
 
 
 def with_constants(om: OnnxModel, values: Mapping[str, np.ndarray]) -> OnnxModel:
