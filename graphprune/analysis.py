@@ -28,7 +28,7 @@ from graphprune.fisher import FisherResult, GroupFisher, Progress, collect_fishe
 from graphprune.gates import plan_gates
 from graphprune.graph import ChannelGraph
 from graphprune.interpreter import GraphInterpreter
-from graphprune.selection import greedy_drop_order
+from graphprune.selection import DropOrder, greedy_drop_order
 from graphprune.spectrum import Singularities, eigenvalues, energy_rank, singularities
 
 __all__ = ["AnalysisOptions", "GroupAnalysis", "NetworkLimit", "Analysis", "analyze", "summarize"]
@@ -220,7 +220,9 @@ class Analysis:
         return cls(groups, skipped, limit, int(data["samples"]), options, fisher, data.get("meta", {}))
 
 
-def _group_result(gid: int, anchor: str, gf: GroupFisher, samples: int, options: AnalysisOptions) -> GroupAnalysis:
+def _group_result(
+    gid: int, anchor: str, gf: GroupFisher, order: DropOrder, samples: int, options: AnalysisOptions
+) -> GroupAnalysis:
     c = gf.f.shape[0]
     eigs = eigenvalues(gf.f)
     sing = singularities(gf.f)
@@ -228,7 +230,6 @@ def _group_result(gid: int, anchor: str, gf: GroupFisher, samples: int, options:
     r = min(energy_rank(eigs, options.eps, options.floor), structural)
     halves = tuple(min(energy_rank(eigenvalues(h), options.eps, options.floor), c) for h in gf.halves)
     keep = max(1, r)
-    order = greedy_drop_order(gf.f)
     warning = None
     if samples < SAMPLES_PER_CHANNEL * c:
         warning = f"{samples} samples for {c} channels: use at least {SAMPLES_PER_CHANNEL * c} for a reliable rank"
@@ -239,9 +240,10 @@ def _group_result(gid: int, anchor: str, gf: GroupFisher, samples: int, options:
     )
 
 
-def _within_budget(groups: tuple[GroupAnalysis, ...], fisher: FisherResult, budget: float) -> tuple[GroupAnalysis, ...]:
+def _within_budget(
+    groups: tuple[GroupAnalysis, ...], orders: Mapping[int, DropOrder], budget: float
+) -> tuple[GroupAnalysis, ...]:
     """r_g of every group from one network-wide predicted-loss budget (cheapest removals first)."""
-    orders = {g.group: greedy_drop_order(fisher.groups[g.group].f) for g in groups}
     removed = {g.group: 0 for g in groups}
     heap = [(float(o.cost[1] - o.cost[0]), gid) for gid, o in orders.items() if o.order.size > 1]
     heapq.heapify(heap)
@@ -267,12 +269,13 @@ def summarize(
     fisher: FisherResult, graph: ChannelGraph, coupling: Coupling, options: AnalysisOptions, meta: Mapping[str, Any] | None = None
 ) -> Analysis:
     """Turn streamed F matrices into the per-group and network figures."""
+    orders = {gid: greedy_drop_order(gf.f) for gid, gf in fisher.groups.items()}
     groups = tuple(
-        _group_result(gid, coupling.by_id(gid).anchor, fisher.groups[gid], fisher.samples, options)
+        _group_result(gid, coupling.by_id(gid).anchor, fisher.groups[gid], orders[gid], fisher.samples, options)
         for gid in sorted(fisher.groups)
     )
     if options.budget is not None:
-        groups = _within_budget(groups, fisher, options.budget)
+        groups = _within_budget(groups, orders, options.budget)
     keep = {g.group: max(1, g.effective) for g in groups}
     limit = NetworkLimit(model_cost(graph), cost_with_keep(graph, coupling, keep))
     return Analysis(groups, dict(fisher.skipped), limit, fisher.samples, options, dict(fisher.groups), dict(meta or {}))

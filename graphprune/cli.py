@@ -16,24 +16,23 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger("graphprune")
 
 
-def _ratio(text: str) -> float:
+def _unit_float(text: str, zero_ok: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
+    if not (0.0 <= value if zero_ok else 0.0 < value) or value >= 1.0:
+        interval = "[0, 1)" if zero_ok else "(0, 1)"
+        raise argparse.ArgumentTypeError(f"{'ratio ' if zero_ok else ''}must be in {interval}, got {value}")
     return value
+
+
+def _ratio(text: str) -> float:
+    return _unit_float(text, zero_ok=True)
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return value
+    return _unit_float(text, zero_ok=False)
 
 
 def _positive(text: str) -> int:

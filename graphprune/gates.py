@@ -95,12 +95,12 @@ def _gate_fn(gate: torch.Tensor, edge: GateEdge) -> Callable[[torch.Tensor], tor
     def apply(x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[0] != n:
             raise BatchAxisError(f"tensor of shape {tuple(x.shape)} at {edge.node} has no batch axis of size {n}")
+        if edge.axis == 0:
+            raise BatchAxisError(f"group axis is the batch axis at {edge.node}")
         size = x.shape[edge.axis]
         ones = torch.ones(n, size, dtype=x.dtype, device=x.device)
         scale = ones.index_copy(1, flat, gate.to(x.dtype).repeat_interleave(m, dim=1))
         shape = [n] + [1] * (x.dim() - 1)
-        if edge.axis == 0:
-            raise BatchAxisError(f"group axis is the batch axis at {edge.node}")
         shape[edge.axis] = size
         return x * scale.reshape(shape)
 
