@@ -38,7 +38,7 @@ from graphprune.io import save_onnx
 from graphprune.onnx_frontend import OnnxModel, load_onnx, prepare
 from graphprune.onnx_rewrite import apply_kept
 from graphprune.plan import kept_elements, plan_from_keep
-from graphprune.runtime import make_session
+from graphprune.measure import ort_accuracy
 from graphprune.selection import greedy_drop_order
 from graphprune.spectrum import eigenvalues, energy_rank
 from graphprune.training import FitOptions, accuracy, fit
@@ -57,15 +57,6 @@ def _gated_accuracy(interp: GraphInterpreter, gates: GatePlan, keep: dict[int, n
         return interp(x, edge_taps=gate_taps(gates, masks))[0]
 
     return accuracy(run, data)
-
-
-def _ort_accuracy(path: Path, data: Calibration) -> float:
-    session = make_session(str(path))
-    name = session.get_inputs()[0].name
-    correct = 0
-    for _, (x,), y in data.batches(500):
-        correct += int((session.run(None, {name: x})[0].argmax(1) == y).sum())
-    return correct / len(data)
 
 
 def _keep_sets(analysis: Analysis, counts: dict[int, int]) -> dict[int, np.ndarray]:
@@ -159,7 +150,7 @@ def main() -> None:
     plan = plan_from_keep(coupling, _keep_sets(analysis, counts), {"method": "effective", "eps": args.eps})
     pruned_path = tmp / "pruned.onnx"
     save_onnx(apply_kept(om, kept_elements(plan, coupling, om.graph)), pruned_path)
-    acc_before = _ort_accuracy(pruned_path, test)
+    acc_before = ort_accuracy(str(pruned_path), test)
     pruned_om: OnnxModel = prepare(load_onnx(pruned_path).model)
     student = GraphInterpreter(pruned_om.graph)
     with console.status(f"fine-tuning the pruned ONNX model through the interpreter ({args.finetune_epochs:g} epoch)..."):

@@ -22,19 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
 import models
-from graphprune.data import Calibration
 from graphprune.measure import ort_accuracy
 from graphprune.onnx_frontend import load_onnx
 from graphprune.onnx_rewrite import model_bytes
 from graphprune.passes import (AnalyzePass, AnalyzePassOptions, CompensateOptions, CompensatePass, PlanPass,
                                PlanPassOptions, RepairPass, RewriteOptions, RewritePass, Workspace)
+from graphprune.torch_rewrite import reestimate_module_batch_norm
 from graphprune.training import accuracy
 from models.fashion import fashion_mnist, trained
 
@@ -56,18 +55,6 @@ def _graphprune(om, analysis, cal, test, plan: dict, samples: int) -> dict[str, 
 
     out["macs_reduction"] = model_cost(om.graph).macs / model_cost(w.model.graph).macs
     return out
-
-
-def _bn_reestimate(module: torch.nn.Module, cal: Calibration) -> None:
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    module.train()
-    with torch.no_grad():
-        for _, (x,), _ in cal.batches(128):
-            module(torch.from_numpy(x))
-    module.eval()
 
 
 def _torch_pruning(module, cal, test, macs_goal: float, importance: str) -> dict[str, float]:
@@ -100,7 +87,7 @@ def _torch_pruning(module, cal, test, macs_goal: float, importance: str) -> dict
             lo = mid
     m, red = best if best is not None else pruned_at(hi)
     out = {"macs_reduction": red, "none": accuracy(m, test)}
-    _bn_reestimate(m, cal)
+    reestimate_module_batch_norm(m, cal, batch_size=128)
     out["repair"] = accuracy(m, test)
     return out
 
@@ -116,8 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.time()
     train, test = fashion_mnist("train"), fashion_mnist("test")
-    pick = np.sort(np.random.default_rng(0).permutation(len(train))[: max(args.samples, 2048)])
-    cal = Calibration((train.inputs[0][pick],), train.labels[pick], "train-subset")
+    cal = train.subset(max(args.samples, 2048), seed=0)
     module = trained(args.model, args.epochs, cache_dir="benchmarks/.cache")
     path = Path(tempfile.mkdtemp()) / "m.onnx"
     models.export_onnx(module, path, bn=args.bn)
