@@ -71,6 +71,76 @@ def test_planted_dependent_channel_is_removed_exactly(tmp_path):
     assert np.abs(_run(plain, test) - want).max() > 1e-2  # without compensation the output changes
 
 
+class Grouped(nn.Module):
+    """conv1 (2 -> 8) -> grouped conv2 (8 -> 6, groups=2): conv1 channel offsets couple across conv2's groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 1, groups=2)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv2(self.conv1(x))).mean((2, 3)))
+
+
+def test_grouped_consumer_is_compensated_within_each_group(tmp_path):
+    """Offset 3 of each conv2 group depends on kept offsets of the same group only; dropping it is exact."""
+    torch.manual_seed(0)
+    m = Grouped()
+    with torch.no_grad():
+        for base in (0, 4):  # offset 3 in group g = 0.5 * offset 0 - 2 * offset 1 of that group
+            m.conv1.weight[base + 3] = 0.5 * m.conv1.weight[base] - 2.0 * m.conv1.weight[base + 1]
+            m.conv1.bias[base + 3] = 0.5 * m.conv1.bias[base] - 2.0 * m.conv1.bias[base + 1]
+    om = _export(m, tmp_path / "g.onnx")
+    coupling = build_groups(om.graph)
+    (g,) = [g for g in coupling.groups if g.anchor == "conv1.weight[0]"]
+    assert g.channels == 4  # in-group offsets, each two elements (one per conv2 group)
+    plan = Plan((GroupPlan(g.id, g.anchor, g.channels, (0, 1, 2)),))
+    x = np.random.default_rng(0).standard_normal((64, *SHAPE)).astype(np.float32)
+    comp = compensate(om.graph, coupling, plan, Calibration((x,), None, "cal"))
+    assert comp.edges == 1 and not comp.skipped
+    pruned = prepare(apply_kept(with_constants(om, comp.values), kept_elements(plan, coupling, om.graph)))
+    plain = prepare(apply_kept(om, kept_elements(plan, coupling, om.graph)))
+    test = np.random.default_rng(1).standard_normal((16, *SHAPE)).astype(np.float32)
+    want = _run(om, test)
+    np.testing.assert_allclose(_run(pruned, test), want, rtol=1e-4, atol=1e-4)
+    assert np.abs(_run(plain, test) - want).max() > 1e-2
+
+
+class Tokens(nn.Module):
+    """Linear (2 -> 6) then Linear (6 -> 3) on (N, T, 2) tokens: the second is MatMul + Add in ONNX."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+def test_matmul_consumer_takes_the_constant_term_into_the_following_add(tmp_path):
+    torch.manual_seed(0)
+    m = Tokens().eval()
+    with torch.no_grad():  # feature 5 = 0.7 f1 - 1.3 f3 + 0.4: the 0.4 must go into fc2's bias
+        m.fc1.weight[5] = 0.7 * m.fc1.weight[1] - 1.3 * m.fc1.weight[3]
+        m.fc1.bias[5] = 0.7 * m.fc1.bias[1] - 1.3 * m.fc1.bias[3] + 0.4
+    torch.onnx.export(m, (torch.zeros(2, 5, 2),), str(tmp_path / "t.onnx"), input_names=["input"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}})
+    om = load_onnx(tmp_path / "t.onnx")
+    assert "MatMul" in {n.op_type for n in om.graph.nodes}
+    coupling = build_groups(om.graph)
+    (g,) = [g for g in coupling.prunable if g.channels == 6]
+    plan = Plan((GroupPlan(g.id, g.anchor, g.channels, (0, 1, 2, 3, 4)),))
+    x = np.random.default_rng(0).standard_normal((32, 5, 2)).astype(np.float32)
+    comp = compensate(om.graph, coupling, plan, Calibration((x,), None, "cal"))
+    assert comp.edges == 1 and not comp.skipped
+    pruned = prepare(apply_kept(with_constants(om, comp.values), kept_elements(plan, coupling, om.graph)))
+    test = np.random.default_rng(1).standard_normal((4, 5, 2)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, test), _run(om, test), rtol=1e-4, atol=1e-4)
+
+
 def _folded(tmp_path, name="resnet20"):
     path = tmp_path / f"{name}.onnx"
     models.export_onnx(models.build(name), path, bn="fold")
