@@ -4,11 +4,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnxruntime as ort
 
 from graphprune.cost import model_cost
 from graphprune.data import Calibration
 from graphprune.onnx_frontend import OnnxModel
-from graphprune.onnx_rewrite import model_bytes
+from graphprune.onnx_rewrite import model_session
 from graphprune.runtime import make_session, measure_latency, sample_inputs
 
 __all__ = ["Figures", "measure_model", "ort_accuracy"]
@@ -24,9 +25,9 @@ class Figures:
     accuracy: float | None
 
 
-def ort_accuracy(session_model: bytes | str, data: Calibration, batch_size: int = 500) -> float:
-    """Top-1 accuracy of a classifier on onnxruntime."""
-    session = make_session(session_model)
+def ort_accuracy(session_model: bytes | str | ort.InferenceSession, data: Calibration, batch_size: int = 500) -> float:
+    """Top-1 accuracy of a classifier on onnxruntime (a model's bytes, its path, or a session)."""
+    session = session_model if isinstance(session_model, ort.InferenceSession) else make_session(session_model)
     names = [i.name for i in session.get_inputs()]
     correct = 0
     for _, inputs, labels in data.batches(batch_size):
@@ -38,9 +39,10 @@ def ort_accuracy(session_model: bytes | str, data: Calibration, batch_size: int 
 def measure_model(om: OnnxModel, eval_data: Calibration | None, latency_runs: int = 30) -> Figures:
     """Parameters and MACs (cost model), batch-1 latency and accuracy (onnxruntime)."""
     cost = model_cost(om.graph)
-    blob = model_bytes(om.model)
-    latency = None
-    if latency_runs > 0:
-        latency = measure_latency(make_session(blob), sample_inputs(om.graph, batch=1), runs=latency_runs)
-    acc = ort_accuracy(blob, eval_data) if eval_data is not None and eval_data.labels is not None else None
+    latency, acc = None, None
+    with model_session(om.model) as session:
+        if latency_runs > 0:
+            latency = measure_latency(session, sample_inputs(om.graph, batch=1), runs=latency_runs)
+        if eval_data is not None and eval_data.labels is not None:
+            acc = ort_accuracy(session, eval_data)
     return Figures(cost.params, cost.macs, latency, acc)

@@ -277,11 +277,17 @@ def to_channel_graph(model: ir.Model, shapes: dict[str, tuple[Dim, ...]] | None 
     cache: dict[str, np.ndarray] = {}
 
     def load(name: str) -> np.ndarray:
-        if name not in cache:
-            tensor = g.initializers[name].const_value
-            if tensor is None:
-                raise BadInputError(f"initializer '{name}' has no data")
-            cache[name] = tensor.numpy()
+        """In-memory weights are cached; external ones are read afresh, so only the arrays in use stay resident."""
+        if name in cache:
+            return cache[name]
+        tensor = g.initializers[name].const_value
+        if tensor is None:
+            raise BadInputError(f"initializer '{name}' has no data")
+        if isinstance(tensor, ir.ExternalTensor):
+            arr = np.array(tensor.numpy())
+            tensor.release()
+            return arr
+        cache[name] = tensor.numpy()
         return cache[name]
 
     return ChannelGraph(

@@ -9,7 +9,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from graphprune.cost import Cost, model_cost
 from graphprune.coupling import Coupling, build_groups
-from graphprune.io import check_output_path, save_onnx, staged_output
+from graphprune.io import check_output_path, save_onnx, staged_output, uses_external_data
 from graphprune.onnx_frontend import OnnxModel, load_onnx, prepare
 from graphprune.onnx_rewrite import apply_kept
 from graphprune.plan import Plan, kept_elements, uniform_plan
@@ -89,7 +89,7 @@ def prune_file(source: Path, output: Path, options: PruneOptions) -> PruneResult
     feeds = sample_inputs(om.graph, batch=2)
     before = _stats(om, source, model_cost(om.graph), options.latency_runs)
     with staged_output(output) as staged:
-        save_onnx(pruned, staged)
+        save_onnx(pruned, staged, external=uses_external_data(om.model))
         report = validate_pruned(om, staged, feeds, kept if options.verify else None)
         pruned_om = prepare(pruned)
         after = _stats(pruned_om, staged, model_cost(pruned_om.graph), options.latency_runs)

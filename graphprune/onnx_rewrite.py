@@ -1,19 +1,25 @@
 """ONNX backend: apply a plan to an onnx-ir model."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from graphprune.coupling import Coupling
 from graphprune.graph import Axis, ChannelGraph, OpNode
 from graphprune.onnx_frontend import OnnxModel, inline_proto, node_name
 from graphprune.ops import AdjustContext, Adjustment, lookup
 from graphprune.plan import Plan, kept_elements
+from graphprune.runtime import make_session
 
-__all__ = ["apply_plan", "apply_kept", "clone_model", "model_bytes", "new_const", "value_map", "node_map"]
+__all__ = ["apply_plan", "apply_kept", "clone_model", "model_bytes", "model_session", "new_const", "value_map", "node_map"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,23 @@ def clone_model(model: ir.Model) -> ir.Model:
         if original is not None and original.const_value is not None:
             value.const_value = original.const_value
     return copy
+
+
+INLINE_LIMIT = 1_500_000_000
+"""Initializer bytes above which sessions are built from a temporary file with external data (protobuf caps at 2 GB)."""
+
+
+@contextlib.contextmanager
+def model_session(model: ir.Model, **options: Any) -> Iterator[ort.InferenceSession]:
+    """An onnxruntime session for an in-memory model of any size (see :func:`graphprune.runtime.make_session`)."""
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size <= INLINE_LIMIT:
+        yield make_session(model_bytes(model), **options)
+        return
+    with tempfile.TemporaryDirectory(prefix="graphprune-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        yield make_session(str(path), **options)
 
 
 def model_bytes(model: ir.Model) -> bytes:

@@ -188,13 +188,13 @@ def check_model(original: OnnxModel, model: OnnxModel, kept: Mapping[Any, Any] |
     """Validate ``model`` against ``original`` (and exactness with ``kept``) from a temporary file."""
     import tempfile
 
-    from graphprune.io import save_onnx
+    from graphprune.io import save_onnx, uses_external_data
     from graphprune.runtime import sample_inputs
     from graphprune.validate import validate_pruned
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidate.onnx"
-        save_onnx(model.model, path)
+        save_onnx(model.model, path, external=uses_external_data(original.model))
         return validate_pruned(original, path, sample_inputs(original.graph, batch=2), kept)
 
 

@@ -37,14 +37,14 @@ def limit_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis, criterion:
 
 def latency_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, base: PlanOptions, value: float, runs: int) -> Plan:
     """Reach ``value`` x the original's onnxruntime latency by adjusting a MACs target (measured)."""
-    from graphprune.onnx_rewrite import apply_plan
-    from graphprune.onnx_rewrite import model_bytes
-    from graphprune.runtime import make_session, measure_latency, sample_inputs
+    from graphprune.onnx_rewrite import apply_plan, model_session
+    from graphprune.runtime import measure_latency, sample_inputs
 
     feeds = sample_inputs(om.graph, batch=1)
 
     def latency(model: Any) -> float:
-        return measure_latency(make_session(model_bytes(model)), feeds, runs=runs)
+        with model_session(model) as session:
+            return measure_latency(session, feeds, runs=runs)
 
     original = latency(om.model)
     frac, best, fallback = value, None, None

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from graphprune.data import load_data
-from graphprune.io import check_output_path, save_onnx, staged_output, write_text_atomic
+from graphprune.io import check_output_path, save_onnx, staged_output, uses_external_data, write_text_atomic
 from graphprune.measure import Figures
 from graphprune.onnx_frontend import load_onnx
 from graphprune.passes import Workspace
@@ -85,7 +85,7 @@ def run_file(
             return None
         status("validating and saving")
         with staged_output(output) as staged:
-            save_onnx(ws.model.model, staged)
+            save_onnx(ws.model.model, staged, external=uses_external_data(om.model))
             validate_pruned(om, staged, sample_inputs(om.graph, batch=2))  # the file itself, before it is moved in place
     figures = _jsonable(ws.figures)
     report = ws.figures.get("report", {"html": False, "json": False})

@@ -113,6 +113,14 @@ def _pair(v: Any, n: int) -> list[int]:
 from graphprune import torch_converters  # noqa: E402,F401  (fills _CONVERTERS)
 
 
+def _is_shape_arithmetic(val: Any) -> bool:
+    """A symbolic or plain scalar (``x.shape[0]``, ``c // 2``): shape bookkeeping, not a tensor op.
+
+    The ONNX-form ops read sizes from tensor metadata, so these nodes are left out.
+    """
+    return isinstance(val, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
 def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGraph, dict[str, str]]:
     """Describe an ExportedProgram as a channel graph of ONNX-form ops.
 
@@ -126,6 +134,7 @@ def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGrap
     state_names: dict[str, str] = {}
     targets = {s.arg.name: s.target for s in sig.input_specs if s.target is not None}
     inputs: list[str] = []
+    scalars: set[str] = set()
     for node in program.graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder":
@@ -140,6 +149,9 @@ def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGrap
                 b.tensor(node.name, _dims(val, batch), _dtype(val), "input")
         elif node.op == "call_function":
             key = str(node.target)
+            if _is_shape_arithmetic(val):
+                scalars.add(node.name)
+                continue
             if key == "<built-in function getitem>":
                 b.alias[node.name] = f"{b.name(node.args[0])}.{int(node.args[1])}"
                 continue
@@ -150,7 +162,7 @@ def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGrap
             else:
                 b.tensor(node.name, _dims(val, batch), _dtype(val), "activation")
             if conv is None:
-                args = [b.name(a) for a in node.args if isinstance(a, torch.fx.Node)]
+                args = [b.name(a) for a in node.args if isinstance(a, torch.fx.Node) and a.name not in scalars]
                 outs = [f"{node.name}.{i}" for i in range(len(val))] if isinstance(val, (tuple, list)) else [node.name]
                 b.nodes.append(OpNode(node.name, "aten", key, tuple(args), tuple(outs), {}, 1))
             else:

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphprune.errors import ValidationError
 from graphprune.graph import Axis, ChannelGraph
 from graphprune.onnx_frontend import OnnxModel
-from graphprune.onnx_rewrite import clone_model, model_bytes, new_const, value_map
+from graphprune.onnx_rewrite import clone_model, model_session, new_const, value_map
 from graphprune.runtime import make_session, providers
 
 __all__ = ["ValidationReport", "validate_pruned", "masked_model", "compare_outputs"]
@@ -68,8 +68,9 @@ def validate_pruned(
         raise ValidationError("pruned model's inputs or outputs differ from the original's")
     exact, err = None, None
     if kept is not None:
-        reference = make_session(model_bytes(masked_model(original, kept)))
-        err = compare_outputs(reference.run(None, dict(feeds)), outs, list(g.outputs))
+        with model_session(masked_model(original, kept)) as reference:
+            expected = reference.run(None, dict(feeds))
+        err = compare_outputs(expected, outs, list(g.outputs))
         exact = True
     return ValidationReport(providers()[0], exact, err)
 

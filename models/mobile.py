@@ -49,7 +49,8 @@ class MobileNetV2(nn.Module):
 
 def channel_shuffle(x: torch.Tensor, groups: int, channels: int) -> torch.Tensor:
     """Reshape-Transpose-Reshape shuffle of ``channels`` (a Python int: static in exports)."""
-    return x.unflatten(1, (groups, channels // groups)).transpose(1, 2).flatten(1, 2)
+    n, _, h, w = x.shape
+    return x.reshape(n, groups, channels // groups, h, w).transpose(1, 2).reshape(n, channels, h, w)
 
 
 class ShuffleBlock(nn.Module):

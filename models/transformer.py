@@ -18,7 +18,7 @@ class Attention(nn.Module):
 
     def _split(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         # The head size follows the projection's width, so a pruned head dim needs no attribute edits.
-        return x.unflatten(-1, (self.heads, proj.out_features // self.heads)).transpose(1, 2)
+        return x.reshape(*x.shape[:-1], self.heads, proj.out_features // self.heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split(self.q(x), self.q), self._split(self.k(x), self.k), self._split(self.v(x), self.v)
