@@ -73,7 +73,7 @@ def prepare(model: ir.Model, path: Path | None = None) -> OnnxModel:
     """
     RemoveInitializersFromInputsPass()(model)
     try:
-        fold_constants(model)
+        fold_constants(model, should_fold=_keeps_stored_dtype)
     except Exception as exc:  # noqa: BLE001 - folding is an optimisation only
         log.warning("constant folding failed: %s", _short(exc))
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -87,6 +87,19 @@ def prepare(model: ir.Model, path: Path | None = None) -> OnnxModel:
         if observed:
             graph = to_channel_graph(model, observed)
     return OnnxModel(model, graph, path)
+
+
+_DTYPE_CHANGES = {"Cast", "CastLike", "DequantizeLinear", "QuantizeLinear"}
+
+
+def _keeps_stored_dtype(node: ir.Node) -> bool | None:
+    """Folding must not turn fp16/bf16/int8 weights into float32 ones: dtype changes of weights stay in the graph."""
+    if node.op_type not in _DTYPE_CHANGES:
+        return None
+    for value in node.inputs:
+        if value is not None and value.is_initializer() and value.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+            return False
+    return None
 
 
 def inline_proto(model: ir.Model) -> onnx.ModelProto:
@@ -140,7 +153,19 @@ def observe_shapes(model: ir.Model, graph: ChannelGraph) -> dict[str, tuple[Dim,
         if b is None or len(a) != len(b):
             continue
         shapes[name] = tuple(int(x) if x == y else f"?{x}/{y}" for x, y in zip(a, b))
-    return shapes
+    return _declared_names(shapes, graph)
+
+
+def _declared_names(shapes: dict[str, tuple[Dim, ...]], graph: ChannelGraph) -> dict[str, tuple[Dim, ...]]:
+    """Inputs keep their declared dims; an observed dim that only one declared input dim explains takes its name."""
+    seen: dict[Dim, set[str]] = {}
+    for name in graph.inputs:
+        for declared, observed in zip(graph.tensors[name].shape or (), shapes.get(name, ())):
+            if isinstance(declared, str) and isinstance(observed, str):
+                seen.setdefault(observed, set()).add(declared)
+    rename = {tok: next(iter(names)) for tok, names in seen.items() if len(names) == 1}
+    out = {n: tuple(rename.get(d, d) for d in dims) for n, dims in shapes.items() if n not in graph.inputs}
+    return out
 
 
 def _short(exc: BaseException) -> str:

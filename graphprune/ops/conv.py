@@ -7,7 +7,7 @@ import numpy as np
 
 from graphprune.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops._common import freeze_axes, freeze_node, needs_shapes
-from graphprune.ops.registry import AdjustContext, Adjustment, Link, Semantics, register
+from graphprune.ops.registry import AdjustContext, Adjustment, Freeze, Link, Semantics, register
 
 __all__ = ["conv", "conv_transpose"]
 
@@ -79,7 +79,12 @@ def conv(node: OpNode, graph: ChannelGraph) -> Semantics:
         yi = np.arange(cout)
         links.append(Link(Axis(x, 1), Axis(w, 1), xi, xi % cin_pg))
         links.append(Link(Axis(y, 1), Axis(y, 1), yi, yi % cout_pg))
-    return Semantics(links=tuple(links))
+    return Semantics(links=tuple(links), freezes=_kernel_axes(node, w, len(ws)))
+
+
+def _kernel_axes(node: OpNode, w: str, rank: int) -> tuple[Freeze, ...]:
+    """A weight's spatial axes are not channels (they matter when the weight is computed, e.g. Cast from bf16)."""
+    return freeze_axes((Axis(w, i) for i in range(2, rank)), f"{node.op_type}: kernel axis")
 
 
 def _conv_transpose_macs(node: OpNode, graph: ChannelGraph) -> int:
@@ -110,14 +115,15 @@ def conv_transpose(node: OpNode, graph: ChannelGraph) -> Semantics:
     links = [Link(Axis(x, 0), Axis(y, 0)), Link(Axis(x, 1), Axis(w, 0))]
     if b:
         links.append(Link(Axis(b, 0), Axis(y, 1)))
+    kernel = _kernel_axes(node, w, len(ws))
     if group == 1:
         links.append(Link(Axis(w, 1), Axis(y, 1)))
-        return Semantics(links=tuple(links))
+        return Semantics(links=tuple(links), freezes=kernel)
     if ws[1] == 1 and graph.shape(x)[1] == group:  # type: ignore[index]
         links.append(Link(Axis(x, 1), Axis(y, 1)))
-        return Semantics(links=tuple(links))
+        return Semantics(links=tuple(links), freezes=kernel)
     reason = "ConvTranspose: grouped (non-depthwise) channels are not supported"
     return Semantics(
         links=tuple(links[:1]),
-        freezes=freeze_axes([Axis(x, 1), Axis(y, 1), Axis(w, 0), Axis(w, 1)], reason),
+        freezes=freeze_axes([Axis(x, 1), Axis(y, 1), Axis(w, 0), Axis(w, 1)], reason) + kernel,
     )

@@ -307,7 +307,7 @@ def _gather(node: OpNode, args: Args) -> tuple[Any, ...]:
     idx = torch.as_tensor(idx, device=x.device).long()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     flat = x.index_select(axis, idx.reshape(-1))
-    return (flat.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]),)
+    return (flat.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])),)
 
 
 @register_run("Expand")
