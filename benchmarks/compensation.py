@@ -100,7 +100,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only draw --plot from a previous run's --json")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        plot(saved["rows"], saved["base"], args.plot or args.replot.with_suffix(".png"), saved["model"])
+        return
     t0 = time.time()
     train, test = fashion_mnist("train"), fashion_mnist("test")
     cal = train.subset(max(args.samples, 2048), seed=0)
@@ -135,10 +140,10 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "bn": args.bn, "base": base, "limit": limit, "rows": rows}, indent=1))
     if args.plot:
-        plot(rows, base, args.plot)
+        plot(rows, base, args.plot, args.model)
 
 
-def plot(rows: list[dict], base: float, path: Path) -> None:
+def plot(rows: list[dict], base: float, path: Path, model: str = "") -> None:
     """Accuracy vs MACs reduction per tool and method (graphprune with comp + repair, Torch-Pruning with repair)."""
     from graphprune.plots import pyplot
 
@@ -152,6 +157,7 @@ def plot(rows: list[dict], base: float, path: Path) -> None:
     ax.axhline(base, color="k", lw=0.8, ls=":", label="unpruned")
     ax.set_xlabel("MACs reduction")
     ax.set_ylabel("test accuracy, no fine-tuning")
+    ax.set_title(f"{model} on Fashion-MNIST", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
