@@ -17,6 +17,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from graphprune.errors import BadInputError
 from graphprune.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops import Factor, Freeze, Link, Semantics, lookup
 from graphprune.ops._common import freeze_node
@@ -115,6 +116,13 @@ def node_semantics(node: OpNode, graph: ChannelGraph) -> Semantics:
         return freeze_node(node, graph, f"{node.op_type}: could not analyse ({exc})")
 
 
+MAX_AXIS = 1 << 17
+"""Axes longer than this are treated like dynamic ones (one frozen element): no channel axis is that long."""
+
+MAX_ELEMENTS = 1 << 26
+"""Refuse graphs whose axes add up to more elements than this (memory for the channel solve)."""
+
+
 @dataclasses.dataclass
 class _Elements:
     """Every axis of every tensor laid out as one array of elements."""
@@ -134,11 +142,13 @@ class _Elements:
             info = graph.tensors[name]
             for i, d in enumerate(info.shape or ()):
                 axes.append(Axis(info.name, i))
-                static = isinstance(d, int) and d >= 0
+                static = isinstance(d, int) and 0 <= d <= MAX_AXIS
                 sizes.append(d if static else 1)  # type: ignore[arg-type]
                 dynamic.append(not static)
         size_arr = np.asarray(sizes, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(size_arr)]).astype(np.int64)
+        if offsets[-1] > MAX_ELEMENTS:
+            raise BadInputError(f"the model's tensors have {int(offsets[-1]):,} axis elements in all: too many to analyse")
         return cls(axes, size_arr, offsets, {a: k for k, a in enumerate(axes)}, np.asarray(dynamic, bool))
 
     @property
@@ -258,15 +268,16 @@ def _choose_factors(
             (c for c in cands if c[1] not in rejected or c[1] in chosen),
             key=lambda c: (c[1] not in chosen, not c[1] <= status.weighted, -c[0]),
         )
-        if not ranked:
-            reason = f"{node.op_type}: merged or split axis with no prunable factor"
+        total = int(np.prod(f.part_sizes, dtype=np.float64))
+        if not ranked or total > MAX_AXIS:
+            reason = f"{node.op_type}: merged or split axis with no prunable factor" if ranked else f"{node.op_type}: axis too large"
             for a in (f.whole, *f.parts):
                 freezes.setdefault(a, []).append(reason)
             continue
         p, groups = ranked[0]
         chosen.add(groups)
         stride = int(np.prod(f.part_sizes[p + 1 :], dtype=np.int64))
-        whole = np.arange(int(np.prod(f.part_sizes, dtype=np.int64)))
+        whole = np.arange(total)
         links.append(Link(f.whole, f.parts[p], whole, (whole // stride) % f.part_sizes[p]))
         for q, (part, size) in enumerate(zip(f.parts, f.part_sizes)):
             if q != p and size > 1:
@@ -380,7 +391,7 @@ def _groups(graph: ChannelGraph, el: _Elements, sol: _Solution, reasons: dict[Ax
             members.append(Member(axis.tensor, axis.axis, local[part].reshape(n_ch, -1), str(kinds[axis_of[part[0]]])))
             why += [r for r in reasons.get(axis, ()) if r not in why]
         if sol.label_frozen[labels].any() and not why:
-            why.append("dynamic size")
+            why.append("dynamic (or oversized) axis")
         if n_ch < 2 and not why:
             why.append("single channel")
         raw.append((int(first[labels].min()), gid, tuple(members), tuple(why)))

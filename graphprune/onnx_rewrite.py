@@ -13,6 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphprune.coupling import Coupling
+from graphprune.errors import ValidationError
 from graphprune.graph import Axis, ChannelGraph, OpNode
 from graphprune.onnx_frontend import OnnxModel, inline_proto, node_name
 from graphprune.ops import AdjustContext, Adjustment, lookup
@@ -93,7 +94,10 @@ def apply_kept(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
         spec = lookup(op.domain, op.op_type)
         if spec is None or spec.adjust is None:
             continue
-        adj = spec.adjust(op, ctx)
+        try:
+            adj = spec.adjust(op, ctx)
+        except (ValueError, IndexError, KeyError, TypeError) as exc:  # an inconsistent model: shapes contradict the graph
+            raise ValidationError(f"cannot rewrite {op.op_type} node '{op.name}': {exc}") from None
         if adj:
             rank = len(om.graph.shape(op.outputs[0]) or ())
             _apply_adjustment(model.graph, nodes[op.name], op, adj, rank)

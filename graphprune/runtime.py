@@ -8,6 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime as ort
 
+ort.set_default_logger_severity(4)
+
+from graphprune.errors import BadInputError
 from graphprune.graph import ChannelGraph
 
 __all__ = ["providers", "make_session", "sample_inputs", "measure_latency", "DTYPES"]
@@ -23,6 +26,9 @@ DTYPES: dict[str, type] = {
     "BOOL": np.bool_,
 }
 
+MAX_SAMPLE_ELEMENTS = 1 << 28
+"""Largest sample input (elements) built for validation runs."""
+
 DEFAULT_DIM = 32
 """Value given to a dynamic non-batch input dimension when none is set."""
 
@@ -37,7 +43,7 @@ def providers() -> list[str]:
 def make_session(model: bytes | str, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
     """An inference session on the best available provider."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures surface as exceptions, reported in one line by the caller
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
@@ -74,6 +80,8 @@ def sample_inputs(
                 shape.append(dims[d])
             else:
                 shape.append(batch if i == 0 else DEFAULT_DIM * scale)
+        if int(np.prod(shape, dtype=np.float64)) > MAX_SAMPLE_ELEMENTS:
+            raise BadInputError(f"input '{name}' declares shape {tuple(shape)}: too large to run for validation")
         dtype = DTYPES.get(info.dtype, np.float32)
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)

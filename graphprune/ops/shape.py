@@ -160,7 +160,9 @@ def concat(node: OpNode, graph: ChannelGraph) -> Semantics:
 
 def _split_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
     """Split sizes follow the new sizes of the outputs."""
-    xs = ctx.graph.shape(node.inputs[0]) or ()
+    xs = ctx.graph.shape(node.inputs[0]) or ctx.graph.shape(node.outputs[0]) or ()
+    if not xs:
+        return Adjustment()
     a = norm_axis(int(node.attrs.get("axis", 0)), len(xs))
     if all(ctx.kept_of(Axis(o, a)) is None for o in node.outputs):
         return Adjustment()
