@@ -34,10 +34,16 @@ Tap = Callable[[torch.Tensor], torch.Tensor]
 _BN_STATS = (3, 4)
 
 
+TORCH_CALL = "torch_call"
+"""OpNode attribute of torch-traced ops outside the table: a callable taking the node's input tensors."""
+
+
 def unsupported_ops(graph: ChannelGraph) -> list[str]:
     """Op types of ``graph`` that have no torch implementation (sorted, unique)."""
     missing = set()
     for node in graph.nodes:
+        if TORCH_CALL in node.attrs:
+            continue
         spec = lookup(node.domain, node.op_type)
         if spec is None or spec.run is None or node.has_subgraph:
             missing.add(f"{node.domain}::{node.op_type}" if node.domain else node.op_type)
@@ -167,6 +173,9 @@ class GraphInterpreter(nn.Module):
         """Execute one node; override to observe or replace single ops."""
         if self.training and node.op_type == "BatchNormalization":
             return self._batch_norm_train(node, list(args))
+        if TORCH_CALL in node.attrs:  # a torch op the table does not know, replayed as traced
+            out = node.attrs[TORCH_CALL](*args)
+            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
         spec = lookup(node.domain, node.op_type)
         assert spec is not None and spec.run is not None  # checked in __init__
         return spec.run(node, list(args))

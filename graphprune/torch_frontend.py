@@ -24,8 +24,9 @@ from torch import nn
 
 from graphprune.errors import BadInputError, short_message
 from graphprune.graph import ChannelGraph, Dim, OpNode, TensorInfo
+from graphprune.interpreter import TORCH_CALL
 
-__all__ = ["TorchModel", "load_module", "load_exported_program", "to_channel_graph"]
+__all__ = ["TorchModel", "load_module", "load_exported_program", "to_channel_graph", "fx_channel_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class TorchModel:
     """A traced module: the program, its channel graph, and graph tensor -> module state name."""
 
     module: nn.Module | None
-    program: torch.export.ExportedProgram
+    program: torch.export.ExportedProgram | None  # None when traced with the torch.fx fallback
     graph: ChannelGraph
     state_names: dict[str, str]
 
@@ -113,6 +114,42 @@ def _pair(v: Any, n: int) -> list[int]:
 from graphprune import torch_converters  # noqa: E402,F401  (fills _CONVERTERS)
 
 
+def _node_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The fx nodes among an op's arguments, in order (one level of lists, then kwargs)."""
+    found: list[torch.fx.Node] = []
+    for a in (*node.args, *node.kwargs.values()):
+        for item in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(item, torch.fx.Node):
+                found.append(item)
+    return found
+
+
+def _replay(node: torch.fx.Node) -> Callable[..., Any]:
+    """Call ``node.target`` with its traced arguments, the fx nodes replaced by the given tensors in order."""
+    target, args, kwargs = node.target, node.args, dict(node.kwargs)
+
+    def call(*tensors: Any) -> Any:
+        it = iter(tensors)
+
+        def sub(a: Any) -> Any:
+            if isinstance(a, torch.fx.Node):
+                return next(it)
+            if isinstance(a, (list, tuple)):
+                return type(a)(next(it) if isinstance(x, torch.fx.Node) else x for x in a)
+            return a
+
+        return target(*(sub(a) for a in args), **{k: sub(v) for k, v in kwargs.items()})  # type: ignore[operator]
+
+    return call
+
+
+def _is_in_place(node: torch.fx.Node) -> bool:
+    """``aten.relu_``, ``aten.add_.Tensor``...: the schema's overload packet name ends with an underscore."""
+    name = str(node.target).split(".")
+    return len(name) >= 2 and name[1].endswith("_") and not name[1].startswith("_") and bool(node.args) \
+        and isinstance(node.args[0], torch.fx.Node)
+
+
 def _is_shape_arithmetic(val: Any) -> bool:
     """A symbolic or plain scalar (``x.shape[0]``, ``c // 2``): shape bookkeeping, not a tensor op.
 
@@ -127,15 +164,25 @@ def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGrap
     Returns:
         The graph and a map graph tensor name -> module state name.
     """
-    b = _Builder()
-    batch: dict[str, str] = {}
     sig = program.graph_signature
     state = {**program.state_dict, **getattr(program, "constants", {})}
-    state_names: dict[str, str] = {}
     targets = {s.arg.name: s.target for s in sig.input_specs if s.target is not None}
+    return fx_channel_graph(program.graph, targets, state)
+
+
+def fx_channel_graph(fx_graph: torch.fx.Graph, targets: dict[str, str], state: dict[str, torch.Tensor]) -> tuple[ChannelGraph, dict[str, str]]:
+    """Describe an aten-level fx graph (placeholders carrying ``val`` metadata) as a channel graph.
+
+    Args:
+        targets: Placeholder name -> module state name, for parameters, buffers and constants.
+        state: Module state name -> tensor.
+    """
+    b = _Builder()
+    batch: dict[str, str] = {}
+    state_names: dict[str, str] = {}
     inputs: list[str] = []
     scalars: set[str] = set()
-    for node in program.graph.nodes:
+    for node in fx_graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder":
             if node.name in targets:
@@ -162,12 +209,16 @@ def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGrap
             else:
                 b.tensor(node.name, _dims(val, batch), _dtype(val), "activation")
             if conv is None:
-                args = [b.name(a) for a in node.args if isinstance(a, torch.fx.Node) and a.name not in scalars]
+                tensors = [a for a in _node_args(node) if a.name not in scalars]
                 outs = [f"{node.name}.{i}" for i in range(len(val))] if isinstance(val, (tuple, list)) else [node.name]
-                b.nodes.append(OpNode(node.name, "aten", key, tuple(args), tuple(outs), {}, 1))
+                attrs = {TORCH_CALL: _replay(node)} if len(tensors) == len(_node_args(node)) else {}
+                b.nodes.append(OpNode(node.name, "aten", key, tuple(b.name(a) for a in tensors), tuple(outs), attrs, 1))
             else:
                 conv(b, node, node.name)
-    out_node = next(n for n in program.graph.nodes if n.op == "output")
+            if _is_in_place(node):
+                # Later readers of the mutated tensor see the op's result (a view's base is not tracked).
+                b.alias[node.args[0].name] = b.name(node)
+    out_node = next(n for n in fx_graph.nodes if n.op == "output")
     outputs = tuple(b.name(a) for a in out_node.args[0] if isinstance(a, torch.fx.Node))
     tensors = {k: dataclasses.replace(v, is_output=k in outputs) for k, v in b.tensors.items()}
     consts = b.consts
@@ -180,10 +231,15 @@ def _short(exc: BaseException) -> str:
 
 
 def load_module(module: nn.Module, example_inputs: Sequence[torch.Tensor], dynamic_batch: bool = True) -> TorchModel:
-    """Trace ``module`` (eval mode) with torch.export; a dynamic batch when possible.
+    """Trace ``module`` (eval mode) with torch.export (a dynamic batch when possible), else torch.fx.
+
+    The fallback, for modules torch.export refuses (custom ops without a fake
+    kernel, Python it cannot follow), checks the forward with
+    ``torch.fx.symbolic_trace`` (which refuses data-dependent control flow) and
+    lowers it to the same aten ops by running it once on the example inputs.
 
     Raises:
-        BadInputError: When the module cannot be traced; the message names the
+        BadInputError: When neither can trace the module; the message names the
             failing op or construct and suggests pruning the ONNX export instead.
     """
     module = module.eval()
@@ -203,12 +259,41 @@ def load_module(module: nn.Module, example_inputs: Sequence[torch.Tensor], dynam
         except Exception as exc:  # noqa: BLE001 - tracing failures are the user's model
             errors.append(_short(exc))
     else:
-        raise BadInputError(
-            f"torch.export cannot trace {type(module).__name__}: {errors[-1]}; "
-            "export the model to ONNX and prune the ONNX file instead"
-        )
+        try:
+            fx_graph, targets, state = _trace_fx(module, args)
+        except Exception as exc:  # noqa: BLE001
+            raise BadInputError(
+                f"cannot trace {type(module).__name__}: torch.export: {errors[-1]}; torch.fx: {_short(exc)}; "
+                "export the model to ONNX and prune the ONNX file instead"
+            ) from None
+        log.warning("torch.export cannot trace %s (%s); traced with torch.fx instead (static shapes)",
+                    type(module).__name__, errors[-1])
+        graph, names = fx_channel_graph(fx_graph, targets, state)
+        return TorchModel(module, None, graph, names)
     graph, names = to_channel_graph(program)
     return TorchModel(module, program, graph, names)
+
+
+def _trace_fx(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.fx.Graph, dict[str, str], dict[str, torch.Tensor]]:
+    """symbolic_trace (no data-dependent Python), then make_fx on real tensors with the state as inputs.
+
+    Passing parameters and buffers as inputs keeps their qualified names.
+    """
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = torch.fx.symbolic_trace(module)
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+    def run(params: dict[str, torch.Tensor], *xs: torch.Tensor) -> Any:
+        return functional_call(gm, params, xs)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = make_fx(run, tracing_mode="real", pre_dispatch=True)({k: v.detach() for k, v in state.items()}, *args)
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    targets = {p.name: name for p, name in zip(placeholders, state)}
+    return traced.graph, targets, {k: v.detach() for k, v in state.items()}
 
 
 def load_exported_program(path: str | os.PathLike[str]) -> TorchModel:

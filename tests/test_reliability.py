@@ -291,3 +291,70 @@ def test_external_data_model_prunes_with_bounded_memory(tmp_path):
     assert figures["groups"] == 15
     assert figures["peak"] - base < 1.5 * size, (figures["peak"] - base) / size  # issue 8 asks for well under 3x
     assert (tmp_path / "out.onnx.data").exists(), "an external-data input gives an external-data output"
+
+
+# --- no data loss ---------------------------------------------------------------------------------------------------
+
+
+def _folder_state(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} | {
+        p.name + "/": b"" for p in folder.iterdir() if p.is_dir()}
+
+
+@pytest.mark.parametrize("when", ["save", "validate"])
+@pytest.mark.parametrize("signal", [KeyboardInterrupt, RuntimeError])
+def test_interrupt_or_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, capsys, when, signal):
+    """Ctrl-C (or a crash) while the output is written or validated: the input is intact, the old output kept,
+    no partial file or staging folder is left."""
+    import graphprune.io
+    import graphprune.onnx_prune
+    from graphprune.cli import main
+
+    src = tmp_path / "m.onnx"
+    models.export_onnx(models.build("vgg"), src)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous result")
+    before = _folder_state(tmp_path)
+
+    real_save = graphprune.io.save_onnx
+
+    def save_then_fail(model, path, external=False):  # noqa: ANN001
+        real_save(model, path, external)
+        with open(path, "r+b") as f:  # a half-written file
+            f.truncate(100)
+        raise signal("stop")
+
+    def fail(*a, **k):  # noqa: ANN002, ANN003
+        raise signal("stop")
+
+    if when == "save":
+        monkeypatch.setattr(graphprune.onnx_prune, "save_onnx", save_then_fail)
+    else:
+        monkeypatch.setattr(graphprune.onnx_prune, "validate_pruned", fail)
+    code = main(["prune", str(src), "-o", str(out), "--force", "--latency-runs", "0"])
+    assert code == (130 if signal is KeyboardInterrupt else 1)
+    assert _folder_state(tmp_path) == before
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_sigint_to_a_running_prune_leaves_nothing(tmp_path):
+    """A real SIGINT to the CLI process while it validates a pruned model."""
+    import signal as sig
+    import time
+
+    src = tmp_path / "m.onnx"
+    models.export_onnx(models.build("resnet20"), src)
+    out = tmp_path / "out.onnx"
+    before = _folder_state(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "graphprune.cli", "prune", str(src), "-o", str(out), "--verify",
+                             "--latency-runs", "3000"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".out.onnx.") for p in tmp_path.iterdir()):
+        time.sleep(0.05)  # wait until the staging folder exists: the output is being written or timed
+    assert proc.poll() is None, "the command ended before it could be interrupted"
+    time.sleep(0.5)
+    proc.send_signal(sig.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; nothing was written" in err and "Traceback" not in err
+    assert _folder_state(tmp_path) == before

@@ -161,3 +161,64 @@ def test_cli_reads_pt2(tmp_path, capsys):
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(b"not a program")
     assert main(["groups", str(bad)]) == 2
+
+
+class _InPlace(nn.Module):
+    """``relu_`` mutates ``y``, which the residual reads afterwards: the graph must see the mutated value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) - 0.1
+        z = torch.relu_(y)  # y and z are now the same tensor
+        return self.head((self.b(z) + y).mean((2, 3)))
+
+
+def test_in_place_ops_alias_their_input():
+    from graphprune.interpreter import GraphInterpreter
+
+    module = _InPlace().eval()
+    x = _x(4)
+    tm = load_module(module, [x])
+    assert any(n.op_type == "Relu" for n in tm.graph.nodes)
+    with torch.no_grad():
+        got = GraphInterpreter(tm.graph).eval()(x)[0]
+        np.testing.assert_allclose(got.numpy(), module(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@torch.library.custom_op("graphprune_test::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    """A custom op with no fake (meta) kernel: torch.export cannot trace through it."""
+    return x * 2.0
+
+
+class _WithCustomOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.ops.graphprune_test.double(self.a(x)))))
+
+
+def test_fx_fallback_traces_what_export_refuses():
+    from graphprune.plan import uniform_plan
+    from graphprune.torch_rewrite import prune_module, verify_module
+
+    module = _WithCustomOp().eval()
+    with pytest.raises(Exception):
+        torch.export.export(module, (_x(2),))
+    tm = load_module(module, [_x(2)])
+    assert tm.program is None  # traced by the torch.fx fallback
+    coupling = build_groups(tm.graph)
+    by_anchor = {g.anchor: g for g in coupling.groups}
+    assert not by_anchor["a.weight[0]"].prunable and any("graphprune_test.double" in r for r in by_anchor["a.weight[0]"].frozen)
+    assert by_anchor["b.weight[0]"].prunable
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    assert pruned.b.out_channels == 3 and pruned.c.in_channels == 3
+    verify_module(tm, coupling, plan, pruned, [_x(2)])
