@@ -68,7 +68,8 @@ def prune_table(result: PruneResult, console: Console) -> None:
     console.print(table)
     v = result.validation
     exact = "not checked (use --verify)" if v.exact is None else f"exact (max abs error {v.max_abs_error:.2g})"
-    console.print(f"validated on onnxruntime ({v.provider}): {exact}")
+    where = f"onnxruntime ({v.provider})" if v.provider.endswith("ExecutionProvider") else v.provider
+    console.print(f"validated on {where}: {exact}")
 
 
 def _stats(s: ModelStats) -> dict[str, Any]:

@@ -222,3 +222,48 @@ def test_fx_fallback_traces_what_export_refuses():
     pruned = prune_module(tm, coupling, plan)
     assert pruned.b.out_channels == 3 and pruned.c.in_channels == 3
     verify_module(tm, coupling, plan, pruned, [_x(2)])
+
+
+def _saved_program(tmp_path, name: str):
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(models.build(name), (_x(2),), dynamic_shapes=({0: batch},))
+    path = tmp_path / f"{name}.pt2"
+    torch.export.save(program, str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", models.SMALL_MODELS)
+def test_saved_program_prunes_exactly(tmp_path, name):
+    """A .pt2 with no module class: sliced, sizes patched, exported again, exact, dynamic batch kept."""
+    from graphprune.plan import uniform_plan
+    from graphprune.program_rewrite import prune_program, verify_program
+
+    tm = load_exported_program(_saved_program(tmp_path, name))
+    coupling = build_groups(tm.graph)
+    plan = uniform_plan(tm.graph, coupling, 0.5, "l2")
+    pruned = prune_program(tm, coupling, plan)
+    verify_program(tm, coupling, plan, pruned)
+    before = sum(v.numel() for v in tm.program.state_dict.values())
+    assert sum(v.numel() for v in pruned.state_dict.values()) < before
+    with torch.no_grad():
+        assert pruned.module()(_x(5)).shape == (5, 10)
+
+
+def test_cli_prunes_pt2_to_pt2_and_onnx(tmp_path, capsys):
+    from graphprune.cli import main
+    from graphprune.runtime import make_session
+
+    src = _saved_program(tmp_path, "mobilenetv2")
+    assert main(["prune", str(src), "-o", str(tmp_path / "small.pt2"), "--ratio", "0.5"]) == 0
+    small = torch.export.load(str(tmp_path / "small.pt2"))
+    assert main(["prune", str(src), "-o", str(tmp_path / "small.onnx"), "--ratio", "0.5"]) == 0
+    assert "exact" in capsys.readouterr().out
+    x = _x(3)
+    session = make_session(str(tmp_path / "small.onnx"))
+    with torch.no_grad():
+        want = small.module()(x).numpy()
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], want, rtol=1e-4, atol=1e-5)
+    assert main(["prune", str(src), "-o", str(tmp_path / "x.pt2"), "--data", "fashion-mnist"]) == 2
+    assert "not available for .pt2 input" in capsys.readouterr().err
+    assert main(["prune", str(src), "-o", str(tmp_path / "x.txt")]) == 2
+    assert not (tmp_path / "x.pt2").exists() and not (tmp_path / "x.txt").exists()

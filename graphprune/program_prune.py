@@ -1,0 +1,84 @@
+"""Prune a saved ExportedProgram (``.pt2``) end to end: groups, plan, rewrite, verify, save as .pt2 or .onnx."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graphprune.cost import model_cost
+from graphprune.coupling import build_groups
+from graphprune.errors import ValidationError
+from graphprune.io import check_output_path, staged_output
+from graphprune.onnx_prune import ModelStats, PruneOptions, PruneResult
+from graphprune.plan import uniform_plan
+from graphprune.program_rewrite import example_inputs, prune_program, verify_program
+from graphprune.torch_frontend import load_exported_program, to_channel_graph
+from graphprune.validate import ValidationReport, compare_outputs
+
+__all__ = ["prune_program_file"]
+
+log = logging.getLogger(__name__)
+
+
+def _write_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
+    """Export with the dynamo exporter and check onnxruntime gives the program's outputs."""
+    from graphprune.runtime import make_session
+
+    inputs = example_inputs(program)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # the exporter warns about optional packages (torchvision ops)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(program, args=inputs, f=str(path), dynamo=True, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
+    session = make_session(str(path))
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+    with torch.no_grad():
+        want = program.module()(*inputs)
+    want_t = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else (want,))]
+    compare_outputs(want_t, session.run(None, feeds), [o.name for o in session.get_outputs()])
+
+
+def prune_program_file(source: Path, output: Path, options: PruneOptions) -> PruneResult:
+    """Prune ``source`` (.pt2) into ``output`` (.pt2, or .onnx); nothing is written unless the result is exact.
+
+    Raises:
+        BadInputError: Bad file, option or plan.
+        ValidationError: The pruned program is not exact or cannot be saved (nothing written).
+    """
+    if output.suffix not in (".pt2", ".onnx"):
+        from graphprune.errors import BadInputError
+
+        raise BadInputError(f"output {output}: a .pt2 input is written as .pt2 or .onnx")
+    check_output_path(source, output, options.force)
+    tm = load_exported_program(source)
+    coupling = build_groups(tm.graph)
+    plan = options.plan or uniform_plan(tm.graph, coupling, options.ratio, options.criterion, options.round_to, options.seed)
+    pruned = prune_program(tm, coupling, plan)
+    err = verify_program(tm, coupling, plan, pruned)
+    new_graph, _ = to_channel_graph(pruned)
+    before, after = model_cost(tm.graph), model_cost(new_graph)
+    with staged_output(output) as staged:
+        if output.suffix == ".pt2":
+            torch.export.save(pruned, str(staged))
+        else:
+            try:
+                _write_onnx(pruned, staged)
+            except ValidationError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - exporter failures
+                raise ValidationError(f"the pruned program does not export to ONNX ({str(exc).splitlines()[0][:200]})") from None
+        size = staged.stat().st_size + sum(p.stat().st_size for p in staged.parent.iterdir() if p != staged)
+    return PruneResult(
+        plan, coupling,
+        ModelStats(before.params, before.macs, source.stat().st_size, None),
+        ModelStats(after.params, after.macs, int(size), None),
+        ValidationReport("torch (masked original vs pruned program)", True, float(np.float64(err))),
+        output,
+    )
