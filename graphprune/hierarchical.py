@@ -173,6 +173,32 @@ def _greedy(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupO
             est -= saving[best]
 
 
+def _rounded_to_goal(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], keep: Mapping[int, int], goal: float,
+                     kind: str, n: int, per_unit: bool, floors: Mapping[int, int]) -> dict[int, int]:
+    """Rounding up overshoots the target: remove ``n`` channels at a time, cheapest first, until it is met again."""
+    keep = dict(keep)
+    if n <= 1:
+        return keep
+    while True:
+        now = metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values()))
+        live = [g for g in orders if keep[g] - n >= max(floors[g], 1)]
+        if now <= goal or not live:
+            return keep
+
+        def price(g: int) -> float:
+            o = orders[g]
+            done = o.order.size - keep[g]
+            step = float(np.sum(o.step_cost[done:done + n]))
+            if not per_unit:
+                return step
+            trial = dict(keep)
+            trial[g] -= n
+            saved = now - metric(cost_with_keep(graph, coupling, trial), kind, sum(trial.values()))
+            return step / max(saved, 1e-12)
+
+        keep[min(live, key=price)] -= n
+
+
 def _uniform(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, kind: str, round_to: int) -> dict[int, int]:
     from graphprune.plan import keep_count
 
@@ -226,4 +252,6 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
         if not reached:
             raise BadInputError(f"the target cannot be reached even keeping one channel per group ({kind})")
         keep = round_counts(keep, orders, options.round_to)
+        keep = _rounded_to_goal(graph, coupling, orders, keep, goal, kind, options.round_to, per_unit,
+                                floors if not meta.get("over_limit") else {g: 1 for g in orders})
     return plan_from_keep(coupling, keep_sets(orders, keep), meta)

@@ -73,8 +73,11 @@ def test_limit_plan_keeps_exactly_the_effective_filters(analysed):
 
 def test_round_to(analysed):
     om, coupling, analysis = analysed
-    plan = make_plan(om.graph, coupling, PlanOptions(target=Target("macs", 0.6), round_to=8), analysis)
-    assert all(len(g.keep) % 8 == 0 or len(g.keep) == g.channels for g in plan.groups)
+    for value in (0.6, 0.5):
+        plan = make_plan(om.graph, coupling, PlanOptions(target=Target("macs", value), round_to=8, allow_over_limit=True), analysis)
+        assert all(len(g.keep) % 8 == 0 or len(g.keep) == g.channels for g in plan.groups)
+        keep = _keep(plan, coupling)  # rounding up must not miss the target
+        assert cost_with_keep(om.graph, coupling, keep).macs <= value * model_cost(om.graph).macs
 
 
 def test_uniform_prunes_every_group_alike(analysed):

@@ -1,0 +1,413 @@
+"""graphprune side by side with Torch-Pruning: accuracy at equal MACs, real latency, dependency-graph time, coverage.
+
+Run: python benchmarks/compare_torch_pruning.py [--quick] [--models resnet20 resnet56 vgg16 mobilenetv2]
+     [--seeds 0] [--finetune-epochs 0.25] [--json benchmarks/compare.json] [--plot benchmarks/compare.png]
+
+Three parts, each side by side in one run:
+  1. Accuracy: each model trained on Fashion-MNIST (3 epochs, seed 0, cached) is pruned
+     to 2x, 3x and graphprune's estimated maximum MACs reduction by
+       - graphprune: hierarchical (effective), compensation, BN repair (passes/hierarchical.toml
+         without its validate/report passes), and the same with --round-to 8;
+       - Torch-Pruning 1.6 MagnitudePruner: L2 filter norm uniform and global, group norm
+         (L2 over every coupled tensor) uniform, Taylor uniform; the classifier ignored, the
+         pruning ratio bisected to the same MACs;
+     then every model is fine-tuned with the same budget and seed (SGD, lr 0.01, cosine),
+     exported to ONNX (BN folded) and measured on onnxruntime: test accuracy, parameters,
+     MACs, latency at batch 1 and 32, and latency speed-up divided by MACs reduction.
+  2. Dependency analysis time: graphprune's groups (from the traced graph; torch.export
+     time printed apart) vs Torch-Pruning's DependencyGraph.build_dependency, same modules.
+  3. Coverage: every reference model pruned at ratio 0.5 by each tool; valid = runs, exports
+     to ONNX and runs on onnxruntime; exact = equals the original with the removed channels
+     zeroed (graphprune: its masked check; Torch-Pruning: the removed output channels of its
+     own groups zeroed in a copy, then compared).
+--quick: ResNet-20 only, 2x only, one twentieth of an epoch of fine-tuning (minutes).
+Needs: apt-get install -y dataset-fashion-mnist; pip install --no-deps torch-pruning.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+import models
+from graphprune.cost import model_cost
+from graphprune.measure import ort_accuracy
+from graphprune.onnx_frontend import load_onnx
+from graphprune.onnx_rewrite import model_bytes
+from graphprune.passes import (AnalyzePass, AnalyzePassOptions, CompensateOptions, CompensatePass, FineTunePass, PlanPass,
+                               PlanPassOptions, RepairPass, RewriteOptions, RewritePass, Workspace)
+from graphprune.runtime import make_session, measure_latency
+from graphprune.training import FitOptions, fit
+from models.fashion import fashion_mnist, trained
+
+console = Console(width=150)
+TP_METHODS = {
+    "l2 uniform": ("l2", False),
+    "l2 global": ("l2", True),
+    "group-norm uniform": ("group", False),
+    "taylor uniform": ("taylor", False),
+}
+
+
+# --- shared measurement -----------------------------------------------------------------------------------------------
+
+
+def _latency(blob: bytes, runs: int) -> dict[str, float]:
+    session = make_session(blob)
+    name = session.get_inputs()[0].name
+    out = {}
+    for batch in (1, 32):
+        x = np.random.default_rng(0).standard_normal((batch, *models.INPUT_SHAPE)).astype(np.float32)
+        out[f"lat{batch}_ms"] = measure_latency(session, {name: x}, runs=runs if batch == 1 else max(3, runs // 4))
+    return out
+
+
+def _onnx_of(module: nn.Module) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        models.export_onnx(module, path, bn="fold")
+        return path.read_bytes()
+
+
+def _figures(blob: bytes, test, runs: int) -> dict[str, float]:
+    om = load_onnx_bytes(blob)
+    cost = model_cost(om.graph)
+    return {"acc": ort_accuracy(blob, test), "params": cost.params, "macs": cost.macs, **_latency(blob, runs)}
+
+
+def load_onnx_bytes(blob: bytes):  # noqa: ANN201 - OnnxModel
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        path.write_bytes(blob)
+        return load_onnx(path)
+
+
+# --- part 1: accuracy at equal MACs -----------------------------------------------------------------------------------
+
+
+def _graphprune(om, analysis, train, red: float, round_to: int, ft: FitOptions, samples: int) -> bytes:
+    ws = Workspace(original=om, model=om, data=train, analysis=analysis)
+    plan = PlanPassOptions(method="hierarchical", criterion="effective", macs=1.0 / red, round_to=round_to, allow_over_limit=True, seed=ft.seed)
+    ws = PlanPass(plan)(ws).workspace
+    ws = CompensatePass(CompensateOptions(samples=samples, seed=ft.seed))(ws).workspace
+    ws = RewritePass(RewriteOptions(verify=False))(ws).workspace
+    ws = RepairPass(CompensateOptions(samples=samples, seed=ft.seed))(ws).workspace
+    if ft.epochs > 0:
+        ws = FineTunePass(ft)(ws).workspace
+    return model_bytes(ws.model.model)
+
+
+def _importance(kind: str):  # noqa: ANN202
+    import torch_pruning as tp
+
+    if kind == "l2":
+        return tp.importance.MagnitudeImportance(p=2, group_reduction="first")
+    if kind == "group":
+        return tp.importance.MagnitudeImportance(p=2, group_reduction="mean")
+    return tp.importance.TaylorImportance()
+
+
+def _tp_prune(module: nn.Module, ratio: float, kind: str, global_: bool, example: torch.Tensor, calib) -> nn.Module:
+    import torch_pruning as tp
+
+    m = copy.deepcopy(module).eval()
+    last = [x for x in m.modules() if isinstance(x, nn.Linear)][-1]
+    pruner = tp.pruner.MagnitudePruner(m, example, importance=_importance(kind), pruning_ratio=ratio, global_pruning=global_,
+                                       ignored_layers=[last])
+    if kind == "taylor":
+        x, y = torch.from_numpy(calib.inputs[0][:256]), torch.from_numpy(calib.labels[:256])
+        F.cross_entropy(m(x), y).backward()
+    pruner.step()
+    m.zero_grad(set_to_none=True)
+    return m.eval()
+
+
+def _tp_at(module: nn.Module, red: float, kind: str, global_: bool, calib) -> nn.Module:
+    """Bisect Torch-Pruning's ratio to the smallest MACs reduction >= ``red``."""
+    import torch_pruning as tp
+
+    example = torch.from_numpy(calib.inputs[0][:2])
+    base, _ = tp.utils.count_ops_and_params(module, example)
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        try:
+            m = _tp_prune(module, mid, kind, global_, example, calib)
+            got = base / tp.utils.count_ops_and_params(m, example)[0]
+        except Exception:  # noqa: BLE001 - a ratio that empties a layer
+            hi = mid
+            continue
+        if got >= red:
+            hi, best = mid, m
+        else:
+            lo = mid
+    return best if best is not None else _tp_prune(module, hi, kind, global_, example, calib)
+
+
+def accuracy_part(names: list[str], targets_of, seeds: list[int], ft_epochs: float, train_epochs: float, samples: int,
+                  runs: int) -> list[dict]:
+    train, test = fashion_mnist("train"), fashion_mnist("test")
+    calib = train.subset(2048, seed=0)
+    rows: list[dict] = []
+    for name in names:
+        t_model = time.time()
+        module = trained(name, train_epochs, cache_dir="benchmarks/.cache")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.onnx"
+            models.export_onnx(module, path, bn="keep")
+            om = load_onnx(path)
+        base = _figures(_onnx_of(module), test, runs)
+        ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(Workspace(original=om, model=om, data=calib)).workspace
+        limit = ws.analysis.limit.macs_reduction
+        rows.append({"model": name, "target": "base", "tool": "-", "method": "unpruned", "seed": 0, "red_target": 1.0, **base})
+        console.print(f"[bold]{name}[/]: base {base['acc']:.4f}, estimated maximum {limit:.2f}x")
+        for label, red in targets_of(limit):
+            for seed in seeds:
+                ft = FitOptions(epochs=ft_epochs, lr=0.01, seed=seed)
+                for method, round_to in (("hierarchical", 1), ("hierarchical round-to 8", 8)):
+                    if round_to > 1 and label != "2x":
+                        continue
+                    t0 = time.time()
+                    blob = _graphprune(om, ws.analysis, train, red, round_to, ft, samples)
+                    rows.append({"model": name, "target": label, "tool": "graphprune", "method": method, "seed": seed,
+                                 "red_target": red, "seconds": time.time() - t0, **_figures(blob, test, runs)})
+                    console.print(rows[-1])
+                for method, (kind, global_) in TP_METHODS.items():
+                    t0 = time.time()
+                    torch.manual_seed(seed)
+                    m = _tp_at(module, red, kind, global_, calib)
+                    if ft_epochs > 0:
+                        fit(m, train, ft)
+                    rows.append({"model": name, "target": label, "tool": "Torch-Pruning", "method": method, "seed": seed,
+                                 "red_target": red, "seconds": time.time() - t0, **_figures(_onnx_of(m.eval()), test, runs)})
+                    console.print(rows[-1])
+        console.print(f"{name}: {time.time() - t_model:.0f} s")
+    return rows
+
+
+def accuracy_table(rows: list[dict]) -> Table:
+    table = Table(title="Accuracy at equal MACs after the same fine-tuning (onnxruntime CPU EP; mean ± spread over seeds)")
+    for col in ("model", "target", "tool", "method", "MACs red.", "params red.", "test acc", "Δ acc (pp)",
+                "lat b1 speed-up", "lat b32 speed-up", "b32 speed-up / MACs red."):
+        table.add_column(col, justify="right")
+    bases = {r["model"]: r for r in rows if r["target"] == "base"}
+    keys = list(dict.fromkeys((r["model"], r["target"], r["tool"], r["method"]) for r in rows if r["target"] != "base"))
+    for key in keys:
+        sel = [r for r in rows if (r["model"], r["target"], r["tool"], r["method"]) == key]
+        b = bases[key[0]]
+        acc = [r["acc"] for r in sel]
+        macs = statistics.mean(b["macs"] / r["macs"] for r in sel)
+        params = statistics.mean(b["params"] / r["params"] for r in sel)
+        s1 = statistics.mean(b["lat1_ms"] / r["lat1_ms"] for r in sel)
+        s32 = statistics.mean(b["lat32_ms"] / r["lat32_ms"] for r in sel)
+        spread = f" ± {(max(acc) - min(acc)) / 2:.4f}" if len(acc) > 1 else ""
+        table.add_row(*key, f"{macs:.2f}x", f"{params:.2f}x", f"{statistics.mean(acc):.4f}{spread}",
+                      f"{(statistics.mean(acc) - b['acc']) * 100:+.2f}", f"{s1:.2f}x", f"{s32:.2f}x", f"{s32 / macs:.2f}")
+    return table
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from graphprune.plots import pyplot
+
+    plt = pyplot()
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        b = next(r for r in rows if r["model"] == name and r["target"] == "base")
+        methods = list(dict.fromkeys((r["tool"], r["method"]) for r in rows if r["model"] == name and r["target"] != "base"))
+        for tool, method in methods:
+            sel = [r for r in rows if r["model"] == name and (r["tool"], r["method"]) == (tool, method)]
+            pts = sorted((b["macs"] / r["macs"], r["acc"]) for r in sel)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if tool == "graphprune" else "x--", label=f"{tool}: {method}")
+        ax.axhline(b["acc"], color="k", lw=0.8, ls=":", label="unpruned")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("MACs reduction")
+        ax.set_ylabel("test accuracy after fine-tuning")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- part 2: dependency analysis time ---------------------------------------------------------------------------------
+
+
+def _best(fn, repeat: int) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def timing_part(names: list[str], repeat: int) -> list[dict]:
+    import torch_pruning as tp
+
+    from graphprune.coupling import build_groups
+    from graphprune.torch_frontend import to_channel_graph
+
+    rows = []
+    for name in names:
+        module = models.build(name)
+        x = torch.randn(2, *models.INPUT_SHAPE)
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(module, (x,))
+        export_s = time.perf_counter() - t
+        gp = _best(lambda: build_groups(to_channel_graph(program)[0]), repeat)
+        dg = _best(lambda: tp.DependencyGraph().build_dependency(module, example_inputs=x, verbose=False), repeat)
+        rows.append({"model": name, "export_s": export_s, "graphprune_groups_s": gp, "tp_depgraph_s": dg, "ratio": gp / dg})
+        console.print(rows[-1])
+    return rows
+
+
+def timing_table(rows: list[dict]) -> Table:
+    table = Table(title="Dependency analysis time (best of repeats; graphprune excludes torch.export, printed apart)")
+    for col in ("model", "torch.export", "graphprune groups", "Torch-Pruning DependencyGraph", "graphprune / TP"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["model"], f"{r['export_s']:.3f} s", f"{r['graphprune_groups_s']:.3f} s", f"{r['tp_depgraph_s']:.3f} s", f"{r['ratio']:.2f}")
+    return table
+
+
+# --- part 3: coverage -------------------------------------------------------------------------------------------------
+
+
+def _runs_on_ort(module: nn.Module, x: torch.Tensor) -> None:
+    blob = _onnx_of(module)
+    session = make_session(blob)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = module(x).numpy()
+    if not np.allclose(got, want, rtol=1e-3, atol=1e-4):
+        raise RuntimeError("onnxruntime output differs from torch")
+
+
+def _tp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
+    """Prune half of every group Torch-Pruning finds; compare with a copy whose removed output channels are zeroed."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(module).eval()
+    masked = copy.deepcopy(module).eval()
+    names = {id(m): n for n, m in model.named_modules()}
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5, ignored_layers=[last])
+    with torch.no_grad():
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                target = dep.target.module
+                if "out_channel" not in dep.handler.__name__ or id(target) not in names:
+                    continue
+                twin = masked.get_submodule(names[id(target)])
+                axis = 1 if isinstance(twin, nn.modules.conv._ConvTransposeNd) else 0
+                for p in (getattr(twin, "weight", None), getattr(twin, "bias", None)):
+                    if p is not None and p.dim() > axis:
+                        p.index_fill_(axis, torch.as_tensor(idxs, dtype=torch.long), 0.0)
+            group.prune()
+    with torch.no_grad():
+        got, want = model(x), masked(x)
+    _runs_on_ort(model, x)
+    err = float((got - want).abs().max())
+    return "valid", "exact" if err <= 1e-4 * max(1.0, float(want.abs().max())) else f"not exact (max error {err:.2g})"
+
+
+def _gp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
+    from graphprune.coupling import build_groups
+    from graphprune.onnx_prune import PruneOptions, prune_file
+    from graphprune.plan import uniform_plan
+    from graphprune.torch_frontend import load_module
+    from graphprune.torch_rewrite import prune_module, verify_module
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "m.onnx"
+        models.export_onnx(module, src, bn="fold")
+        result = prune_file(src, Path(tmp) / "p.onnx", PruneOptions(ratio=0.5, verify=True, latency_runs=0))
+    tm = load_module(module, [x])
+    coupling = build_groups(tm.graph)
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    small = prune_module(tm, coupling, plan)
+    verify_module(tm, coupling, plan, small, [x])
+    _runs_on_ort(small, x)
+    return "valid", "exact (ONNX and torch)" if result.validation.exact else "not exact"
+
+
+def coverage_part(names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        x = torch.randn(2, *models.INPUT_SHAPE)
+        row = {"model": name}
+        for tool, fn in (("graphprune", _gp_coverage), ("Torch-Pruning", _tp_coverage)):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    row[tool] = " / ".join(fn(models.build(name), x))
+            except Exception as exc:  # noqa: BLE001 - a failure is the finding
+                row[tool] = f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:70]}"
+        rows.append(row)
+        console.print(row)
+    return rows
+
+
+def coverage_table(rows: list[dict]) -> Table:
+    table = Table(title="Coverage: every reference model pruned at ratio 0.5 (valid: runs, exports, onnxruntime agrees; exact: masked check)")
+    for col in ("model", "graphprune", "Torch-Pruning"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], r["graphprune"], r["Torch-Pruning"])
+    ok = {t: sum(r[t].startswith("valid / exact") for r in rows) for t in ("graphprune", "Torch-Pruning")}
+    table.add_row("valid and exact", f"{ok['graphprune']} / {len(rows)}", f"{ok['Torch-Pruning']} / {len(rows)}")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "vgg16", "mobilenetv2"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--finetune-epochs", type=float, default=0.25)
+    parser.add_argument("--train-epochs", type=float, default=3.0)
+    parser.add_argument("--samples", type=int, default=1024, help="calibration samples for compensation and repair")
+    parser.add_argument("--latency-runs", type=int, default=50)
+    parser.add_argument("--parts", nargs="+", default=["timing", "coverage", "accuracy"], choices=["timing", "coverage", "accuracy"])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    t0 = time.time()
+    names = ["resnet20"] if args.quick else args.models
+    ft_epochs = 0.05 if args.quick else args.finetune_epochs
+    result: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if "timing" in args.parts:
+        result["timing"] = timing_part(sorted(set(names) | set(models.SMALL_MODELS)) if not args.quick else names, 1 if args.quick else 3)
+        console.print(timing_table(result["timing"]))
+    if "coverage" in args.parts:
+        result["coverage"] = coverage_part(list(models.SMALL_MODELS) if not args.quick else ["resnet20", "vit"])
+        console.print(coverage_table(result["coverage"]))
+    if "accuracy" in args.parts:
+        def targets_of(limit: float) -> list[tuple[str, float]]:
+            return [("2x", 2.0)] if args.quick else [("2x", 2.0), ("3x", 3.0), (f"max {limit:.2f}x", limit)]
+
+        result["accuracy"] = accuracy_part(names, targets_of, args.seeds, ft_epochs, args.train_epochs, args.samples, args.latency_runs)
+        console.print(accuracy_table(result["accuracy"]))
+        if args.plot:
+            plot(result["accuracy"], args.plot)
+    console.print(f"total time {time.time() - t0:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
