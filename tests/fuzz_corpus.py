@@ -108,11 +108,12 @@ def _dangling_edge(m: onnx.ModelProto, rng: random.Random, folder: Path) -> byte
 
 @_mutation
 def _cycle(m: onnx.ModelProto, rng: random.Random, folder: Path) -> bytes:
+    """A node reads the output of a node after it (directly or further down)."""
     nodes = list(m.graph.node)
-    i = rng.randrange(0, len(nodes) - 1)
+    readers = [k for k, n in enumerate(nodes[:-1]) if n.input]
+    i = rng.choice(readers)
     j = rng.randrange(i + 1, len(nodes))
-    if nodes[i].input and nodes[j].output:
-        nodes[i].input[0] = nodes[j].output[0]
+    nodes[i].input[rng.randrange(len(nodes[i].input))] = nodes[j].output[0]
     return _bytes(m)
 
 
