@@ -52,7 +52,7 @@ from graphprune.runtime import make_session, measure_latency
 from graphprune.training import FitOptions, fit
 from models.fashion import fashion_mnist, trained
 
-console = Console(width=150)
+console = Console(width=200)
 TP_METHODS = {
     "l2 uniform": ("l2", False),
     "l2 global": ("l2", True),
@@ -385,7 +385,20 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["timing", "coverage", "accuracy"], choices=["timing", "coverage", "accuracy"])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="only print the tables (and --plot) of earlier runs' --json")
     args = parser.parse_args()
+    if args.merge:
+        merged: dict[str, list] = {}
+        for path in args.merge:
+            for part, rows in json.loads(path.read_text()).items():
+                if part != "args":
+                    merged.setdefault(part, []).extend(rows)
+        for part, render in (("timing", timing_table), ("coverage", coverage_table), ("accuracy", accuracy_table)):
+            if part in merged:
+                console.print(render(merged[part]))
+        if args.plot and "accuracy" in merged:
+            plot(merged["accuracy"], args.plot)
+        return
     t0 = time.time()
     names = ["resnet20"] if args.quick else args.models
     ft_epochs = 0.05 if args.quick else args.finetune_epochs

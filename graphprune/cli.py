@@ -232,11 +232,22 @@ def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
             console.print(f"report: {path}")
 
 
+def _refuse_for_program(args: argparse.Namespace) -> None:
+    """A .pt2 input takes ratio-based plans (or --plan) only."""
+    unsupported = [flag for flag, on in (("--data", args.data), ("--method", args.method), ("--compensate", args.compensate),
+                                        ("--repair", args.repair), ("--macs", args.macs), ("--params", args.params),
+                                        ("--latency", args.latency)) if on]
+    if unsupported or args.criterion in ("effective", "cholesky", "taylor"):
+        flags = ", ".join(unsupported) or f"--criterion {args.criterion}"
+        raise BadInputError(f"{flags}: not available for .pt2 input (use --ratio with l1/l2/random or --plan); "
+                            "for analysis-based pruning use graphprune.module_analysis or prune the ONNX export")
+
+
 def _prune(args: argparse.Namespace, console: Console) -> None:
-    if args.model.suffix == ".pt2":
-        _prune_program(args, console)
-        return
-    if args.data or args.method or args.compensate or args.repair or args.criterion in ("effective", "cholesky", "taylor") or any(
+    program = args.model.suffix == ".pt2"
+    if program:
+        _refuse_for_program(args)
+    elif args.data or args.method or args.compensate or args.repair or args.criterion in ("effective", "cholesky", "taylor") or any(
         getattr(args, k) is not None for k in ("macs", "params", "latency")
     ):
         if args.plan is not None:
@@ -246,6 +257,7 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
     from graphprune.io import write_text_atomic
     from graphprune.onnx_prune import PruneOptions, prune_file
     from graphprune.plan import Plan
+    from graphprune.program_prune import prune_program_file
     from graphprune.report import prune_json, prune_table
 
     for path in (args.plan_out, args.json):
@@ -257,33 +269,7 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
         latency_runs=max(0, args.latency_runs),
     )
     with console.status("pruning and validating..."):
-        result = prune_file(args.model, args.output, options)
-    prune_table(result, console)
-    if args.plan_out:
-        write_text_atomic(args.plan_out, result.plan.to_json())
-    if args.json:
-        write_text_atomic(args.json, prune_json(result))
-
-
-def _prune_program(args: argparse.Namespace, console: Console) -> None:
-    """A saved ExportedProgram: ratio-based plans (or --plan), written as .pt2 or .onnx, always verified exact."""
-    from graphprune.io import write_text_atomic
-    from graphprune.onnx_prune import PruneOptions
-    from graphprune.plan import Plan
-    from graphprune.program_prune import prune_program_file
-    from graphprune.report import prune_json, prune_table
-
-    unsupported = [flag for flag, on in (("--data", args.data), ("--method", args.method), ("--compensate", args.compensate),
-                                        ("--repair", args.repair), ("--macs", args.macs), ("--params", args.params),
-                                        ("--latency", args.latency)) if on]
-    if unsupported or args.criterion in ("effective", "cholesky", "taylor"):
-        flags = ", ".join(unsupported) or f"--criterion {args.criterion}"
-        raise BadInputError(f"{flags}: not available for .pt2 input (use --ratio with l1/l2/random or --plan); "
-                            "for analysis-based pruning use graphprune.module_analysis or prune the ONNX export")
-    options = PruneOptions(ratio=0.5 if args.ratio is None else args.ratio, criterion=args.criterion or "l1",
-                           round_to=args.round_to, seed=args.seed, plan=Plan.load(args.plan) if args.plan else None, force=args.force)
-    with console.status("pruning and verifying..."):
-        result = prune_program_file(args.model, args.output, options)
+        result = (prune_program_file if program else prune_file)(args.model, args.output, options)
     prune_table(result, console)
     if args.plan_out:
         write_text_atomic(args.plan_out, result.plan.to_json())

@@ -5,12 +5,11 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from graphprune.cost import model_cost
 from graphprune.coupling import build_groups
-from graphprune.errors import ValidationError
+from graphprune.errors import BadInputError, ValidationError
 from graphprune.io import check_output_path, staged_output
 from graphprune.onnx_prune import ModelStats, PruneOptions, PruneResult
 from graphprune.plan import uniform_plan
@@ -53,8 +52,6 @@ def prune_program_file(source: Path, output: Path, options: PruneOptions) -> Pru
         ValidationError: The pruned program is not exact or cannot be saved (nothing written).
     """
     if output.suffix not in (".pt2", ".onnx"):
-        from graphprune.errors import BadInputError
-
         raise BadInputError(f"output {output}: a .pt2 input is written as .pt2 or .onnx")
     check_output_path(source, output, options.force)
     tm = load_exported_program(source)
@@ -79,6 +76,6 @@ def prune_program_file(source: Path, output: Path, options: PruneOptions) -> Pru
         plan, coupling,
         ModelStats(before.params, before.macs, source.stat().st_size, None),
         ModelStats(after.params, after.macs, int(size), None),
-        ValidationReport("torch (masked original vs pruned program)", True, float(np.float64(err))),
+        ValidationReport("torch (masked original vs pruned program)", True, float(err)),
         output,
     )

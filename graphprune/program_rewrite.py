@@ -24,7 +24,7 @@ from graphprune.errors import BadInputError, ValidationError
 from graphprune.graph import Axis
 from graphprune.plan import Plan, kept_elements
 from graphprune.torch_frontend import TorchModel
-from graphprune.torch_rewrite import _slice_state, masked_reference
+from graphprune.torch_rewrite import _slice_state, compare_to_masked, masked_reference
 
 __all__ = ["prune_program", "example_inputs", "verify_program"]
 
@@ -150,12 +150,5 @@ def verify_program(tm: TorchModel, coupling: Coupling, plan: Plan, pruned: torch
     want = masked_reference(tm, kept_elements(plan, coupling, tm.graph), inputs)
     with torch.no_grad():
         got = pruned.module()(*inputs)
-    got_t = tuple(got) if isinstance(got, (tuple, list)) else (got,)
-    err = 0.0
-    for w, g in zip(want, got_t):
-        if w.shape != g.shape or not torch.allclose(g, w, rtol=rtol, atol=atol):
-            diff = (g - w).abs().max().item() if w.shape == g.shape else float("inf")
-            raise ValidationError(f"the pruned program differs from the masked original (max abs error {diff:.3g}): "
-                                  "a channel count is hard-coded in an op graphprune does not rewrite; prune the ONNX export instead")
-        err = max(err, (g - w).abs().max().item())
-    return err
+    hint = "a channel count is hard-coded in an op graphprune does not rewrite; prune the ONNX export instead"
+    return compare_to_masked(want, got, "the pruned program", hint, rtol, atol)

@@ -36,6 +36,7 @@ __all__ = [
     "reestimate_module_batch_norm",
     "masked_reference",
     "verify_module",
+    "compare_to_masked",
     "save_pruned",
     "load_pruned",
 ]
@@ -179,6 +180,22 @@ def masked_reference(tm: TorchModel, kept: Mapping[Axis, np.ndarray], inputs: Se
         return interp(*inputs, taps=taps)
 
 
+def compare_to_masked(want: Sequence[torch.Tensor], got: Any, what: str, hint: str, rtol: float = 1e-4, atol: float = 1e-4) -> float:
+    """Max abs error of ``got`` (a tensor or a tuple) against the masked original's outputs.
+
+    Raises:
+        ValidationError: When shapes or values differ (``hint`` says what to do).
+    """
+    got_t = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+    err = 0.0
+    for w, g in zip(want, got_t):
+        if w.shape != g.shape or not torch.allclose(g, w, rtol=rtol, atol=atol):
+            diff = (g - w).abs().max().item() if w.shape == g.shape else float("inf")
+            raise ValidationError(f"{what} differs from the masked original (max abs error {diff:.3g}): {hint}")
+        err = max(err, (g - w).abs().max().item())
+    return err
+
+
 def verify_module(tm: TorchModel, coupling: Coupling, plan: Plan, pruned: nn.Module, inputs: Sequence[torch.Tensor],
                   rtol: float = 1e-4, atol: float = 1e-4) -> float:
     """Check the pruned module against the masked original; returns the max abs error.
@@ -186,21 +203,12 @@ def verify_module(tm: TorchModel, coupling: Coupling, plan: Plan, pruned: nn.Mod
     Raises:
         ValidationError: When they differ (module code that hard-codes channel counts, for instance).
     """
-    kept = kept_elements(plan, coupling, tm.graph)
-    want = masked_reference(tm, kept, inputs)
+    want = masked_reference(tm, kept_elements(plan, coupling, tm.graph), inputs)
     with torch.no_grad():
         got = pruned.eval()(*inputs)
-    got_t = got if isinstance(got, tuple) else (got,)
-    err = 0.0
-    for w, g in zip(want, got_t):
-        if w.shape != g.shape or not torch.allclose(g, w, rtol=rtol, atol=atol):
-            diff = (g - w).abs().max().item() if w.shape == g.shape else float("inf")
-            raise ValidationError(
-                f"the pruned module differs from the masked original (max abs error {diff:.3g}): its forward "
-                "may hard-code channel counts; derive them from tensors or layer attributes, or prune the ONNX export"
-            )
-        err = max(err, (g - w).abs().max().item())
-    return err
+    hint = ("its forward may hard-code channel counts; derive them from tensors or layer attributes, "
+            "or prune the ONNX export")
+    return compare_to_masked(want, got, "the pruned module", hint, rtol, atol)
 
 
 def save_pruned(path: str | os.PathLike[str], plan: Plan, module: nn.Module) -> None:
