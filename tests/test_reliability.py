@@ -339,21 +339,27 @@ def test_interrupt_or_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, caps
 
 
 def test_sigint_to_a_running_prune_leaves_nothing(tmp_path):
-    """A real SIGINT to the CLI process while it validates a pruned model."""
+    """A real SIGINT to a CLI process that is validating its staged output (held there until the signal)."""
     import signal as sig
     import time
 
     src = tmp_path / "m.onnx"
     models.export_onnx(models.build("resnet20"), src)
     out = tmp_path / "out.onnx"
+    marker = tmp_path.parent / f"{tmp_path.name}.validating"
     before = _folder_state(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "graphprune.cli", "prune", str(src), "-o", str(out), "--verify",
-                             "--latency-runs", "3000"], stderr=subprocess.PIPE, text=True)
+    hold = (  # validation waits for the signal, so the interrupt lands while the staged file exists
+        "import sys, time, pathlib, graphprune.onnx_prune as op; real = op.validate_pruned\n"
+        "def slow(*a, **k):\n    pathlib.Path(sys.argv[1]).touch(); time.sleep(120); return real(*a, **k)\n"
+        "op.validate_pruned = slow\n"
+        "from graphprune.cli import main; sys.exit(main(sys.argv[2:]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(marker), "prune", str(src), "-o", str(out), "--latency-runs", "0"],
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith(".out.onnx.") for p in tmp_path.iterdir()):
-        time.sleep(0.05)  # wait until the staging folder exists: the output is being written or timed
-    assert proc.poll() is None, "the command ended before it could be interrupted"
-    time.sleep(0.5)
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists() and any(p.name.startswith(".out.onnx.") for p in tmp_path.iterdir()), "staged output expected"
     proc.send_signal(sig.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted; nothing was written" in err and "Traceback" not in err
