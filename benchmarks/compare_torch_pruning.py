@@ -18,8 +18,8 @@ Three parts, each side by side in one run:
      time printed apart) vs Torch-Pruning's DependencyGraph.build_dependency, same modules.
   3. Coverage: every reference model pruned at ratio 0.5 by each tool; valid = runs, exports
      to ONNX and runs on onnxruntime; exact = equals the original with the removed channels
-     zeroed (graphprune: its masked check; Torch-Pruning: the removed output channels of its
-     own groups zeroed in a copy, then compared).
+     zeroed (graphprune: its masked check; Torch-Pruning: in a copy, the parameters producing
+     and reading the channels its own groups remove are zeroed, then the outputs compared).
 --quick: ResNet-20 only, 2x only, one twentieth of an epoch of fine-tuning (minutes).
 Needs: apt-get install -y dataset-fashion-mnist; pip install --no-deps torch-pruning.
 """
@@ -297,8 +297,25 @@ def _runs_on_ort(module: nn.Module, x: torch.Tensor) -> None:
         raise RuntimeError("onnxruntime output differs from torch")
 
 
+def _zero_channels(m: nn.Module, handler: str, idxs: list[int]) -> None:
+    """Silence removed channels in the reference copy: producers' outputs and consumers' inputs both zeroed."""
+    idx = torch.as_tensor(idxs, dtype=torch.long)
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) or "out_channel" in handler:
+        axis = 1 if transposed else 0
+        params = (getattr(m, "weight", None), getattr(m, "bias", None))
+    elif "in_channel" in handler and (isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1)):
+        axis = 0 if transposed else 1
+        params = (m.weight,)
+    else:
+        return
+    for p in params:
+        if p is not None and p.dim() > axis:
+            p.index_fill_(axis, idx, 0.0)
+
+
 def _tp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
-    """Prune half of every group Torch-Pruning finds; compare with a copy whose removed output channels are zeroed."""
+    """Prune half of every group Torch-Pruning finds; compare with a copy whose removed channels are zeroed."""
     import torch_pruning as tp
 
     model = copy.deepcopy(module).eval()
@@ -309,14 +326,8 @@ def _tp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
     with torch.no_grad():
         for group in pruner.step(interactive=True):
             for dep, idxs in group:
-                target = dep.target.module
-                if "out_channel" not in dep.handler.__name__ or id(target) not in names:
-                    continue
-                twin = masked.get_submodule(names[id(target)])
-                axis = 1 if isinstance(twin, nn.modules.conv._ConvTransposeNd) else 0
-                for p in (getattr(twin, "weight", None), getattr(twin, "bias", None)):
-                    if p is not None and p.dim() > axis:
-                        p.index_fill_(axis, torch.as_tensor(idxs, dtype=torch.long), 0.0)
+                if id(dep.target.module) in names:
+                    _zero_channels(masked.get_submodule(names[id(dep.target.module)]), dep.handler.__name__, idxs)
             group.prune()
     with torch.no_grad():
         got, want = model(x), masked(x)
