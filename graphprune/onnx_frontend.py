@@ -164,8 +164,7 @@ def _declared_names(shapes: dict[str, tuple[Dim, ...]], graph: ChannelGraph) -> 
             if isinstance(declared, str) and isinstance(observed, str):
                 seen.setdefault(observed, set()).add(declared)
     rename = {tok: next(iter(names)) for tok, names in seen.items() if len(names) == 1}
-    out = {n: tuple(rename.get(d, d) for d in dims) for n, dims in shapes.items() if n not in graph.inputs}
-    return out
+    return {n: tuple(rename.get(d, d) for d in dims) for n, dims in shapes.items() if n not in graph.inputs}
 
 
 def _short(exc: BaseException) -> str:

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime as ort
 
-ort.set_default_logger_severity(4)
-
 from graphprune.errors import BadInputError
 from graphprune.graph import ChannelGraph
+
+ort.set_default_logger_severity(4)  # onnxruntime failures surface as exceptions, reported in one line
 
 __all__ = ["providers", "make_session", "sample_inputs", "measure_latency", "DTYPES"]
 

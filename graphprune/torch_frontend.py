@@ -6,7 +6,10 @@ into the ONNX-form op the semantics table already knows (``aten.conv2d`` ->
 formats share one table, one coupling analysis, one interpreter. Parameters
 and buffers keep their qualified names (``layer1.0.conv1.weight``), which is
 what the module backend slices. Targets without a converter become ops of
-the ``aten`` domain, which the table does not know: their channels freeze.
+the ``aten`` domain, which the table does not know: their channels freeze,
+and the interpreter replays them as traced. When torch.export refuses a
+module, ``torch.fx.symbolic_trace`` + ``make_fx`` (static shapes) is the
+fallback.
 """
 from __future__ import annotations
 
