@@ -252,6 +252,17 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
         if not reached:
             raise BadInputError(f"the target cannot be reached even keeping one channel per group ({kind})")
         keep = round_counts(keep, orders, options.round_to)
+        ones = {g: 1 for g in orders}
         keep = _rounded_to_goal(graph, coupling, orders, keep, goal, kind, options.round_to, per_unit,
-                                floors if not meta.get("over_limit") else {g: 1 for g in orders})
+                                ones if meta.get("over_limit") else floors)
+        if metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values())) > goal:
+            if options.method == "hierarchical" and not options.allow_over_limit:
+                raise OverLimitError(
+                    f"with --round-to {options.round_to} the target is beyond the estimated maximum compression "
+                    "(channel counts rounded up stay at or above every group's effective filters); lower the target "
+                    "or --round-to, or pass --allow-over-limit"
+                )
+            keep = _rounded_to_goal(graph, coupling, orders, keep, goal, kind, options.round_to, per_unit, ones)
+            if options.method == "hierarchical":
+                meta["over_limit"] = True
     return plan_from_keep(coupling, keep_sets(orders, keep), meta)

@@ -27,7 +27,8 @@ def export_onnx(
         input_shape: Shape of one sample (the batch dimension is dynamic).
         opset: ONNX opset.
         bn: ``fold`` merges BatchNorm into the preceding conv (the usual eval
-            export); ``keep`` leaves BatchNormalization nodes in the graph.
+            export; with dynamo, folded in torch first by ``torch.fx``);
+            ``keep`` leaves BatchNormalization nodes in the graph.
         dynamo: Use the torch.export-based exporter instead of TorchScript.
     """
     model = model.eval()
@@ -35,6 +36,8 @@ def export_onnx(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
+            if bn == "fold":
+                model = _fold_batch_norm(model)
             batch = torch.export.Dim("batch", min=1, max=1024)
             torch.onnx.export(
                 model, (x,), str(path), opset_version=opset, input_names=["input"], output_names=["logits"],
@@ -47,3 +50,12 @@ def export_onnx(
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, training=mode,
             do_constant_folding=bn == "fold", dynamo=False,
         )
+
+
+def _fold_batch_norm(model: nn.Module) -> nn.Module:
+    """Conv + BatchNorm pairs fused in torch (``torch.fx`` tracing); a model without BN is returned as is."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model)

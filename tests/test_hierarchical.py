@@ -78,6 +78,9 @@ def test_round_to(analysed):
         assert all(len(g.keep) % 8 == 0 or len(g.keep) == g.channels for g in plan.groups)
         keep = _keep(plan, coupling)  # rounding up must not miss the target
         assert cost_with_keep(om.graph, coupling, keep).macs <= value * model_cost(om.graph).macs
+    limit = analysis.limit.at_limit.macs / analysis.limit.original.macs
+    with pytest.raises(OverLimitError, match="round-to 16"):  # rounding up to 16 cannot reach the limit itself
+        make_plan(om.graph, coupling, PlanOptions(target=Target("macs", limit), round_to=16), analysis)
 
 
 def test_uniform_prunes_every_group_alike(analysed):

@@ -20,7 +20,7 @@ from graphprune.onnx_prune import PruneOptions, prune_file
 
 # (exporter, opset, bn): the oldest opset the reference models export at, the newest of each exporter.
 EXPORTS = [("legacy", 11, "keep"), ("legacy", 11, "fold"), ("legacy", 20, "keep"), ("legacy", 20, "fold"),
-           ("dynamo", 18, "keep"), ("dynamo", 23, "keep")]
+           ("dynamo", 18, "keep"), ("dynamo", 18, "fold"), ("dynamo", 23, "keep"), ("dynamo", 23, "fold")]
 
 
 def _prune_exact(src: Path, tmp: Path, ratio: float = 0.5):
