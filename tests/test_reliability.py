@@ -349,7 +349,9 @@ def test_sigint_to_a_running_prune_leaves_nothing(tmp_path):
     marker = tmp_path.parent / f"{tmp_path.name}.validating"
     before = _folder_state(tmp_path)
     hold = (  # validation waits for the signal, so the interrupt lands while the staged file exists
-        "import sys, time, pathlib, graphprune.onnx_prune as op; real = op.validate_pruned\n"
+        "import signal, sys, time, pathlib, graphprune.onnx_prune as op; real = op.validate_pruned\n"
+        # a terminal's Ctrl-C: restore Python's handler, which a shell ignoring SIGINT for background jobs turns off
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "def slow(*a, **k):\n    pathlib.Path(sys.argv[1]).touch(); time.sleep(120); return real(*a, **k)\n"
         "op.validate_pruned = slow\n"
         "from graphprune.cli import main; sys.exit(main(sys.argv[2:]))\n"
@@ -361,6 +363,9 @@ def test_sigint_to_a_running_prune_leaves_nothing(tmp_path):
         time.sleep(0.05)
     assert marker.exists() and any(p.name.startswith(".out.onnx.") for p in tmp_path.iterdir()), "staged output expected"
     proc.send_signal(sig.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 130 and "interrupted; nothing was written" in err and "Traceback" not in err
     assert _folder_state(tmp_path) == before
