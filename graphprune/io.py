@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from graphprune.errors import BadInputError
 
-__all__ = ["check_output_path", "staged_output", "save_onnx", "uses_external_data", "write_text_atomic", "write_bytes_atomic"]
+__all__ = ["check_output_path", "staged_output", "save_onnx", "uses_external_data", "weight_bytes", "write_text_atomic", "write_bytes_atomic"]
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Models with more initializer bytes than this are saved with external data."""
@@ -55,13 +55,17 @@ def uses_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers of the main graph (external ones included)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
 def save_onnx(model: ir.Model, path: Path, external: bool = False) -> None:
     """Save, with external data (``<name>.data``) when asked (keep the input's form) or when the weights are large.
 
     External data is written tensor by tensor; an inline save builds the whole proto in memory.
     """
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if external or size > EXTERNAL_DATA_THRESHOLD:
+    if external or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         ir.save(model, path, external_data=f"{path.name}.data")
     else:
         for v in model.graph.initializers.values():

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from graphprune.coupling import Coupling
 from graphprune.errors import ValidationError
+from graphprune.io import weight_bytes
 from graphprune.graph import Axis, ChannelGraph, OpNode
 from graphprune.onnx_frontend import OnnxModel, inline_proto, node_name
 from graphprune.ops import AdjustContext, Adjustment, lookup
@@ -45,8 +46,7 @@ INLINE_LIMIT = 1_500_000_000
 @contextlib.contextmanager
 def model_session(model: ir.Model, **options: Any) -> Iterator[ort.InferenceSession]:
     """An onnxruntime session for an in-memory model of any size (see :func:`graphprune.runtime.make_session`)."""
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if size <= INLINE_LIMIT:
+    if weight_bytes(model) <= INLINE_LIMIT:
         yield make_session(model_bytes(model), **options)
         return
     with tempfile.TemporaryDirectory(prefix="graphprune-") as tmp:

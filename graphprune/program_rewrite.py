@@ -84,14 +84,21 @@ def _rank(node: torch.fx.Node) -> int:
     return len(getattr(val, "shape", ()))
 
 
+def _user_inputs(program: torch.export.ExportedProgram) -> list[Any]:
+    """The traced values (fake tensors) of the program's user inputs, in order."""
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    return [vals[s.arg.name] for s in program.graph_signature.input_specs if s.target is None]
+
+
+def _symbolic_batch(val: Any) -> bool:
+    return bool(val.shape) and not isinstance(val.shape[0], int)
+
+
 def example_inputs(program: torch.export.ExportedProgram, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Random user inputs matching the program's input specs (symbolic dims take ``batch``)."""
-    user = [s.arg.name for s in program.graph_signature.input_specs if s.target is None]
-    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
     gen = torch.Generator().manual_seed(0)
     out = []
-    for name in user:
-        v = vals[name]
+    for v in _user_inputs(program):
         shape = [d if isinstance(d, int) else batch for d in v.shape]
         out.append(torch.randn(shape, generator=gen).to(v.dtype) if v.dtype.is_floating_point else torch.zeros(shape, dtype=v.dtype))
     return tuple(out)
@@ -99,9 +106,8 @@ def example_inputs(program: torch.export.ExportedProgram, batch: int = 2) -> tup
 
 def _dynamic_batch(program: torch.export.ExportedProgram) -> tuple[dict[int, Any], ...] | None:
     """A dynamic leading dim for every user input whose first dim was symbolic in the original."""
-    user = [s.arg.name for s in program.graph_signature.input_specs if s.target is None]
-    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
-    firsts = [vals[u].shape[0] for u in user if vals[u].shape and not isinstance(vals[u].shape[0], int)]
+    vals = _user_inputs(program)
+    firsts = [v.shape[0] for v in vals if _symbolic_batch(v)]
     if not firsts:
         return None
     lo, hi = 1, 1 << 16
@@ -109,7 +115,7 @@ def _dynamic_batch(program: torch.export.ExportedProgram) -> tuple[dict[int, Any
         if str(sym) == str(firsts[0]):
             lo, hi = max(int(rng.lower), 1), int(min(rng.upper, 1 << 30))
     batch = torch.export.Dim("batch", min=lo, max=hi)
-    return tuple({0: batch} if vals[u].shape and not isinstance(vals[u].shape[0], int) else {} for u in user)
+    return tuple({0: batch} if _symbolic_batch(v) else {} for v in vals)
 
 
 def prune_program(tm: TorchModel, coupling: Coupling, plan: Plan) -> torch.export.ExportedProgram:

@@ -212,9 +212,10 @@ def fx_channel_graph(fx_graph: torch.fx.Graph, targets: dict[str, str], state: d
             else:
                 b.tensor(node.name, _dims(val, batch), _dtype(val), "activation")
             if conv is None:
-                tensors = [a for a in _node_args(node) if a.name not in scalars]
+                found = _node_args(node)
+                tensors = [a for a in found if a.name not in scalars]
                 outs = [f"{node.name}.{i}" for i in range(len(val))] if isinstance(val, (tuple, list)) else [node.name]
-                attrs = {TORCH_CALL: _replay(node)} if len(tensors) == len(_node_args(node)) else {}
+                attrs = {TORCH_CALL: _replay(node)} if len(tensors) == len(found) else {}
                 b.nodes.append(OpNode(node.name, "aten", key, tuple(b.name(a) for a in tensors), tuple(outs), attrs, 1))
             else:
                 conv(b, node, node.name)
