@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 
@@ -14,7 +15,10 @@ __all__ = ["process_group", "rank", "rank_and_world", "is_main"]
 def process_group() -> Iterator[None]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise.
 
-    The backend is NCCL when torch sees a GPU, else gloo.
+    The backend is NCCL when torch sees a GPU, else gloo. On a normal exit the ranks meet at a
+    barrier before the group is torn down, and the collectives' leftover objects are collected
+    while the interpreter is alive: gloo aborts the process (SIGABRT) when they are only freed
+    during interpreter shutdown.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or torch.distributed.is_initialized():
@@ -26,8 +30,10 @@ def process_group() -> Iterator[None]:
     torch.distributed.init_process_group(backend)
     try:
         yield
+        torch.distributed.barrier()  # no rank tears the group down while another still talks to it
     finally:
         torch.distributed.destroy_process_group()
+        gc.collect()
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -1,12 +1,16 @@
 """Data-parallel fit: two gloo ranks train exactly like one process (no BatchNorm, equal shards)."""
 from __future__ import annotations
 
+import os
+import socket
+
 import numpy as np
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
 from graphprune.data import Calibration
+from graphprune.distributed import process_group
 from graphprune.training import FitOptions, fit
 
 
@@ -23,21 +27,28 @@ def _data() -> Calibration:
 OPTIONS = FitOptions(epochs=2, lr=0.1, batch_size=16, weight_decay=0.0)
 
 
-def _worker(rank: int, store: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    model = _model()
-    fit(model, _data(), OPTIONS)
-    if rank == 0:
-        torch.save(model.state_dict(), out)
-    torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
-    torch.distributed.destroy_process_group()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    """One rank as torchrun would start it: the process group comes from the environment."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with process_group():
+        model = _model()
+        fit(model, _data(), OPTIONS)
+        if rank == 0:
+            torch.save(model.state_dict(), out)
 
 
 def test_two_ranks_equal_one_process(tmp_path):
     single = _model()
     fit(single, _data(), OPTIONS)
     out = tmp_path / "dp.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
     dp = torch.load(out, weights_only=True)
     for name, value in single.state_dict().items():
         np.testing.assert_allclose(dp[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6)
