@@ -156,8 +156,19 @@ def _tp_at(module: nn.Module, red: float, kind: str, global_: bool, calib) -> nn
     return best if best is not None else _tp_prune(module, hi, kind, global_, example, calib)
 
 
+def _kept(blob: bytes, save_dir: Path | None, row: dict) -> dict:
+    """Write ``blob`` as ``save_dir/<model>-<target>-<method>-s<seed>.onnx`` (for ``--parts latency``); the row's path."""
+    if save_dir is None:
+        return {}
+    stem = "-".join(str(row[k]) for k in ("model", "target", "tool", "method")) + f"-s{row['seed']}"
+    path = save_dir / ("".join(c if c.isalnum() or c in "-." else "_" for c in stem) + ".onnx")
+    save_dir.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+    return {"onnx": str(path)}
+
+
 def accuracy_part(names: list[str], targets_of, seeds: list[int], ft_epochs: float, train_epochs: float, samples: int,
-                  runs: int) -> list[dict]:
+                  runs: int, save_dir: Path | None = None) -> list[dict]:
     train, test = fashion_mnist("train"), fashion_mnist("test")
     calib = train.subset(2048, seed=0)
     rows: list[dict] = []
@@ -168,10 +179,12 @@ def accuracy_part(names: list[str], targets_of, seeds: list[int], ft_epochs: flo
             path = Path(tmp) / "m.onnx"
             models.export_onnx(module, path, bn="keep")
             om = load_onnx(path)
-        base = _figures(_onnx_of(module), test, runs)
+        blob = _onnx_of(module)
+        base = _figures(blob, test, runs)
         ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(Workspace(original=om, model=om, data=calib)).workspace
         limit = ws.analysis.limit.macs_reduction
         rows.append({"model": name, "target": "base", "tool": "-", "method": "unpruned", "seed": 0, "red_target": 1.0, **base})
+        rows[-1].update(_kept(blob, save_dir, rows[-1]))
         console.print(f"[bold]{name}[/]: base {base['acc']:.4f}, estimated maximum {limit:.2f}x")
         for label, red in targets_of(limit):
             for seed in seeds:
@@ -183,6 +196,7 @@ def accuracy_part(names: list[str], targets_of, seeds: list[int], ft_epochs: flo
                     blob = _graphprune(om, ws.analysis, train, red, round_to, ft, samples)
                     rows.append({"model": name, "target": label, "tool": "graphprune", "method": method, "seed": seed,
                                  "red_target": red, "seconds": time.time() - t0, **_figures(blob, test, runs)})
+                    rows[-1].update(_kept(blob, save_dir, rows[-1]))
                     console.print(rows[-1])
                 for method, (kind, global_) in TP_METHODS.items():
                     t0 = time.time()
@@ -190,11 +204,30 @@ def accuracy_part(names: list[str], targets_of, seeds: list[int], ft_epochs: flo
                     m = _tp_at(module, red, kind, global_, calib)
                     if ft_epochs > 0:
                         fit(m, train, ft)
+                    blob = _onnx_of(m.eval())
                     rows.append({"model": name, "target": label, "tool": "Torch-Pruning", "method": method, "seed": seed,
-                                 "red_target": red, "seconds": time.time() - t0, **_figures(_onnx_of(m.eval()), test, runs)})
+                                 "red_target": red, "seconds": time.time() - t0, **_figures(blob, test, runs)})
+                    rows[-1].update(_kept(blob, save_dir, rows[-1]))
                     console.print(rows[-1])
         console.print(f"{name}: {time.time() - t_model:.0f} s")
     return rows
+
+
+def latency_part(paths: list[Path], runs: int) -> None:
+    """Measure again, in this one process, the latency of every saved model of earlier ``--json`` runs (in place).
+
+    The accuracy runs are long and may share the machine; this pass runs alone and
+    measures every model of a table back to back, so their ratios compare.
+    """
+    for path in paths:
+        result = json.loads(path.read_text())
+        rows = [r for r in result.get("accuracy", []) if r.get("onnx") and Path(r["onnx"]).exists()]
+        for i, row in enumerate(rows):
+            row.update(_latency(Path(row["onnx"]).read_bytes(), runs))
+            console.print(f"{path.name} {i + 1}/{len(rows)}: {row['model']} {row['target']} {row['method']}: "
+                          f"{row['lat1_ms']:.3f} / {row['lat32_ms']:.3f} ms")
+        result.setdefault("args", {})["latency"] = f"measured again alone, {time.strftime('%Y-%m-%d %H:%M')}, {runs} runs"
+        path.write_text(json.dumps(result, indent=1, default=float))
 
 
 def accuracy_table(rows: list[dict]) -> Table:
@@ -393,11 +426,19 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=float, default=3.0)
     parser.add_argument("--samples", type=int, default=1024, help="calibration samples for compensation and repair")
     parser.add_argument("--latency-runs", type=int, default=50)
-    parser.add_argument("--parts", nargs="+", default=["timing", "coverage", "accuracy"], choices=["timing", "coverage", "accuracy"])
+    parser.add_argument("--parts", nargs="+", default=["timing", "coverage", "accuracy"],
+                        choices=["timing", "coverage", "accuracy", "latency"],
+                        help="latency: measure again the saved models of the --json files given with --merge (in place)")
+    parser.add_argument("--save-models", type=Path, default=Path("benchmarks/.cache/compare"),
+                        help="where the accuracy part keeps each model's ONNX for --parts latency")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="only print the tables (and --plot) of earlier runs' --json")
     args = parser.parse_args()
+    if "latency" in args.parts:
+        if not args.merge:
+            parser.error("--parts latency needs --merge JSON...")
+        latency_part(args.merge, args.latency_runs)
     if args.merge:
         merged: dict[str, list] = {}
         for path in args.merge:
@@ -425,7 +466,8 @@ def main() -> None:
         def targets_of(limit: float) -> list[tuple[str, float]]:
             return [("2x", 2.0)] if args.quick else [("2x", 2.0), ("3x", 3.0), (f"max {limit:.2f}x", limit)]
 
-        result["accuracy"] = accuracy_part(names, targets_of, args.seeds, ft_epochs, args.train_epochs, args.samples, args.latency_runs)
+        result["accuracy"] = accuracy_part(names, targets_of, args.seeds, ft_epochs, args.train_epochs, args.samples,
+                                           args.latency_runs, args.save_models)
         console.print(accuracy_table(result["accuracy"]))
         if args.plot:
             plot(result["accuracy"], args.plot)

@@ -270,7 +270,7 @@ def _choose_factors(
         )
         total = int(np.prod(f.part_sizes, dtype=np.float64))
         if not ranked or total > MAX_AXIS:
-            reason = f"{node.op_type}: merged or split axis with no prunable factor" if ranked else f"{node.op_type}: axis too large"
+            reason = f"{node.op_type}: axis too large" if ranked else _no_factor_reason(node, f, el, sol, status)
             for a in (f.whole, *f.parts):
                 freezes.setdefault(a, []).append(reason)
             continue
@@ -286,6 +286,17 @@ def _choose_factors(
                     f"{node.op_type}: another factor of this merged or split axis is pruned"
                 )
     return links, freezes
+
+
+def _no_factor_reason(node: OpNode, f: Factor, el: _Elements, sol: _Solution, status: _GroupStatus) -> str:
+    """Why no factor of a merged or split axis can be pruned: its parts' own reasons, when they have some."""
+    why: list[str] = []
+    for part, size in zip(f.parts, f.part_sizes):
+        if size > 1:
+            for g in sorted(_axis_groups(el, sol, part)):
+                why += [r for r in status.reasons.get(g, ()) if r not in why]
+    base = f"{node.op_type}: merged or split axis with no prunable factor"
+    return f"{base} ({'; '.join(why[:3])})" if why else base
 
 
 def _collect(graph: ChannelGraph) -> tuple[list[Link], dict[Axis, list[str]], list[tuple[OpNode, Factor]]]:
@@ -315,6 +326,7 @@ class _GroupStatus:
 
     frozen: frozenset[int]
     weighted: frozenset[int]
+    reasons: dict[int, list[str]]
 
 
 def _groups_with(el: _Elements, sol: _Solution, kind_of_element: np.ndarray, kind: str) -> np.ndarray:
@@ -328,11 +340,16 @@ def _element_kinds(el: _Elements, graph: ChannelGraph) -> np.ndarray:
     return np.array([_kind(graph, a) for a in el.axes])[el.axis_of_elements()]
 
 
-def _group_status(el: _Elements, sol: _Solution, graph: ChannelGraph) -> _GroupStatus:
+def _group_status(el: _Elements, sol: _Solution, graph: ChannelGraph, reasons: dict[Axis, list[str]]) -> _GroupStatus:
     has_param = _groups_with(el, sol, _element_kinds(el, graph), "param")
     frozen = np.zeros(sol.n_groups, bool)
     frozen[sol.group_of_label[sol.label_frozen]] = True
-    return _GroupStatus(frozenset(np.flatnonzero(frozen).tolist()), frozenset(np.flatnonzero(has_param).tolist()))
+    by_group: dict[int, list[str]] = {}
+    for axis, why in reasons.items():
+        if axis in el.index:
+            for g in _axis_groups(el, sol, axis):
+                by_group.setdefault(g, []).extend(r for r in why if r not in by_group.get(g, ()))
+    return _GroupStatus(frozenset(np.flatnonzero(frozen).tolist()), frozenset(np.flatnonzero(has_param).tolist()), by_group)
 
 
 def _kind(graph: ChannelGraph, axis: Axis) -> str:
@@ -353,8 +370,8 @@ def build_groups(graph: ChannelGraph) -> Coupling:
     """
     el = _Elements.of(graph)
     links, freezes, factors = _collect(graph)
-    sol, _ = _solve(el, links, freezes)
-    extra_links, extra_freezes = _choose_factors(el, sol, factors, _group_status(el, sol, graph))
+    sol, first_reasons = _solve(el, links, freezes)
+    extra_links, extra_freezes = _choose_factors(el, sol, factors, _group_status(el, sol, graph, first_reasons))
     for a, r in extra_freezes.items():
         freezes.setdefault(a, []).extend(r)
     sol, reasons = _solve(el, links + extra_links, freezes)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Axis", "Dim", "TensorInfo", "OpNode", "ChannelGraph"]
+__all__ = ["Axis", "Dim", "TensorInfo", "OpNode", "ChannelGraph", "live_nodes"]
 
 Dim = int | str | None
 """A dimension: a known size, a symbolic name (dynamic), or None (unknown)."""
@@ -131,3 +131,14 @@ class ChannelGraph:
                         out.setdefault(name, []).append(node)
             self._consumers = out
         return self._consumers
+
+
+def live_nodes(nodes: list[OpNode], outputs: tuple[str, ...]) -> list[OpNode]:
+    """The ops (in order) whose results reach ``outputs``; dead ones would freeze channels for nothing."""
+    needed = set(outputs)
+    live: list[OpNode] = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.outputs):
+            live.append(node)
+            needed.update(n for n in (*node.inputs, *node.subgraph_refs) if n)
+    return live[::-1]

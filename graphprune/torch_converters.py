@@ -169,6 +169,17 @@ def _matmul(b: _Builder, node: Node, out: str) -> None:
     b.add(out, "MatMul", [b.name(node.args[0]), b.name(node.args[1])], [out])
 
 
+@_converts("aten.scaled_dot_product_attention.default")
+def _sdpa(b: _Builder, node: Node, out: str) -> None:
+    mask = _arg(node, 3, "attn_mask", None)
+    scale = _arg(node, 6, "scale", None)
+    attrs: dict[str, Any] = {"is_causal": int(bool(_arg(node, 5, "is_causal", False)))}
+    if scale is not None:
+        attrs["scale"] = float(scale)
+    inputs = [b.name(a) for a in node.args[:3]] + ([b.name(mask)] if mask is not None else [])
+    b.add(out, "Attention", inputs, [out], **attrs)
+
+
 @_converts("aten.softmax.int", "aten._softmax.default")
 def _softmax(b: _Builder, node: Node, out: str) -> None:
     b.add(out, "Softmax", [b.name(node.args[0])], [out], axis=int(node.args[1]))

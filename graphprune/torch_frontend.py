@@ -9,7 +9,9 @@ what the module backend slices. Targets without a converter become ops of
 the ``aten`` domain, which the table does not know: their channels freeze,
 and the interpreter replays them as traced. When torch.export refuses a
 module, ``torch.fx.symbolic_trace`` + ``make_fx`` (static shapes) is the
-fallback.
+fallback. ``nn.MultiheadAttention`` layers are traced as
+:class:`~graphprune.torch_attention.HeadPrunableAttention` (the same
+computation with a head axis of its own), so their heads can be pruned.
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ import torch
 from torch import nn
 
 from graphprune.errors import BadInputError, short_message
-from graphprune.graph import ChannelGraph, Dim, OpNode, TensorInfo
+from graphprune.graph import ChannelGraph, Dim, OpNode, TensorInfo, live_nodes
 from graphprune.interpreter import TORCH_CALL
+from graphprune.torch_attention import HeadPrunableAttention, swapped_attention
 
 __all__ = ["TorchModel", "load_module", "load_exported_program", "to_channel_graph", "fx_channel_graph"]
 
@@ -226,7 +229,7 @@ def fx_channel_graph(fx_graph: torch.fx.Graph, targets: dict[str, str], state: d
     outputs = tuple(b.name(a) for a in out_node.args[0] if isinstance(a, torch.fx.Node))
     tensors = {k: dataclasses.replace(v, is_output=k in outputs) for k, v in b.tensors.items()}
     consts = b.consts
-    graph = ChannelGraph(tensors, b.nodes, tuple(inputs), outputs, lambda name: consts[name])
+    graph = ChannelGraph(tensors, live_nodes(b.nodes, outputs), tuple(inputs), outputs, lambda name: consts[name])
     return graph, state_names
 
 
@@ -248,34 +251,48 @@ def load_module(module: nn.Module, example_inputs: Sequence[torch.Tensor], dynam
     """
     module = module.eval()
     args = tuple(example_inputs)
-    errors = []
+    with swapped_attention(module):
+        program, error = _export(module, args, dynamic_batch)
+        if program is None:
+            try:
+                fx_graph, targets, state = _trace_fx(module, args)
+            except Exception as exc:  # noqa: BLE001
+                raise BadInputError(
+                    f"cannot trace {type(module).__name__}: torch.export: {error}; torch.fx: {_short(exc)}; "
+                    "export the model to ONNX and prune the ONNX file instead"
+                ) from None
+    if program is None:
+        log.warning("torch.export cannot trace %s (%s); traced with torch.fx instead (static shapes)",
+                    type(module).__name__, error)
+        graph, names = fx_channel_graph(fx_graph, targets, state)
+        return TorchModel(module, None, graph, names)
+    graph, names = to_channel_graph(program)
+    return TorchModel(module, program, graph, names)
+
+
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], dynamic_batch: bool) -> tuple[Any, str]:
+    """torch.export with a dynamic batch, else static; (program or None, the last error)."""
     attempts: list[dict[str, Any]] = []
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         attempts.append({"dynamic_shapes": tuple({0: batch} for _ in args)})
     attempts.append({})
+    error = ""
     for extra in attempts:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.export.export(module, args, **extra)
-            break
+                return torch.export.export(module, args, **extra), ""
         except Exception as exc:  # noqa: BLE001 - tracing failures are the user's model
-            errors.append(_short(exc))
-    else:
-        try:
-            fx_graph, targets, state = _trace_fx(module, args)
-        except Exception as exc:  # noqa: BLE001
-            raise BadInputError(
-                f"cannot trace {type(module).__name__}: torch.export: {errors[-1]}; torch.fx: {_short(exc)}; "
-                "export the model to ONNX and prune the ONNX file instead"
-            ) from None
-        log.warning("torch.export cannot trace %s (%s); traced with torch.fx instead (static shapes)",
-                    type(module).__name__, errors[-1])
-        graph, names = fx_channel_graph(fx_graph, targets, state)
-        return TorchModel(module, None, graph, names)
-    graph, names = to_channel_graph(program)
-    return TorchModel(module, program, graph, names)
+            error = _short(exc)
+    return None, error
+
+
+class _LeafAttention(torch.fx.Tracer):
+    """symbolic_trace, with the attention stand-in kept whole (its forward branches on its arguments)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, HeadPrunableAttention) or super().is_leaf_module(m, qualname)
 
 
 def _trace_fx(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.fx.Graph, dict[str, str], dict[str, torch.Tensor]]:
@@ -286,7 +303,7 @@ def _trace_fx(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.
     from torch.func import functional_call
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = torch.fx.symbolic_trace(module)
+    gm = torch.fx.GraphModule(module, _LeafAttention().trace(module))
     state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
     def run(params: dict[str, torch.Tensor], *xs: torch.Tensor) -> Any:

@@ -4,11 +4,12 @@ The plan's kept elements of every parameter and buffer axis come from the
 torch frontend's channel graph; the module is deep-copied, its tensors sliced
 in place of the originals (still ``nn.Parameter``s, so it trains), and the
 attributes of standard layers updated (Conv in/out channels and groups,
-Linear features, BatchNorm/GroupNorm/LayerNorm sizes). ``nn.MultiheadAttention``
-traces to ``scaled_dot_product_attention`` on packed projections, which the
-table does not know: its channels are frozen, not pruned. ``save_pruned`` / ``load_pruned`` store the plan and the state
-dict only: the pruned module is rebuilt from the original class, never
-unpickled.
+Linear features, BatchNorm/GroupNorm/LayerNorm sizes, attention heads).
+``nn.MultiheadAttention`` layers become
+:class:`~graphprune.torch_attention.HeadPrunableAttention` (same parameters
+and call signature; ``num_heads`` follows the kept heads, the head size stays).
+``save_pruned`` / ``load_pruned`` store the plan and the state dict only: the
+pruned module is rebuilt from the original class, never unpickled.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from graphprune.coupling import Coupling, build_groups
 from graphprune.errors import BadInputError, ValidationError
 from graphprune.graph import Axis
 from graphprune.plan import Plan, kept_elements
+from graphprune.torch_attention import HeadPrunableAttention, swap_attention
 from graphprune.torch_frontend import TorchModel, load_module
 
 __all__ = [
@@ -100,6 +102,29 @@ def _fix_attributes(module: nn.Module, original: nn.Module, touched: set[str]) -
                 raise ValidationError(f"{name}: GroupNorm would have {m.num_channels} channels for {m.num_groups} groups")
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
             m.normalized_shape = tuple(m.weight.shape)
+        elif isinstance(m, HeadPrunableAttention):
+            _fix_attention(m)
+
+
+def _fix_attention(m: HeadPrunableAttention) -> None:
+    """Heads and the value head size follow the projections' rows; embedding sizes follow their columns."""
+    v_rows = m.out_proj.weight.shape[1]
+    if m._packed:
+        qk_rows, m.embed_dim = (m.in_proj_weight.shape[0] - v_rows) // 2, m.in_proj_weight.shape[1]
+        m.kdim = m.vdim = m.embed_dim
+    else:
+        qk_rows, m.embed_dim = m.q_proj_weight.shape
+        m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
+    if qk_rows % m.head_dim or v_rows % (qk_rows // m.head_dim or 1):
+        raise ValidationError(f"attention keeps {qk_rows} query rows and {v_rows} value rows: not whole heads")
+    m.num_heads = qk_rows // m.head_dim
+    m.v_head_dim = v_rows // m.num_heads
+
+
+def _swapped(module: nn.Module) -> set[str]:
+    """Swap ``module``'s attention layers for head-prunable ones (as traced); their qualified names."""
+    swap_attention(module)
+    return {name for name, m in module.named_modules() if isinstance(m, HeadPrunableAttention)}
 
 
 def prune_module(tm: TorchModel, coupling: Coupling, plan: Plan) -> nn.Module:
@@ -113,7 +138,8 @@ def prune_module(tm: TorchModel, coupling: Coupling, plan: Plan) -> nn.Module:
         raise BadInputError("this program was loaded from a file: apply plans to the nn.Module it was exported from")
     kept = kept_elements(plan, coupling, tm.graph)
     new = copy.deepcopy(tm.module)
-    touched = _slice_state(new, kept, tm.state_names)
+    swapped = _swapped(new)
+    touched = _slice_state(new, kept, tm.state_names) | swapped
     _fix_attributes(new, tm.module, touched)
     return new.eval()
 

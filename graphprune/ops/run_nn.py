@@ -209,6 +209,23 @@ def _gemm(node: OpNode, args: Args) -> tuple[Any, ...]:
     return (y,)
 
 
+@register_run("Attention")
+def _attention(node: OpNode, args: Args) -> tuple[Any, ...]:
+    q, k, v = args[:3]
+    mask = args[3] if len(args) > 3 else None
+    if q.dim() != 4:
+        raise NotImplementedError("Attention with 3-D inputs")
+    scale = node.attrs.get("scale")
+    causal = bool(int(node.attrs.get("is_causal", 0)))
+    if causal and mask is not None:  # ONNX adds both; torch takes one
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = (mask if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf")))
+        mask, causal = mask.masked_fill(~keep, float("-inf")), False
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                       scale=None if scale is None else float(scale), enable_gqa=q.shape[1] != k.shape[1])
+    return (y,)
+
+
 @register_run("MatMul")
 def _matmul(node: OpNode, args: Args) -> tuple[Any, ...]:
     return (torch.matmul(args[0], args[1]),)
