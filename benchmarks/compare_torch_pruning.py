@@ -1,6 +1,6 @@
 """graphprune side by side with Torch-Pruning: accuracy at equal MACs, real latency, dependency-graph time, coverage.
 
-Run: python benchmarks/compare_torch_pruning.py [--quick] [--models resnet20 resnet56 vgg16 mobilenetv2]
+Run: python benchmarks/compare_torch_pruning.py [--quick] [--models resnet20 resnet56 vgg16s mobilenetv2]
      [--seeds 0] [--finetune-epochs 0.25] [--json benchmarks/compare.json] [--plot benchmarks/compare.png]
 
 Three parts, each side by side in one run:
@@ -420,7 +420,8 @@ def coverage_table(rows: list[dict]) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "vgg16", "mobilenetv2"])
+    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "vgg16s", "mobilenetv2"],
+                        help="vgg16s: the VGG-16-BN layout at a quarter of the widths (vgg16: full widths, 16x the MACs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--finetune-epochs", type=float, default=0.25)
     parser.add_argument("--train-epochs", type=float, default=3.0)

@@ -22,6 +22,7 @@ INPUT_SHAPE = (1, 28, 28)
 REFERENCE_MODELS: dict[str, Callable[[], nn.Module]] = {
     "vgg": VGG,
     "vgg16": lambda: VGG(widths=VGG16_WIDTHS),
+    "vgg16s": lambda: VGG(widths=tuple(w if w == "M" else w // 4 for w in VGG16_WIDTHS)),
     "resnet20": lambda: ResNetCifar(20),
     "resnet56": lambda: ResNetCifar(56),
     "bottleneck": BottleneckResNet,
@@ -36,7 +37,7 @@ REFERENCE_MODELS: dict[str, Callable[[], nn.Module]] = {
     "convnext": ConvNeXt,
 }
 
-SMALL_MODELS = tuple(n for n in REFERENCE_MODELS if n not in ("vgg16", "resnet56", "densenet201"))
+SMALL_MODELS = tuple(n for n in REFERENCE_MODELS if n not in ("vgg16", "vgg16s", "resnet56", "densenet201"))
 """The models every test runs on (the large ones are for benchmarks)."""
 
 

@@ -219,3 +219,25 @@ def test_onnx_attention_op_prunes_heads_exactly(tmp_path):
     save_onnx(small, tmp_path / "small.onnx")
     report = validate_pruned(om, tmp_path / "small.onnx", sample_inputs(om.graph), kept_elements(plan, coupling, om.graph))
     assert report.exact
+
+
+@torch.library.custom_op("graphprune_test::halve", mutates_args=())
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    """No fake kernel: torch.export refuses the module and the torch.fx fallback traces it."""
+    return x * 0.5
+
+
+class _EncoderWithCustomOp(_Encoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.ops.graphprune_test.halve(x))
+
+
+def test_heads_prune_through_the_fx_fallback():
+    tm = load_module(_EncoderWithCustomOp(), [_x(2)])
+    assert tm.program is None
+    coupling = build_groups(tm.graph)
+    assert _head_groups(coupling)["self_att"].prunable
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    assert pruned.self_att.num_heads == HEADS // 2
+    assert verify_module(tm, coupling, plan, pruned, [_x()]) < 1e-5
