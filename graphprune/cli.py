@@ -233,20 +233,49 @@ def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
 
 
 def _refuse_for_program(args: argparse.Namespace) -> None:
-    """A .pt2 input takes ratio-based plans (or --plan) only."""
-    unsupported = [flag for flag, on in (("--data", args.data), ("--method", args.method), ("--compensate", args.compensate),
-                                        ("--repair", args.repair), ("--macs", args.macs), ("--params", args.params),
-                                        ("--latency", args.latency)) if on]
-    if unsupported or args.criterion in ("effective", "cholesky", "taylor"):
-        flags = ", ".join(unsupported) or f"--criterion {args.criterion}"
-        raise BadInputError(f"{flags}: not available for .pt2 input (use --ratio with l1/l2/random or --plan); "
-                            "for analysis-based pruning use graphprune.module_analysis or prune the ONNX export")
+    """A .pt2 input is planned (with or without the analysis) and rewritten; the later passes need ONNX."""
+    unsupported = [flag for flag, on in (("--compensate", args.compensate), ("--repair", args.repair),
+                                        ("--latency", args.latency is not None),
+                                        ("--finetune-epochs", args.finetune_epochs > 0)) if on]
+    if unsupported:
+        raise BadInputError(f"{', '.join(unsupported)}: not available for .pt2 input (compensation, BN repair, "
+                            "fine-tuning and latency targets run on ONNX): convert it with "
+                            f"`graphprune prune {args.model.name} -o model.onnx --ratio 0` and prune the ONNX file")
+
+
+def _program_plan(args: argparse.Namespace, console: Console):  # noqa: ANN202 - Plan, imported lazily
+    """Analysis- or target-based plan of a .pt2, as the prune pipeline's analyze and plan passes make it."""
+    from rich.progress import Progress
+
+    from graphprune.passes import AnalyzePassOptions, PlanPassOptions
+    from graphprune.program_prune import plan_program
+
+    method = args.method or ("hierarchical" if args.data else "uniform")
+    criterion = args.criterion or ("effective" if method == "hierarchical" else "l1")
+    plan_options = PlanPassOptions(method=method, criterion=criterion, ratio=args.ratio, macs=args.macs, params=args.params,
+                                   round_to=args.round_to, allow_over_limit=args.allow_over_limit, seed=args.seed)
+    plan_options.check()
+    analysis_options = AnalyzePassOptions(eps=args.eps, budget=args.budget, seed=args.seed, samples=args.samples)
+    analysis_options.check()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("gradient matrices", total=None)
+        plan, figures = plan_program(args.model, args.data, analysis_options, plan_options,
+                                     lambda done, total: bar.update(task, completed=done, total=total))
+    if "max_macs_reduction" in figures:
+        console.print(f"estimated maximum: {figures['max_macs_reduction']:.2f}x fewer MACs, "
+                      f"{figures['max_params_reduction']:.2f}x fewer parameters; target: {figures['target']}")
+    return plan
 
 
 def _prune(args: argparse.Namespace, console: Console) -> None:
     program = args.model.suffix == ".pt2"
+    planned = None
     if program:
         _refuse_for_program(args)
+        if args.data or args.method or args.criterion in ("effective", "cholesky", "taylor") or args.macs or args.params:
+            if args.plan is not None:
+                raise BadInputError("--plan applies a saved plan: do not combine it with a target, --method or --data")
+            planned = _program_plan(args, console)
     elif args.data or args.method or args.compensate or args.repair or args.criterion in ("effective", "cholesky", "taylor") or any(
         getattr(args, k) is not None for k in ("macs", "params", "latency")
     ):
@@ -265,7 +294,7 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
             raise BadInputError(f"{path} is the input model: choose another path")
     options = PruneOptions(
         ratio=0.5 if args.ratio is None else args.ratio, criterion=args.criterion or "l1", round_to=args.round_to, seed=args.seed,
-        verify=args.verify, plan=Plan.load(args.plan) if args.plan else None, force=args.force,
+        verify=args.verify, plan=planned or (Plan.load(args.plan) if args.plan else None), force=args.force,
         latency_runs=max(0, args.latency_runs),
     )
     with console.status("pruning and validating..."):

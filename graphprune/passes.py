@@ -247,7 +247,7 @@ class PlanPass(Pass):
         from graphprune.plan_targets import plan_for
 
         ws.status("planning")
-        ws.plan = plan_for(ws.original, ws.groups(), ws.analysis, self.options, ws.figures)
+        ws.plan = plan_for(ws.original.graph, ws.groups(), ws.analysis, self.options, ws.figures, ws.original)
         return PassResult(ws, False)
 
 

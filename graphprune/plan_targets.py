@@ -9,6 +9,7 @@ import numpy as np
 from graphprune.analysis import Analysis
 from graphprune.coupling import Coupling
 from graphprune.errors import BadInputError, OverLimitError
+from graphprune.graph import ChannelGraph
 from graphprune.hierarchical import PlanOptions, Target, keep_sets, make_plan, removal_orders, round_counts
 from graphprune.onnx_frontend import OnnxModel
 from graphprune.plan import Plan, plan_from_keep
@@ -27,10 +28,10 @@ def _target(options: Any) -> Target | None:
     return Target(*given[0]) if given else None
 
 
-def limit_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis, criterion: str, round_to: int) -> Plan:
+def limit_plan(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, criterion: str, round_to: int) -> Plan:
     """Every analysed group keeps exactly its effective filters (the estimated maximum rate)."""
     options = PlanOptions(method="hierarchical", criterion=criterion, round_to=round_to)
-    orders = removal_orders(coupling, om.graph, options, analysis)
+    orders = removal_orders(coupling, graph, options, analysis)
     counts = round_counts({gid: o.floor for gid, o in orders.items()}, orders, round_to)
     return plan_from_keep(coupling, keep_sets(orders, counts), {"method": "hierarchical", "criterion": criterion, "target": "limit", "round_to": round_to})
 
@@ -75,18 +76,24 @@ def latency_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, b
     return plan
 
 
-def plan_for(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, options: Any, figures: dict[str, Any]) -> Plan:
-    """The plan a plan pass asks for; records the target in ``figures``."""
+def plan_for(graph: ChannelGraph, coupling: Coupling, analysis: Analysis | None, options: Any, figures: dict[str, Any],
+             om: OnnxModel | None = None) -> Plan:
+    """The plan a plan pass asks for; records the target in ``figures``.
+
+    A latency target is measured on onnxruntime, so it needs ``om`` (the ONNX model of ``graph``).
+    """
     target = _target(options)
     base = PlanOptions(options.method, options.criterion, Target("macs", 0.5), options.round_to, options.allow_over_limit, options.seed)
     if target is None:
         if analysis is None or options.method != "hierarchical":
             raise BadInputError("give a target (ratio, macs, params or latency); only hierarchical pruning with an analysis defaults to the estimated limit")
         figures["target"] = "estimated maximum rate"
-        return limit_plan(om, coupling, analysis, options.criterion, options.round_to)
+        return limit_plan(graph, coupling, analysis, options.criterion, options.round_to)
     figures["target"] = f"{target.kind} {target.value:g}"
     if target.kind == "latency":
+        if om is None:
+            raise BadInputError("a latency target is measured on onnxruntime: prune the ONNX model")
         if not 0.0 < target.value < 1.0:
             raise BadInputError(f"--latency must be in (0, 1), got {target.value}")
         return latency_plan(om, coupling, analysis, base, target.value, options.latency_runs)
-    return make_plan(om.graph, coupling, PlanOptions(**{**base.__dict__, "target": target}), analysis)
+    return make_plan(graph, coupling, PlanOptions(**{**base.__dict__, "target": target}), analysis)

@@ -4,20 +4,22 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from graphprune.cost import model_cost
 from graphprune.coupling import build_groups
 from graphprune.errors import BadInputError, ValidationError
+from graphprune.fisher import Progress
 from graphprune.io import check_output_path, staged_output
 from graphprune.onnx_prune import ModelStats, PruneOptions, PruneResult
-from graphprune.plan import uniform_plan
+from graphprune.plan import Plan, uniform_plan
 from graphprune.program_rewrite import example_inputs, prune_program, verify_program
 from graphprune.torch_frontend import load_exported_program, to_channel_graph
 from graphprune.validate import ValidationReport, compare_outputs
 
-__all__ = ["prune_program_file"]
+__all__ = ["prune_program_file", "plan_program"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,40 @@ def _write_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
         want = program.module()(*inputs)
     want_t = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else (want,))]
     compare_outputs(want_t, session.run(None, feeds), [o.name for o in session.get_outputs()])
+
+
+def plan_program(source: Path, data: str | None, analysis_options: Any, plan_options: Any,
+                 progress: Progress | None = None) -> tuple[Plan, dict[str, Any]]:
+    """An analysis- or target-based plan for a ``.pt2`` (the passes' plan step, on the program's graph).
+
+    Args:
+        data: Calibration data spec; the effective filter analysis runs when the method or criterion needs it.
+        analysis_options: ``AnalyzePassOptions`` (``samples`` included).
+        plan_options: ``PlanPassOptions`` (no latency target: that is measured on onnxruntime).
+
+    Returns:
+        The plan and its figures (target, estimated maximum reductions).
+    """
+    from graphprune.analysis import AnalysisOptions, analyze
+    from graphprune.data import load_data
+    from graphprune.hierarchical import NEEDS_ANALYSIS
+    from graphprune.plan_targets import plan_for
+
+    tm = load_exported_program(source)
+    coupling = build_groups(tm.graph)
+    figures: dict[str, Any] = {}
+    analysis = None
+    if plan_options.method == "hierarchical" or plan_options.criterion in NEEDS_ANALYSIS:
+        if data is None:
+            raise BadInputError(f"--method {plan_options.method} --criterion {plan_options.criterion} needs calibration data (--data)")
+        calibration = load_data(data, tm.graph, analysis_options.samples, analysis_options.seed)
+        o = analysis_options
+        loss = "fisher" if o.loss == "labels" and calibration.labels is None else o.loss
+        options = AnalysisOptions(eps=o.eps, floor=o.floor, loss=loss, batch_size=o.batch_size, seed=o.seed, budget=o.budget)
+        analysis = analyze(tm.graph, coupling, calibration, options, progress, meta={"model": str(source), "data": data})
+        figures["max_macs_reduction"] = analysis.limit.macs_reduction
+        figures["max_params_reduction"] = analysis.limit.params_reduction
+    return plan_for(tm.graph, coupling, analysis, plan_options, figures), figures
 
 
 def prune_program_file(source: Path, output: Path, options: PruneOptions) -> PruneResult:

@@ -66,7 +66,7 @@ def test_beyond_the_limit_is_refused_unless_allowed(analysed):
 
 def test_limit_plan_keeps_exactly_the_effective_filters(analysed):
     om, coupling, analysis = analysed
-    keep = _keep(limit_plan(om, coupling, analysis, "effective", 1), coupling)
+    keep = _keep(limit_plan(om.graph, coupling, analysis, "effective", 1), coupling)
     assert all(keep[g.group] == max(1, g.effective) for g in analysis.groups)
     assert cost_with_keep(om.graph, coupling, keep).macs == analysis.limit.at_limit.macs
 

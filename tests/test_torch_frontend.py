@@ -263,7 +263,26 @@ def test_cli_prunes_pt2_to_pt2_and_onnx(tmp_path, capsys):
     with torch.no_grad():
         want = small.module()(x).numpy()
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], want, rtol=1e-4, atol=1e-5)
-    assert main(["prune", str(src), "-o", str(tmp_path / "x.pt2"), "--data", "fashion-mnist"]) == 2
+    assert main(["prune", str(src), "-o", str(tmp_path / "x.pt2"), "--data", "fashion-mnist", "--compensate"]) == 2
     assert "not available for .pt2 input" in capsys.readouterr().err
     assert main(["prune", str(src), "-o", str(tmp_path / "x.txt")]) == 2
     assert not (tmp_path / "x.pt2").exists() and not (tmp_path / "x.txt").exists()
+
+
+def test_cli_prunes_pt2_hierarchically_from_an_analysis(tmp_path, capsys):
+    """--data on a .pt2: the effective filter analysis on the program's graph, the hierarchical plan, exact rewrite."""
+    from graphprune.cli import main
+
+    src = _saved_program(tmp_path, "vgg")
+    name = load_exported_program(src).graph.inputs[0]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", **{name: rng.standard_normal((96, *models.INPUT_SHAPE)).astype(np.float32)})
+    data = ["--data", str(tmp_path / "cal.npz"), "--samples", "96"]
+    assert main(["prune", str(src), "-o", str(tmp_path / "small.pt2"), *data, "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "estimated maximum" in out and "exact" in out
+    small = torch.export.load(str(tmp_path / "small.pt2"))
+    assert sum(v.numel() for v in small.state_dict.values()) < sum(v.numel() for v in torch.export.load(str(src)).state_dict.values())
+    assert main(["prune", str(src), "-o", str(tmp_path / "tiny.pt2"), *data, "--macs", "0.01"]) == 4
+    assert "beyond the estimated maximum" in capsys.readouterr().err and not (tmp_path / "tiny.pt2").exists()
+    assert main(["prune", str(src), "-o", str(tmp_path / "u.pt2"), "--method", "uniform", "--criterion", "l2", "--macs", "0.5"]) == 0
