@@ -4,7 +4,8 @@ The program is unlifted (``program.module()``: a GraphModule whose parameters
 and buffers keep their qualified names), its tensors sliced like a module's,
 and the literal sizes its aten calls carry patched from the new output shapes:
 ``view`` / ``reshape`` / ``expand`` / ``unflatten`` shapes, ``split`` sizes,
-``layer_norm`` shapes, and the group count of depthwise ``conv``. It is then
+``layer_norm`` shapes, the group count of ``group_norm`` and of depthwise
+``conv`` / ``conv_transpose``. It is then
 exported again (dynamic batch when the original had one) and checked against
 the original with the removed channels zeroed; a size hard-coded elsewhere
 (a ``slice`` bound, a ``zeros`` shape) fails that check with a clear error.
@@ -65,6 +66,11 @@ def _patch_node(node: torch.fx.Node, kept: Mapping[Axis, np.ndarray], rank: int)
         n = _new_size(kept, f"{name}.0", dim)
         if n is not None:
             args[1] = n
+    elif key == "aten.group_norm.default":  # whole groups go: the group count follows the channels
+        x = args[0].meta.get("val") if isinstance(args[0], torch.fx.Node) else None
+        n = _new_size(kept, name, 1)
+        if x is not None and n is not None:
+            args[1] = n // (int(x.shape[1]) // int(args[1]))
     elif key == "aten.layer_norm.default":
         shape = list(args[1])
         args[1] = _patched_list(shape, kept, name, rank - len(shape))
@@ -74,6 +80,11 @@ def _patch_node(node: torch.fx.Node, kept: Mapping[Axis, np.ndarray], rank: int)
         if weight is not None and weight.shape[1] == 1 and n is not None:  # depthwise: groups follow the channels
             per_group = int(weight.shape[0]) // int(args[6])
             args[6] = n // per_group
+    elif key.startswith("aten.conv_transpose") and len(args) > 6 and int(args[6]) > 1:
+        weight = args[1].meta.get("val") if isinstance(args[1], torch.fx.Node) else None
+        n = _new_size(kept, name, 1)
+        if weight is not None and weight.shape[1] == 1 and n is not None:  # depthwise: weight (C, 1, k...)
+            args[6] = n
     node.args = tuple(args)
 
 
@@ -130,6 +141,7 @@ def prune_program(tm: TorchModel, coupling: Coupling, plan: Plan) -> torch.expor
         raise BadInputError("this model was traced with torch.fx, not torch.export: prune the nn.Module instead")
     kept = kept_elements(plan, coupling, tm.graph)
     gm = tm.program.module()
+    gm.graph.eliminate_dead_code()  # the channel graph leaves dead ops out, so their sizes would not be patched
     _slice_state(gm, kept, tm.state_names)
     for node in gm.graph.nodes:
         if node.op == "call_function":

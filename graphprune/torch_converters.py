@@ -50,6 +50,28 @@ def _conv(b: _Builder, node: Node, out: str) -> None:
     b.add(out, "Conv", inputs, [out], **attrs)
 
 
+@_converts("aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input")
+def _conv_transpose(b: _Builder, node: Node, out: str) -> None:
+    x, w = b.name(node.args[0]), b.name(node.args[1])
+    bias = _arg(node, 2, "bias", None)
+    n = len(b.tensors[w].shape or ()) - 2
+    pads = _pair(_arg(node, 4, "padding", 0), n)
+    attrs = {"strides": _pair(_arg(node, 3, "stride", 1), n), "pads": pads + pads,
+             "output_padding": _pair(_arg(node, 5, "output_padding", 0), n), "group": int(_arg(node, 6, "groups", 1)),
+             "dilations": _pair(_arg(node, 7, "dilation", 1), n)}
+    b.add(out, "ConvTranspose", [x, w] + ([b.name(bias)] if bias is not None else []), [out], **attrs)
+
+
+@_converts("aten.group_norm.default")
+def _group_norm(b: _Builder, node: Node, out: str) -> None:
+    x, groups = b.name(node.args[0]), int(node.args[1])
+    w, bias = _arg(node, 2, "weight", None), _arg(node, 3, "bias", None)
+    c = int((b.tensors[x].shape or (0, 0))[1])  # type: ignore[arg-type]
+    scale = b.name(w) if w is not None else b.const(out, np.ones(c, np.float32))
+    shift = b.name(bias) if bias is not None else b.const(out, np.zeros(c, np.float32))
+    b.add(out, "GroupNormalization", [x, scale, shift], [out], num_groups=groups, epsilon=float(_arg(node, 4, "eps", 1e-5)))
+
+
 @_converts("aten.linear.default")
 def _linear(b: _Builder, node: Node, out: str) -> None:
     x, w = b.name(node.args[0]), b.name(node.args[1])

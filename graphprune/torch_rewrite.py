@@ -96,10 +96,12 @@ def _fix_attributes(module: nn.Module, original: nn.Module, touched: set[str]) -
         elif isinstance(m, nn.modules.batchnorm._NormBase):
             ref = m.weight if m.weight is not None else m.running_mean
             m.num_features = ref.shape[0]
-        elif isinstance(m, nn.GroupNorm):
+        elif isinstance(m, nn.GroupNorm):  # whole groups go
+            per_group = o.num_channels // o.num_groups
             m.num_channels = m.weight.shape[0]
-            if m.num_channels % m.num_groups:
-                raise ValidationError(f"{name}: GroupNorm would have {m.num_channels} channels for {m.num_groups} groups")
+            if m.num_channels % per_group:
+                raise ValidationError(f"{name}: GroupNorm would keep {m.num_channels} channels, not whole groups of {per_group}")
+            m.num_groups = m.num_channels // per_group
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
             m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, HeadPrunableAttention):

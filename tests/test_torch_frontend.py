@@ -286,3 +286,105 @@ def test_cli_prunes_pt2_hierarchically_from_an_analysis(tmp_path, capsys):
     assert main(["prune", str(src), "-o", str(tmp_path / "tiny.pt2"), *data, "--macs", "0.01"]) == 4
     assert "beyond the estimated maximum" in capsys.readouterr().err and not (tmp_path / "tiny.pt2").exists()
     assert main(["prune", str(src), "-o", str(tmp_path / "u.pt2"), "--method", "uniform", "--criterion", "l2", "--macs", "0.5"]) == 0
+
+
+class _Layers(nn.Module):
+    """Conv1d, GroupNorm, ConvTranspose2d (plain and depthwise) and BatchNorm: the layers the issue lists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gn, self.c2 = nn.Conv1d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.Conv1d(16, 8, 1)
+        self.up, self.bn = nn.ConvTranspose2d(8, 12, 2, stride=2), nn.BatchNorm2d(12)
+        self.dw = nn.ConvTranspose2d(12, 12, 3, padding=1, groups=12)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c2(torch.relu(self.gn(self.c1(x))))
+        y = y.reshape(y.shape[0], -1, 4, 4)
+        return self.head(self.dw(torch.relu(self.bn(self.up(y)))))
+
+
+def _seq(n: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 3, 16)).astype(np.float32))
+
+
+def test_conv1d_group_norm_and_conv_transpose_prune_in_torch(tmp_path):
+    torch.manual_seed(0)
+    module = _Layers().eval()
+    with torch.no_grad():
+        module.bn.running_mean.uniform_(-1, 1)
+    tm = load_module(module, [_seq(2)])
+    coupling = build_groups(tm.graph)
+    by_anchor = {g.anchor: g for g in coupling.groups}
+    assert by_anchor["c1.weight[0]"].channels == 4  # GroupNorm: whole groups of 4 channels
+    assert by_anchor["c1.weight[0]"].prunable and by_anchor["up.weight[1]"].prunable
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    assert (pruned.gn.num_groups, pruned.gn.num_channels, pruned.c1.out_channels) == (2, 8, 8)
+    assert (pruned.up.in_channels, pruned.up.out_channels, pruned.dw.groups, pruned.bn.num_features) == (4, 6, 6, 6)
+    assert verify_module(tm, coupling, plan, pruned, [_seq()]) < 1e-5
+    pruned.train()
+    opt = torch.optim.SGD(pruned.parameters(), lr=0.01)
+    pruned(_seq(4)).mean().backward()
+    opt.step()
+    pruned.eval()
+    path = tmp_path / "layers.onnx"
+    torch.onnx.export(pruned, (_seq(2),), str(path), input_names=["input"], dynamo=False, dynamic_axes={"input": {0: "b"}})
+    with torch.no_grad():
+        want = pruned(_seq(5)).numpy()
+    np.testing.assert_allclose(make_session(str(path)).run(None, {"input": _seq(5).numpy()})[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_conv1d_group_norm_and_conv_transpose_prune_as_pt2_and_onnx(tmp_path):
+    from graphprune.io import save_onnx
+    from graphprune.plan import kept_elements
+    from graphprune.program_rewrite import prune_program, verify_program
+    from graphprune.runtime import sample_inputs
+    from graphprune.validate import validate_pruned
+
+    module = _Layers().eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(module, (_seq(2),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "layers.pt2"))
+    tm = load_exported_program(tmp_path / "layers.pt2")
+    coupling = build_groups(tm.graph)
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    verify_program(tm, coupling, plan, prune_program(tm, coupling, plan))
+    # the dynamo exporter writes GroupNormalization (opset 21: per-channel scale): the ONNX path prunes whole groups
+    path = tmp_path / "layers.onnx"
+    torch.onnx.export(module, (_seq(2),), str(path), dynamo=True, opset_version=21, input_names=["input"],
+                      dynamic_shapes=({0: batch},), verbose=False)
+    om = load_onnx(path)
+    assert any(n.op_type == "GroupNormalization" for n in om.graph.nodes)
+    coupling = build_groups(om.graph)
+    plan = uniform_plan(om.graph, coupling, 0.5)
+    save_onnx(apply_onnx_plan(om, coupling, plan), tmp_path / "small.onnx")
+    report = validate_pruned(om, tmp_path / "small.onnx", sample_inputs(om.graph), kept_elements(plan, coupling, om.graph))
+    assert report.exact
+    small = load_onnx(tmp_path / "small.onnx")
+    assert next(n for n in small.graph.nodes if n.op_type == "GroupNormalization").attrs["num_groups"] == 2
+
+
+class _DeadView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        _ = h.view(h.shape[0], 16, -1).sum()  # dead, and it hard-codes the channel count
+        return self.b(h)
+
+
+def test_dead_ops_neither_freeze_channels_nor_break_a_pruned_program(tmp_path):
+    from graphprune.program_rewrite import prune_program, verify_program
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(_DeadView().eval(), (_x(2),), dynamic_shapes=({0: batch},))
+    assert any("view" in str(n.target) for n in program.graph.nodes)  # torch.export keeps the dead view
+    torch.export.save(program, str(tmp_path / "dead.pt2"))
+    tm = load_exported_program(tmp_path / "dead.pt2")
+    coupling = build_groups(tm.graph)
+    assert {g.anchor: g for g in coupling.groups}["a.weight[0]"].prunable
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    verify_program(tm, coupling, plan, prune_program(tm, coupling, plan))

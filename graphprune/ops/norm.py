@@ -1,6 +1,8 @@
 """Normalisation, pooling, reductions and softmax."""
 from __future__ import annotations
 
+import numpy as np
+
 from graphprune.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops._common import (
     freeze_axes,
@@ -9,7 +11,7 @@ from graphprune.ops._common import (
     needs_shapes,
     norm_axis,
 )
-from graphprune.ops.registry import Link, Semantics, attr_or_input, register
+from graphprune.ops.registry import AdjustContext, Adjustment, Link, Semantics, attr_or_input, register
 
 __all__ = ["batch_norm", "layer_norm", "pool", "reduce", "softmax"]
 
@@ -58,7 +60,45 @@ def layer_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
     return Semantics(links=tuple(links), freezes=frozen)
 
 
-@register("GroupNormalization", "LpNormalization", "LRN", "MeanVarianceNormalization")
+def _group_norm_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
+    """The group count follows the kept channels (whole groups go)."""
+    x = node.inputs[0]
+    kept, c = ctx.kept_of(Axis(x, 1)), ctx.graph.tensors[x].size(1)
+    if kept is None or not c:
+        return Adjustment()
+    return Adjustment(attrs={"num_groups": int(kept.size) // (int(c) // int(node.attrs["num_groups"]))})
+
+
+@register("GroupNormalization", adjust=_group_norm_adjust, torch_targets=("aten.group_norm.default",))
+def group_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
+    """Statistics mix the channels of a group: each group is one channel of a plan (it goes whole).
+
+    Scale and bias are per channel (opset 21) or per group (opset 18).
+    """
+    x, y = node.inputs[0], node.outputs[0]
+    params = [p for p in node.inputs[1:3] if p]
+    missing = needs_shapes(node, graph, [x, y, *params])
+    if missing is not None:
+        return missing
+    r, c, groups = _rank(graph, x), graph.shape(x)[1], int(node.attrs.get("num_groups", 0))  # type: ignore[index]
+    if not isinstance(c, int) or groups <= 0 or c % groups:
+        return freeze_node(node, graph, "GroupNormalization: channel count unknown or not a multiple of the groups")
+    idx = np.arange(c)
+    per = c // groups
+    links = identity_links(x, y, ((i, i) for i in range(r)))
+    links.append(Link(Axis(x, 1), Axis(x, 1), idx, idx // per * per))  # a group's channels are one channel
+    for p in params:
+        size = graph.shape(p)[0]  # type: ignore[index]
+        if size == c:
+            links.append(Link(Axis(p, 0), Axis(y, 1)))
+        elif size == groups:
+            links.append(Link(Axis(p, 0), Axis(y, 1), idx // per, idx))
+        else:
+            return freeze_node(node, graph, f"GroupNormalization: scale of {size} for {c} channels in {groups} groups")
+    return Semantics(links=tuple(links))
+
+
+@register("LpNormalization", "LRN", "MeanVarianceNormalization")
 def cross_channel_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Statistics mix channels: the channel axis is frozen, the others pass."""
     x, y = node.inputs[0], node.outputs[0]
