@@ -372,7 +372,7 @@ class _DeadView(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.a(x))
-        _ = h.view(h.shape[0], 16, -1).sum()  # dead, and it hard-codes the channel count
+        _ = h.view(h.shape[0], 16, 28, 28).sum()  # dead, and it hard-codes the channel count
         return self.b(h)
 
 
