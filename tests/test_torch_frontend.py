@@ -94,8 +94,13 @@ def test_save_and_rebuild_from_class_and_state_dict(tmp_path):
     with torch.no_grad():
         np.testing.assert_array_equal(rebuilt(_x()).numpy(), pruned(_x()).numpy())
     assert (tmp_path / "small.plan.json").exists() and (tmp_path / "small.pt").exists()
-    # the same API straight from a plan
+    # the same API straight from a plan, and from the package's top level through a saved plan
     assert sum(p.numel() for p in apply_plan(models.build("resnet20"), plan, [_x(2)]).parameters()) == sum(p.numel() for p in pruned.parameters())
+    import graphprune
+
+    graphprune.save_plan(tmp_path / "plan.json", plan)
+    again = graphprune.apply_plan(models.build("resnet20"), graphprune.load_plan(tmp_path / "plan.json"), [_x(2)])
+    assert [p.shape for p in again.parameters()] == [p.shape for p in pruned.parameters()]
 
 
 class _DataDependent(nn.Module):
