@@ -241,3 +241,19 @@ def test_heads_prune_through_the_fx_fallback():
     pruned = prune_module(tm, coupling, plan)
     assert pruned.self_att.num_heads == HEADS // 2
     assert verify_module(tm, coupling, plan, pruned, [_x()]) < 1e-5
+
+
+def test_stand_in_exported_by_torchscript_prunes_heads_on_the_onnx_path(tmp_path, capsys):
+    """swap_attention before torch.onnx.export: per-head reshapes the ONNX path can prune (exact)."""
+    from graphprune.cli import main
+    from graphprune.onnx_frontend import load_onnx
+
+    module = _Encoder().eval()
+    swap_attention(module)
+    src = tmp_path / "enc.onnx"
+    torch.onnx.export(module, (_x(2),), str(src), dynamo=False, opset_version=17, input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}})
+    heads = _group_of_row(build_groups(load_onnx(src).graph), "self_att.in_proj_weight")
+    assert heads.prunable and heads.channels == HEADS
+    assert main(["prune", str(src), "-o", str(tmp_path / "small.onnx"), "--ratio", "0.5", "--verify"]) == 0
+    assert "exact" in capsys.readouterr().out
