@@ -262,12 +262,18 @@ def plot(rows: list[dict], path: Path) -> None:
         methods = list(dict.fromkeys((r["tool"], r["method"]) for r in rows if r["model"] == name and r["target"] != "base"))
         for tool, method in methods:
             sel = [r for r in rows if r["model"] == name and (r["tool"], r["method"]) == (tool, method)]
-            pts = sorted((b["macs"] / r["macs"], r["acc"]) for r in sel)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if tool == "graphprune" else "x--", label=f"{tool}: {method}")
+            pts = []  # per target: mean MACs reduction, mean accuracy, half the spread over seeds
+            for target in dict.fromkeys(r["target"] for r in sel):
+                acc = [r["acc"] for r in sel if r["target"] == target]
+                red = statistics.mean(b["macs"] / r["macs"] for r in sel if r["target"] == target)
+                pts.append((red, statistics.mean(acc), (max(acc) - min(acc)) / 2))
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=2,
+                        fmt="o-" if tool == "graphprune" else "x--", label=f"{tool}: {method}")
         ax.axhline(b["acc"], color="k", lw=0.8, ls=":", label="unpruned")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("MACs reduction")
-        ax.set_ylabel("test accuracy after fine-tuning")
+        ax.set_ylabel("accuracy after fine-tuning (mean ± spread)")
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
