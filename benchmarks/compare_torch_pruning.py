@@ -473,8 +473,9 @@ def main() -> None:
         def targets_of(limit: float) -> list[tuple[str, float]]:
             return [("2x", 2.0)] if args.quick else [("2x", 2.0), ("3x", 3.0), (f"max {limit:.2f}x", limit)]
 
+        save_dir = args.save_models / "quick" if args.quick else args.save_models  # never over a full run's models
         result["accuracy"] = accuracy_part(names, targets_of, args.seeds, ft_epochs, args.train_epochs, args.samples,
-                                           args.latency_runs, args.save_models)
+                                           args.latency_runs, save_dir)
         console.print(accuracy_table(result["accuracy"]))
         if args.plot:
             plot(result["accuracy"], args.plot)
