@@ -117,7 +117,7 @@ def _fix_attention(m: HeadPrunableAttention) -> None:
     else:
         qk_rows, m.embed_dim = m.q_proj_weight.shape
         m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
-    if qk_rows % m.head_dim or v_rows % (qk_rows // m.head_dim or 1):
+    if qk_rows < m.head_dim or qk_rows % m.head_dim or v_rows % (qk_rows // m.head_dim):
         raise ValidationError(f"attention keeps {qk_rows} query rows and {v_rows} value rows: not whole heads")
     m.num_heads = qk_rows // m.head_dim
     m.v_head_dim = v_rows // m.num_heads
