@@ -20,6 +20,8 @@ Three parts, each side by side in one run:
      to ONNX and runs on onnxruntime; exact = equals the original with the removed channels
      zeroed (graphprune: its masked check; Torch-Pruning: in a copy, the parameters producing
      and reading the channels its own groups remove are zeroed, then the outputs compared).
+--parts latency --merge JSON...: the accuracy part keeps every model's ONNX (--save-models); this
+  measures all of them again, back to back in one process, and updates the JSON files in place.
 --quick: ResNet-20 only, 2x only, one twentieth of an epoch of fine-tuning (minutes).
 Needs: apt-get install -y dataset-fashion-mnist; pip install --no-deps torch-pruning.
 """
