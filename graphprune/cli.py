@@ -189,13 +189,18 @@ def _analyze(args: argparse.Namespace, console: Console) -> None:
             console.print(f"report: {args.html}")
 
 
+def _method_and_criterion(args: argparse.Namespace) -> tuple[str, str]:
+    """Defaults: hierarchical with the effective filters when there is data, else uniform by L1."""
+    method = args.method or ("hierarchical" if args.data else "uniform")
+    return method, args.criterion or ("effective" if method == "hierarchical" else "l1")
+
+
 def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
     """Analysis-based or target-based pruning: the same passes as ``graphprune run``."""
     from graphprune.pipeline import parse_pipeline
     from graphprune.run_pipeline import run_file
 
-    method = args.method or ("hierarchical" if args.data else "uniform")
-    criterion = args.criterion or ("effective" if method == "hierarchical" else "l1")
+    method, criterion = _method_and_criterion(args)
     target = {k: getattr(args, k) for k in ("ratio", "macs", "params", "latency") if getattr(args, k) is not None}
     passes: list[dict] = []
     if method == "hierarchical" or criterion in ("effective", "cholesky", "taylor"):
@@ -250,8 +255,7 @@ def _program_plan(args: argparse.Namespace, console: Console):  # noqa: ANN202 -
     from graphprune.passes import AnalyzePassOptions, PlanPassOptions
     from graphprune.program_prune import plan_program
 
-    method = args.method or ("hierarchical" if args.data else "uniform")
-    criterion = args.criterion or ("effective" if method == "hierarchical" else "l1")
+    method, criterion = _method_and_criterion(args)
     plan_options = PlanPassOptions(method=method, criterion=criterion, ratio=args.ratio, macs=args.macs, params=args.params,
                                    round_to=args.round_to, allow_over_limit=args.allow_over_limit, seed=args.seed)
     plan_options.check()

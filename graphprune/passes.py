@@ -17,6 +17,8 @@ from graphprune.analysis import Analysis, AnalysisOptions, analyze
 from graphprune.coupling import Coupling, build_groups
 from graphprune.data import Calibration
 from graphprune.errors import BadInputError
+from graphprune.fisher import Progress
+from graphprune.graph import ChannelGraph
 from graphprune.onnx_frontend import OnnxModel, prepare
 from graphprune.plan import Plan, kept_elements
 from graphprune.training import FitOptions
@@ -139,15 +141,23 @@ class AnalyzePass(Pass):
         if ws.data is None:
             raise BadInputError("the analyze pass needs calibration data (--data)")
         ws.status("effective filter analysis")
-        o = self.options
-        data = ws.data.subset(o.samples, o.seed)
-        loss = "fisher" if o.loss == "labels" and data.labels is None else o.loss
-        options = AnalysisOptions(eps=o.eps, floor=o.floor, loss=loss, batch_size=o.batch_size, seed=o.seed, budget=o.budget)
-        ws.analysis = analyze(ws.original.graph, ws.groups(), data, options)
-        lim = ws.analysis.limit
-        ws.figures["max_macs_reduction"] = lim.macs_reduction
-        ws.figures["max_params_reduction"] = lim.params_reduction
+        ws.analysis = run_analysis(ws.original.graph, ws.groups(), ws.data, self.options)
+        ws.figures.update(limit_figures(ws.analysis))
         return PassResult(ws, False)
+
+
+def run_analysis(graph: ChannelGraph, coupling: Coupling, data: Calibration, o: AnalyzePassOptions,
+                 progress: Progress | None = None, meta: dict[str, Any] | None = None) -> Analysis:
+    """The analyze pass's work on any channel graph: a seeded subset of ``data``, sampled labels when it has none."""
+    subset = data.subset(o.samples, o.seed)
+    loss = "fisher" if o.loss == "labels" and subset.labels is None else o.loss
+    options = AnalysisOptions(eps=o.eps, floor=o.floor, loss=loss, batch_size=o.batch_size, seed=o.seed, budget=o.budget)
+    return analyze(graph, coupling, subset, options, progress, meta=meta)
+
+
+def limit_figures(analysis: Analysis) -> dict[str, float]:
+    """The estimated maximum reductions, as the reports name them."""
+    return {"max_macs_reduction": analysis.limit.macs_reduction, "max_params_reduction": analysis.limit.params_reduction}
 
 
 @dataclasses.dataclass(frozen=True)

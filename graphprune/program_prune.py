@@ -58,9 +58,9 @@ def plan_program(source: Path, data: str | None, analysis_options: Any, plan_opt
     Returns:
         The plan and its figures (target, estimated maximum reductions).
     """
-    from graphprune.analysis import AnalysisOptions, analyze
     from graphprune.data import load_data
     from graphprune.hierarchical import NEEDS_ANALYSIS
+    from graphprune.passes import limit_figures, run_analysis
     from graphprune.plan_targets import plan_for
 
     tm = load_exported_program(source)
@@ -71,12 +71,9 @@ def plan_program(source: Path, data: str | None, analysis_options: Any, plan_opt
         if data is None:
             raise BadInputError(f"--method {plan_options.method} --criterion {plan_options.criterion} needs calibration data (--data)")
         calibration = load_data(data, tm.graph, analysis_options.samples, analysis_options.seed)
-        o = analysis_options
-        loss = "fisher" if o.loss == "labels" and calibration.labels is None else o.loss
-        options = AnalysisOptions(eps=o.eps, floor=o.floor, loss=loss, batch_size=o.batch_size, seed=o.seed, budget=o.budget)
-        analysis = analyze(tm.graph, coupling, calibration, options, progress, meta={"model": str(source), "data": data})
-        figures["max_macs_reduction"] = analysis.limit.macs_reduction
-        figures["max_params_reduction"] = analysis.limit.params_reduction
+        analysis = run_analysis(tm.graph, coupling, calibration, analysis_options, progress,
+                                meta={"model": str(source), "data": data})
+        figures.update(limit_figures(analysis))
     return plan_for(tm.graph, coupling, analysis, plan_options, figures), figures
 
 
