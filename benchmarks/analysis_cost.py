@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-import models
-from graphprune.analysis import AnalysisOptions, analyze
-from graphprune.coupling import build_groups
-from graphprune.data import Calibration
-from graphprune.interpreter import GraphInterpreter
-from graphprune.onnx_frontend import load_onnx
+from graphprune import models
+from graphprune.analysis.effective import AnalysisOptions, analyze
+from graphprune.coupling.groups import build_groups
+from graphprune.frontends.data import Calibration
+from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.frontends.onnx import load_onnx
 
 
 def _plain(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, y: np.ndarray, batch: int) -> None:

@@ -28,21 +28,21 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import models
-from graphprune.analysis import Analysis, AnalysisOptions, analyze
-from graphprune.coupling import build_groups
-from graphprune.data import Calibration
-from graphprune.gates import GatePlan, gate_taps, plan_gates
-from graphprune.interpreter import GraphInterpreter
+from graphprune import models
+from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
+from graphprune.coupling.groups import build_groups
+from graphprune.frontends.data import Calibration
+from graphprune.analysis.gates import GatePlan, gate_taps, plan_gates
+from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.io import save_onnx
-from graphprune.onnx_frontend import OnnxModel, load_onnx, prepare
-from graphprune.onnx_rewrite import apply_kept
-from graphprune.plan import kept_elements, plan_from_keep
-from graphprune.measure import ort_accuracy
-from graphprune.selection import greedy_drop_order
-from graphprune.spectrum import eigenvalues, energy_rank
-from graphprune.training import FitOptions, accuracy, fit
-from models.fashion import fashion_mnist, trained
+from graphprune.frontends.onnx import OnnxModel, load_onnx, prepare
+from graphprune.backends.onnx import apply_kept
+from graphprune.ir.plan import kept_elements, plan_from_keep
+from graphprune.execution.measure import ort_accuracy
+from graphprune.planning.selection import greedy_drop_order
+from graphprune.analysis.spectrum import eigenvalues, energy_rank
+from graphprune.execution.training import FitOptions, accuracy, fit
+from graphprune.models.fashion import fashion_mnist, trained
 
 console = Console(width=130)
 
@@ -119,7 +119,7 @@ def main() -> None:
     net = Table(title="whole network at the estimated maximum rate (every group keeps r_g), no fine-tuning")
     for col in ("eps", "MACs reduction", "params reduction", "accuracy"):
         net.add_column(col, justify="right")
-    from graphprune.cost import cost_with_keep, model_cost
+    from graphprune.analysis.cost import cost_with_keep, model_cost
 
     original = model_cost(om.graph)
     for eps in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
@@ -130,8 +130,8 @@ def main() -> None:
         results["network"].append({"eps": eps, "macs_reduction": original.macs / c.macs, "params_reduction": original.params / c.params, "accuracy": acc})
     console.print(net)
 
-    from graphprune.analysis import summarize
-    from graphprune.fisher import FisherResult
+    from graphprune.analysis.effective import summarize
+    from graphprune.analysis.fisher import FisherResult
 
     bud = Table(title="whole network under one predicted-loss budget (analysis --budget), no fine-tuning")
     for col in ("budget", "MACs reduction", "params reduction", "accuracy"):

@@ -43,16 +43,16 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-import models
-from graphprune.cost import model_cost
-from graphprune.measure import ort_accuracy
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_rewrite import model_bytes
-from graphprune.passes import (AnalyzePass, AnalyzePassOptions, CompensateOptions, CompensatePass, FineTunePass, PlanPass,
+from graphprune import models
+from graphprune.analysis.cost import model_cost
+from graphprune.execution.measure import ort_accuracy
+from graphprune.frontends.onnx import load_onnx
+from graphprune.backends.onnx import model_bytes
+from graphprune.pipeline.passes import (AnalyzePass, AnalyzePassOptions, CompensateOptions, CompensatePass, FineTunePass, PlanPass,
                                PlanPassOptions, RepairPass, RewriteOptions, RewritePass, Workspace)
-from graphprune.runtime import make_session, measure_latency
-from graphprune.training import FitOptions, fit
-from models.fashion import fashion_mnist, trained
+from graphprune.execution.sessions import make_session, measure_latency
+from graphprune.execution.training import FitOptions, fit
+from graphprune.models.fashion import fashion_mnist, trained
 
 console = Console(width=200)
 TP_METHODS = {
@@ -254,7 +254,7 @@ def accuracy_table(rows: list[dict]) -> Table:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from graphprune.plots import pyplot
+    from graphprune.report.plots import pyplot
 
     plt = pyplot()
     names = list(dict.fromkeys(r["model"] for r in rows))
@@ -297,8 +297,8 @@ def _best(fn, repeat: int) -> float:  # noqa: ANN001
 def timing_part(names: list[str], repeat: int) -> list[dict]:
     import torch_pruning as tp
 
-    from graphprune.coupling import build_groups
-    from graphprune.torch_frontend import to_channel_graph
+    from graphprune.coupling.groups import build_groups
+    from graphprune.frontends.torch.trace import to_channel_graph
 
     rows = []
     for name in names:
@@ -378,11 +378,11 @@ def _tp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
 
 
 def _gp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
-    from graphprune.coupling import build_groups
-    from graphprune.onnx_prune import PruneOptions, prune_file
-    from graphprune.plan import uniform_plan
-    from graphprune.torch_frontend import load_module
-    from graphprune.torch_rewrite import prune_module, verify_module
+    from graphprune.coupling.groups import build_groups
+    from graphprune.backends.onnx_prune import PruneOptions, prune_file
+    from graphprune.ir.plan import uniform_plan
+    from graphprune.frontends.torch.trace import load_module
+    from graphprune.backends.torch_module import prune_module, verify_module
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "m.onnx"

@@ -27,15 +27,15 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-import models
-from graphprune.measure import ort_accuracy
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_rewrite import model_bytes
-from graphprune.passes import (AnalyzePass, AnalyzePassOptions, CompensateOptions, CompensatePass, PlanPass,
+from graphprune import models
+from graphprune.execution.measure import ort_accuracy
+from graphprune.frontends.onnx import load_onnx
+from graphprune.backends.onnx import model_bytes
+from graphprune.pipeline.passes import (AnalyzePass, AnalyzePassOptions, CompensateOptions, CompensatePass, PlanPass,
                                PlanPassOptions, RepairPass, RewriteOptions, RewritePass, Workspace)
-from graphprune.torch_rewrite import reestimate_module_batch_norm
-from graphprune.training import accuracy
-from models.fashion import fashion_mnist, trained
+from graphprune.backends.torch_module import reestimate_module_batch_norm
+from graphprune.execution.training import accuracy
+from graphprune.models.fashion import fashion_mnist, trained
 
 console = Console(width=140)
 
@@ -51,7 +51,7 @@ def _graphprune(om, analysis, cal, test, plan: dict, samples: int) -> dict[str, 
         out["compensation" if comp else "none"] = ort_accuracy(model_bytes(w.model.model), test)
         r = RepairPass(opts)(copy.copy(w)).workspace
         out["comp + repair" if comp else "repair"] = ort_accuracy(model_bytes(r.model.model), test)
-    from graphprune.cost import model_cost
+    from graphprune.analysis.cost import model_cost
 
     out["macs_reduction"] = model_cost(om.graph).macs / model_cost(w.model.graph).macs
     return out
@@ -145,7 +145,7 @@ def main() -> None:
 
 def plot(rows: list[dict], base: float, path: Path, model: str = "") -> None:
     """Accuracy vs MACs reduction per tool and method (graphprune with comp + repair, Torch-Pruning with repair)."""
-    from graphprune.plots import pyplot
+    from graphprune.report.plots import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))

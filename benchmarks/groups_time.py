@@ -17,11 +17,11 @@ from rich.table import Table
 
 import torch
 
-import models
-from graphprune.coupling import build_groups
-from graphprune.onnx_frontend import load_onnx
-from graphprune.torch_attention import swapped_attention
-from graphprune.torch_frontend import to_channel_graph
+from graphprune import models
+from graphprune.coupling.groups import build_groups
+from graphprune.frontends.onnx import load_onnx
+from graphprune.frontends.torch.attention import swapped_attention
+from graphprune.frontends.torch.trace import to_channel_graph
 
 
 def _torch_path(name: str, repeat: int) -> tuple[float, float]:

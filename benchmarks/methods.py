@@ -22,15 +22,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-import models
-from graphprune.measure import ort_accuracy
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_rewrite import model_bytes
-from graphprune.cost import model_cost
-from graphprune.passes import FineTunePass, PlanPass, PlanPassOptions, RewriteOptions, RewritePass, Workspace
-from graphprune.training import FitOptions
-from graphprune.pipeline import parse_pipeline, run_passes
-from models.fashion import fashion_mnist, trained
+from graphprune import models
+from graphprune.execution.measure import ort_accuracy
+from graphprune.frontends.onnx import load_onnx
+from graphprune.backends.onnx import model_bytes
+from graphprune.analysis.cost import model_cost
+from graphprune.pipeline.passes import FineTunePass, PlanPass, PlanPassOptions, RewriteOptions, RewritePass, Workspace
+from graphprune.execution.training import FitOptions
+from graphprune.pipeline.config import parse_pipeline, run_passes
+from graphprune.models.fashion import fashion_mnist, trained
 
 console = Console(width=130)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from graphprune.coupling import Coupling, Group, Member, build_groups
+from graphprune.coupling.groups import Coupling, Group, Member, build_groups
 from graphprune.errors import BadInputError, GraphpruneError, PlanMismatchError, ValidationError
-from graphprune.graph import Axis, ChannelGraph, OpNode, TensorInfo
+from graphprune.ir.graph import Axis, ChannelGraph, OpNode, TensorInfo
 
 __all__ = [
     "apply_plan",
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 
 def save_plan(path: str | os.PathLike[str], plan: object) -> None:
-    """Write ``plan`` (a :class:`graphprune.plan.Plan`) as JSON, atomically."""
+    """Write ``plan`` (a :class:`graphprune.ir.plan.Plan`) as JSON, atomically."""
     from graphprune.io import write_text_atomic
 
     write_text_atomic(Path(path), plan.to_json())  # type: ignore[attr-defined]
@@ -38,14 +38,14 @@ def save_plan(path: str | os.PathLike[str], plan: object) -> None:
 
 def load_plan(path: str | os.PathLike[str]) -> object:
     """Read a plan written by :func:`save_plan` (or ``--plan-out``)."""
-    from graphprune.plan import Plan
+    from graphprune.ir.plan import Plan
 
     return Plan.load(path)
 
 
 def __getattr__(name: str) -> object:
     if name == "apply_plan":  # torch is imported only when asked for
-        from graphprune.torch_rewrite import apply_plan
+        from graphprune.backends.torch_module import apply_plan
 
         return apply_plan
     raise AttributeError(f"module 'graphprune' has no attribute {name!r}")

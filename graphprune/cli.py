@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--latency-runs", type=int, default=20, help="onnxruntime runs per latency figure (0: skip)")
 
     r = sub.add_parser("run", help="run a pipeline (passes/*.toml) on a model")
-    r.add_argument("pipeline", type=Path, help="pipeline TOML, e.g. passes/hierarchical.toml")
+    r.add_argument("pipeline", type=Path, help="a pipeline TOML file or a shipped preset name: hierarchical, magnitude, taylor, uniform")
     r.add_argument("--model", type=Path, required=True)
     r.add_argument("-o", "--output", type=Path, required=True)
     r.add_argument("--data", help="training / calibration data: fashion-mnist, an .npz or an image folder")
@@ -130,18 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_graph(path: Path):  # noqa: ANN202 - ChannelGraph, imported lazily
     """The channel graph of an ONNX file or a saved ExportedProgram (``.pt2``)."""
     if path.suffix == ".pt2":
-        from graphprune.torch_frontend import load_exported_program
+        from graphprune.frontends.torch.trace import load_exported_program
 
         return load_exported_program(path).graph
-    from graphprune.onnx_frontend import load_onnx
+    from graphprune.frontends.onnx import load_onnx
 
     return load_onnx(path).graph
 
 
 def _groups(args: argparse.Namespace, console: Console) -> None:
-    from graphprune.coupling import build_groups
+    from graphprune.coupling.groups import build_groups
     from graphprune.io import write_text_atomic
-    from graphprune.report import groups_json, groups_table
+    from graphprune.report.tables import groups_json, groups_table
 
     coupling = build_groups(_load_graph(args.model))
     groups_table(coupling, console)
@@ -152,11 +152,11 @@ def _groups(args: argparse.Namespace, console: Console) -> None:
 def _analyze(args: argparse.Namespace, console: Console) -> None:
     from rich.progress import Progress
 
-    from graphprune.analysis import AnalysisOptions, analyze
-    from graphprune.analysis_report import analysis_table, write_html, write_plot
-    from graphprune.coupling import build_groups
-    from graphprune.data import ImageOptions, load_data
-    from graphprune.distributed import is_main, process_group
+    from graphprune.analysis.effective import AnalysisOptions, analyze
+    from graphprune.report.analysis import analysis_table, write_html, write_plot
+    from graphprune.coupling.groups import build_groups
+    from graphprune.frontends.data import ImageOptions, load_data
+    from graphprune.execution.distributed import is_main, process_group
 
     for path in (args.output, args.plot, args.html):
         if path is not None and path.resolve() == args.model.resolve():
@@ -197,8 +197,8 @@ def _method_and_criterion(args: argparse.Namespace) -> tuple[str, str]:
 
 def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
     """Analysis-based or target-based pruning: the same passes as ``graphprune run``."""
-    from graphprune.pipeline import parse_pipeline
-    from graphprune.run_pipeline import run_file
+    from graphprune.pipeline.config import parse_pipeline
+    from graphprune.pipeline.run import run_file
 
     method, criterion = _method_and_criterion(args)
     target = {k: getattr(args, k) for k in ("ratio", "macs", "params", "latency") if getattr(args, k) is not None}
@@ -252,8 +252,8 @@ def _program_plan(args: argparse.Namespace, console: Console):  # noqa: ANN202 -
     """Analysis- or target-based plan of a .pt2, as the prune pipeline's analyze and plan passes make it."""
     from rich.progress import Progress
 
-    from graphprune.passes import AnalyzePassOptions, PlanPassOptions
-    from graphprune.program_prune import plan_program
+    from graphprune.pipeline.passes import AnalyzePassOptions, PlanPassOptions
+    from graphprune.backends.program_prune import plan_program
 
     method, criterion = _method_and_criterion(args)
     plan_options = PlanPassOptions(method=method, criterion=criterion, ratio=args.ratio, macs=args.macs, params=args.params,
@@ -288,10 +288,10 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
         _prune_pipeline(args, console)
         return
     from graphprune.io import write_text_atomic
-    from graphprune.onnx_prune import PruneOptions, prune_file
-    from graphprune.plan import Plan
-    from graphprune.program_prune import prune_program_file
-    from graphprune.report import prune_json, prune_table
+    from graphprune.backends.onnx_prune import PruneOptions, prune_file
+    from graphprune.ir.plan import Plan
+    from graphprune.backends.program_prune import prune_program_file
+    from graphprune.report.tables import prune_json, prune_table
 
     for path in (args.plan_out, args.json):
         if path is not None and path.resolve() == args.model.resolve():
@@ -311,10 +311,10 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
-    from graphprune.pipeline import load_pipeline
-    from graphprune.run_pipeline import run_file
+    from graphprune.pipeline.config import load_pipeline
+    from graphprune.pipeline.run import run_file
 
-    from graphprune.distributed import process_group
+    from graphprune.execution.distributed import process_group
 
     pipeline = load_pipeline(args.pipeline, args.set)
     with process_group():
@@ -328,9 +328,9 @@ def _run(args: argparse.Namespace, console: Console) -> None:
 
 
 def _demo(args: argparse.Namespace, console: Console) -> None:
-    from graphprune.demo import run_demo
+    from graphprune.pipeline.demo import run_demo
 
-    import models
+    from graphprune import models
 
     if args.model not in models.REFERENCE_MODELS:
         raise BadInputError(f"unknown reference model '{args.model}' (known: {', '.join(models.REFERENCE_MODELS)})")
@@ -351,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     err = Console(stderr=True)
     try:
+        from graphprune.execution.sessions import quiet_onnxruntime
+
+        quiet_onnxruntime()
         {"groups": _groups, "analyze": _analyze, "prune": _prune, "run": _run, "demo": _demo}[args.command](args, console)
     except GraphpruneError as exc:
         if args.debug:

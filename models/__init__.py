@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 from torch import nn
 
-from models.cnn import VGG, VGG16_WIDTHS, BottleneckResNet, ResNetCifar, ResNeXt, SEResNet
-from models.concat import DENSENET201, DenseNet, Inception
-from models.export import export_onnx
-from models.mobile import MobileNetV2, ShuffleNetV2
-from models.transformer import ConvNeXt, ViT
+from .cnn import VGG, VGG16_WIDTHS, BottleneckResNet, ResNetCifar, ResNeXt, SEResNet
+from .concat import DENSENET201, DenseNet, Inception
+from .export import export_onnx
+from .mobile import MobileNetV2, ShuffleNetV2
+from .transformer import ConvNeXt, ViT
 
 __all__ = ["REFERENCE_MODELS", "INPUT_SHAPE", "build", "export_onnx"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphprune.data import Calibration, load_fashion_mnist
-from graphprune.training import FitOptions, fit
+from graphprune.frontends.data import Calibration, load_fashion_mnist
+from graphprune.execution.training import FitOptions, fit
 
 __all__ = ["fashion_mnist", "trained"]
 
@@ -35,7 +35,7 @@ def trained(
 
     The cache key holds every training setting, so a changed setting retrains.
     """
-    import models
+    from graphprune import models
 
     path = Path(cache_dir) / f"{name}-fmnist-e{epochs:g}-lr{lr:g}-s{seed}.pt"
     model = models.build(name, seed)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import models
+from graphprune import models
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ OK_CODES = (0, 2, 3)
 
 
 def _base_protos(folder: Path) -> dict[str, onnx.ModelProto]:
-    import models
+    from graphprune import models
 
     out = {}
     for name in BASE_MODELS:

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from graphprune.analysis import Analysis, AnalysisOptions, analyze
-from graphprune.coupling import build_groups
-from graphprune.data import Calibration
-from graphprune.onnx_frontend import load_onnx
-from graphprune.selection import drop_cost, greedy_drop_order
-from graphprune.spectrum import eigenvalues, energy_rank, singularities
+from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
+from graphprune.coupling.groups import build_groups
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import load_onnx
+from graphprune.planning.selection import drop_cost, greedy_drop_order
+from graphprune.analysis.spectrum import eigenvalues, energy_rank, singularities
 
 SHAPE = (1, 12, 12)
 
@@ -202,7 +202,7 @@ def test_greedy_removes_redundant_channels_first():
 
 
 def test_torch_module_analysis_names_parameters(trained):
-    from graphprune.module_analysis import analyze_module
+    from graphprune.analysis.module import analyze_module
 
     model, x, y = trained
     planted = _plant(model, 1, 1, 1)

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-import models
-from graphprune.analysis import Analysis
+from graphprune import models
+from graphprune.analysis.effective import Analysis
 from graphprune.cli import main
 
 
@@ -30,7 +30,7 @@ def test_analyze_writes_json_plot_and_html(exported, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Effective filters" in text and "maximum compression" in text
     report = json.loads(out.read_text())
-    assert report["format"] == "graphprune.analysis/1" and len(report["groups"]) == 12
+    assert report["format"] == "graphprune.analysis.effective/1" and len(report["groups"]) == 12
     assert report["options"]["loss"] == "labels"  # labels present -> task loss by default
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = page.read_text()

@@ -6,17 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from graphprune import models
 from graphprune.cli import main
-from graphprune.compensation import compensate
-from graphprune.coupling import build_groups
-from graphprune.data import Calibration
-from graphprune.onnx_finetune import with_constants
-from graphprune.onnx_frontend import load_onnx, prepare
-from graphprune.onnx_rewrite import apply_kept, model_bytes
-from graphprune.plan import GroupPlan, Plan, kept_elements
-from graphprune.repair import correct_biases, output_means, reestimate_batch_norm
-from graphprune.runtime import make_session
+from graphprune.recovery.compensation import compensate
+from graphprune.coupling.groups import build_groups
+from graphprune.frontends.data import Calibration
+from graphprune.execution.onnx_finetune import with_constants
+from graphprune.frontends.onnx import load_onnx, prepare
+from graphprune.backends.onnx import apply_kept, model_bytes
+from graphprune.ir.plan import GroupPlan, Plan, kept_elements
+from graphprune.recovery.repair import correct_biases, output_means, reestimate_batch_norm
+from graphprune.execution.sessions import make_session
 
 SHAPE = (2, 10, 10)
 
@@ -157,7 +157,7 @@ def test_bias_correction_restores_consumer_means(tmp_path):
     pruned = prepare(apply_kept(om, kept))
     x = rng.standard_normal((96, *models.INPUT_SHAPE)).astype(np.float32)
     data = Calibration((x,), None, "cal")
-    from graphprune.gates import plan_gates
+    from graphprune.analysis.gates import plan_gates
 
     gates = plan_gates(coupling, om.graph)
     consumers = sorted({e.node for gp in plan.groups for e in gates.edges[gp.group]})
@@ -167,7 +167,7 @@ def test_bias_correction_restores_consumer_means(tmp_path):
     nodes = {n.name: n for n in repaired.graph.nodes}
     outs = [nodes[c].outputs[0] for c in consumers if c in nodes and nodes[c].inputs[2] in values]
     want, before, after = output_means(om.graph, outs, data), output_means(pruned.graph, outs, data), output_means(repaired.graph, outs, data)
-    from graphprune.graph import Axis
+    from graphprune.ir.graph import Axis
 
     for out in outs:
         idx = kept.get(Axis(out, 1))
@@ -216,8 +216,8 @@ def test_prune_cli_compensates_by_default_with_data(exported, tmp_path):
 
 
 def test_torch_module_compensation_and_bn_repair():
-    from graphprune.torch_frontend import load_module
-    from graphprune.torch_rewrite import compensate_module, prune_module, reestimate_module_batch_norm
+    from graphprune.frontends.torch.trace import load_module
+    from graphprune.backends.torch_module import compensate_module, prune_module, reestimate_module_batch_norm
 
     module = _planted()
     x = torch.randn(64, *SHAPE)

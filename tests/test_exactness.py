@@ -10,16 +10,16 @@ from hypothesis import strategies as st
 from onnx import helper
 from torch import nn
 
-import models
-from graphprune.coupling import build_groups
+from graphprune import models
+from graphprune.coupling.groups import build_groups
 from graphprune.errors import ValidationError
 from graphprune.io import save_onnx
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_prune import PruneOptions, prune_file
-from graphprune.onnx_rewrite import apply_plan
-from graphprune.plan import kept_elements, uniform_plan
-from graphprune.runtime import sample_inputs
-from graphprune.validate import validate_pruned
+from graphprune.frontends.onnx import load_onnx
+from graphprune.backends.onnx_prune import PruneOptions, prune_file
+from graphprune.backends.onnx import apply_plan
+from graphprune.ir.plan import kept_elements, uniform_plan
+from graphprune.execution.sessions import sample_inputs
+from graphprune.execution.validate import validate_pruned
 
 
 def test_exactness_check_catches_a_wrong_rewrite(exported, tmp_path):

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from graphprune.data import Calibration
+from graphprune import models
+from graphprune.frontends.data import Calibration
 from graphprune.errors import BadInputError
-from graphprune.interpreter import GraphInterpreter
-from graphprune.measure import ort_accuracy
-from graphprune.onnx_finetune import finetune_onnx
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_rewrite import model_bytes
-from graphprune.runtime import make_session
-from graphprune.training import FitOptions
+from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.execution.measure import ort_accuracy
+from graphprune.execution.onnx_finetune import finetune_onnx
+from graphprune.frontends.onnx import load_onnx
+from graphprune.backends.onnx import model_bytes
+from graphprune.execution.sessions import make_session
+from graphprune.execution.training import FitOptions
 
 
 def _task(n: int = 512, seed: int = 0) -> Calibration:
@@ -54,7 +54,7 @@ def test_distillation_without_labels_moves_toward_the_teacher(exported):
             import onnx_ir as ir
 
             value.const_value = ir.tensor((arr * (1 + 0.3 * rng.standard_normal(arr.shape))).astype(np.float32), name=name)
-    from graphprune.onnx_frontend import prepare
+    from graphprune.frontends.onnx import prepare
 
     student = prepare(student.model)
 

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from graphprune.coupling import build_groups
-from graphprune.gates import gate_taps, plan_gates
-from graphprune.interpreter import GraphInterpreter
+from graphprune import models
+from graphprune.coupling.groups import build_groups
+from graphprune.analysis.gates import gate_taps, plan_gates
+from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.io import save_onnx
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_rewrite import apply_kept
-from graphprune.plan import GroupPlan, Plan, kept_elements
-from graphprune.runtime import make_session
+from graphprune.frontends.onnx import load_onnx
+from graphprune.backends.onnx import apply_kept
+from graphprune.ir.plan import GroupPlan, Plan, kept_elements
+from graphprune.execution.sessions import make_session
 
 
 @pytest.mark.parametrize("name", models.SMALL_MODELS)

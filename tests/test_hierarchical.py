@@ -4,16 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import models
-from graphprune.analysis import AnalysisOptions, analyze
-from graphprune.cost import cost_with_keep, model_cost
-from graphprune.coupling import build_groups
-from graphprune.data import Calibration
+from graphprune import models
+from graphprune.analysis.effective import AnalysisOptions, analyze
+from graphprune.analysis.cost import cost_with_keep, model_cost
+from graphprune.coupling.groups import build_groups
+from graphprune.frontends.data import Calibration
 from graphprune.errors import BadInputError, OverLimitError
-from graphprune.hierarchical import PlanOptions, Target, make_plan
-from graphprune.onnx_frontend import load_onnx
-from graphprune.plan_targets import latency_plan, limit_plan
-from graphprune.selection import greedy_drop_order, pivoted_cholesky_order
+from graphprune.planning.hierarchical import PlanOptions, Target, make_plan
+from graphprune.frontends.onnx import load_onnx
+from graphprune.planning.targets import latency_plan, limit_plan
+from graphprune.planning.selection import greedy_drop_order, pivoted_cholesky_order
 
 
 @pytest.fixture(scope="module")

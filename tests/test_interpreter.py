@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import models
+from graphprune import models
 from graphprune.errors import UnsupportedOpError
-from graphprune.interpreter import GraphInterpreter
-from graphprune.onnx_frontend import load_onnx
-from graphprune.runtime import make_session
+from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.frontends.onnx import load_onnx
+from graphprune.execution.sessions import make_session
 
 
 def _x(n: int = 3, seed: int = 0) -> np.ndarray:

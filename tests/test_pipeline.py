@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 
-import models
+from graphprune import models
 from graphprune.cli import main
 from graphprune.errors import BadInputError
-from graphprune.onnx_frontend import load_onnx
-from graphprune.passes import PASSES, Workspace
-from graphprune.pipeline import load_pipeline, parse_pipeline, run_passes
+from graphprune.frontends.onnx import load_onnx
+from graphprune.pipeline.passes import PASSES, Workspace
+from graphprune.pipeline.config import load_pipeline, parse_pipeline, run_passes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_run_over_limit_exits_4_and_writes_nothing(exported, tmp_path, capsys):
 
 
 def test_passes_compose_in_python(exported, tmp_path):
-    from graphprune.data import Calibration
+    from graphprune.frontends.data import Calibration
 
     om = load_onnx(exported("seresnet"))
     x = np.random.default_rng(1).standard_normal((64, *models.INPUT_SHAPE)).astype(np.float32)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import onnx
 import pytest
 
-import models
-from graphprune.coupling import build_groups
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_prune import PruneOptions, prune_file
+from graphprune import models
+from graphprune.coupling.groups import build_groups
+from graphprune.frontends.onnx import load_onnx
+from graphprune.backends.onnx_prune import PruneOptions, prune_file
 
 RATIOS = (0.25, 0.5, 0.9)
 

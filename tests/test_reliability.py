@@ -13,10 +13,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-import models
-from graphprune.coupling import build_groups
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_prune import PruneOptions, prune_file
+from graphprune import models
+from graphprune.coupling.groups import build_groups
+from graphprune.frontends.onnx import load_onnx
+from graphprune.backends.onnx_prune import PruneOptions, prune_file
 
 # (exporter, opset, bn): the oldest opset the reference models export at, the newest of each exporter.
 EXPORTS = [("legacy", 11, "keep"), ("legacy", 11, "fold"), ("legacy", 20, "keep"), ("legacy", 20, "fold"),
@@ -278,11 +278,11 @@ def test_external_data_model_prunes_with_bounded_memory(tmp_path):
     size = write_wide_model(tmp_path / "wide.onnx", width=2048, layers=15)
     script = (
         "import json, resource, sys; from pathlib import Path; "
-        "from graphprune.onnx_prune import PruneOptions, prune_file; "
+        "from graphprune.backends.onnx_prune import PruneOptions, prune_file; "
         "r = prune_file(Path(sys.argv[1]), Path(sys.argv[2]), PruneOptions(ratio=0.5, latency_runs=0)); "
         "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'groups': len(r.plan.groups)}))"
     )
-    base = json.loads(subprocess.run([sys.executable, "-c", "import json, resource; import graphprune.onnx_prune; "
+    base = json.loads(subprocess.run([sys.executable, "-c", "import json, resource; import graphprune.backends.onnx_prune; "
                                       "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))"],
                                      check=True, capture_output=True, text=True).stdout)["peak"]
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "wide.onnx"), str(tmp_path / "out.onnx")],
@@ -307,7 +307,7 @@ def test_interrupt_or_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, caps
     """Ctrl-C (or a crash) while the output is written or validated: the input is intact, the old output kept,
     no partial file or staging folder is left."""
     import graphprune.io
-    import graphprune.onnx_prune
+    import graphprune.backends.onnx_prune
     from graphprune.cli import main
 
     src = tmp_path / "m.onnx"
@@ -328,9 +328,9 @@ def test_interrupt_or_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, caps
         raise signal("stop")
 
     if when == "save":
-        monkeypatch.setattr(graphprune.onnx_prune, "save_onnx", save_then_fail)
+        monkeypatch.setattr(graphprune.backends.onnx_prune, "save_onnx", save_then_fail)
     else:
-        monkeypatch.setattr(graphprune.onnx_prune, "validate_pruned", fail)
+        monkeypatch.setattr(graphprune.backends.onnx_prune, "validate_pruned", fail)
     code = main(["prune", str(src), "-o", str(out), "--force", "--latency-runs", "0"])
     assert code == (130 if signal is KeyboardInterrupt else 1)
     assert _folder_state(tmp_path) == before
@@ -349,7 +349,7 @@ def test_sigint_to_a_running_prune_leaves_nothing(tmp_path):
     marker = tmp_path.parent / f"{tmp_path.name}.validating"
     before = _folder_state(tmp_path)
     hold = (  # validation waits for the signal, so the interrupt lands while the staged file exists
-        "import signal, sys, time, pathlib, graphprune.onnx_prune as op; real = op.validate_pruned\n"
+        "import signal, sys, time, pathlib, graphprune.backends.onnx_prune as op; real = op.validate_pruned\n"
         # a terminal's Ctrl-C: restore Python's handler, which a shell ignoring SIGINT for background jobs turns off
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "def slow(*a, **k):\n    pathlib.Path(sys.argv[1]).touch(); time.sleep(120); return real(*a, **k)\n"

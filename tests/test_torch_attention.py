@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.coupling import build_groups
-from graphprune.plan import uniform_plan
-from graphprune.torch_attention import HeadPrunableAttention, swap_attention
-from graphprune.torch_frontend import load_module
-from graphprune.torch_rewrite import apply_plan, load_pruned, prune_module, save_pruned, verify_module
+from graphprune.coupling.groups import build_groups
+from graphprune.ir.plan import uniform_plan
+from graphprune.frontends.torch.attention import HeadPrunableAttention, swap_attention
+from graphprune.frontends.torch.trace import load_module
+from graphprune.backends.torch_module import apply_plan, load_pruned, prune_module, save_pruned, verify_module
 from torch_checks import assert_export_matches, step_changes
 
 HEADS, DIM = 4, 16
@@ -185,11 +185,11 @@ def test_grouped_query_heads_freeze_and_an_explicit_scale_frees_the_head_size():
 def test_onnx_attention_op_prunes_heads_exactly(tmp_path):
     """The dynamo exporter at opset 23 writes one Attention op per layer: the ONNX path prunes its heads."""
     from graphprune.io import save_onnx
-    from graphprune.onnx_frontend import load_onnx
-    from graphprune.onnx_rewrite import apply_plan as apply_onnx_plan
-    from graphprune.plan import kept_elements
-    from graphprune.runtime import sample_inputs
-    from graphprune.validate import validate_pruned
+    from graphprune.frontends.onnx import load_onnx
+    from graphprune.backends.onnx import apply_plan as apply_onnx_plan
+    from graphprune.ir.plan import kept_elements
+    from graphprune.execution.sessions import sample_inputs
+    from graphprune.execution.validate import validate_pruned
 
     module = _Encoder().eval()
     swap_attention(module)
@@ -235,7 +235,7 @@ def test_heads_prune_through_the_fx_fallback():
 def test_stand_in_exported_by_torchscript_prunes_heads_on_the_onnx_path(tmp_path, capsys):
     """swap_attention before torch.onnx.export: per-head reshapes the ONNX path can prune (exact)."""
     from graphprune.cli import main
-    from graphprune.onnx_frontend import load_onnx
+    from graphprune.frontends.onnx import load_onnx
 
     module = _Encoder().eval()
     swap_attention(module)

@@ -6,16 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from graphprune.coupling import build_groups
+from graphprune import models
+from graphprune.coupling.groups import build_groups
 from graphprune.errors import BadInputError
 from graphprune.io import save_onnx
-from graphprune.onnx_frontend import load_onnx
-from graphprune.onnx_rewrite import apply_plan as apply_onnx_plan
-from graphprune.plan import translate_plan, uniform_plan
-from graphprune.runtime import make_session
-from graphprune.torch_frontend import load_exported_program, load_module
-from graphprune.torch_rewrite import apply_plan, load_pruned, prune_module, save_pruned, verify_module
+from graphprune.frontends.onnx import load_onnx
+from graphprune.backends.onnx import apply_plan as apply_onnx_plan
+from graphprune.ir.plan import translate_plan, uniform_plan
+from graphprune.execution.sessions import make_session
+from graphprune.frontends.torch.trace import load_exported_program, load_module
+from graphprune.backends.torch_module import apply_plan, load_pruned, prune_module, save_pruned, verify_module
 from torch_checks import assert_export_matches, step_changes
 
 
@@ -178,7 +178,7 @@ class _InPlace(nn.Module):
 
 
 def test_in_place_ops_alias_their_input():
-    from graphprune.interpreter import GraphInterpreter
+    from graphprune.execution.interpreter import GraphInterpreter
 
     module = _InPlace().eval()
     x = _x(4)
@@ -206,8 +206,8 @@ class _WithCustomOp(nn.Module):
 
 
 def test_fx_fallback_traces_what_export_refuses():
-    from graphprune.plan import uniform_plan
-    from graphprune.torch_rewrite import prune_module, verify_module
+    from graphprune.ir.plan import uniform_plan
+    from graphprune.backends.torch_module import prune_module, verify_module
 
     module = _WithCustomOp().eval()
     with pytest.raises(Exception):
@@ -235,8 +235,8 @@ def _saved_program(tmp_path, name: str):
 @pytest.mark.parametrize("name", models.SMALL_MODELS)
 def test_saved_program_prunes_exactly(tmp_path, name):
     """A .pt2 with no module class: sliced, sizes patched, exported again, exact, dynamic batch kept."""
-    from graphprune.plan import uniform_plan
-    from graphprune.program_rewrite import prune_program, verify_program
+    from graphprune.ir.plan import uniform_plan
+    from graphprune.backends.exported_program import prune_program, verify_program
 
     tm = load_exported_program(_saved_program(tmp_path, name))
     coupling = build_groups(tm.graph)
@@ -251,7 +251,7 @@ def test_saved_program_prunes_exactly(tmp_path, name):
 
 def test_cli_prunes_pt2_to_pt2_and_onnx(tmp_path, capsys):
     from graphprune.cli import main
-    from graphprune.runtime import make_session
+    from graphprune.execution.sessions import make_session
 
     src = _saved_program(tmp_path, "mobilenetv2")
     assert main(["prune", str(src), "-o", str(tmp_path / "small.pt2"), "--ratio", "0.5"]) == 0
@@ -329,10 +329,10 @@ def test_conv1d_group_norm_and_conv_transpose_prune_in_torch(tmp_path):
 
 def test_conv1d_group_norm_and_conv_transpose_prune_as_pt2_and_onnx(tmp_path):
     from graphprune.io import save_onnx
-    from graphprune.plan import kept_elements
-    from graphprune.program_rewrite import prune_program, verify_program
-    from graphprune.runtime import sample_inputs
-    from graphprune.validate import validate_pruned
+    from graphprune.ir.plan import kept_elements
+    from graphprune.backends.exported_program import prune_program, verify_program
+    from graphprune.execution.sessions import sample_inputs
+    from graphprune.execution.validate import validate_pruned
 
     module = _Layers().eval()
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -369,7 +369,7 @@ class _DeadView(nn.Module):
 
 
 def test_dead_ops_neither_freeze_channels_nor_break_a_pruned_program(tmp_path):
-    from graphprune.program_rewrite import prune_program, verify_program
+    from graphprune.backends.exported_program import prune_program, verify_program
 
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.export.export(_DeadView().eval(), (_x(2),), dynamic_shapes=({0: batch},))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.runtime import make_session
+from graphprune.execution.sessions import make_session
 
 
 def step_changes(module: nn.Module, x: torch.Tensor, lr: float, loss: Callable[[torch.Tensor], torch.Tensor] = torch.sum) -> list[bool]:

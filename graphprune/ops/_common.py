@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from graphprune.graph import Axis, ChannelGraph, Dim, OpNode
+from graphprune.ir.graph import Axis, ChannelGraph, Dim, OpNode
 from graphprune.ops.registry import Freeze, Link, Semantics
 
 __all__ = [

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from graphprune.graph import Axis, ChannelGraph, OpNode
+from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops._common import freeze_axes, freeze_node, needs_shapes
 from graphprune.ops.registry import AdjustContext, Adjustment, Freeze, Link, Semantics, register
 

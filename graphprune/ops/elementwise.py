@@ -1,7 +1,7 @@
 """Element-wise ops: every axis passes through (with broadcasting)."""
 from __future__ import annotations
 
-from graphprune.graph import ChannelGraph, OpNode
+from graphprune.ir.graph import ChannelGraph, OpNode
 from graphprune.ops._common import broadcast_links
 from graphprune.ops.registry import Semantics, register
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphprune.graph import Axis, ChannelGraph, OpNode
+from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops._common import (
     freeze_axes,
     freeze_node,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from graphprune.graph import Axis, ChannelGraph, OpNode
+from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 
 __all__ = [
     "Link",

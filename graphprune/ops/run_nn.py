@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from graphprune.graph import OpNode
+from graphprune.ir.graph import OpNode
 from graphprune.ops.registry import register_run
 from graphprune.ops.run_tensor import ints
 

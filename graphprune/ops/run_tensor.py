@@ -1,7 +1,7 @@
 """Torch implementations of element-wise, shape and index ops (ONNX semantics).
 
 Registered on the op semantics table with ``register_run``; the interpreter
-(:mod:`graphprune.interpreter`) dispatches on it. Integer tensors (shapes,
+(:mod:`graphprune.execution.interpreter`) dispatches on it. Integer tensors (shapes,
 indices) stay torch tensors so shape arithmetic runs as in onnxruntime.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from graphprune.graph import OpNode
+from graphprune.ir.graph import OpNode
 from graphprune.ops.registry import register_run
 
 __all__ = ["ONNX_TO_TORCH_DTYPE", "ints"]

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphprune.graph import Axis, ChannelGraph, Dim, OpNode
+from graphprune.ir.graph import Axis, ChannelGraph, Dim, OpNode
 from graphprune.ops._common import (
     axes_of,
     freeze_axes,

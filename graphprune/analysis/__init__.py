@@ -1,0 +1,1 @@
+"""Cost model and effective filter analysis (gradient matrices, spectra, the limit)."""

@@ -1,0 +1,1 @@
+"""Format backends: apply a plan to an ONNX model, an nn.Module or an ExportedProgram."""

@@ -1,0 +1,1 @@
+"""Coupling groups: which channel dimensions must be pruned together."""

@@ -1,0 +1,1 @@
+"""Running models: the torch interpreter, training, onnxruntime sessions, validation."""

@@ -1,0 +1,106 @@
+"""onnxruntime helpers: providers, sessions, sample inputs, latency."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from graphprune.errors import BadInputError
+from graphprune.ir.graph import ChannelGraph
+
+
+__all__ = ["quiet_onnxruntime", "providers", "make_session", "sample_inputs", "measure_latency", "DTYPES"]
+
+DTYPES: dict[str, type] = {
+    "FLOAT": np.float32,
+    "FLOAT16": np.float16,
+    "DOUBLE": np.float64,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+MAX_SAMPLE_ELEMENTS = 1 << 28
+"""Largest sample input (elements) built for validation runs."""
+
+DEFAULT_DIM = 32
+"""Value given to a dynamic non-batch input dimension when none is set."""
+
+
+def quiet_onnxruntime() -> None:
+    """Silence onnxruntime's process-wide logger (its failures surface as exceptions): for applications, not libraries."""
+    ort.set_default_logger_severity(4)
+
+
+def providers() -> list[str]:
+    """CUDA when onnxruntime offers it, then CPU."""
+    available = ort.get_available_providers()
+    chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def make_session(model: bytes | str, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
+    """An inference session on the best available provider."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # failures surface as exceptions, reported in one line by the caller
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model, opts, providers=providers())
+
+
+def sample_inputs(
+    graph: ChannelGraph,
+    batch: int = 2,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+    scale: int = 1,
+) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input.
+
+    Args:
+        graph: Supplies input names, shapes and dtypes.
+        batch: Value of a dynamic leading dimension.
+        dims: Values for named dynamic dimensions.
+        seed: RNG seed.
+        scale: Multiplies the default of other dynamic dimensions.
+    """
+    rng = np.random.default_rng(seed)
+    dims = dims or {}
+    feeds: dict[str, np.ndarray] = {}
+    for name in graph.inputs:
+        info = graph.tensors[name]
+        shape = []
+        for i, d in enumerate(info.shape or ()):
+            if isinstance(d, int):
+                shape.append(d)
+            elif isinstance(d, str) and d in dims:
+                shape.append(dims[d])
+            else:
+                shape.append(batch if i == 0 else DEFAULT_DIM * scale)
+        if int(np.prod(shape, dtype=np.float64)) > MAX_SAMPLE_ELEMENTS:
+            raise BadInputError(f"input '{name}' declares shape {tuple(shape)}: too large to run for validation")
+        dtype = DTYPES.get(info.dtype, np.float32)
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[name] = rng.integers(0, 2, shape).astype(dtype)
+    return feeds
+
+
+def measure_latency(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5) -> float:
+    """Median wall time of one run, in milliseconds."""
+    for _ in range(warmup):
+        session.run(None, dict(feeds))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, dict(feeds))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3

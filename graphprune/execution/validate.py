@@ -1,0 +1,132 @@
+"""Validation of a pruned ONNX model: checker, shape inference, runs, exactness."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphprune.errors import ValidationError
+from graphprune.ir.graph import Axis, ChannelGraph
+from graphprune.frontends.onnx import OnnxModel
+from graphprune.backends.onnx import clone_model, model_session, new_const, value_map
+from graphprune.execution.sessions import make_session, providers
+
+__all__ = ["ValidationReport", "validate_pruned", "masked_model", "compare_outputs"]
+
+RTOL = 1e-4
+ATOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationReport:
+    """What was checked and what was seen.
+
+    Attributes:
+        provider: onnxruntime execution provider used.
+        exact: Whether the masked-original comparison ran and held.
+        max_abs_error: Largest output difference against the masked original.
+    """
+
+    provider: str
+    exact: bool | None
+    max_abs_error: float | None
+
+
+def _signature(graph: ChannelGraph, names: tuple[str, ...]) -> list[tuple[str, int | None, str]]:
+    return [(n, graph.tensors[n].rank, graph.tensors[n].dtype) for n in names]
+
+
+def validate_pruned(
+    original: OnnxModel,
+    pruned_path: Path,
+    feeds: Mapping[str, np.ndarray],
+    kept: Mapping[Axis, np.ndarray] | None = None,
+) -> ValidationReport:
+    """Check a pruned model file; with ``kept``, also check exactness.
+
+    Raises:
+        ValidationError: On any failed check.
+    """
+    try:
+        onnx.checker.check_model(str(pruned_path), full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ValidationError(f"pruned model fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+    try:
+        session = make_session(str(pruned_path))
+        outs = session.run(None, dict(feeds))
+    except Exception as exc:  # noqa: BLE001
+        raise ValidationError(f"pruned model does not run on onnxruntime: {str(exc).splitlines()[0][:200]}") from None
+    g = original.graph
+    got_in = [(i.name, len(i.shape)) for i in session.get_inputs()]
+    want_in = [(n, g.tensors[n].rank) for n in g.inputs]
+    got_out = [o.name for o in session.get_outputs()]
+    if got_in != want_in or got_out != list(g.outputs):
+        raise ValidationError("pruned model's inputs or outputs differ from the original's")
+    exact, err = None, None
+    if kept is not None:
+        with model_session(masked_model(original, kept)) as reference:
+            expected = reference.run(None, dict(feeds))
+        err = compare_outputs(expected, outs, list(g.outputs))
+        exact = True
+    return ValidationReport(providers()[0], exact, err)
+
+
+def compare_outputs(expected: list[np.ndarray], got: list[np.ndarray], names: list[str]) -> float:
+    """Largest absolute difference, relative tolerance checked per output.
+
+    Raises:
+        ValidationError: When shapes differ or values differ beyond tolerance.
+    """
+    worst = 0.0
+    for name, a, b in zip(names, expected, got):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            raise ValidationError(f"output '{name}' has shape {b.shape}, expected {a.shape}")
+        if a.size == 0:
+            continue
+        diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+        scale = float(np.max(np.abs(a.astype(np.float64))))
+        worst = max(worst, diff)
+        if not np.isfinite(diff) or diff > ATOL + RTOL * scale * 10:
+            raise ValidationError(
+                f"output '{name}' differs from the masked original by {diff:.3g} (scale {scale:.3g}): pruning was not exact"
+            )
+    return worst
+
+
+def masked_model(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
+    """The original model with every removed channel zeroed on every activation of its group."""
+    model = clone_model(om.model)
+    graph = model.graph
+    values = value_map(graph)
+    masks: dict[str, np.ndarray] = {}
+    for axis, k in kept.items():
+        info = om.graph.tensors[axis.tensor]
+        if info.kind != "activation":
+            continue
+        rank = info.rank or 0
+        shape = [1] * rank
+        size = info.size(axis.axis)
+        assert size is not None
+        shape[axis.axis] = size
+        m = np.zeros(size, bool)
+        m[k] = True
+        mask = m.reshape(shape)
+        masks[axis.tensor] = masks[axis.tensor] & mask if axis.tensor in masks else mask
+    for name, mask in masks.items():
+        x = values[name]
+        dtype = x.dtype.numpy() if x.dtype is not None else np.float32
+        mask_v = new_const(graph, f"{name}__mask", mask)
+        zero_v = new_const(graph, f"{name}__zero", np.zeros((), dtype))
+        where = ir.Node("", "Where", [mask_v, x, zero_v], name=f"{name}__masking")
+        where.outputs[0].name = f"{name}__masked"
+        x.replace_all_uses_with(where.outputs[0])
+        where.replace_input_with(1, x)
+        producer = x.producer()
+        assert producer is not None
+        graph.insert_after(producer, where)
+    return model

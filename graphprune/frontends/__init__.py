@@ -1,0 +1,1 @@
+"""Model and data loading: ONNX files, torch modules and programs, calibration data."""

@@ -1,0 +1,1 @@
+"""torch frontend: torch.export / torch.fx traces as channel graphs."""

@@ -1,0 +1,1 @@
+"""The format-agnostic data: the channel graph, the plan, ONNX IR helpers."""

@@ -1,0 +1,1 @@
+"""Passes, TOML pipelines and the run that chains them."""

@@ -1,0 +1,212 @@
+"""Declarative pipelines: a TOML file lists passes and their options; validated whole, then run.
+
+Format::
+
+    [pipeline]
+    name = "hierarchical"
+    description = "..."
+
+    [[pass]]
+    name = "analyze"
+    eps = 0.01
+
+    [[pass]]
+    name = "plan"
+    macs = 0.5
+
+Unknown tables, keys, pass names, wrong value types, out-of-range values and
+passes in an impossible order (a rewrite without a plan...) are errors before
+any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from importlib import resources
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from graphprune.errors import BadInputError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from graphprune.pipeline.passes import PASSES, Pass, PassResult, PlanPassOptions, Workspace
+
+__all__ = ["Pipeline", "load_pipeline", "parse_pipeline", "run_passes", "apply_overrides", "preset_names", "preset_path"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """A validated list of passes with their options."""
+
+    name: str
+    description: str
+    passes: tuple[Pass, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.passes)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    args = typing.get_args(hint)
+    if args:  # Optional[...] / unions
+        return any(_type_ok(value, a) for a in args if a is not type(None))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return " or ".join(_type_name(a) for a in args) if args else getattr(hint, "__name__", str(hint))
+
+
+def _build_pass(entry: Mapping[str, Any], where: str) -> Pass:
+    if not isinstance(entry, Mapping) or "name" not in entry:
+        raise BadInputError(f"{where}: each [[pass]] needs a name (one of {', '.join(PASSES)})")
+    name = entry["name"]
+    if name not in PASSES:
+        raise BadInputError(f"{where}: unknown pass '{name}' (known: {', '.join(PASSES)})")
+    cls = PASSES[name]
+    hints = typing.get_type_hints(cls.Options)
+    fields = {f.name for f in dataclasses.fields(cls.Options)}
+    params = {k: v for k, v in entry.items() if k != "name"}
+    for key, value in params.items():
+        if key not in fields:
+            raise BadInputError(f"{where}: pass '{name}' has no parameter '{key}' (known: {', '.join(sorted(fields))})")
+        if not _type_ok(value, hints[key]):
+            raise BadInputError(f"{where}: pass '{name}' parameter '{key}' must be {_type_name(hints[key])}, got {value!r}")
+    options = cls.Options(**{k: float(v) if hints[k] is float else v for k, v in params.items()})
+    check = getattr(options, "check", None)
+    if check is not None:
+        try:
+            check()
+        except BadInputError as exc:
+            raise BadInputError(f"{where}: pass '{name}': {exc}") from None
+    return cls(options)
+
+
+def _check_order(passes: Sequence[Pass], where: str) -> None:
+    analysed = planned = rewritten = False
+    for p in passes:
+        if p.name == "analyze":
+            analysed = True
+        elif p.name == "plan":
+            if isinstance(p.options, PlanPassOptions) and p.options.needs_analysis and not analysed:
+                raise BadInputError(f"{where}: the plan pass (method {p.options.method}, criterion {p.options.criterion}) needs an analyze pass before it")
+            planned = True
+        elif p.name in ("rewrite", "compensate") and not planned:
+            raise BadInputError(f"{where}: the {p.name} pass needs a plan pass before it")
+        elif p.name == "rewrite":
+            rewritten = True
+        elif p.name == "compensate" and rewritten:
+            raise BadInputError(f"{where}: the compensate pass must come before the rewrite pass")
+        elif p.name == "repair" and not rewritten:
+            raise BadInputError(f"{where}: the repair pass needs a rewrite pass before it")
+
+
+def parse_pipeline(data: Mapping[str, Any], where: str = "pipeline") -> Pipeline:
+    """Validate parsed TOML data and build its passes.
+
+    Raises:
+        BadInputError: On any unknown key, pass, parameter, type, value or order problem.
+    """
+    extra = set(data) - {"pipeline", "pass"}
+    if extra:
+        raise BadInputError(f"{where}: unknown table(s) {', '.join(sorted(extra))} (expected [pipeline] and [[pass]])")
+    head = data.get("pipeline", {})
+    if not isinstance(head, Mapping) or set(head) - {"name", "description"}:
+        raise BadInputError(f"{where}: [pipeline] takes only 'name' and 'description'")
+    entries = data.get("pass", [])
+    if not isinstance(entries, list) or not entries:
+        raise BadInputError(f"{where}: no passes (add [[pass]] tables)")
+    passes = tuple(_build_pass(e, f"{where}, pass {i + 1}") for i, e in enumerate(entries))
+    _check_order(passes, where)
+    return Pipeline(str(head.get("name", where)), str(head.get("description", "")), passes)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``PASS.KEY=VALUE`` settings (VALUE in TOML syntax; bare words are strings) to every pass of that name.
+
+    Raises:
+        BadInputError: On a malformed setting or a pass the pipeline does not have.
+    """
+    for item in overrides:
+        head, sep, raw = item.partition("=")
+        name, dot, key = head.strip().partition(".")
+        if not sep or not dot or not name or not key:
+            raise BadInputError(f"--set {item!r}: expected PASS.KEY=VALUE (e.g. plan.macs=0.5)")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        targets = [e for e in data.get("pass", []) if isinstance(e, dict) and e.get("name") == name]
+        if not targets:
+            raise BadInputError(f"--set {item!r}: the pipeline has no '{name}' pass")
+        for entry in targets:
+            if name == "plan" and key in ("ratio", "macs", "params", "latency"):
+                for other in ("ratio", "macs", "params", "latency"):
+                    entry.pop(other, None)
+            entry[key.strip()] = value
+    return data
+
+
+def _presets_dir() -> Path:
+    return Path(str(resources.files("graphprune.pipeline") / "presets"))
+
+
+def preset_names() -> tuple[str, ...]:
+    """The pipeline presets shipped with the package (``passes/*.toml`` in the repository)."""
+    return tuple(sorted(p.stem for p in _presets_dir().glob("*.toml")))
+
+
+def preset_path(name: str | Path) -> Path:
+    """A pipeline file: an existing path, else a shipped preset by name (``hierarchical`` or ``hierarchical.toml``).
+
+    Raises:
+        BadInputError: When it is neither.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = _presets_dir() / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if preset.is_file() and path.parent in (Path("."), Path("passes")):
+        return preset
+    raise BadInputError(f"{name}: no such pipeline file or preset (presets: {', '.join(preset_names())})")
+
+
+def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
+    """Read and validate a pipeline TOML file, with optional ``PASS.KEY=VALUE`` overrides.
+
+    Raises:
+        BadInputError: Unreadable file, TOML syntax errors, invalid pipeline.
+    """
+    p = preset_path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as exc:
+        raise BadInputError(f"{p}: cannot read pipeline ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInputError(f"{p}: invalid TOML ({exc})") from None
+    return parse_pipeline(apply_overrides(data, overrides), p.name)
+
+
+def run_passes(pipeline: Pipeline, ws: Workspace, on_result: Callable[[Pass, PassResult], None] | None = None) -> Workspace:
+    """Run every pass in order; each gets the workspace the previous one returned."""
+    for p in pipeline.passes:
+        result = p(ws)
+        ws = result.workspace
+        if on_result is not None:
+            on_result(p, result)
+    return ws

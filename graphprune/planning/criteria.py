@@ -1,0 +1,53 @@
+"""Channel importance scores for one group (higher = more important)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from graphprune.coupling.groups import Group
+from graphprune.errors import BadInputError
+from graphprune.ir.graph import ChannelGraph
+
+__all__ = ["CRITERIA", "score_group"]
+
+
+def _magnitude(group: Group, graph: ChannelGraph, power: int) -> np.ndarray:
+    """Sum over the group's weights of each channel's L1 (or squared L2) norm.
+
+    Each weight's norms are divided by their mean so that a large tensor does
+    not drown the others (as in group-norm criteria).
+    """
+    total = np.zeros(group.channels)
+    for m in group.params():
+        w = graph.const(m.tensor)
+        if w is None or w.size == 0:
+            continue
+        flat = np.moveaxis(np.abs(w.astype(np.float64)) ** power, m.axis, 0).reshape(w.shape[m.axis], -1).sum(1)
+        per_channel = flat[m.indices].sum(1)
+        mean = per_channel.mean()
+        total += per_channel / mean if mean > 0 else per_channel
+    return total
+
+
+def _random(group: Group, graph: ChannelGraph, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, group.id])
+    return rng.random(group.channels)
+
+
+CRITERIA: dict[str, Callable[[Group, ChannelGraph, int], np.ndarray]] = {
+    "l1": lambda g, graph, seed: _magnitude(g, graph, 1),
+    "l2": lambda g, graph, seed: _magnitude(g, graph, 2),
+    "random": _random,
+}
+
+
+def score_group(group: Group, graph: ChannelGraph, criterion: str, seed: int = 0) -> np.ndarray:
+    """Importance of each channel of ``group``.
+
+    Raises:
+        BadInputError: For an unknown criterion.
+    """
+    if criterion not in CRITERIA:
+        raise BadInputError(f"unknown criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
+    return CRITERIA[criterion](group, graph, seed)

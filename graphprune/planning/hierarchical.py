@@ -1,0 +1,286 @@
+"""Plans from a global target: hierarchical (paper), uniform and global baselines.
+
+Level 1 (how many channels each group keeps) and level 2 (which ones) of
+METHOD.md section 2, step 5:
+
+- ``hierarchical``: greedy across groups by least predicted loss per unit
+  saved (MACs, parameters or channels), never below a group's effective
+  filters r_g; a target beyond the estimated maximum is an
+  :class:`~graphprune.errors.OverLimitError` unless over-limit is allowed, and
+  then the excess is spread by the same curvature cost.
+- ``uniform``: the same fraction of every group (bisection on that fraction).
+- ``global``: greedy across groups by the criterion's score alone, no limit.
+
+Within a group the removal order comes from the criterion: ``effective``
+(greedy second-order with cross terms), ``cholesky`` (pivoted Cholesky on
+F), ``taylor`` (Fisher diagonal, squared first-order Taylor), ``l1``, ``l2``,
+``random``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from graphprune.analysis.effective import Analysis
+from graphprune.analysis.cost import Cost, cost_with_keep, model_cost
+from graphprune.coupling.groups import Coupling
+from graphprune.planning.criteria import CRITERIA, score_group
+from graphprune.errors import BadInputError, OverLimitError
+from graphprune.ir.graph import ChannelGraph
+from graphprune.ir.plan import Plan, plan_from_keep
+from graphprune.planning.selection import greedy_drop_order, pivoted_cholesky_order
+
+__all__ = ["METHODS", "ALL_CRITERIA", "TARGETS", "Target", "PlanOptions", "GroupOrder", "removal_orders", "round_counts", "keep_sets", "make_plan", "metric"]
+
+METHODS = ("hierarchical", "uniform", "global")
+ALL_CRITERIA = ("effective", "cholesky", "taylor", *CRITERIA)
+REFRESH = 16
+"""Steps of ``_rounded_to_goal`` between two full re-measurements of what each group saves."""
+NEEDS_ANALYSIS = frozenset({"effective", "cholesky", "taylor"})
+TARGETS = ("ratio", "macs", "params")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """``ratio``: fraction of channels to remove; ``macs``/``params``: fraction of the original to keep."""
+
+    kind: str
+    value: float
+
+    def check(self) -> None:
+        if self.kind not in TARGETS:
+            raise BadInputError(f"unknown target '{self.kind}' (choose from {', '.join(TARGETS)})")
+        if not 0.0 < self.value < 1.0 and not (self.kind == "ratio" and self.value == 0.0):
+            raise BadInputError(f"--{self.kind} must be in (0, 1), got {self.value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    """What to plan: method, criterion, target, rounding, over-limit policy."""
+
+    method: str = "hierarchical"
+    criterion: str = "effective"
+    target: Target = Target("macs", 0.5)
+    round_to: int = 1
+    allow_over_limit: bool = False
+    seed: int = 0
+
+    def check(self, analysis: Analysis | None) -> None:
+        if self.method not in METHODS:
+            raise BadInputError(f"unknown --method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.criterion not in ALL_CRITERIA:
+            raise BadInputError(f"unknown --criterion '{self.criterion}' (choose from {', '.join(ALL_CRITERIA)})")
+        if self.round_to < 1:
+            raise BadInputError(f"--round-to must be at least 1, got {self.round_to}")
+        self.target.check()
+        if analysis is None and (self.method == "hierarchical" or self.criterion in NEEDS_ANALYSIS):
+            raise BadInputError(f"--method {self.method} --criterion {self.criterion} needs an analysis (calibration data)")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupOrder:
+    """A group's channels in removal order, the cost of each removal, and its floor."""
+
+    group: int
+    order: np.ndarray
+    step_cost: np.ndarray
+    floor: int
+
+
+def _order_for(gid: int, coupling: Coupling, graph: ChannelGraph, criterion: str, analysis: Analysis | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    group = coupling.by_id(gid)
+    if criterion in NEEDS_ANALYSIS:
+        assert analysis is not None
+        f = analysis.fisher[gid].f
+        if criterion == "effective":
+            drop = greedy_drop_order(f)
+            return drop.order, np.diff(drop.cost)
+        if criterion == "cholesky":
+            order = pivoted_cholesky_order(f)
+        else:
+            order = np.argsort(np.diag(f), kind="stable")
+        sub = f[np.ix_(order, order)]
+        # removing order[k] after order[:k] adds F_kk / 2 + sum_{d < k} F_kd to the predicted loss
+        return order, 0.5 * np.diag(sub) + np.tril(sub, -1).sum(1)
+    scores = score_group(group, graph, criterion, seed)
+    order = np.argsort(scores, kind="stable")
+    return order, scores[order] / max(float(scores.mean()), 1e-30)
+
+
+def removal_orders(
+    coupling: Coupling, graph: ChannelGraph, options: PlanOptions, analysis: Analysis | None
+) -> dict[int, GroupOrder]:
+    """Level 2 for every plannable group (analysed groups when an analysis is given)."""
+    by_group = analysis.by_group() if analysis is not None else {}
+    gids = [g.id for g in coupling.prunable if analysis is None or g.id in by_group]
+    out: dict[int, GroupOrder] = {}
+    for gid in gids:
+        order, step = _order_for(gid, coupling, graph, options.criterion, analysis, options.seed)
+        limit = by_group[gid].effective if (gid in by_group and options.method == "hierarchical") else 1
+        out[gid] = GroupOrder(gid, order, np.maximum(step, 0.0), max(1, limit))
+    return out
+
+
+def metric(cost: Cost, kind: str, kept_channels: int) -> float:
+    return {"macs": cost.macs, "params": cost.params, "ratio": kept_channels}[kind]
+
+
+def round_counts(keep: Mapping[int, int], orders: Mapping[int, GroupOrder], n: int) -> dict[int, int]:
+    """Channel counts rounded up to multiples of ``n``, never below a group's floor nor above its size."""
+    if n <= 1:
+        return dict(keep)
+    return {gid: min(orders[gid].order.size, max(orders[gid].floor, int(math.ceil(k / n)) * n)) for gid, k in keep.items()}
+
+
+def keep_sets(orders: Mapping[int, GroupOrder], counts: Mapping[int, int]) -> dict[int, np.ndarray]:
+    """Level 2: the last ``counts[g]`` channels of each group's removal order, sorted."""
+    return {gid: np.sort(orders[gid].order[orders[gid].order.size - k:]) for gid, k in counts.items()}
+
+
+def _greedy(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, kind: str,
+            floors: Mapping[int, int], per_unit: bool, start: Mapping[int, int] | None = None) -> tuple[dict[int, int], bool]:
+    """Remove channels, cheapest predicted loss per unit saved first, until ``metric <= goal``."""
+    keep = dict(start) if start else {gid: coupling.by_id(gid).channels for gid in orders}
+    total = sum(keep.values())
+    chunk = max(1, sum(coupling.by_id(g).channels for g in orders) // 200)
+    while True:
+        now = metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values()))
+        if now <= goal:
+            return keep, True
+        live = [g for g in orders if keep[g] > floors[g]]
+        if not live:
+            return keep, False
+        saving: dict[int, float] = {}
+        for g in live:
+            if kind == "ratio":
+                saving[g] = 1.0
+            else:
+                trial = dict(keep)
+                trial[g] -= 1
+                saving[g] = max(now - metric(cost_with_keep(graph, coupling, trial), kind, total - 1), 1e-12)
+        est = now
+        for _ in range(chunk):
+            cands = [g for g in live if keep[g] > floors[g]]
+            if not cands or est <= goal:
+                break
+            def price(g: int) -> float:
+                o = orders[g]
+                step = o.step_cost[o.order.size - keep[g]]
+                return step / saving[g] if per_unit else step
+            best = min(cands, key=price)
+            keep[best] -= 1
+            est -= saving[best]
+
+
+def _rounded_to_goal(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], keep: Mapping[int, int], goal: float,
+                     kind: str, n: int, per_unit: bool, floors: Mapping[int, int]) -> dict[int, int]:
+    """Rounding up overshoots the target: remove ``n`` channels at a time, cheapest first, until it is met again.
+
+    What ``n`` channels of a group save is measured once per group, then again only for the group
+    just cut (and for all every ``REFRESH`` steps): a neighbour's cut changes it only slightly.
+    """
+    keep = dict(keep)
+    if n <= 1:
+        return keep
+    saved: dict[int, float] = {}
+
+    def saving(g: int, now: float) -> float:
+        trial = dict(keep)
+        trial[g] -= n
+        return max(now - metric(cost_with_keep(graph, coupling, trial), kind, sum(trial.values())), 1e-12)
+
+    for step in itertools.count():
+        now = metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values()))
+        live = [g for g in orders if keep[g] - n >= max(floors[g], 1)]
+        if now <= goal or not live:
+            return keep
+        if step % REFRESH == 0:
+            saved.clear()
+
+        def price(g: int) -> float:
+            o = orders[g]
+            done = o.order.size - keep[g]
+            cost = float(np.sum(o.step_cost[done:done + n]))
+            if not per_unit:
+                return cost
+            if g not in saved:
+                saved[g] = saving(g, now)
+            return cost / saved[g]
+
+        best = min(live, key=price)
+        keep[best] -= n
+        saved.pop(best, None)
+    raise AssertionError("unreachable")
+
+
+def _uniform(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, kind: str, round_to: int) -> dict[int, int]:
+    from graphprune.ir.plan import keep_count
+
+    def keep_at(ratio: float) -> dict[int, int]:
+        return {g: keep_count(coupling.by_id(g).channels, ratio, round_to) for g in orders}
+
+    lo, hi = 0.0, 0.999
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        k = keep_at(mid)
+        if metric(cost_with_keep(graph, coupling, k), kind, sum(k.values())) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return keep_at(hi)
+
+
+def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, analysis: Analysis | None = None) -> Plan:
+    """Plan to reach ``options.target``.
+
+    Raises:
+        BadInputError: Bad options, or an analysis needed but missing.
+        OverLimitError: Hierarchical target beyond the estimated maximum (unless allowed).
+    """
+    options.check(analysis)
+    orders = removal_orders(coupling, graph, options, analysis)
+    if not orders:
+        raise BadInputError("no prunable group to plan (every group is frozen or could not be analysed)")
+    kind = options.target.kind
+    full = {g: coupling.by_id(g).channels for g in orders}
+    original = metric(model_cost(graph), kind, sum(full.values()))
+    goal = original * (1.0 - options.target.value) if kind == "ratio" else original * options.target.value
+    meta = {"method": options.method, "criterion": options.criterion, "target": dataclasses.asdict(options.target),
+            "round_to": options.round_to, "seed": options.seed}
+    if options.method == "uniform":
+        keep = _uniform(graph, coupling, orders, goal, kind, options.round_to)
+    else:
+        floors = {g: o.floor for g, o in orders.items()}
+        per_unit = options.method == "hierarchical"
+        keep, reached = _greedy(graph, coupling, orders, goal, kind, floors, per_unit)
+        if not reached and options.method == "hierarchical":
+            best = metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values())) / original
+            limit = f"{1 - best:.3f} of the channels removed" if kind == "ratio" else f"{best:.3f} of the original {kind} ({1 / best:.2f}x)"
+            if not options.allow_over_limit:
+                raise OverLimitError(
+                    f"the target is beyond the estimated maximum compression: at most {limit} without pruning past "
+                    "any group's effective filters; lower the target, raise --eps when analysing, or pass --allow-over-limit"
+                )
+            keep, reached = _greedy(graph, coupling, orders, goal, kind, {g: 1 for g in orders}, True, keep)
+            meta["over_limit"] = True
+        if not reached:
+            raise BadInputError(f"the target cannot be reached even keeping one channel per group ({kind})")
+        keep = round_counts(keep, orders, options.round_to)
+        ones = {g: 1 for g in orders}
+        keep = _rounded_to_goal(graph, coupling, orders, keep, goal, kind, options.round_to, per_unit,
+                                ones if meta.get("over_limit") else floors)
+        if metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values())) > goal:
+            if options.method == "hierarchical" and not options.allow_over_limit:
+                raise OverLimitError(
+                    f"with --round-to {options.round_to} the target is beyond the estimated maximum compression "
+                    "(channel counts rounded up stay at or above every group's effective filters); lower the target "
+                    "or --round-to, or pass --allow-over-limit"
+                )
+            keep = _rounded_to_goal(graph, coupling, orders, keep, goal, kind, options.round_to, per_unit, ones)
+            if options.method == "hierarchical":
+                meta["over_limit"] = True
+    return plan_from_keep(coupling, keep_sets(orders, keep), meta)

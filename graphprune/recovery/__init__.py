@@ -1,0 +1,1 @@
+"""Accuracy recovery before fine-tuning: least-squares compensation and statistics repair."""

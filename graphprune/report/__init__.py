@@ -1,0 +1,1 @@
+"""Tables, JSON, plots and HTML reports."""
