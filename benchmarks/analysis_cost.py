@@ -27,8 +27,8 @@ from rich.table import Table
 from graphprune import models
 from graphprune.analysis.effective import AnalysisOptions, analyze
 from graphprune.coupling.groups import build_groups
-from graphprune.frontends.data import Calibration
 from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
 
 

@@ -30,19 +30,19 @@ from rich.table import Table
 
 from graphprune import models
 from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
-from graphprune.coupling.groups import build_groups
-from graphprune.frontends.data import Calibration
 from graphprune.analysis.gates import GatePlan, gate_taps, plan_gates
-from graphprune.execution.interpreter import GraphInterpreter
-from graphprune.io import save_onnx
-from graphprune.frontends.onnx import OnnxModel, load_onnx, prepare
-from graphprune.backends.onnx import apply_kept
-from graphprune.ir.plan import kept_elements, plan_from_keep
-from graphprune.execution.measure import ort_accuracy
-from graphprune.planning.selection import greedy_drop_order
 from graphprune.analysis.spectrum import eigenvalues, energy_rank
+from graphprune.backends.onnx import apply_kept
+from graphprune.coupling.groups import build_groups
+from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.training import FitOptions, accuracy, fit
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import OnnxModel, load_onnx, prepare
+from graphprune.io import save_onnx
+from graphprune.ir.plan import kept_elements, plan_from_keep
 from graphprune.models.fashion import fashion_mnist, trained
+from graphprune.planning.selection import greedy_drop_order
 
 console = Console(width=130)
 

@@ -45,14 +45,25 @@ from torch import nn
 
 from graphprune import models
 from graphprune.analysis.cost import model_cost
-from graphprune.execution.measure import ort_accuracy
-from graphprune.frontends.onnx import load_onnx
 from graphprune.backends.onnx import model_bytes
-from graphprune.pipeline.passes import (AnalyzePass, AnalyzePassOptions, CompensateOptions, CompensatePass, FineTunePass, PlanPass,
-                               PlanPassOptions, RepairPass, RewriteOptions, RewritePass, Workspace)
+from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.sessions import make_session, measure_latency
 from graphprune.execution.training import FitOptions, fit
+from graphprune.frontends.onnx import load_onnx
 from graphprune.models.fashion import fashion_mnist, trained
+from graphprune.pipeline.passes import (
+    AnalyzePass,
+    AnalyzePassOptions,
+    CompensateOptions,
+    CompensatePass,
+    FineTunePass,
+    PlanPass,
+    PlanPassOptions,
+    RepairPass,
+    RewriteOptions,
+    RewritePass,
+    Workspace,
+)
 
 console = Console(width=200)
 TP_METHODS = {
@@ -89,7 +100,7 @@ def _figures(blob: bytes, test, runs: int) -> dict[str, float]:
     return {"acc": ort_accuracy(blob, test), "params": cost.params, "macs": cost.macs, **_latency(blob, runs)}
 
 
-def load_onnx_bytes(blob: bytes):  # noqa: ANN201 - OnnxModel
+def load_onnx_bytes(blob: bytes):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
         path.write_bytes(blob)
@@ -111,7 +122,7 @@ def _graphprune(om, analysis, train, red: float, round_to: int, ft: FitOptions, 
     return model_bytes(ws.model.model)
 
 
-def _importance(kind: str):  # noqa: ANN202
+def _importance(kind: str):
     import torch_pruning as tp
 
     if kind == "l2":
@@ -285,7 +296,7 @@ def plot(rows: list[dict], path: Path) -> None:
 # --- part 2: dependency analysis time ---------------------------------------------------------------------------------
 
 
-def _best(fn, repeat: int) -> float:  # noqa: ANN001
+def _best(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -378,11 +389,11 @@ def _tp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
 
 
 def _gp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
-    from graphprune.coupling.groups import build_groups
     from graphprune.backends.onnx_prune import PruneOptions, prune_file
-    from graphprune.ir.plan import uniform_plan
-    from graphprune.frontends.torch.trace import load_module
     from graphprune.backends.torch_module import prune_module, verify_module
+    from graphprune.coupling.groups import build_groups
+    from graphprune.frontends.torch.trace import load_module
+    from graphprune.ir.plan import uniform_plan
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "m.onnx"

@@ -28,14 +28,24 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import models
-from graphprune.execution.measure import ort_accuracy
-from graphprune.frontends.onnx import load_onnx
 from graphprune.backends.onnx import model_bytes
-from graphprune.pipeline.passes import (AnalyzePass, AnalyzePassOptions, CompensateOptions, CompensatePass, PlanPass,
-                               PlanPassOptions, RepairPass, RewriteOptions, RewritePass, Workspace)
 from graphprune.backends.torch_module import reestimate_module_batch_norm
+from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.training import accuracy
+from graphprune.frontends.onnx import load_onnx
 from graphprune.models.fashion import fashion_mnist, trained
+from graphprune.pipeline.passes import (
+    AnalyzePass,
+    AnalyzePassOptions,
+    CompensateOptions,
+    CompensatePass,
+    PlanPass,
+    PlanPassOptions,
+    RepairPass,
+    RewriteOptions,
+    RewritePass,
+    Workspace,
+)
 
 console = Console(width=140)
 

@@ -12,10 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
-
-import torch
 
 from graphprune import models
 from graphprune.coupling.groups import build_groups

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from large_model import write_wide_model  # noqa: E402
+from large_model import write_wide_model
 
 console = Console(width=120)
 

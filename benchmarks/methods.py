@@ -23,14 +23,14 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import models
-from graphprune.execution.measure import ort_accuracy
-from graphprune.frontends.onnx import load_onnx
-from graphprune.backends.onnx import model_bytes
 from graphprune.analysis.cost import model_cost
-from graphprune.pipeline.passes import FineTunePass, PlanPass, PlanPassOptions, RewriteOptions, RewritePass, Workspace
+from graphprune.backends.onnx import model_bytes
+from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.training import FitOptions
-from graphprune.pipeline.config import parse_pipeline, run_passes
+from graphprune.frontends.onnx import load_onnx
 from graphprune.models.fashion import fashion_mnist, trained
+from graphprune.pipeline.config import parse_pipeline, run_passes
+from graphprune.pipeline.passes import FineTunePass, PlanPass, PlanPassOptions, RewriteOptions, RewritePass, Workspace
 
 console = Console(width=130)
 

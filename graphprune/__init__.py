@@ -9,9 +9,6 @@ from graphprune.errors import BadInputError, GraphpruneError, PlanMismatchError,
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode, TensorInfo
 
 __all__ = [
-    "apply_plan",
-    "load_plan",
-    "save_plan",
     "Axis",
     "BadInputError",
     "ChannelGraph",
@@ -23,7 +20,10 @@ __all__ = [
     "PlanMismatchError",
     "TensorInfo",
     "ValidationError",
+    "apply_plan",
     "build_groups",
+    "load_plan",
+    "save_plan",
 ]
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from graphprune.errors import BadInputError, GraphpruneError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("graphprune")
 
@@ -21,7 +21,7 @@ def _unit_float(text: str, zero_ok: bool) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (0.0 <= value if zero_ok else 0.0 < value) or value >= 1.0:
+    if not (value >= 0.0 if zero_ok else value > 0.0) or value >= 1.0:
         interval = "[0, 1)" if zero_ok else "(0, 1)"
         raise argparse.ArgumentTypeError(f"{'ratio ' if zero_ok else ''}must be in {interval}, got {value}")
     return value
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_graph(path: Path):  # noqa: ANN202 - ChannelGraph, imported lazily
+def _load_graph(path: Path):
     """The channel graph of an ONNX file or a saved ExportedProgram (``.pt2``)."""
     if path.suffix == ".pt2":
         from graphprune.frontends.torch.trace import load_exported_program
@@ -153,10 +153,10 @@ def _analyze(args: argparse.Namespace, console: Console) -> None:
     from rich.progress import Progress
 
     from graphprune.analysis.effective import AnalysisOptions, analyze
-    from graphprune.report.analysis import analysis_table, write_html, write_plot
     from graphprune.coupling.groups import build_groups
-    from graphprune.frontends.data import ImageOptions, load_data
     from graphprune.execution.distributed import is_main, process_group
+    from graphprune.frontends.data import ImageOptions, load_data
+    from graphprune.report.analysis import analysis_table, write_html, write_plot
 
     for path in (args.output, args.plot, args.html):
         if path is not None and path.resolve() == args.model.resolve():
@@ -248,12 +248,12 @@ def _refuse_for_program(args: argparse.Namespace) -> None:
                             f"`graphprune prune {args.model.name} -o model.onnx --ratio 0` and prune the ONNX file")
 
 
-def _program_plan(args: argparse.Namespace, console: Console):  # noqa: ANN202 - Plan, imported lazily
+def _program_plan(args: argparse.Namespace, console: Console):
     """Analysis- or target-based plan of a .pt2, as the prune pipeline's analyze and plan passes make it."""
     from rich.progress import Progress
 
-    from graphprune.pipeline.passes import AnalyzePassOptions, PlanPassOptions
     from graphprune.backends.program_prune import plan_program
+    from graphprune.pipeline.passes import AnalyzePassOptions, PlanPassOptions
 
     method, criterion = _method_and_criterion(args)
     plan_options = PlanPassOptions(method=method, criterion=criterion, ratio=args.ratio, macs=args.macs, params=args.params,
@@ -287,10 +287,10 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
             raise BadInputError("--plan applies a saved plan: do not combine it with a target, --method or --data")
         _prune_pipeline(args, console)
         return
-    from graphprune.io import write_text_atomic
     from graphprune.backends.onnx_prune import PruneOptions, prune_file
-    from graphprune.ir.plan import Plan
     from graphprune.backends.program_prune import prune_program_file
+    from graphprune.io import write_text_atomic
+    from graphprune.ir.plan import Plan
     from graphprune.report.tables import prune_json, prune_table
 
     for path in (args.plan_out, args.json):
@@ -311,10 +311,9 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
+    from graphprune.execution.distributed import process_group
     from graphprune.pipeline.config import load_pipeline
     from graphprune.pipeline.run import run_file
-
-    from graphprune.execution.distributed import process_group
 
     pipeline = load_pipeline(args.pipeline, args.set)
     with process_group():
@@ -328,9 +327,8 @@ def _run(args: argparse.Namespace, console: Console) -> None:
 
 
 def _demo(args: argparse.Namespace, console: Console) -> None:
-    from graphprune.pipeline.demo import run_demo
-
     from graphprune import models
+    from graphprune.pipeline.demo import run_demo
 
     if args.model not in models.REFERENCE_MODELS:
         raise BadInputError(f"unknown reference model '{args.model}' (known: {', '.join(models.REFERENCE_MODELS)})")
@@ -363,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("graphprune: interrupted; nothing was written", markup=False)
         return 130
-    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+    except Exception as exc:
         if args.debug:
             raise
         err.print(f"graphprune: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", markup=False, highlight=False, soft_wrap=True)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 __all__ = [
-    "GraphpruneError",
     "BadInputError",
+    "GraphpruneError",
     "OverLimitError",
     "PlanMismatchError",
     "UnsupportedOpError",

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from graphprune.errors import BadInputError
 
-__all__ = ["check_output_path", "staged_output", "save_onnx", "uses_external_data", "weight_bytes", "write_text_atomic", "write_bytes_atomic"]
+__all__ = ["check_output_path", "save_onnx", "staged_output", "uses_external_data", "weight_bytes", "write_bytes_atomic", "write_text_atomic"]
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Models with more initializer bytes than this are saved with external data."""

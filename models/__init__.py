@@ -15,7 +15,7 @@ from .export import export_onnx
 from .mobile import MobileNetV2, ShuffleNetV2
 from .transformer import ConvNeXt, ViT
 
-__all__ = ["REFERENCE_MODELS", "INPUT_SHAPE", "build", "export_onnx"]
+__all__ = ["INPUT_SHAPE", "REFERENCE_MODELS", "build", "export_onnx"]
 
 INPUT_SHAPE = (1, 28, 28)
 

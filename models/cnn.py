@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["VGG", "ResNetCifar", "BottleneckResNet", "ResNeXt", "SEResNet"]
+__all__ = ["VGG", "BottleneckResNet", "ResNeXt", "ResNetCifar", "SEResNet"]
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -116,11 +116,11 @@ class BottleneckResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def ResNeXt(**kw: object) -> BottleneckResNet:  # noqa: N802 - reads as a class
+def ResNeXt(**kw: object) -> BottleneckResNet:
     """ResNeXt-style: bottlenecks with grouped 3x3 convs (cardinality 4)."""
     return BottleneckResNet(width=16, groups=4, **kw)  # type: ignore[arg-type]
 
 
-def SEResNet(**kw: object) -> BottleneckResNet:  # noqa: N802
+def SEResNet(**kw: object) -> BottleneckResNet:
     """Bottleneck ResNet with squeeze-excite (broadcast Mul) in every block."""
     return BottleneckResNet(se=True, **kw)  # type: ignore[arg-type]

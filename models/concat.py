@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DenseNet", "DENSENET201", "Inception"]
+__all__ = ["DENSENET201", "DenseNet", "Inception"]
 
 
 class DenseLayer(nn.Module):

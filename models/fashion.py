@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphprune.frontends.data import Calibration, load_fashion_mnist
 from graphprune.execution.training import FitOptions, fit
+from graphprune.frontends.data import Calibration, load_fashion_mnist
 
 __all__ = ["fashion_mnist", "trained"]
 

@@ -9,7 +9,7 @@ __all__ = ["MobileNetV2", "ShuffleNetV2"]
 
 def _cbr(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> list[nn.Module]:
     mods: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return mods + [nn.ReLU6(inplace=True)] if act else mods
+    return [*mods, nn.ReLU6(inplace=True)] if act else mods
 
 
 class InvertedResidual(nn.Module):

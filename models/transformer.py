@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ViT", "ConvNeXt"]
+__all__ = ["ConvNeXt", "ViT"]
 
 
 class Attention(nn.Module):

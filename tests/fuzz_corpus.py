@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["MUTATIONS", "generate", "run_corpus", "Outcome"]
+__all__ = ["MUTATIONS", "Outcome", "generate", "run_corpus"]
 
 BASE_MODELS = ("vgg", "resnet20", "mobilenetv2", "shufflenetv2")
 OK_CODES = (0, 2, 3)
@@ -236,7 +236,7 @@ class Outcome:
         return self.code in OK_CODES and not self.traceback and self.stderr_lines <= 1 and not self.killed
 
 
-def _child(path: str, out_dir: str, conn) -> None:  # noqa: ANN001 - a multiprocessing Connection
+def _child(path: str, out_dir: str, conn) -> None:
     from graphprune.cli import main
 
     err = io.StringIO()

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
+from graphprune.analysis.spectrum import eigenvalues, energy_rank, singularities
 from graphprune.coupling.groups import build_groups
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
 from graphprune.planning.selection import drop_cost, greedy_drop_order
-from graphprune.analysis.spectrum import eigenvalues, energy_rank, singularities
 
 SHAPE = (1, 12, 12)
 
@@ -49,7 +49,7 @@ def trained() -> tuple[Tiny, np.ndarray, np.ndarray]:
     x, y = _data(2048, 0)
     model = Tiny(8)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(300):
+    for _step in range(300):
         idx = torch.randint(0, len(x), (128,))
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()

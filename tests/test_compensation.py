@@ -7,16 +7,16 @@ import torch
 from torch import nn
 
 from graphprune import models
-from graphprune.cli import main
-from graphprune.recovery.compensation import compensate
-from graphprune.coupling.groups import build_groups
-from graphprune.frontends.data import Calibration
-from graphprune.execution.onnx_finetune import with_constants
-from graphprune.frontends.onnx import load_onnx, prepare
 from graphprune.backends.onnx import apply_kept, model_bytes
-from graphprune.ir.plan import GroupPlan, Plan, kept_elements
-from graphprune.recovery.repair import correct_biases, output_means, reestimate_batch_norm
+from graphprune.cli import main
+from graphprune.coupling.groups import build_groups
+from graphprune.execution.onnx_finetune import with_constants
 from graphprune.execution.sessions import make_session
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import load_onnx, prepare
+from graphprune.ir.plan import GroupPlan, Plan, kept_elements
+from graphprune.recovery.compensation import compensate
+from graphprune.recovery.repair import correct_biases, output_means, reestimate_batch_norm
 
 SHAPE = (2, 10, 10)
 
@@ -216,8 +216,8 @@ def test_prune_cli_compensates_by_default_with_data(exported, tmp_path):
 
 
 def test_torch_module_compensation_and_bn_repair():
-    from graphprune.frontends.torch.trace import load_module
     from graphprune.backends.torch_module import compensate_module, prune_module, reestimate_module_batch_norm
+    from graphprune.frontends.torch.trace import load_module
 
     module = _planted()
     x = torch.randn(64, *SHAPE)

@@ -11,15 +11,15 @@ from onnx import helper
 from torch import nn
 
 from graphprune import models
+from graphprune.backends.onnx import apply_plan
+from graphprune.backends.onnx_prune import PruneOptions, prune_file
 from graphprune.coupling.groups import build_groups
 from graphprune.errors import ValidationError
-from graphprune.io import save_onnx
-from graphprune.frontends.onnx import load_onnx
-from graphprune.backends.onnx_prune import PruneOptions, prune_file
-from graphprune.backends.onnx import apply_plan
-from graphprune.ir.plan import kept_elements, uniform_plan
 from graphprune.execution.sessions import sample_inputs
 from graphprune.execution.validate import validate_pruned
+from graphprune.frontends.onnx import load_onnx
+from graphprune.io import save_onnx
+from graphprune.ir.plan import kept_elements, uniform_plan
 
 
 def test_exactness_check_catches_a_wrong_rewrite(exported, tmp_path):

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from graphprune import models
-from graphprune.frontends.data import Calibration
+from graphprune.backends.onnx import model_bytes
 from graphprune.errors import BadInputError
 from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.onnx_finetune import finetune_onnx
-from graphprune.frontends.onnx import load_onnx
-from graphprune.backends.onnx import model_bytes
 from graphprune.execution.sessions import make_session
 from graphprune.execution.training import FitOptions
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import load_onnx
 
 
 def _task(n: int = 512, seed: int = 0) -> Calibration:

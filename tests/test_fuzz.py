@@ -31,7 +31,7 @@ def test_runner_catches_a_crash(tmp_path, monkeypatch):
     """The harness itself must be able to fail: a command that raises past main counts as a failure."""
     import graphprune.cli
 
-    def boom(argv=None):  # noqa: ANN001
+    def boom(argv=None):
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(graphprune.cli, "main", boom)

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from graphprune import models
-from graphprune.coupling.groups import build_groups
 from graphprune.analysis.gates import gate_taps, plan_gates
-from graphprune.execution.interpreter import GraphInterpreter
-from graphprune.io import save_onnx
-from graphprune.frontends.onnx import load_onnx
 from graphprune.backends.onnx import apply_kept
-from graphprune.ir.plan import GroupPlan, Plan, kept_elements
+from graphprune.coupling.groups import build_groups
+from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.execution.sessions import make_session
+from graphprune.frontends.onnx import load_onnx
+from graphprune.io import save_onnx
+from graphprune.ir.plan import GroupPlan, Plan, kept_elements
 
 
 @pytest.mark.parametrize("name", models.SMALL_MODELS)

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 from graphprune import models
-from graphprune.analysis.effective import AnalysisOptions, analyze
 from graphprune.analysis.cost import cost_with_keep, model_cost
+from graphprune.analysis.effective import AnalysisOptions, analyze
 from graphprune.coupling.groups import build_groups
-from graphprune.frontends.data import Calibration
 from graphprune.errors import BadInputError, OverLimitError
-from graphprune.planning.hierarchical import PlanOptions, Target, make_plan
+from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
-from graphprune.planning.targets import latency_plan, limit_plan
+from graphprune.planning.hierarchical import PlanOptions, Target, make_plan
 from graphprune.planning.selection import greedy_drop_order, pivoted_cholesky_order
+from graphprune.planning.targets import latency_plan, limit_plan
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import torch
 from graphprune import models
 from graphprune.errors import UnsupportedOpError
 from graphprune.execution.interpreter import GraphInterpreter
-from graphprune.frontends.onnx import load_onnx
 from graphprune.execution.sessions import make_session
+from graphprune.frontends.onnx import load_onnx
 
 
 def _x(n: int = 3, seed: int = 0) -> np.ndarray:

@@ -14,8 +14,8 @@ from graphprune import models
 from graphprune.cli import main
 from graphprune.errors import BadInputError
 from graphprune.frontends.onnx import load_onnx
-from graphprune.pipeline.passes import PASSES, Workspace
 from graphprune.pipeline.config import load_pipeline, parse_pipeline, run_passes
+from graphprune.pipeline.passes import PASSES, Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 

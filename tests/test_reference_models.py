@@ -5,9 +5,9 @@ import onnx
 import pytest
 
 from graphprune import models
+from graphprune.backends.onnx_prune import PruneOptions, prune_file
 from graphprune.coupling.groups import build_groups
 from graphprune.frontends.onnx import load_onnx
-from graphprune.backends.onnx_prune import PruneOptions, prune_file
 
 RATIOS = (0.25, 0.5, 0.9)
 

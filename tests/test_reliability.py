@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from graphprune import models
+from graphprune.backends.onnx_prune import PruneOptions, prune_file
 from graphprune.coupling.groups import build_groups
 from graphprune.frontends.onnx import load_onnx
-from graphprune.backends.onnx_prune import PruneOptions, prune_file
 
 # (exporter, opset, bn): the oldest opset the reference models export at, the newest of each exporter.
 EXPORTS = [("legacy", 11, "keep"), ("legacy", 11, "fold"), ("legacy", 20, "keep"), ("legacy", 20, "fold"),
@@ -306,8 +306,8 @@ def _folder_state(folder: Path) -> dict[str, bytes]:
 def test_interrupt_or_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, capsys, when, signal):
     """Ctrl-C (or a crash) while the output is written or validated: the input is intact, the old output kept,
     no partial file or staging folder is left."""
-    import graphprune.io
     import graphprune.backends.onnx_prune
+    import graphprune.io
     from graphprune.cli import main
 
     src = tmp_path / "m.onnx"
@@ -318,13 +318,13 @@ def test_interrupt_or_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, caps
 
     real_save = graphprune.io.save_onnx
 
-    def save_then_fail(model, path, external=False):  # noqa: ANN001
+    def save_then_fail(model, path, external=False):
         real_save(model, path, external)
         with open(path, "r+b") as f:  # a half-written file
             f.truncate(100)
         raise signal("stop")
 
-    def fail(*a, **k):  # noqa: ANN002, ANN003
+    def fail(*a, **k):
         raise signal("stop")
 
     if when == "save":

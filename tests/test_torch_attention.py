@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_checks import assert_export_matches, step_changes
 
+from graphprune.backends.torch_module import apply_plan, load_pruned, prune_module, save_pruned, verify_module
 from graphprune.coupling.groups import build_groups
-from graphprune.ir.plan import uniform_plan
 from graphprune.frontends.torch.attention import HeadPrunableAttention, swap_attention
 from graphprune.frontends.torch.trace import load_module
-from graphprune.backends.torch_module import apply_plan, load_pruned, prune_module, save_pruned, verify_module
-from torch_checks import assert_export_matches, step_changes
+from graphprune.ir.plan import uniform_plan
 
 HEADS, DIM = 4, 16
 
@@ -184,12 +184,12 @@ def test_grouped_query_heads_freeze_and_an_explicit_scale_frees_the_head_size():
 
 def test_onnx_attention_op_prunes_heads_exactly(tmp_path):
     """The dynamo exporter at opset 23 writes one Attention op per layer: the ONNX path prunes its heads."""
-    from graphprune.io import save_onnx
-    from graphprune.frontends.onnx import load_onnx
     from graphprune.backends.onnx import apply_plan as apply_onnx_plan
-    from graphprune.ir.plan import kept_elements
     from graphprune.execution.sessions import sample_inputs
     from graphprune.execution.validate import validate_pruned
+    from graphprune.frontends.onnx import load_onnx
+    from graphprune.io import save_onnx
+    from graphprune.ir.plan import kept_elements
 
     module = _Encoder().eval()
     swap_attention(module)

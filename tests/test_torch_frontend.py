@@ -5,18 +5,18 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch_checks import assert_export_matches, step_changes
 
 from graphprune import models
+from graphprune.backends.onnx import apply_plan as apply_onnx_plan
+from graphprune.backends.torch_module import apply_plan, load_pruned, prune_module, save_pruned, verify_module
 from graphprune.coupling.groups import build_groups
 from graphprune.errors import BadInputError
-from graphprune.io import save_onnx
-from graphprune.frontends.onnx import load_onnx
-from graphprune.backends.onnx import apply_plan as apply_onnx_plan
-from graphprune.ir.plan import translate_plan, uniform_plan
 from graphprune.execution.sessions import make_session
+from graphprune.frontends.onnx import load_onnx
 from graphprune.frontends.torch.trace import load_exported_program, load_module
-from graphprune.backends.torch_module import apply_plan, load_pruned, prune_module, save_pruned, verify_module
-from torch_checks import assert_export_matches, step_changes
+from graphprune.io import save_onnx
+from graphprune.ir.plan import translate_plan, uniform_plan
 
 
 def _x(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -206,8 +206,8 @@ class _WithCustomOp(nn.Module):
 
 
 def test_fx_fallback_traces_what_export_refuses():
-    from graphprune.ir.plan import uniform_plan
     from graphprune.backends.torch_module import prune_module, verify_module
+    from graphprune.ir.plan import uniform_plan
 
     module = _WithCustomOp().eval()
     with pytest.raises(Exception):
@@ -235,8 +235,8 @@ def _saved_program(tmp_path, name: str):
 @pytest.mark.parametrize("name", models.SMALL_MODELS)
 def test_saved_program_prunes_exactly(tmp_path, name):
     """A .pt2 with no module class: sliced, sizes patched, exported again, exact, dynamic batch kept."""
-    from graphprune.ir.plan import uniform_plan
     from graphprune.backends.exported_program import prune_program, verify_program
+    from graphprune.ir.plan import uniform_plan
 
     tm = load_exported_program(_saved_program(tmp_path, name))
     coupling = build_groups(tm.graph)
@@ -328,11 +328,11 @@ def test_conv1d_group_norm_and_conv_transpose_prune_in_torch(tmp_path):
 
 
 def test_conv1d_group_norm_and_conv_transpose_prune_as_pt2_and_onnx(tmp_path):
-    from graphprune.io import save_onnx
-    from graphprune.ir.plan import kept_elements
     from graphprune.backends.exported_program import prune_program, verify_program
     from graphprune.execution.sessions import sample_inputs
     from graphprune.execution.validate import validate_pruned
+    from graphprune.io import save_onnx
+    from graphprune.ir.plan import kept_elements
 
     module = _Layers().eval()
     batch = torch.export.Dim("batch", min=1, max=64)

@@ -9,9 +9,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from graphprune.frontends.data import Calibration
 from graphprune.execution.distributed import process_group
 from graphprune.execution.training import FitOptions, fit
+from graphprune.frontends.data import Calibration
 
 
 def _model() -> nn.Module:

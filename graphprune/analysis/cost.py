@@ -9,7 +9,7 @@ from graphprune.coupling.groups import Coupling
 from graphprune.ir.graph import ChannelGraph, TensorInfo
 from graphprune.ops import lookup
 
-__all__ = ["Cost", "model_cost", "cost_with_keep"]
+__all__ = ["Cost", "cost_with_keep", "model_cost"]
 
 _WEIGHT_TYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"})
 

@@ -21,17 +21,17 @@ from typing import Any
 import numpy as np
 
 from graphprune.analysis.cost import Cost, cost_with_keep, model_cost
-from graphprune.coupling.groups import Coupling
-from graphprune.frontends.data import Calibration
-from graphprune.errors import BadInputError
 from graphprune.analysis.fisher import FisherResult, GroupFisher, Progress, collect_fisher
 from graphprune.analysis.gates import plan_gates
-from graphprune.ir.graph import ChannelGraph
-from graphprune.execution.interpreter import GraphInterpreter
-from graphprune.planning.selection import DropOrder, greedy_drop_order
 from graphprune.analysis.spectrum import Singularities, eigenvalues, energy_rank, singularities
+from graphprune.coupling.groups import Coupling
+from graphprune.errors import BadInputError
+from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.frontends.data import Calibration
+from graphprune.ir.graph import ChannelGraph
+from graphprune.planning.selection import DropOrder, greedy_drop_order
 
-__all__ = ["AnalysisOptions", "GroupAnalysis", "NetworkLimit", "Analysis", "analyze", "summarize"]
+__all__ = ["Analysis", "AnalysisOptions", "GroupAnalysis", "NetworkLimit", "analyze", "summarize"]
 
 log = logging.getLogger(__name__)
 

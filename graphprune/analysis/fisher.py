@@ -15,13 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from graphprune.frontends.data import Calibration
-from graphprune.execution.distributed import rank_and_world
-from graphprune.errors import BadInputError
 from graphprune.analysis.gates import GatePlan, gate_taps
+from graphprune.errors import BadInputError
+from graphprune.execution.distributed import rank_and_world
 from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.frontends.data import Calibration
 
-__all__ = ["LOSSES", "GroupFisher", "FisherResult", "collect_fisher", "default_device"]
+__all__ = ["LOSSES", "FisherResult", "GroupFisher", "collect_fisher", "default_device"]
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 from graphprune.coupling.groups import Coupling, Group
 from graphprune.ir.graph import ChannelGraph
 
-__all__ = ["GateEdge", "GatePlan", "plan_gates", "gate_taps", "compose"]
+__all__ = ["GateEdge", "GatePlan", "compose", "gate_taps", "plan_gates"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ class BatchAxisError(ValueError):
 
 
 def _gate_fn(gate: torch.Tensor, edge: GateEdge) -> Callable[[torch.Tensor], torch.Tensor]:
-    n, c = gate.shape
+    n, _c = gate.shape
     m = edge.index.shape[1]
     flat = torch.as_tensor(edge.index.reshape(-1), dtype=torch.int64, device=gate.device)
 

@@ -13,9 +13,9 @@ import dataclasses
 import numpy as np
 
 __all__ = [
+    "DEPENDENCE_TOL",
     "ELIMINATION_RTOL",
     "OVERLAP_TOL",
-    "DEPENDENCE_TOL",
     "Singularities",
     "eigenvalues",
     "energy_rank",

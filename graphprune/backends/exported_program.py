@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphprune.backends.torch_module import _slice_state, compare_to_masked, masked_reference
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, ValidationError
+from graphprune.frontends.torch.trace import TorchModel
 from graphprune.ir.graph import Axis
 from graphprune.ir.plan import Plan, kept_elements
-from graphprune.frontends.torch.trace import TorchModel
-from graphprune.backends.torch_module import _slice_state, compare_to_masked, masked_reference
 
-__all__ = ["prune_program", "example_inputs", "verify_program"]
+__all__ = ["example_inputs", "prune_program", "verify_program"]
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ import onnxruntime as ort
 
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import ValidationError
+from graphprune.execution.sessions import make_session
+from graphprune.frontends.onnx import OnnxModel, inline_proto, node_name
 from graphprune.io import weight_bytes
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
-from graphprune.frontends.onnx import OnnxModel, inline_proto, node_name
-from graphprune.ops import AdjustContext, Adjustment, lookup
 from graphprune.ir.plan import Plan, kept_elements
-from graphprune.execution.sessions import make_session
+from graphprune.ops import AdjustContext, Adjustment, lookup
 
-__all__ = ["apply_plan", "apply_kept", "clone_model", "model_bytes", "model_session", "new_const", "value_map", "node_map"]
+__all__ = ["apply_kept", "apply_plan", "clone_model", "model_bytes", "model_session", "new_const", "node_map", "value_map"]
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,15 @@ from pathlib import Path
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from graphprune.analysis.cost import Cost, model_cost
-from graphprune.coupling.groups import Coupling, build_groups
-from graphprune.io import check_output_path, save_onnx, staged_output, uses_external_data
-from graphprune.frontends.onnx import OnnxModel, load_onnx, prepare
 from graphprune.backends.onnx import apply_kept
-from graphprune.ir.plan import Plan, kept_elements, uniform_plan
+from graphprune.coupling.groups import Coupling, build_groups
 from graphprune.execution.sessions import make_session, measure_latency, sample_inputs
 from graphprune.execution.validate import ValidationReport, validate_pruned
+from graphprune.frontends.onnx import OnnxModel, load_onnx, prepare
+from graphprune.io import check_output_path, save_onnx, staged_output, uses_external_data
+from graphprune.ir.plan import Plan, kept_elements, uniform_plan
 
-__all__ = ["PruneOptions", "ModelStats", "PruneResult", "prune_file"]
+__all__ = ["ModelStats", "PruneOptions", "PruneResult", "prune_file"]
 
 log = logging.getLogger(__name__)
 

@@ -9,17 +9,17 @@ from typing import Any
 import torch
 
 from graphprune.analysis.cost import model_cost
+from graphprune.analysis.fisher import Progress
+from graphprune.backends.exported_program import example_inputs, prune_program, verify_program
+from graphprune.backends.onnx_prune import ModelStats, PruneOptions, PruneResult
 from graphprune.coupling.groups import build_groups
 from graphprune.errors import BadInputError, ValidationError
-from graphprune.analysis.fisher import Progress
-from graphprune.io import check_output_path, staged_output
-from graphprune.backends.onnx_prune import ModelStats, PruneOptions, PruneResult
-from graphprune.ir.plan import Plan, uniform_plan
-from graphprune.backends.exported_program import example_inputs, prune_program, verify_program
-from graphprune.frontends.torch.trace import load_exported_program, to_channel_graph
 from graphprune.execution.validate import ValidationReport, compare_outputs
+from graphprune.frontends.torch.trace import load_exported_program, to_channel_graph
+from graphprune.io import check_output_path, staged_output
+from graphprune.ir.plan import Plan, uniform_plan
 
-__all__ = ["prune_program_file", "plan_program"]
+__all__ = ["plan_program", "prune_program_file"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def plan_program(source: Path, data: str | None, analysis_options: Any, plan_opt
         The plan and its figures (target, estimated maximum reductions).
     """
     from graphprune.frontends.data import load_data
-    from graphprune.planning.hierarchical import NEEDS_ANALYSIS
     from graphprune.pipeline.passes import limit_figures, run_analysis
+    from graphprune.planning.hierarchical import NEEDS_ANALYSIS
     from graphprune.planning.targets import plan_for
 
     tm = load_exported_program(source)

@@ -26,21 +26,21 @@ from torch import nn
 
 from graphprune.coupling.groups import Coupling, build_groups
 from graphprune.errors import BadInputError, ValidationError
-from graphprune.ir.graph import Axis
-from graphprune.ir.plan import Plan, kept_elements
 from graphprune.frontends.torch.attention import HeadPrunableAttention, swap_attention
 from graphprune.frontends.torch.trace import TorchModel, load_module
+from graphprune.ir.graph import Axis
+from graphprune.ir.plan import Plan, kept_elements
 
 __all__ = [
     "apply_plan",
-    "prune_module",
-    "compensate_module",
-    "reestimate_module_batch_norm",
-    "masked_reference",
-    "verify_module",
     "compare_to_masked",
-    "save_pruned",
+    "compensate_module",
     "load_pruned",
+    "masked_reference",
+    "prune_module",
+    "reestimate_module_batch_norm",
+    "save_pruned",
+    "verify_module",
 ]
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops import Factor, Freeze, Link, Semantics, lookup
 from graphprune.ops._common import freeze_node
 
-__all__ = ["Member", "Group", "Coupling", "build_groups", "node_semantics"]
+__all__ = ["Coupling", "Group", "Member", "build_groups", "node_semantics"]
 
 log = logging.getLogger(__name__)
 

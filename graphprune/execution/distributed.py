@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["process_group", "rank", "rank_and_world", "is_main"]
+__all__ = ["is_main", "process_group", "rank", "rank_and_world"]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import graphprune.ops.run_nn  # noqa: F401  (registers torch implementations)
+import graphprune.ops.run_nn
 import graphprune.ops.run_tensor  # noqa: F401
 from graphprune.errors import BadInputError, UnsupportedOpError
 from graphprune.ir.graph import ChannelGraph, OpNode
@@ -184,4 +184,4 @@ class GraphInterpreter(nn.Module):
         x, scale, bias, mean, var = args[:5]
         momentum = 1.0 - float(node.attrs.get("momentum", 0.9))
         y = F.batch_norm(x, mean, var, scale, bias, True, momentum, float(node.attrs.get("epsilon", 1e-5)))
-        return (y,) + (mean, var)[: len(node.outputs) - 1]
+        return (y, *(mean, var)[:len(node.outputs) - 1])

@@ -8,13 +8,13 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from graphprune.frontends.data import Calibration
-from graphprune.execution.interpreter import GraphInterpreter
-from graphprune.frontends.onnx import OnnxModel, prepare
 from graphprune.backends.onnx import clone_model
+from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.execution.training import FitOptions, Progress, fit
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import OnnxModel, prepare
 
-__all__ = ["finetune_onnx", "with_weights", "with_constants"]
+__all__ = ["finetune_onnx", "with_constants", "with_weights"]
 
 log = logging.getLogger(__name__)
 

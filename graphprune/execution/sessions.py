@@ -11,8 +11,7 @@ import onnxruntime as ort
 from graphprune.errors import BadInputError
 from graphprune.ir.graph import ChannelGraph
 
-
-__all__ = ["quiet_onnxruntime", "providers", "make_session", "sample_inputs", "measure_latency", "DTYPES"]
+__all__ = ["DTYPES", "make_session", "measure_latency", "providers", "quiet_onnxruntime", "sample_inputs"]
 
 DTYPES: dict[str, type] = {
     "FLOAT": np.float32,

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.frontends.data import Calibration
-from graphprune.execution.distributed import rank_and_world
 from graphprune.errors import BadInputError
+from graphprune.execution.distributed import rank_and_world
+from graphprune.frontends.data import Calibration
 
-__all__ = ["FitOptions", "fit", "accuracy", "logits_of"]
+__all__ = ["FitOptions", "accuracy", "fit", "logits_of"]
 
 Progress = Callable[[int, int, float], None]
 """Called with (step, total steps, running loss)."""
@@ -117,7 +117,7 @@ def fit(
             _average_gradients(params, world)
         opt.step()
         sched.step()
-        recent = (recent + [float(loss.detach())])[-50:]
+        recent = ([*recent, float(loss.detach())])[-50:]
         if progress is not None:
             progress(step + 1, steps, float(np.mean(recent)))
     if world > 1:

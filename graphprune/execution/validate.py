@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphprune.errors import ValidationError
-from graphprune.ir.graph import Axis, ChannelGraph
-from graphprune.frontends.onnx import OnnxModel
 from graphprune.backends.onnx import clone_model, model_session, new_const, value_map
+from graphprune.errors import ValidationError
 from graphprune.execution.sessions import make_session, providers
+from graphprune.frontends.onnx import OnnxModel
+from graphprune.ir.graph import Axis, ChannelGraph
 
-__all__ = ["ValidationReport", "validate_pruned", "masked_model", "compare_outputs"]
+__all__ = ["ValidationReport", "compare_outputs", "masked_model", "validate_pruned"]
 
 RTOL = 1e-4
 ATOL = 1e-4

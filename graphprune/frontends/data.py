@@ -18,11 +18,11 @@ from graphprune.errors import BadInputError
 from graphprune.ir.graph import ChannelGraph
 
 __all__ = [
-    "Calibration",
-    "ImageOptions",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "Calibration",
+    "ImageOptions",
     "load_data",
     "load_fashion_mnist",
 ]

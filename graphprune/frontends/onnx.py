@@ -11,18 +11,18 @@ import networkx as nx
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnxscript.optimizer import fold_constants
 from onnx_ir.passes.common import (
     LiftConstantsToInitializersPass,
     RemoveInitializersFromInputsPass,
     ShapeInferencePass,
 )
+from onnxscript.optimizer import fold_constants
 
 from graphprune.errors import BadInputError, short_message
-from graphprune.ir.graph import ChannelGraph, Dim, OpNode, TensorInfo
 from graphprune.execution.sessions import make_session, sample_inputs
+from graphprune.ir.graph import ChannelGraph, Dim, OpNode, TensorInfo
 
-__all__ = ["OnnxModel", "load_onnx", "to_channel_graph", "prepare", "inline_proto", "node_name"]
+__all__ = ["OnnxModel", "inline_proto", "load_onnx", "node_name", "prepare", "to_channel_graph"]
 
 log = logging.getLogger(__name__)
 

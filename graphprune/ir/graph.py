@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Axis", "Dim", "TensorInfo", "OpNode", "ChannelGraph", "live_nodes"]
+__all__ = ["Axis", "ChannelGraph", "Dim", "OpNode", "TensorInfo", "live_nodes"]
 
 Dim = int | str | None
 """A dimension: a known size, a symbolic name (dynamic), or None (unknown)."""

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from graphprune.coupling.groups import Coupling
-from graphprune.planning.criteria import score_group
 from graphprune.errors import BadInputError, PlanMismatchError
 from graphprune.ir.graph import Axis, ChannelGraph
+from graphprune.planning.criteria import score_group
 
-__all__ = ["GroupPlan", "Plan", "uniform_plan", "plan_from_keep", "kept_elements", "keep_count", "translate_plan"]
+__all__ = ["GroupPlan", "Plan", "keep_count", "kept_elements", "plan_from_keep", "translate_plan", "uniform_plan"]
 
 FORMAT = "graphprune.ir.plan/1"
 
@@ -83,7 +83,7 @@ def keep_count(channels: int, ratio: float, round_to: int = 1) -> int:
     """Channels kept when removing ``ratio`` of them, at least one, rounded to a multiple."""
     keep = max(1, channels - math.floor(ratio * channels + 1e-9))
     if round_to > 1:
-        keep = max(round_to, int(round(keep / round_to)) * round_to)
+        keep = max(round_to, round(keep / round_to) * round_to)
     return min(channels, keep)
 
 

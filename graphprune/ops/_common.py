@@ -8,10 +8,10 @@ from graphprune.ops.registry import Freeze, Link, Semantics
 
 __all__ = [
     "axes_of",
-    "freeze_node",
-    "freeze_axes",
-    "identity_links",
     "broadcast_links",
+    "freeze_axes",
+    "freeze_node",
+    "identity_links",
     "needs_shapes",
     "norm_axis",
 ]

@@ -5,7 +5,7 @@ from graphprune.ir.graph import ChannelGraph, OpNode
 from graphprune.ops._common import broadcast_links
 from graphprune.ops.registry import Semantics, register
 
-__all__ = ["UNARY", "BROADCAST"]
+__all__ = ["BROADCAST", "UNARY"]
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",

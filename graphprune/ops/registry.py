@@ -17,18 +17,18 @@ import numpy as np
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 
 __all__ = [
-    "Link",
-    "Freeze",
-    "Factor",
-    "Semantics",
-    "Adjustment",
     "AdjustContext",
+    "Adjustment",
+    "Factor",
+    "Freeze",
+    "Link",
     "OpSpec",
+    "Semantics",
+    "attr_or_input",
+    "lookup",
     "register",
     "register_run",
-    "lookup",
     "registered_ops",
-    "attr_or_input",
 ]
 
 

@@ -157,7 +157,7 @@ def _global_max(node: OpNode, args: Args) -> tuple[Any, ...]:
 def _batch_norm(node: OpNode, args: Args) -> tuple[Any, ...]:
     x, scale, bias, mean, var = args[:5]
     y = F.batch_norm(x, mean, var, scale, bias, False, 0.0, float(node.attrs.get("epsilon", 1e-5)))
-    return (y,) + (mean, var)[: len(node.outputs) - 1]
+    return (y, *(mean, var)[:len(node.outputs) - 1])
 
 
 @register_run("InstanceNormalization")
@@ -294,7 +294,7 @@ def _resize(node: OpNode, args: Args) -> tuple[Any, ...]:
         out = ints(sizes)[2:]
     else:
         factors = [float(s) for s in scales.reshape(-1).tolist()][2:]
-        out = [int(math.floor(d * f)) for d, f in zip(x.shape[2:], factors)]
+        out = [math.floor(d * f) for d, f in zip(x.shape[2:], factors)]
     if mode == "nearest" and ctm == "asymmetric" and str(node.attrs.get("nearest_mode", "round_prefer_floor")) == "floor":
         return (F.interpolate(x, size=out, mode="nearest"),)
     if mode == "nearest" and ctm == "asymmetric" and node.op_type == "Upsample":

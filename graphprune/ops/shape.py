@@ -25,7 +25,7 @@ from graphprune.ops.registry import (
     register,
 )
 
-__all__ = ["factorize", "transpose", "reshape", "concat", "split", "slice_", "gather", "pad"]
+__all__ = ["concat", "factorize", "gather", "pad", "reshape", "slice_", "split", "transpose"]
 
 
 def _shapes(node: OpNode, graph: ChannelGraph) -> tuple[tuple[Dim, ...], tuple[Dim, ...]]:
@@ -356,7 +356,7 @@ def _pad_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
     y = node.outputs[0]
     pads = _pads(node, ctx.graph)
     ys = ctx.graph.shape(y)
-    if pads is None or ys is None or len(node.inputs) > 3 and node.inputs[3]:
+    if pads is None or ys is None or (len(node.inputs) > 3 and node.inputs[3]):
         return Adjustment()
     r = len(ys)
     new = pads.astype(np.int64).reshape(-1).copy()

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from importlib import resources
 from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from graphprune.pipeline.passes import PASSES, Pass, PassResult, PlanPassOptions, Workspace
 
-__all__ = ["Pipeline", "load_pipeline", "parse_pipeline", "run_passes", "apply_overrides", "preset_names", "preset_path"]
+__all__ = ["Pipeline", "apply_overrides", "load_pipeline", "parse_pipeline", "preset_names", "preset_path", "run_passes"]
 
 
 @dataclasses.dataclass(frozen=True)

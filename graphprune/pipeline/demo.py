@@ -6,11 +6,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from graphprune.errors import BadInputError
 from graphprune.pipeline.config import load_pipeline, preset_path
 from graphprune.pipeline.run import RunResult, run_file
 
-__all__ = ["run_demo", "default_pipeline"]
+__all__ = ["default_pipeline", "run_demo"]
 
 
 def default_pipeline() -> Path:

@@ -14,36 +14,36 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
-from graphprune.coupling.groups import Coupling, build_groups
-from graphprune.frontends.data import Calibration
-from graphprune.errors import BadInputError
 from graphprune.analysis.fisher import Progress
-from graphprune.ir.graph import ChannelGraph
-from graphprune.frontends.onnx import OnnxModel, prepare
-from graphprune.ir.plan import Plan, kept_elements
+from graphprune.coupling.groups import Coupling, build_groups
+from graphprune.errors import BadInputError
 from graphprune.execution.training import FitOptions
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import OnnxModel, prepare
+from graphprune.ir.graph import ChannelGraph
+from graphprune.ir.plan import Plan, kept_elements
 
 __all__ = [
-    "Workspace",
-    "PassResult",
-    "Pass",
     "PASSES",
-    "register_pass",
-    "check_model",
     "AnalyzePass",
     "AnalyzePassOptions",
+    "CompensateOptions",
+    "CompensatePass",
+    "FineTunePass",
+    "Pass",
+    "PassResult",
     "PlanPass",
     "PlanPassOptions",
-    "CompensatePass",
-    "CompensateOptions",
-    "RewritePass",
-    "RewriteOptions",
     "RepairPass",
-    "FineTunePass",
-    "ValidatePass",
-    "ValidateOptions",
-    "ReportPass",
     "ReportOptions",
+    "ReportPass",
+    "RewriteOptions",
+    "RewritePass",
+    "ValidateOptions",
+    "ValidatePass",
+    "Workspace",
+    "check_model",
+    "register_pass",
 ]
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,9 @@ def check_model(original: OnnxModel, model: OnnxModel, kept: Mapping[Any, Any] |
     """Validate ``model`` against ``original`` (and exactness with ``kept``) from a temporary file."""
     import tempfile
 
-    from graphprune.io import save_onnx, uses_external_data
     from graphprune.execution.sessions import sample_inputs
     from graphprune.execution.validate import validate_pruned
+    from graphprune.io import save_onnx, uses_external_data
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidate.onnx"
@@ -301,8 +301,8 @@ class CompensatePass(Pass):
     Options = CompensateOptions
 
     def run(self, ws: Workspace) -> PassResult:
-        from graphprune.recovery.compensation import compensate
         from graphprune.execution.onnx_finetune import with_constants
+        from graphprune.recovery.compensation import compensate
 
         if ws.data is None or ws.plan is None:
             raise BadInputError("the compensate pass needs data (--data) and a plan pass before it")

@@ -9,16 +9,16 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from graphprune.frontends.data import load_data
-from graphprune.io import check_output_path, save_onnx, staged_output, uses_external_data, write_text_atomic
 from graphprune.execution.measure import Figures
-from graphprune.frontends.onnx import load_onnx
-from graphprune.pipeline.passes import Workspace
-from graphprune.pipeline.config import Pipeline, run_passes
-from graphprune.ir.plan import Plan
-from graphprune.report.prune import prune_figures_table, write_prune_html
 from graphprune.execution.sessions import sample_inputs
 from graphprune.execution.validate import validate_pruned
+from graphprune.frontends.data import load_data
+from graphprune.frontends.onnx import load_onnx
+from graphprune.io import check_output_path, save_onnx, staged_output, uses_external_data, write_text_atomic
+from graphprune.ir.plan import Plan
+from graphprune.pipeline.config import Pipeline, run_passes
+from graphprune.pipeline.passes import Workspace
+from graphprune.report.prune import prune_figures_table, write_prune_html
 
 __all__ = ["RunResult", "run_file"]
 

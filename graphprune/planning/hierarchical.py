@@ -25,16 +25,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from graphprune.analysis.effective import Analysis
 from graphprune.analysis.cost import Cost, cost_with_keep, model_cost
+from graphprune.analysis.effective import Analysis
 from graphprune.coupling.groups import Coupling
-from graphprune.planning.criteria import CRITERIA, score_group
 from graphprune.errors import BadInputError, OverLimitError
 from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.plan import Plan, plan_from_keep
+from graphprune.planning.criteria import CRITERIA, score_group
 from graphprune.planning.selection import greedy_drop_order, pivoted_cholesky_order
 
-__all__ = ["METHODS", "ALL_CRITERIA", "TARGETS", "Target", "PlanOptions", "GroupOrder", "removal_orders", "round_counts", "keep_sets", "make_plan", "metric"]
+__all__ = ["ALL_CRITERIA", "METHODS", "TARGETS", "GroupOrder", "PlanOptions", "Target", "keep_sets", "make_plan", "metric", "removal_orders", "round_counts"]
 
 METHODS = ("hierarchical", "uniform", "global")
 ALL_CRITERIA = ("effective", "cholesky", "taylor", *CRITERIA)
@@ -99,10 +99,7 @@ def _order_for(gid: int, coupling: Coupling, graph: ChannelGraph, criterion: str
         if criterion == "effective":
             drop = greedy_drop_order(f)
             return drop.order, np.diff(drop.cost)
-        if criterion == "cholesky":
-            order = pivoted_cholesky_order(f)
-        else:
-            order = np.argsort(np.diag(f), kind="stable")
+        order = pivoted_cholesky_order(f) if criterion == "cholesky" else np.argsort(np.diag(f), kind="stable")
         sub = f[np.ix_(order, order)]
         # removing order[k] after order[:k] adds F_kk / 2 + sum_{d < k} F_kd to the predicted loss
         return order, 0.5 * np.diag(sub) + np.tril(sub, -1).sum(1)
@@ -133,7 +130,7 @@ def round_counts(keep: Mapping[int, int], orders: Mapping[int, GroupOrder], n: i
     """Channel counts rounded up to multiples of ``n``, never below a group's floor nor above its size."""
     if n <= 1:
         return dict(keep)
-    return {gid: min(orders[gid].order.size, max(orders[gid].floor, int(math.ceil(k / n)) * n)) for gid, k in keep.items()}
+    return {gid: min(orders[gid].order.size, max(orders[gid].floor, math.ceil(k / n) * n)) for gid, k in keep.items()}
 
 
 def keep_sets(orders: Mapping[int, GroupOrder], counts: Mapping[int, int]) -> dict[int, np.ndarray]:

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["DropOrder", "greedy_drop_order", "keep_set", "drop_cost", "pivoted_cholesky_order"]
+__all__ = ["DropOrder", "drop_cost", "greedy_drop_order", "keep_set", "pivoted_cholesky_order"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,12 +9,12 @@ import numpy as np
 from graphprune.analysis.effective import Analysis
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, OverLimitError
-from graphprune.ir.graph import ChannelGraph
-from graphprune.planning.hierarchical import PlanOptions, Target, keep_sets, make_plan, removal_orders, round_counts
 from graphprune.frontends.onnx import OnnxModel
+from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.plan import Plan, plan_from_keep
+from graphprune.planning.hierarchical import PlanOptions, Target, keep_sets, make_plan, removal_orders, round_counts
 
-__all__ = ["plan_for", "limit_plan", "latency_plan"]
+__all__ = ["latency_plan", "limit_plan", "plan_for"]
 
 log = logging.getLogger(__name__)
 

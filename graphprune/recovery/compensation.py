@@ -27,11 +27,11 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from graphprune.coupling.groups import Coupling
-from graphprune.frontends.data import Calibration
 from graphprune.analysis.gates import GateEdge, compose, plan_gates
-from graphprune.ir.graph import ChannelGraph, OpNode
+from graphprune.coupling.groups import Coupling
 from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.frontends.data import Calibration
+from graphprune.ir.graph import ChannelGraph, OpNode
 from graphprune.ir.plan import Plan
 
 __all__ = ["Compensation", "compensate"]

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.frontends.data import Calibration
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
-from graphprune.execution.interpreter import GraphInterpreter
 
-__all__ = ["has_batch_norm", "reestimate_batch_norm", "correct_biases", "output_means"]
+__all__ = ["correct_biases", "has_batch_norm", "output_means", "reestimate_batch_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class _Recalibrate(GraphInterpreter):
         acc[1] += mean * count
         acc[2] += sq * count
         y = F.batch_norm(x, None, None, scale, bias, True, 0.0, float(node.attrs.get("epsilon", 1e-5)))
-        return (y,) + tuple(args[3:5])[: len(node.outputs) - 1]
+        return (y, *tuple(args[3:5])[:len(node.outputs) - 1])
 
 
 def reestimate_batch_norm(graph: ChannelGraph, data: Calibration, batch_size: int = 128) -> dict[str, np.ndarray]:
@@ -73,7 +73,7 @@ def reestimate_batch_norm(graph: ChannelGraph, data: Calibration, batch_size: in
 def _means(interp: GraphInterpreter, names: Sequence[str], data: Calibration, batch_size: int) -> dict[str, np.ndarray]:
     sums: dict[str, list[Any]] = {}
 
-    def tap(name: str):  # noqa: ANN202
+    def tap(name: str):
         def fn(t: torch.Tensor) -> torch.Tensor:
             dims = [d for d in range(t.dim()) if d != 1]
             acc = sums.setdefault(name, [0, torch.zeros(t.shape[1], dtype=torch.float64)])

@@ -12,7 +12,7 @@ from graphprune.analysis.effective import Analysis
 from graphprune.io import write_bytes_atomic, write_text_atomic
 from graphprune.report.plots import figure_png, fmt_count, plot_spectra, pyplot
 
-__all__ = ["analysis_table", "analysis_plot_png", "write_plot", "write_html"]
+__all__ = ["analysis_plot_png", "analysis_table", "write_html", "write_plot"]
 
 
 def analysis_table(analysis: Analysis, console: Console) -> None:

@@ -5,7 +5,7 @@ import io
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["fmt_count", "plot_spectra", "figure_png", "pyplot"]
+__all__ = ["figure_png", "fmt_count", "plot_spectra", "pyplot"]
 
 
 def fmt_count(n: float) -> str:

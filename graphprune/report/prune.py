@@ -8,11 +8,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from graphprune.io import write_text_atomic
 from graphprune.execution.measure import Figures
+from graphprune.io import write_text_atomic
 from graphprune.report.plots import figure_png, fmt_count, plot_spectra, pyplot
 
-__all__ = ["before_after_rows", "prune_figures_table", "group_rows", "write_prune_html"]
+__all__ = ["before_after_rows", "group_rows", "prune_figures_table", "write_prune_html"]
 
 
 def before_after_rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -7,11 +7,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from graphprune.coupling.groups import Coupling
 from graphprune.backends.onnx_prune import ModelStats, PruneResult
+from graphprune.coupling.groups import Coupling
 from graphprune.report.plots import fmt_count
 
-__all__ = ["groups_table", "groups_json", "prune_table", "prune_json"]
+__all__ = ["groups_json", "groups_table", "prune_json", "prune_table"]
 
 
 def groups_table(coupling: Coupling, console: Console) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HeadPrunableAttention", "swap_attention", "swapped_attention", "is_swappable"]
+__all__ = ["HeadPrunableAttention", "is_swappable", "swap_attention", "swapped_attention"]
 
 
 class HeadPrunableAttention(nn.MultiheadAttention):
@@ -56,10 +56,7 @@ class HeadPrunableAttention(nn.MultiheadAttention):
 
     def _projections(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
         rows = [self.num_heads * self.head_dim] * 2 + [self.num_heads * self.v_head_dim]
-        if self._packed:
-            weights = self.in_proj_weight.split(rows)
-        else:
-            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        weights = self.in_proj_weight.split(rows) if self._packed else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         biases = self.in_proj_bias.split(rows) if self.in_proj_bias is not None else (None, None, None)
         return weights, biases
 
@@ -80,7 +77,7 @@ class HeadPrunableAttention(nn.MultiheadAttention):
             mask = kpm if mask is None else mask + kpm
         return mask
 
-    def forward(  # noqa: PLR0913 - nn.MultiheadAttention's signature
+    def forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 
 from graphprune.ir.graph import Dim, OpNode, TensorInfo
 
-__all__ = ["Builder", "Converter", "CONVERTERS", "converts", "arg", "pair", "dims", "dtype_name"]
+__all__ = ["CONVERTERS", "Builder", "Converter", "arg", "converts", "dims", "dtype_name", "pair"]
 
 
 _DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "BFLOAT16", torch.float64: "DOUBLE",

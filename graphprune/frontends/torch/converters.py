@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphprune.frontends.torch.builder import Builder, converts
+from graphprune.frontends.torch.builder import arg as _arg
+from graphprune.frontends.torch.builder import pair as _pair
 from graphprune.ir.graph import OpNode
-from graphprune.frontends.torch.builder import Builder, arg as _arg, converts, pair as _pair
 
 __all__: list[str] = []
 
@@ -100,10 +102,7 @@ def _layer_norm(b: Builder, node: Node, out: str) -> None:
     x, shape = b.name(node.args[0]), list(node.args[1])
     w, bias = _arg(node, 2, "weight", None), _arg(node, 3, "bias", None)
     eps = float(_arg(node, 4, "eps", 1e-5))
-    if w is None:
-        w_name = b.const(out, np.ones(shape, np.float32))
-    else:
-        w_name = b.name(w)
+    w_name = b.const(out, np.ones(shape, np.float32)) if w is None else b.name(w)
     inputs = [x, w_name] + ([b.name(bias)] if bias is not None else [])
     b.add(out, "LayerNormalization", inputs, [out], axis=-len(shape), epsilon=eps)
 

@@ -23,18 +23,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from graphprune.errors import BadInputError, short_message
-from graphprune.ir.graph import ChannelGraph, Dim, OpNode, TensorInfo, live_nodes
 from graphprune.execution.interpreter import TORCH_CALL
+from graphprune.frontends.torch import converters  # noqa: F401  (fills CONVERTERS)
 from graphprune.frontends.torch.attention import HeadPrunableAttention, swapped_attention
 from graphprune.frontends.torch.builder import CONVERTERS, Builder, dims, dtype_name
-from graphprune.frontends.torch import converters  # noqa: F401  (fills CONVERTERS)
+from graphprune.ir.graph import ChannelGraph, OpNode, live_nodes
 
-__all__ = ["TorchModel", "load_module", "load_exported_program", "to_channel_graph", "fx_channel_graph"]
+__all__ = ["TorchModel", "fx_channel_graph", "load_exported_program", "load_module", "to_channel_graph"]
 
 log = logging.getLogger(__name__)
 
