@@ -30,7 +30,7 @@ from rich.table import Table
 
 from graphprune import models
 from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
-from graphprune.analysis.gates import GatePlan, gate_taps, plan_gates
+from graphprune.analysis.gates import GatePlan, gate_taps, keep_gates, plan_gates
 from graphprune.analysis.spectrum import eigenvalues, energy_rank
 from graphprune.backends.onnx import apply_kept
 from graphprune.coupling.groups import build_groups
@@ -49,12 +49,7 @@ console = Console(width=130)
 
 def _gated_accuracy(interp: GraphInterpreter, gates: GatePlan, keep: dict[int, np.ndarray], sizes: dict[int, int], data: Calibration) -> float:
     def run(x: torch.Tensor) -> torch.Tensor:
-        masks = {}
-        for gid, kept in keep.items():
-            m = torch.zeros(len(x), sizes[gid])
-            m[:, torch.as_tensor(kept)] = 1.0
-            masks[gid] = m
-        return interp(x, edge_taps=gate_taps(gates, masks))[0]
+        return interp(x, edge_taps=gate_taps(gates, keep_gates(keep, sizes, len(x))))[0]
 
     return accuracy(run, data)
 

@@ -45,11 +45,12 @@ from torch import nn
 
 from graphprune import models
 from graphprune.analysis.cost import model_cost
-from graphprune.backends.onnx import model_bytes
+from graphprune.backends.onnx_model import OnnxPrunable
 from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.sessions import make_session, measure_latency
 from graphprune.execution.training import FitOptions, fit
 from graphprune.frontends.onnx import load_onnx
+from graphprune.ir.onnx import model_bytes
 from graphprune.models.fashion import fashion_mnist, trained
 from graphprune.pipeline.passes import (
     AnalyzePass,
@@ -111,7 +112,7 @@ def load_onnx_bytes(blob: bytes):
 
 
 def _graphprune(om, analysis, train, red: float, round_to: int, ft: FitOptions, samples: int) -> bytes:
-    ws = Workspace(original=om, model=om, data=train, analysis=analysis)
+    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train, analysis=analysis)
     plan = PlanPassOptions(method="hierarchical", criterion="effective", macs=1.0 / red, round_to=round_to, allow_over_limit=True, seed=ft.seed)
     ws = PlanPass(plan)(ws).workspace
     ws = CompensatePass(CompensateOptions(samples=samples, seed=ft.seed))(ws).workspace
@@ -119,7 +120,7 @@ def _graphprune(om, analysis, train, red: float, round_to: int, ft: FitOptions, 
     ws = RepairPass(CompensateOptions(samples=samples, seed=ft.seed))(ws).workspace
     if ft.epochs > 0:
         ws = FineTunePass(ft)(ws).workspace
-    return model_bytes(ws.model.model)
+    return model_bytes(ws.model.om.model)
 
 
 def _importance(kind: str):
@@ -194,7 +195,7 @@ def accuracy_part(names: list[str], targets_of, seeds: list[int], ft_epochs: flo
             om = load_onnx(path)
         blob = _onnx_of(module)
         base = _figures(blob, test, runs)
-        ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(Workspace(original=om, model=om, data=calib)).workspace
+        ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=calib)).workspace
         limit = ws.analysis.limit.macs_reduction
         rows.append({"model": name, "target": "base", "tool": "-", "method": "unpruned", "seed": 0, "red_target": 1.0, **base})
         rows[-1].update(_kept(blob, save_dir, rows[-1]))
@@ -320,8 +321,8 @@ def timing_part(names: list[str], repeat: int) -> list[dict]:
             warnings.simplefilter("ignore")
             program = torch.export.export(module, (x,))
         export_s = time.perf_counter() - t
-        gp = _best(lambda: build_groups(to_channel_graph(program)[0]), repeat)
-        dg = _best(lambda: tp.DependencyGraph().build_dependency(module, example_inputs=x, verbose=False), repeat)
+        gp = _best(lambda program=program: build_groups(to_channel_graph(program)[0]), repeat)
+        dg = _best(lambda module=module, x=x: tp.DependencyGraph().build_dependency(module, example_inputs=x, verbose=False), repeat)
         rows.append({"model": name, "export_s": export_s, "graphprune_groups_s": gp, "tp_depgraph_s": dg, "ratio": gp / dg})
         console.print(rows[-1])
     return rows
@@ -389,16 +390,16 @@ def _tp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
 
 
 def _gp_coverage(module: nn.Module, x: torch.Tensor) -> tuple[str, str]:
-    from graphprune.backends.onnx_prune import PruneOptions, prune_file
     from graphprune.backends.torch_module import prune_module, verify_module
     from graphprune.coupling.groups import build_groups
     from graphprune.frontends.torch.trace import load_module
-    from graphprune.ir.plan import uniform_plan
+    from graphprune.pipeline.run import prune_file
+    from graphprune.planning.uniform import uniform_plan
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "m.onnx"
         models.export_onnx(module, src, bn="fold")
-        result = prune_file(src, Path(tmp) / "p.onnx", PruneOptions(ratio=0.5, verify=True, latency_runs=0))
+        result = prune_file(src, Path(tmp) / "p.onnx", ratio=0.5, verify=True, latency_runs=0)
     tm = load_module(module, [x])
     coupling = build_groups(tm.graph)
     plan = uniform_plan(tm.graph, coupling, 0.5)

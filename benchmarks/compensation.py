@@ -28,11 +28,12 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import models
-from graphprune.backends.onnx import model_bytes
+from graphprune.backends.onnx_model import OnnxPrunable
 from graphprune.backends.torch_module import reestimate_module_batch_norm
 from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.training import accuracy
 from graphprune.frontends.onnx import load_onnx
+from graphprune.ir.onnx import model_bytes
 from graphprune.models.fashion import fashion_mnist, trained
 from graphprune.pipeline.passes import (
     AnalyzePass,
@@ -51,7 +52,7 @@ console = Console(width=140)
 
 
 def _graphprune(om, analysis, cal, test, plan: dict, samples: int) -> dict[str, float]:
-    ws = Workspace(original=om, model=om, data=cal, analysis=analysis)
+    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=cal, analysis=analysis)
     ws = PlanPass(PlanPassOptions(**plan))(ws).workspace
     out: dict[str, float] = {}
     opts = CompensateOptions(samples=samples)
@@ -102,6 +103,10 @@ def _torch_pruning(module, cal, test, macs_goal: float, importance: str) -> dict
     return out
 
 
+def _fmt(row: dict, key: str) -> str:
+    return f"{row[key]:.4f}" if key in row else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
@@ -124,7 +129,7 @@ def main() -> None:
     models.export_onnx(module, path, bn=args.bn)
     om = load_onnx(path)
     base = ort_accuracy(model_bytes(om.model), test)
-    ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(Workspace(original=om, model=om, data=cal)).workspace
+    ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=cal)).workspace
     limit = ws.analysis.limit.macs_reduction
     targets = [("1.5x", 1.5), ("2x", 2.0), ("3x", 3.0), (f"max {limit:.2f}x", limit)]
     rows = []
@@ -141,10 +146,9 @@ def main() -> None:
     table = Table(title=f"{args.model} (BN {args.bn}) on Fashion-MNIST, base {base:.4f}: test accuracy with NO fine-tuning")
     for col in ("target", "tool", "method", "MACs red.", "none", "repair", "compensation", "comp + repair"):
         table.add_column(col, justify="right")
-    fmt = lambda r, k: f"{r[k]:.4f}" if k in r else "-"  # noqa: E731
     for r in rows:
-        table.add_row(r["target"], r["tool"], r["method"], f"{r['macs_reduction']:.2f}x", fmt(r, "none"), fmt(r, "repair"),
-                      fmt(r, "compensation"), fmt(r, "comp + repair"))
+        table.add_row(r["target"], r["tool"], r["method"], f"{r['macs_reduction']:.2f}x", _fmt(r, "none"), _fmt(r, "repair"),
+                      _fmt(r, "compensation"), _fmt(r, "comp + repair"))
     console.print(table)
     console.print(f"total time {time.time() - t0:.0f} s")
     if args.json:

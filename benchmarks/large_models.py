@@ -35,7 +35,7 @@ _WRAPPER = ("import resource, sys; from graphprune.cli import main; code = main(
 def _run(args: list[str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS (bytes) of a fresh process running the CLI, exit code."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *args], capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
     lines = proc.stderr.strip().splitlines()
     peak = float(lines[-1].split()[1]) * 1024.0 if lines and lines[-1].startswith("PEAK") else float("nan")

@@ -24,10 +24,11 @@ from rich.table import Table
 
 from graphprune import models
 from graphprune.analysis.cost import model_cost
-from graphprune.backends.onnx import model_bytes
+from graphprune.backends.onnx_model import OnnxPrunable
 from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.training import FitOptions
 from graphprune.frontends.onnx import load_onnx
+from graphprune.ir.onnx import model_bytes
 from graphprune.models.fashion import fashion_mnist, trained
 from graphprune.pipeline.config import parse_pipeline, run_passes
 from graphprune.pipeline.passes import FineTunePass, PlanPass, PlanPassOptions, RewriteOptions, RewritePass, Workspace
@@ -37,14 +38,23 @@ console = Console(width=130)
 
 def _run(om, train, test, analysis, plan: dict, finetune: dict) -> dict:
     """Plan and rewrite with the analysis already made, measure, fine-tune, measure."""
-    ws = Workspace(original=om, model=om, data=train, analysis=analysis)
+    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train, analysis=analysis)
     ws = RewritePass(RewriteOptions(verify=False))(PlanPass(PlanPassOptions(**plan))(ws).workspace).workspace
-    before = ort_accuracy(model_bytes(ws.model.model), test)
+    before = ort_accuracy(model_bytes(ws.model.om.model), test)
     ws = FineTunePass(FitOptions(**finetune))(ws).workspace
-    after = ort_accuracy(model_bytes(ws.model.model), test)
+    after = ort_accuracy(model_bytes(ws.model.om.model), test)
     c0, c1 = model_cost(om.graph), model_cost(ws.model.graph)
     return {"macs_reduction": c0.macs / c1.macs, "params_reduction": c0.params / c1.params,
             "acc_before_finetune": before, "acc_after_finetune": after}
+
+
+def _mean(runs: list[dict], key: str) -> float:
+    return statistics.mean(x[key] for x in runs)
+
+
+def _spread(runs: list[dict], key: str) -> str:
+    """`` ±stdev`` over the seeds, or nothing for a single run."""
+    return f" ±{statistics.stdev(x[key] for x in runs):.4f}" if len(runs) > 1 else ""
 
 
 def main() -> None:
@@ -63,7 +73,7 @@ def main() -> None:
     om = load_onnx(path)
     base = ort_accuracy(model_bytes(om.model), test)
     ws = run_passes(parse_pipeline({"pass": [{"name": "analyze", "samples": 2048, "loss": "labels"}]}),
-                    Workspace(original=om, model=om, data=train))
+                    Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train))
     analysis = ws.analysis
     console.print(f"{args.model}: base accuracy {base:.4f}; estimated maximum MACs reduction {analysis.limit.macs_reduction:.2f}x (eps 0.01)")
     configs = []
@@ -88,12 +98,10 @@ def main() -> None:
         table.add_column(col, justify="right")
     for r in rows:
         runs = r["runs"]
-        mean = lambda k: statistics.mean(x[k] for x in runs)  # noqa: E731
-        spread = lambda k: f" ±{statistics.stdev(x[k] for x in runs):.4f}" if len(runs) > 1 else ""  # noqa: E731
-        table.add_row(r["part"], r["target"], r["method"], f"{mean('macs_reduction'):.2f}x", f"{mean('params_reduction'):.2f}x",
-                      f"{mean('acc_before_finetune'):.4f}{spread('acc_before_finetune')}",
-                      f"{mean('acc_after_finetune'):.4f}{spread('acc_after_finetune')}",
-                      f"{100 * (mean('acc_after_finetune') - base):+.2f} pp")
+        table.add_row(r["part"], r["target"], r["method"], f"{_mean(runs, 'macs_reduction'):.2f}x", f"{_mean(runs, 'params_reduction'):.2f}x",
+                      f"{_mean(runs, 'acc_before_finetune'):.4f}{_spread(runs, 'acc_before_finetune')}",
+                      f"{_mean(runs, 'acc_after_finetune'):.4f}{_spread(runs, 'acc_after_finetune')}",
+                      f"{100 * (_mean(runs, 'acc_after_finetune') - base):+.2f} pp")
     console.print(table)
     console.print(f"total time {time.time() - t0:.0f} s")
     if args.json:

@@ -8,6 +8,32 @@ from graphprune.coupling.groups import Coupling, Group, Member, build_groups
 from graphprune.errors import BadInputError, GraphpruneError, PlanMismatchError, ValidationError
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode, TensorInfo
 
+_LAZY = {
+    # name: module it lives in (imported on first use, so `import graphprune` stays light and torch-free)
+    "apply_plan": "graphprune.backends.torch_module",
+    "prune_module": "graphprune.backends.torch_module",
+    "verify_module": "graphprune.backends.torch_module",
+    "save_pruned": "graphprune.backends.torch_module",
+    "load_pruned": "graphprune.backends.torch_module",
+    "load_module": "graphprune.frontends.torch.trace",
+    "load_exported_program": "graphprune.frontends.torch.trace",
+    "load_onnx": "graphprune.frontends.onnx",
+    "load_data": "graphprune.frontends.data",
+    "load_model": "graphprune.backends",
+    "module_model": "graphprune.backends.torch_model",
+    "program_model": "graphprune.backends.torch_model",
+    "analyze_module": "graphprune.analysis.module",
+    "make_plan": "graphprune.planning.hierarchical",
+    "PlanOptions": "graphprune.planning.options",
+    "Plan": "graphprune.ir.plan",
+    "load_pipeline": "graphprune.pipeline.config",
+    "run_passes": "graphprune.pipeline.config",
+    "run_file": "graphprune.pipeline.run",
+    "run_model": "graphprune.pipeline.run",
+    "prune_file": "graphprune.pipeline.run",
+    "Workspace": "graphprune.pipeline.workspace",
+}
+
 __all__ = [
     "Axis",
     "BadInputError",
@@ -17,13 +43,34 @@ __all__ = [
     "Group",
     "Member",
     "OpNode",
+    "Plan",
     "PlanMismatchError",
+    "PlanOptions",
     "TensorInfo",
     "ValidationError",
+    "Workspace",
+    "analyze_module",
     "apply_plan",
     "build_groups",
+    "load_data",
+    "load_exported_program",
+    "load_model",
+    "load_module",
+    "load_onnx",
+    "load_pipeline",
     "load_plan",
+    "load_pruned",
+    "make_plan",
+    "module_model",
+    "program_model",
+    "prune_file",
+    "prune_module",
+    "run_file",
+    "run_model",
+    "run_passes",
     "save_plan",
+    "save_pruned",
+    "verify_module",
 ]
 
 __version__ = "0.1.0"
@@ -44,8 +91,9 @@ def load_plan(path: str | os.PathLike[str]) -> object:
 
 
 def __getattr__(name: str) -> object:
-    if name == "apply_plan":  # torch is imported only when asked for
-        from graphprune.backends.torch_module import apply_plan
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'graphprune' has no attribute {name!r}")
+    import importlib
 
-        return apply_plan
-    raise AttributeError(f"module 'graphprune' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -6,10 +6,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from rich.console import Console
 
 from graphprune.errors import BadInputError, GraphpruneError
+from graphprune.planning.options import ANALYSIS_CRITERIA, CRITERIA_NAMES, METHODS, NEEDS_ANALYSIS, TARGETS
 
 __all__ = ["build_parser", "main"]
 
@@ -46,7 +48,7 @@ def _positive(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
         self.exit(2, f"graphprune: error: {message}\n")
 
 
@@ -85,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--macs", type=_fraction, help="fraction of the original MACs to keep")
     target.add_argument("--params", type=_fraction, help="fraction of the original parameters to keep")
     target.add_argument("--latency", type=_fraction, help="fraction of the original onnxruntime latency to reach (measured)")
-    pr.add_argument("--method", choices=("hierarchical", "uniform", "global"), help="default: hierarchical with --data, else uniform")
-    pr.add_argument("--criterion", choices=("effective", "cholesky", "taylor", "l1", "l2", "random"),
+    pr.add_argument("--method", choices=METHODS, help="default: hierarchical with --data, else uniform")
+    pr.add_argument("--criterion", choices=CRITERIA_NAMES,
                     help="level 2 rule; default: effective with --data, else l1")
     pr.add_argument("--data", help="calibration / fine-tuning data (fashion-mnist, .npz, image folder): enables the analysis")
     pr.add_argument("--eval-data", help="labelled data for accuracy figures")
@@ -127,35 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_graph(path: Path):
-    """The channel graph of an ONNX file or a saved ExportedProgram (``.pt2``)."""
-    if path.suffix == ".pt2":
-        from graphprune.frontends.torch.trace import load_exported_program
-
-        return load_exported_program(path).graph
-    from graphprune.frontends.onnx import load_onnx
-
-    return load_onnx(path).graph
-
-
 def _groups(args: argparse.Namespace, console: Console) -> None:
+    from graphprune.backends import load_model
     from graphprune.coupling.groups import build_groups
     from graphprune.io import write_text_atomic
     from graphprune.report.tables import groups_json, groups_table
 
-    coupling = build_groups(_load_graph(args.model))
+    coupling = build_groups(load_model(args.model).graph)
     groups_table(coupling, console)
     if args.json:
         write_text_atomic(args.json, groups_json(coupling))
 
 
 def _analyze(args: argparse.Namespace, console: Console) -> None:
-    from rich.progress import Progress
 
-    from graphprune.analysis.effective import AnalysisOptions, analyze
-    from graphprune.coupling.groups import build_groups
+    from graphprune.backends import load_model
     from graphprune.execution.distributed import is_main, process_group
     from graphprune.frontends.data import ImageOptions, load_data
+    from graphprune.pipeline.config import parse_pipeline
+    from graphprune.pipeline.run import run_model
     from graphprune.report.analysis import analysis_table, write_html, write_plot
 
     for path in (args.output, args.plot, args.html):
@@ -164,17 +156,20 @@ def _analyze(args: argparse.Namespace, console: Console) -> None:
         if path is not None and not path.parent.resolve().is_dir():
             raise BadInputError(f"output folder {path.parent} does not exist")
     with process_group():
-        graph = _load_graph(args.model)
-        coupling = build_groups(graph)
+        model = load_model(args.model)
         images = ImageOptions(tuple(args.image_size) if args.image_size else None, tuple(args.mean), tuple(args.std))
-        data = load_data(args.data, graph, args.samples, args.seed, args.split, images)
+        data = load_data(args.data, model.graph, args.samples, args.seed, args.split, images)
+        if args.loss == "labels" and data.labels is None:
+            raise BadInputError("--loss labels needs labels in the data; use --loss fisher for unlabelled data")
         loss = args.loss or ("labels" if data.labels is not None else "fisher")
-        options = AnalysisOptions(eps=args.eps, floor=args.floor, loss=loss, batch_size=args.batch_size, seed=args.seed,
-                                  budget=args.budget)
-        meta = {"model": str(args.model), "data": args.data}
-        with Progress(console=console, transient=True, disable=not is_main()) as bar:
-            task = bar.add_task("gradient matrices", total=len(data))
-            result = analyze(graph, coupling, data, options, lambda done, total: bar.update(task, completed=done, total=total), meta=meta)
+        step = {"name": "analyze", "eps": args.eps, "floor": args.floor, "loss": loss, "batch_size": args.batch_size,
+                "seed": args.seed, "samples": len(data)}
+        if args.budget is not None:
+            step["budget"] = args.budget
+        pipeline = parse_pipeline({"pipeline": {"name": "analyze"}, "pass": [step]}, "analyze")
+        ws = run_model(pipeline, model, data, console=console, source=args.model)
+        result = ws.analysis
+        assert result is not None
         if not is_main():
             return
         analysis_table(result, console)
@@ -195,15 +190,20 @@ def _method_and_criterion(args: argparse.Namespace) -> tuple[str, str]:
     return method, args.criterion or ("effective" if method == "hierarchical" else "l1")
 
 
-def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
-    """Analysis-based or target-based pruning: the same passes as ``graphprune run``."""
-    from graphprune.pipeline.config import parse_pipeline
-    from graphprune.pipeline.run import run_file
-
+def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The pipeline ``prune`` runs: the same passes as ``graphprune run``, chosen from the flags."""
+    target = {k: getattr(args, k) for k in TARGETS if getattr(args, k) is not None}
+    if args.plan is not None:
+        if target or args.method or args.data:
+            raise BadInputError("--plan applies a saved plan: do not combine it with a target, --method or --data")
+        plan: dict[str, Any] = {"name": "plan", "method": "uniform", "criterion": "l1", "plan_file": str(args.plan)}
+        return [plan, {"name": "rewrite", "verify": args.verify or args.model.suffix == ".pt2"},
+                {"name": "validate", "latency_runs": args.latency_runs, "run_check": False}, _report(args)]
     method, criterion = _method_and_criterion(args)
-    target = {k: getattr(args, k) for k in ("ratio", "macs", "params", "latency") if getattr(args, k) is not None}
-    passes: list[dict] = []
-    if method == "hierarchical" or criterion in ("effective", "cholesky", "taylor"):
+    if not args.data and not target:
+        target = {"ratio": 0.5}
+    passes: list[dict[str, Any]] = []
+    if method == "hierarchical" or criterion in NEEDS_ANALYSIS:
         if not args.data:
             raise BadInputError(f"--method {method} --criterion {criterion} needs calibration data (--data)")
         analyze = {"name": "analyze", "samples": args.samples, "eps": args.eps, "seed": args.seed}
@@ -218,96 +218,51 @@ def _prune_pipeline(args: argparse.Namespace, console: Console) -> None:
         raise BadInputError("--compensate and --repair need calibration data (--data)")
     if compensate:
         passes.append({"name": "compensate", "seed": args.seed})
-    passes.append({"name": "rewrite", "verify": True})
+    verify = args.verify or bool(args.data) or args.model.suffix == ".pt2"  # a rewritten program is always checked
+    passes.append({"name": "rewrite", "verify": verify})
     if repair:
         passes.append({"name": "repair", "seed": args.seed})
     if args.finetune_epochs > 0:
         if not args.data:
             raise BadInputError("--finetune-epochs needs --data")
         passes.append({"name": "finetune", "epochs": args.finetune_epochs, "seed": args.seed})
-    passes += [{"name": "validate", "latency_runs": max(0, args.latency_runs)}, {"name": "report"}]
-    pipeline = parse_pipeline({"pipeline": {"name": "prune"}, "pass": passes})
-    result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console)
-    if args.plan_out and result.plan is not None:
-        from graphprune.io import write_text_atomic
-
-        write_text_atomic(args.plan_out, result.plan.to_json())
-    for path in (result.report_json, result.report_html):
-        if path is not None:
-            console.print(f"report: {path}")
+    # the written file is always validated before it is moved in place; a plain magnitude prune checks it only there
+    passes += [{"name": "validate", "latency_runs": args.latency_runs, "run_check": bool(args.data)}, _report(args)]
+    return passes
 
 
-def _refuse_for_program(args: argparse.Namespace) -> None:
-    """A .pt2 input is planned (with or without the analysis) and rewritten; the later passes need ONNX."""
-    unsupported = [flag for flag, on in (("--compensate", args.compensate), ("--repair", args.repair),
-                                        ("--latency", args.latency is not None),
-                                        ("--finetune-epochs", args.finetune_epochs > 0)) if on]
-    if unsupported:
-        raise BadInputError(f"{', '.join(unsupported)}: not available for .pt2 input (compensation, BN repair, "
-                            "fine-tuning and latency targets run on ONNX): convert it with "
-                            f"`graphprune prune {args.model.name} -o model.onnx --ratio 0` and prune the ONNX file")
-
-
-def _program_plan(args: argparse.Namespace, console: Console):
-    """Analysis- or target-based plan of a .pt2, as the prune pipeline's analyze and plan passes make it."""
-    from rich.progress import Progress
-
-    from graphprune.backends.program_prune import plan_program
-    from graphprune.pipeline.passes import AnalyzePassOptions, PlanPassOptions
-
-    method, criterion = _method_and_criterion(args)
-    plan_options = PlanPassOptions(method=method, criterion=criterion, ratio=args.ratio, macs=args.macs, params=args.params,
-                                   round_to=args.round_to, allow_over_limit=args.allow_over_limit, seed=args.seed)
-    plan_options.check()
-    analysis_options = AnalyzePassOptions(eps=args.eps, budget=args.budget, seed=args.seed, samples=args.samples)
-    analysis_options.check()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("gradient matrices", total=None)
-        plan, figures = plan_program(args.model, args.data, analysis_options, plan_options,
-                                     lambda done, total: bar.update(task, completed=done, total=total))
-    if "max_macs_reduction" in figures:
-        console.print(f"estimated maximum: {figures['max_macs_reduction']:.2f}x fewer MACs, "
-                      f"{figures['max_params_reduction']:.2f}x fewer parameters; target: {figures['target']}")
-    return plan
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    """Reports beside the output unless the prune is a plain magnitude one (``--ratio``, ``--plan``); ``--json F`` anywhere."""
+    planned = bool(args.data or args.method or args.compensate or args.repair or args.criterion in ANALYSIS_CRITERIA
+                   or any(getattr(args, k) is not None for k in TARGETS if k != "ratio"))
+    beside = planned and args.plan is None
+    report: dict[str, Any] = {"name": "report", "json": beside, "html": beside}
+    if args.json is not None:
+        report["json_path"] = str(args.json)
+    return report
 
 
 def _prune(args: argparse.Namespace, console: Console) -> None:
-    program = args.model.suffix == ".pt2"
-    planned = None
-    if program:
-        _refuse_for_program(args)
-        if args.data or args.method or args.criterion in ("effective", "cholesky", "taylor") or args.macs or args.params:
-            if args.plan is not None:
-                raise BadInputError("--plan applies a saved plan: do not combine it with a target, --method or --data")
-            planned = _program_plan(args, console)
-    elif args.data or args.method or args.compensate or args.repair or args.criterion in ("effective", "cholesky", "taylor") or any(
-        getattr(args, k) is not None for k in ("macs", "params", "latency")
-    ):
-        if args.plan is not None:
-            raise BadInputError("--plan applies a saved plan: do not combine it with a target, --method or --data")
-        _prune_pipeline(args, console)
-        return
-    from graphprune.backends.onnx_prune import PruneOptions, prune_file
-    from graphprune.backends.program_prune import prune_program_file
+    from graphprune.execution.distributed import process_group
     from graphprune.io import write_text_atomic
-    from graphprune.ir.plan import Plan
-    from graphprune.report.tables import prune_json, prune_table
+    from graphprune.pipeline.config import parse_pipeline
+    from graphprune.pipeline.run import run_file
 
     for path in (args.plan_out, args.json):
         if path is not None and path.resolve() == args.model.resolve():
             raise BadInputError(f"{path} is the input model: choose another path")
-    options = PruneOptions(
-        ratio=0.5 if args.ratio is None else args.ratio, criterion=args.criterion or "l1", round_to=args.round_to, seed=args.seed,
-        verify=args.verify, plan=planned or (Plan.load(args.plan) if args.plan else None), force=args.force,
-        latency_runs=max(0, args.latency_runs),
-    )
-    with console.status("pruning and validating..."):
-        result = (prune_program_file if program else prune_file)(args.model, args.output, options)
-    prune_table(result, console)
+    if args.latency_runs < 0:
+        raise BadInputError(f"--latency-runs must be >= 0, got {args.latency_runs}")
+    pipeline = parse_pipeline({"pipeline": {"name": "prune"}, "pass": _prune_passes(args)}, "prune")
+    with process_group():
+        result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console)
+    if result is None:  # not the main rank
+        return
     if args.plan_out:
         write_text_atomic(args.plan_out, result.plan.to_json())
-    if args.json:
-        write_text_atomic(args.json, prune_json(result))
+    console.print(f"wrote {result.output}")
+    for path in result.reports:
+        console.print(f"report: {path}")
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
@@ -321,9 +276,8 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     if result is None:  # not the main rank
         return
     console.print(f"wrote {result.output}")
-    for path in (result.report_json, result.report_html):
-        if path is not None:
-            console.print(f"report: {path}")
+    for path in result.reports:
+        console.print(f"report: {path}")
 
 
 def _demo(args: argparse.Namespace, console: Console) -> None:

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from graphprune.errors import BadInputError
 
-__all__ = ["check_output_path", "save_onnx", "staged_output", "uses_external_data", "weight_bytes", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["StagedFiles", "check_output_path", "save_onnx", "staged_files", "staged_output", "uses_external_data", "weight_bytes", "write_bytes_atomic", "write_text_atomic"]
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Models with more initializer bytes than this are saved with external data."""
@@ -48,6 +48,53 @@ def staged_output(output: Path) -> Iterator[Path]:
         os.replace(staged, output)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+class StagedFiles:
+    """Files written to private folders beside their destinations, moved in place together by :meth:`commit`."""
+
+    def __init__(self) -> None:
+        self._stages: list[tuple[Path, Path]] = []
+
+    def path(self, final: Path) -> Path:
+        """Where to write ``final`` now (files beside it in its private folder move with it, e.g. ``.data``)."""
+        for stage, dest in self._stages:
+            if dest == final:
+                return stage / final.name
+        stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        self._stages.append((stage, final))
+        return stage / final.name
+
+    @property
+    def destinations(self) -> tuple[Path, ...]:
+        return tuple(dest for _, dest in self._stages)
+
+    def commit(self) -> None:
+        """Move every staged file that was written into place (side files first, so a model never lacks its data)."""
+        for stage, final in self._stages:
+            staged = stage / final.name
+            if not staged.exists():
+                continue
+            for extra in sorted(stage.iterdir()):
+                if extra != staged:
+                    os.replace(extra, final.parent / extra.name)
+            os.replace(staged, final)
+
+    def discard(self) -> None:
+        for stage, _ in self._stages:
+            shutil.rmtree(stage, ignore_errors=True)
+        self._stages.clear()
+
+
+@contextlib.contextmanager
+def staged_files() -> Iterator[StagedFiles]:
+    """A :class:`StagedFiles` whose files move in place when the body completes; nothing is left when it raises."""
+    files = StagedFiles()
+    try:
+        yield files
+        files.commit()
+    finally:
+        files.discard()
 
 
 def uses_external_data(model: ir.Model) -> bool:

@@ -22,7 +22,7 @@ INPUT_SHAPE = (1, 28, 28)
 REFERENCE_MODELS: dict[str, Callable[[], nn.Module]] = {
     "vgg": VGG,
     "vgg16": lambda: VGG(widths=VGG16_WIDTHS),
-    "vgg16s": lambda: VGG(widths=tuple(w if w == "M" else w // 4 for w in VGG16_WIDTHS)),
+    "vgg16s": lambda: VGG(widths=tuple(w if isinstance(w, str) else w // 4 for w in VGG16_WIDTHS)),
     "resnet20": lambda: ResNetCifar(20),
     "resnet56": lambda: ResNetCifar(56),
     "bottleneck": BottleneckResNet,
@@ -51,8 +51,9 @@ def build(name: str, seed: int = 0) -> nn.Module:
     model = REFERENCE_MODELS[name]()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+            if m.running_mean is not None and m.running_var is not None:  # None without track_running_stats
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.2, 0.2)
     return model.eval()

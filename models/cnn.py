@@ -1,6 +1,8 @@
 """Convolutional reference models: plain chains, residual, grouped, squeeze-excite."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -116,11 +118,11 @@ class BottleneckResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def ResNeXt(**kw: object) -> BottleneckResNet:
+def ResNeXt(**kw: Any) -> BottleneckResNet:
     """ResNeXt-style: bottlenecks with grouped 3x3 convs (cardinality 4)."""
-    return BottleneckResNet(width=16, groups=4, **kw)  # type: ignore[arg-type]
+    return BottleneckResNet(width=16, groups=4, **kw)
 
 
-def SEResNet(**kw: object) -> BottleneckResNet:
+def SEResNet(**kw: Any) -> BottleneckResNet:
     """Bottleneck ResNet with squeeze-excite (broadcast Mul) in every block."""
-    return BottleneckResNet(se=True, **kw)  # type: ignore[arg-type]
+    return BottleneckResNet(se=True, **kw)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from graphprune.execution.progress import Progress
 from graphprune.execution.training import FitOptions, fit
 from graphprune.frontends.data import Calibration, load_fashion_mnist
 
@@ -29,7 +29,7 @@ def trained(
     seed: int = 0,
     cache_dir: str | os.PathLike[str] = ".graphprune-cache",
     lr: float = 0.05,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> nn.Module:
     """Reference model ``name`` trained on the Fashion-MNIST training set (cached state dict).
 

@@ -53,6 +53,13 @@ def channel_shuffle(x: torch.Tensor, groups: int, channels: int) -> torch.Tensor
     return x.reshape(n, groups, channels // groups, h, w).transpose(1, 2).reshape(n, channels, h, w)
 
 
+def _conv(m: nn.Module) -> nn.Conv2d:
+    """``m``, known to be a conv (the branch is built by ``_cbr``)."""
+    if not isinstance(m, nn.Conv2d):
+        raise TypeError(f"expected a Conv2d, got {type(m).__name__}")
+    return m
+
+
 class ShuffleBlock(nn.Module):
     """ShuffleNetV2 unit: split (chunk) or two strided branches, concat, shuffle."""
 
@@ -70,9 +77,9 @@ class ShuffleBlock(nn.Module):
         # Channel counts come from layer attributes (Python ints: static Split/Reshape in exports)
         # that graphprune updates when it prunes. The shuffle pairs channel i of both halves, so
         # both halves keep as many channels as the branch's last conv produces.
-        half = self.branch[-3].out_channels
+        half = _conv(self.branch[-3]).out_channels
         if self.short is None:
-            a, b = x.split([half, self.branch[0].in_channels], dim=1)
+            a, b = x.split([half, _conv(self.branch[0]).in_channels], dim=1)
             out = torch.cat((a, self.branch(b)), 1)
         else:
             out = torch.cat((self.short(x), self.branch(x)), 1)

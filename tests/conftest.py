@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -13,13 +14,13 @@ from graphprune import models
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Return a function (name, opset, bn) -> path of the exported ONNX file (cached)."""
     root = tmp_path_factory.mktemp("exported")
-    cache: dict[tuple[str, int, str], Path] = {}
+    cache: dict[tuple[str, int, Literal["keep", "fold"]], Path] = {}
 
-    def get(name: str, opset: int = 17, bn: str = "keep") -> Path:
+    def get(name: str, opset: int = 17, bn: Literal["keep", "fold"] = "keep") -> Path:
         key = (name, opset, bn)
         if key not in cache:
             path = root / f"{name}-{opset}-{bn}.onnx"
-            models.export_onnx(models.build(name), path, opset=opset, bn=bn)  # type: ignore[arg-type]
+            models.export_onnx(models.build(name), path, opset=opset, bn=bn)
             cache[key] = path
         return cache[key]
 

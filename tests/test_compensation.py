@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from graphprune import models
-from graphprune.backends.onnx import apply_kept, model_bytes
+from graphprune.backends.onnx import apply_kept
 from graphprune.cli import main
 from graphprune.coupling.groups import build_groups
 from graphprune.execution.onnx_finetune import with_constants
 from graphprune.execution.sessions import make_session
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx, prepare
+from graphprune.ir.onnx import model_bytes
 from graphprune.ir.plan import GroupPlan, Plan, kept_elements
 from graphprune.recovery.compensation import compensate
 from graphprune.recovery.repair import correct_biases, output_means, reestimate_batch_norm

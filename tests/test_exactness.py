@@ -12,14 +12,15 @@ from torch import nn
 
 from graphprune import models
 from graphprune.backends.onnx import apply_plan
-from graphprune.backends.onnx_prune import PruneOptions, prune_file
 from graphprune.coupling.groups import build_groups
 from graphprune.errors import ValidationError
 from graphprune.execution.sessions import sample_inputs
 from graphprune.execution.validate import validate_pruned
 from graphprune.frontends.onnx import load_onnx
 from graphprune.io import save_onnx
-from graphprune.ir.plan import kept_elements, uniform_plan
+from graphprune.ir.plan import kept_elements
+from graphprune.pipeline.run import prune_file
+from graphprune.planning.uniform import uniform_plan
 
 
 def test_exactness_check_catches_a_wrong_rewrite(exported, tmp_path):
@@ -80,7 +81,7 @@ def test_custom_domain_op_freezes_and_stays_exact(tmp_path):
     frozen = [g for g in coupling.groups if not g.prunable]
     assert any("unsupported op 'custom::Scale'" in r for g in frozen for r in g.frozen)
     assert [g.channels for g in coupling.prunable] == [6]  # only conv2 -> conv3 is free
-    result = prune_file(src, tmp_path / "out.onnx", PruneOptions(ratio=0.5, verify=True, latency_runs=0))
+    result = prune_file(src, tmp_path / "out.onnx", ratio=0.5, verify=True, latency_runs=0)
     assert result.validation.exact
     assert len(result.plan.groups) == 1
 
@@ -136,6 +137,6 @@ def test_generated_graphs_prune_exactly(tmp_path_factory, blocks, ratio, seed):
     torch.manual_seed(seed)
     src = tmp / "net.onnx"
     models.export_onnx(RandomNet(blocks).eval(), src, input_shape=(1, 8, 8))
-    result = prune_file(src, tmp / "out.onnx", PruneOptions(ratio=ratio, criterion="random", seed=seed, verify=True, latency_runs=0))
+    result = prune_file(src, tmp / "out.onnx", ratio=ratio, criterion="random", seed=seed, verify=True, latency_runs=0)
     assert result.validation.exact
     assert result.after.params <= result.before.params

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from graphprune import models
-from graphprune.backends.onnx import model_bytes
 from graphprune.errors import BadInputError
 from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.execution.measure import ort_accuracy
@@ -15,6 +14,7 @@ from graphprune.execution.sessions import make_session
 from graphprune.execution.training import FitOptions
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
+from graphprune.ir.onnx import model_bytes
 
 
 def _task(n: int = 512, seed: int = 0) -> Calibration:

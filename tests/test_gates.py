@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from graphprune import models
-from graphprune.analysis.gates import gate_taps, plan_gates
+from graphprune.analysis.gates import gate_taps, keep_gates, plan_gates
 from graphprune.backends.onnx import apply_kept
 from graphprune.coupling.groups import build_groups
 from graphprune.execution.interpreter import GraphInterpreter
@@ -23,15 +23,14 @@ def test_zero_gates_equal_the_pruned_model(exported, tmp_path, name):
     coupling = build_groups(om.graph)
     gates_plan = plan_gates(coupling, om.graph)
     rng = np.random.default_rng(1)
-    groups, gates = [], {}
+    groups, keeps = [], {}
     x = rng.standard_normal((3, *models.INPUT_SHAPE)).astype(np.float32)
     for gid in gates_plan.edges:
         g = coupling.by_id(gid)
         keep = np.sort(rng.permutation(g.channels)[: max(1, g.channels // 2)])
         groups.append(GroupPlan(gid, g.anchor, g.channels, tuple(int(i) for i in keep)))
-        gate = torch.zeros(len(x), g.channels)
-        gate[:, keep] = 1.0
-        gates[gid] = gate
+        keeps[gid] = keep
+    gates = keep_gates(keeps, {gid: coupling.by_id(gid).channels for gid in keeps}, len(x))
     assert gates, "every reference model has gateable groups"
     kept = kept_elements(Plan(tuple(groups)), coupling, om.graph)
     path = tmp_path / "pruned.onnx"

@@ -7,11 +7,13 @@ import pytest
 from graphprune import models
 from graphprune.analysis.cost import cost_with_keep, model_cost
 from graphprune.analysis.effective import AnalysisOptions, analyze
+from graphprune.backends.onnx_model import OnnxPrunable
 from graphprune.coupling.groups import build_groups
 from graphprune.errors import BadInputError, OverLimitError
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
-from graphprune.planning.hierarchical import PlanOptions, Target, make_plan
+from graphprune.planning.hierarchical import make_plan
+from graphprune.planning.options import PlanOptions, Target
 from graphprune.planning.selection import greedy_drop_order, pivoted_cholesky_order
 from graphprune.planning.targets import latency_plan, limit_plan
 
@@ -36,7 +38,7 @@ def _keep(plan, coupling):
 @pytest.mark.parametrize("kind,value", [("macs", 0.5), ("params", 0.4), ("ratio", 0.3)])
 def test_hierarchical_reaches_target_without_over_pruning(analysed, kind, value):
     om, coupling, analysis = analysed
-    plan = make_plan(om.graph, coupling, PlanOptions(target=Target(kind, value)), analysis)
+    plan = make_plan(om.graph, coupling, PlanOptions().with_target(Target(kind, value)), analysis)
     keep = _keep(plan, coupling)
     for g in analysis.groups:
         assert keep[g.group] >= max(1, g.effective), g.anchor
@@ -55,9 +57,9 @@ def test_beyond_the_limit_is_refused_unless_allowed(analysed):
     limit = analysis.limit.at_limit.macs / analysis.limit.original.macs
     target = Target("macs", limit * 0.6)
     with pytest.raises(OverLimitError, match="maximum compression") as info:
-        make_plan(om.graph, coupling, PlanOptions(target=target), analysis)
+        make_plan(om.graph, coupling, PlanOptions().with_target(target), analysis)
     assert info.value.exit_code == 4
-    plan = make_plan(om.graph, coupling, PlanOptions(target=target, allow_over_limit=True), analysis)
+    plan = make_plan(om.graph, coupling, PlanOptions(allow_over_limit=True).with_target(target), analysis)
     keep = _keep(plan, coupling)
     assert plan.meta["over_limit"] is True
     assert any(keep[g.group] < g.effective for g in analysis.groups)
@@ -74,18 +76,18 @@ def test_limit_plan_keeps_exactly_the_effective_filters(analysed):
 def test_round_to(analysed):
     om, coupling, analysis = analysed
     for value in (0.6, 0.5):
-        plan = make_plan(om.graph, coupling, PlanOptions(target=Target("macs", value), round_to=8, allow_over_limit=True), analysis)
+        plan = make_plan(om.graph, coupling, PlanOptions(round_to=8, allow_over_limit=True).with_target(Target("macs", value)), analysis)
         assert all(len(g.keep) % 8 == 0 or len(g.keep) == g.channels for g in plan.groups)
         keep = _keep(plan, coupling)  # rounding up must not miss the target
         assert cost_with_keep(om.graph, coupling, keep).macs <= value * model_cost(om.graph).macs
     limit = analysis.limit.at_limit.macs / analysis.limit.original.macs
     with pytest.raises(OverLimitError, match="round-to 16"):  # rounding up to 16 cannot reach the limit itself
-        make_plan(om.graph, coupling, PlanOptions(target=Target("macs", limit), round_to=16), analysis)
+        make_plan(om.graph, coupling, PlanOptions(round_to=16).with_target(Target("macs", limit)), analysis)
 
 
 def test_uniform_prunes_every_group_alike(analysed):
     om, coupling, _ = analysed
-    plan = make_plan(om.graph, coupling, PlanOptions(method="uniform", criterion="l1", target=Target("macs", 0.5)))
+    plan = make_plan(om.graph, coupling, PlanOptions(method="uniform", criterion="l1").with_target(Target("macs", 0.5)))
     fractions = {round(len(g.keep) / g.channels, 1) for g in plan.groups}
     assert len(fractions) == 1 and len(plan.groups) == len(coupling.prunable)
 
@@ -93,24 +95,24 @@ def test_uniform_prunes_every_group_alike(analysed):
 def test_global_taylor_ignores_the_limit(analysed):
     om, coupling, analysis = analysed
     limit = analysis.limit.at_limit.macs / analysis.limit.original.macs
-    plan = make_plan(om.graph, coupling, PlanOptions(method="global", criterion="taylor", target=Target("macs", limit * 0.8)), analysis)
+    plan = make_plan(om.graph, coupling, PlanOptions(method="global", criterion="taylor").with_target(Target("macs", limit * 0.8)), analysis)
     assert cost_with_keep(om.graph, coupling, _keep(plan, coupling)).macs <= limit * 0.8 * analysis.limit.original.macs
 
 
 def test_options_are_checked(analysed):
     om, coupling, analysis = analysed
     with pytest.raises(BadInputError, match="needs an analysis"):
-        make_plan(om.graph, coupling, PlanOptions(target=Target("macs", 0.5)), None)
+        make_plan(om.graph, coupling, PlanOptions().with_target(Target("macs", 0.5)), None)
     with pytest.raises(BadInputError, match="method"):
         make_plan(om.graph, coupling, PlanOptions(method="nope"), analysis)
     with pytest.raises(BadInputError, match="macs"):
-        make_plan(om.graph, coupling, PlanOptions(target=Target("macs", 1.5)), analysis)
+        make_plan(om.graph, coupling, PlanOptions().with_target(Target("macs", 1.5)), analysis)
 
 
 def test_latency_target_is_measured(analysed):
     om, coupling, analysis = analysed
     try:
-        plan = latency_plan(om, coupling, analysis, PlanOptions(), 0.8, runs=10)
+        plan = latency_plan(OnnxPrunable(om), coupling, analysis, PlanOptions(latency=0.8, latency_runs=10))
     except OverLimitError as exc:  # a loaded machine can make the measured target unreachable: said clearly
         assert "latency" in str(exc)
         return

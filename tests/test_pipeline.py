@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from graphprune import models
+from graphprune.backends.onnx_model import OnnxPrunable
 from graphprune.cli import main
 from graphprune.errors import BadInputError
 from graphprune.frontends.onnx import load_onnx
@@ -98,7 +99,7 @@ def test_run_over_limit_exits_4_and_writes_nothing(exported, tmp_path, capsys):
 def test_passes_compose_in_python(exported, tmp_path):
     from graphprune.frontends.data import Calibration
 
-    om = load_onnx(exported("seresnet"))
+    om = OnnxPrunable(load_onnx(exported("seresnet")))
     x = np.random.default_rng(1).standard_normal((64, *models.INPUT_SHAPE)).astype(np.float32)
     ws = Workspace(original=om, model=om, data=Calibration((x,), None, "random"))
     seen = []
@@ -106,7 +107,7 @@ def test_passes_compose_in_python(exported, tmp_path):
                                         {"name": "rewrite"}, {"name": "finetune", "epochs": 0.5}]})
     ws = run_passes(pipeline, ws, lambda p, r: seen.append((p.name, r.modified)))
     assert seen == [("analyze", False), ("plan", False), ("rewrite", True), ("finetune", True)]
-    assert ws.model is not om and ws.figures["exact_max_abs_error"] < 1e-4
+    assert ws.model is not om and ws.exact_max_abs_error is not None and ws.exact_max_abs_error < 1e-4
     assert set(PASSES) == {"analyze", "plan", "compensate", "rewrite", "repair", "finetune", "validate", "report"}
 
 
@@ -120,7 +121,7 @@ def test_html_report_renders_in_headless_chromium(exported, tmp_path):
     shot = tmp_path / "shot.png"
     proc = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-500:]
     from PIL import Image
@@ -129,7 +130,7 @@ def test_html_report_renders_in_headless_chromium(exported, tmp_path):
         pixels = np.asarray(img.convert("L"))
     assert pixels.shape[0] >= 800 and pixels.std() > 10  # not a blank page
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+                         capture_output=True, text=True, timeout=120, check=False).stdout
     assert "estimated maximum compression" in dom and "<img" in dom
 
 
@@ -159,7 +160,7 @@ def test_run_under_torchrun_two_processes(exported, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "graphprune.cli",
          "run", str(ROOT / "passes/uniform.toml"), "--model", str(exported("vgg")), "--data", str(data), "-o", str(out),
          "--set", "finetune.epochs=1", "--set", "finetune.batch_size=16", "--set", "validate.latency_runs=0"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("wrote ") == 1

@@ -5,9 +5,9 @@ import onnx
 import pytest
 
 from graphprune import models
-from graphprune.backends.onnx_prune import PruneOptions, prune_file
 from graphprune.coupling.groups import build_groups
 from graphprune.frontends.onnx import load_onnx
+from graphprune.pipeline.run import prune_file
 
 RATIOS = (0.25, 0.5, 0.9)
 
@@ -19,7 +19,7 @@ def test_prunes_exactly(exported, tmp_path, name, opset, bn):
     src = exported(name, opset, bn)
     for ratio in RATIOS:
         out = tmp_path / f"{name}-{ratio}.onnx"
-        result = prune_file(src, out, PruneOptions(ratio=ratio, verify=True, latency_runs=0))
+        result = prune_file(src, out, ratio=ratio, verify=True, latency_runs=0)
         assert result.validation.exact is True
         assert result.plan.groups, "every reference model has prunable groups"
         assert result.after.params < result.before.params

@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from graphprune import models
-from graphprune.backends.onnx_prune import PruneOptions, prune_file
 from graphprune.coupling.groups import build_groups
 from graphprune.frontends.onnx import load_onnx
+from graphprune.pipeline.run import prune_file
 
 # (exporter, opset, bn): the oldest opset the reference models export at, the newest of each exporter.
 EXPORTS = [("legacy", 11, "keep"), ("legacy", 11, "fold"), ("legacy", 20, "keep"), ("legacy", 20, "fold"),
@@ -24,7 +24,7 @@ EXPORTS = [("legacy", 11, "keep"), ("legacy", 11, "fold"), ("legacy", 20, "keep"
 
 
 def _prune_exact(src: Path, tmp: Path, ratio: float = 0.5):
-    result = prune_file(src, tmp / f"{src.stem}.pruned.onnx", PruneOptions(ratio=ratio, verify=True, latency_runs=0))
+    result = prune_file(src, tmp / f"{src.stem}.pruned.onnx", ratio=ratio, verify=True, latency_runs=0)
     assert result.validation.exact is True
     onnx.checker.check_model(str(result.output), full_check=True)
     return result
@@ -168,7 +168,7 @@ def test_control_flow_freezes_what_it_touches(tmp_path, op):
     assert not frozen.prunable and any(op in r for r in frozen.frozen), frozen.frozen
     assert _group_of(coupling, "wc[0]").prunable
     if op == "If":  # onnxruntime needs the condition as an input
-        result = prune_file(src, tmp_path / "out.onnx", PruneOptions(ratio=0.5, latency_runs=0))
+        result = prune_file(src, tmp_path / "out.onnx", ratio=0.5, latency_runs=0)
         assert result.validation.exact is None
     else:
         result = _prune_exact(src, tmp_path)
@@ -278,11 +278,11 @@ def test_external_data_model_prunes_with_bounded_memory(tmp_path):
     size = write_wide_model(tmp_path / "wide.onnx", width=2048, layers=15)
     script = (
         "import json, resource, sys; from pathlib import Path; "
-        "from graphprune.backends.onnx_prune import PruneOptions, prune_file; "
-        "r = prune_file(Path(sys.argv[1]), Path(sys.argv[2]), PruneOptions(ratio=0.5, latency_runs=0)); "
+        "from graphprune.pipeline.run import prune_file; "
+        "r = prune_file(Path(sys.argv[1]), Path(sys.argv[2]), ratio=0.5, latency_runs=0); "
         "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'groups': len(r.plan.groups)}))"
     )
-    base = json.loads(subprocess.run([sys.executable, "-c", "import json, resource; import graphprune.backends.onnx_prune; "
+    base = json.loads(subprocess.run([sys.executable, "-c", "import json, resource; import graphprune.backends.onnx_model; "
                                       "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))"],
                                      check=True, capture_output=True, text=True).stdout)["peak"]
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "wide.onnx"), str(tmp_path / "out.onnx")],
@@ -306,7 +306,7 @@ def _folder_state(folder: Path) -> dict[str, bytes]:
 def test_interrupt_or_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, capsys, when, signal):
     """Ctrl-C (or a crash) while the output is written or validated: the input is intact, the old output kept,
     no partial file or staging folder is left."""
-    import graphprune.backends.onnx_prune
+    import graphprune.backends.onnx_model
     import graphprune.io
     from graphprune.cli import main
 
@@ -328,9 +328,9 @@ def test_interrupt_or_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, caps
         raise signal("stop")
 
     if when == "save":
-        monkeypatch.setattr(graphprune.backends.onnx_prune, "save_onnx", save_then_fail)
+        monkeypatch.setattr(graphprune.backends.onnx_model, "save_onnx", save_then_fail)
     else:
-        monkeypatch.setattr(graphprune.backends.onnx_prune, "validate_pruned", fail)
+        monkeypatch.setattr(graphprune.backends.onnx_model, "validate_pruned", fail)
     code = main(["prune", str(src), "-o", str(out), "--force", "--latency-runs", "0"])
     assert code == (130 if signal is KeyboardInterrupt else 1)
     assert _folder_state(tmp_path) == before
@@ -349,7 +349,7 @@ def test_sigint_to_a_running_prune_leaves_nothing(tmp_path):
     marker = tmp_path.parent / f"{tmp_path.name}.validating"
     before = _folder_state(tmp_path)
     hold = (  # validation waits for the signal, so the interrupt lands while the staged file exists
-        "import signal, sys, time, pathlib, graphprune.backends.onnx_prune as op; real = op.validate_pruned\n"
+        "import signal, sys, time, pathlib, graphprune.backends.onnx_model as op; real = op.validate_pruned\n"
         # a terminal's Ctrl-C: restore Python's handler, which a shell ignoring SIGINT for background jobs turns off
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "def slow(*a, **k):\n    pathlib.Path(sys.argv[1]).touch(); time.sleep(120); return real(*a, **k)\n"

@@ -14,7 +14,7 @@ from graphprune.backends.torch_module import apply_plan, load_pruned, prune_modu
 from graphprune.coupling.groups import build_groups
 from graphprune.frontends.torch.attention import HeadPrunableAttention, swap_attention
 from graphprune.frontends.torch.trace import load_module
-from graphprune.ir.plan import uniform_plan
+from graphprune.planning.uniform import uniform_plan
 
 HEADS, DIM = 4, 16
 

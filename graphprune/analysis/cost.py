@@ -6,12 +6,11 @@ import math
 from collections.abc import Mapping
 
 from graphprune.coupling.groups import Coupling
+from graphprune.ir.dtypes import FLOAT_TYPES
 from graphprune.ir.graph import ChannelGraph, TensorInfo
 from graphprune.ops import lookup
 
 __all__ = ["Cost", "cost_with_keep", "model_cost"]
-
-_WEIGHT_TYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +26,7 @@ def model_cost(graph: ChannelGraph) -> Cost:
     params = sum(
         math.prod(d for d in info.shape if isinstance(d, int))
         for info in graph.tensors.values()
-        if info.kind == "param" and info.dtype in _WEIGHT_TYPES and info.shape is not None
+        if info.kind == "param" and info.dtype in FLOAT_TYPES and info.shape is not None
     )
     macs = 0
     for node in graph.nodes:

@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from graphprune.analysis.cost import Cost, cost_with_keep, model_cost
-from graphprune.analysis.fisher import FisherResult, GroupFisher, Progress, collect_fisher
+from graphprune.analysis.fisher import FisherResult, GroupFisher, collect_fisher
 from graphprune.analysis.gates import plan_gates
 from graphprune.analysis.spectrum import Singularities, eigenvalues, energy_rank, singularities
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError
 from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.execution.progress import Progress
 from graphprune.frontends.data import Calibration
 from graphprune.ir.graph import ChannelGraph
 from graphprune.planning.selection import DropOrder, greedy_drop_order
@@ -35,7 +36,7 @@ __all__ = ["Analysis", "AnalysisOptions", "GroupAnalysis", "NetworkLimit", "anal
 
 log = logging.getLogger(__name__)
 
-FORMAT = "graphprune.analysis.effective/1"
+FORMAT = "graphprune.analysis/1"
 SAMPLES_PER_CHANNEL = 4
 """Fewer samples than this times a group's width triggers a warning."""
 
@@ -172,7 +173,7 @@ class Analysis:
         import io
 
         buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
+        np.savez_compressed(buf, allow_pickle=False, **arrays)  # named, so no array key can be taken for the flag
         write_bytes_atomic(npz, buf.getvalue())
         data = self.to_dict()
         data["fisher_file"] = npz.name

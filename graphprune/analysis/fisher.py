@@ -19,6 +19,7 @@ from graphprune.analysis.gates import GatePlan, gate_taps
 from graphprune.errors import BadInputError
 from graphprune.execution.distributed import rank_and_world
 from graphprune.execution.interpreter import GraphInterpreter
+from graphprune.execution.progress import Progress
 from graphprune.frontends.data import Calibration
 
 __all__ = ["LOSSES", "FisherResult", "GroupFisher", "collect_fisher", "default_device"]
@@ -29,9 +30,6 @@ LOSSES = ("labels", "fisher", "projection")
 """``labels``: cross-entropy with the data's labels. ``fisher``: true Fisher,
 labels sampled from the model's own softmax. ``projection``: a random
 projection of the first output (any model, no classifier needed)."""
-
-Progress = Callable[[int, int], None]
-
 
 @dataclasses.dataclass(frozen=True)
 class GroupFisher:
@@ -163,14 +161,14 @@ def collect_fisher(
             progress(done, len(data) // world)
     counts = np.array([len(data), (len(data) + 1) // 2, len(data) // 2], dtype=np.float64)
     if world > 1:
-        for g in acc:
-            acc[g], gsum[g] = _all_reduce(acc[g]), _all_reduce(gsum[g])
+        acc = {g: _all_reduce(m) for g, m in acc.items()}
+        gsum = {g: _all_reduce(v) for g, v in gsum.items()}
     out_groups: dict[int, GroupFisher] = {}
-    for g in acc:
-        acc[g][0] = acc[g][1] + acc[g][2]
+    for g, m in acc.items():
+        m[0] = m[1] + m[2]
         out_groups[g] = GroupFisher(
-            f=acc[g][0] / counts[0],
-            halves=(acc[g][1] / max(counts[1], 1.0), acc[g][2] / max(counts[2], 1.0)),
+            f=m[0] / counts[0],
+            halves=(m[1] / max(counts[1], 1.0), m[2] / max(counts[2], 1.0)),
             grad=gsum[g] / counts[0],
         )
     return FisherResult(out_groups, len(data), skipped, loss)

@@ -21,8 +21,9 @@ import torch
 
 from graphprune.coupling.groups import Coupling, Group
 from graphprune.ir.graph import ChannelGraph
+from graphprune.ir.masks import keep_vector
 
-__all__ = ["GateEdge", "GatePlan", "compose", "gate_taps", "plan_gates"]
+__all__ = ["GateEdge", "GatePlan", "compose", "gate_taps", "keep_gates", "plan_gates"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,19 @@ def compose(fns: list[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torc
         return x
 
     return apply
+
+
+def keep_gates(keep: Mapping[int, np.ndarray], channels: Mapping[int, int], batch: int) -> dict[int, torch.Tensor]:
+    """Gates that prune: per group, an (N, C) gate of ones on the kept channels and zeros on the others.
+
+    With :func:`gate_taps` they make the interpreter compute the model pruned to ``keep``.
+
+    Args:
+        keep: Group id -> kept channel indices.
+        channels: Group id -> the group's channel count.
+        batch: N, the batch the gates are for.
+    """
+    return {gid: torch.from_numpy(keep_vector(channels[gid], k)).float().expand(batch, -1).clone() for gid, k in keep.items()}
 
 
 def gate_taps(plan: GatePlan, gates: Mapping[int, torch.Tensor]) -> dict[tuple[str, int], Callable]:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
-from graphprune.analysis.fisher import Progress
 from graphprune.coupling.groups import build_groups
+from graphprune.execution.progress import Progress
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.torch.trace import load_module
 

@@ -2,10 +2,10 @@
 
 The program is unlifted (``program.module()``: a GraphModule whose parameters
 and buffers keep their qualified names), its tensors sliced like a module's,
-and the literal sizes its aten calls carry patched from the new output shapes:
-``view`` / ``reshape`` / ``expand`` / ``unflatten`` shapes, ``split`` sizes,
-``layer_norm`` shapes, the group count of ``group_norm`` and of depthwise
-``conv`` / ``conv_transpose``. It is then
+and the literal sizes its aten calls carry patched with the op table's
+adjustments, through the argument each op node records it came from
+(``view`` / ``reshape`` / ``unflatten`` shapes, ``split`` sizes, the group
+count of ``group_norm`` and of depthwise ``conv`` / ``conv_transpose``). It is then
 exported again (dynamic batch when the original had one) and checked against
 the original with the removed channels zeroed; a size hard-coded elsewhere
 (a ``slice`` bound, a ``zeros`` shape) fails that check with a clear error.
@@ -20,79 +20,70 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphprune.backends.torch_module import _slice_state, compare_to_masked, masked_reference
+from graphprune.backends.torch_module import _slice_state, masked_reference
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, ValidationError
+from graphprune.execution.exactness import ATOL, RTOL, compare_outputs
 from graphprune.frontends.torch.trace import TorchModel
-from graphprune.ir.graph import Axis
+from graphprune.ir.graph import ArgRef, Origin
 from graphprune.ir.plan import Plan, kept_elements
+from graphprune.ops import Adjustment, adjustments
 
 __all__ = ["example_inputs", "prune_program", "verify_program"]
 
 log = logging.getLogger(__name__)
 
-_SHAPE_ARG = {"aten.view.default": 1, "aten.reshape.default": 1, "aten._unsafe_view.default": 1, "aten.expand.default": 1}
+def _aten_value(value: Any, ref: ArgRef) -> Any:
+    """An ONNX attribute or constant value in the form the aten argument takes."""
+    if isinstance(value, np.ndarray):
+        value = [int(v) for v in value.reshape(-1)]
+    if ref.first and isinstance(value, (list, tuple)):
+        return value[0]
+    return value
 
 
-def _new_size(kept: Mapping[Axis, np.ndarray], tensor: str, axis: int) -> int | None:
-    idx = kept.get(Axis(tensor, axis))
-    return None if idx is None else int(idx.size)
+def _get_arg(node: torch.fx.Node, ref: ArgRef) -> Any:
+    return node.args[ref.index] if ref.index < len(node.args) else node.kwargs.get(ref.key)
 
 
-def _patched_list(values: Sequence[Any], kept: Mapping[Axis, np.ndarray], tensor: str, first_axis: int) -> list[Any]:
+def _set_arg(node: torch.fx.Node, ref: ArgRef, value: Any) -> None:
+    if ref.index < len(node.args):
+        args = list(node.args)
+        args[ref.index] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, ref.key: value}
+
+
+def _patched_list(values: Sequence[Any], entries: Mapping[int, int], offset: int) -> list[Any]:
+    """A size list with ONNX shape-vector entries set (entry ``j`` is list entry ``j - offset``); -1 and symbols stay."""
     out = list(values)
-    for j, v in enumerate(out):
-        n = _new_size(kept, tensor, first_axis + j)
-        if n is not None and isinstance(v, int) and v != -1:
-            out[j] = n
+    for j, n in entries.items():
+        i = j - offset
+        if 0 <= i < len(out) and isinstance(out[i], int) and out[i] != -1:
+            out[i] = int(n)
     return out
 
 
-def _patch_node(node: torch.fx.Node, kept: Mapping[Axis, np.ndarray], rank: int) -> None:
-    """Rewrite the literal sizes of one aten call from its outputs' kept sizes."""
-    key, args = str(node.target), list(node.args)
-    name = node.name
-    if key in _SHAPE_ARG and len(args) > 1 and isinstance(args[1], (list, tuple)):
-        args[1] = _patched_list(args[1], kept, name, 0)
-    elif key == "aten.unflatten.int":
-        dim = int(args[1]) % rank
-        args[2] = _patched_list(args[2], kept, name, dim)
-    elif key == "aten.split_with_sizes.default":
-        dim = int(args[2]) if len(args) > 2 else int(node.kwargs.get("dim", 0))
-        dim %= rank
-        args[1] = [(_new_size(kept, f"{name}.{j}", dim) or s) for j, s in enumerate(args[1])]
-    elif key == "aten.split.Tensor":
-        dim = (int(args[2]) if len(args) > 2 else int(node.kwargs.get("dim", 0))) % rank
-        n = _new_size(kept, f"{name}.0", dim)
-        if n is not None:
-            args[1] = n
-    elif key == "aten.group_norm.default":  # whole groups go: the group count follows the channels
-        x = args[0].meta.get("val") if isinstance(args[0], torch.fx.Node) else None
-        n = _new_size(kept, name, 1)
-        if x is not None and n is not None:
-            args[1] = n // (int(x.shape[1]) // int(args[1]))
-    elif key == "aten.layer_norm.default":
-        shape = list(args[1])
-        args[1] = _patched_list(shape, kept, name, rank - len(shape))
-    elif key in ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default") and len(args) > 6 and int(args[6]) > 1:
-        weight = args[1].meta.get("val") if isinstance(args[1], torch.fx.Node) else None
-        n = _new_size(kept, name, 1)
-        if weight is not None and weight.shape[1] == 1 and n is not None:  # depthwise: groups follow the channels
-            per_group = int(weight.shape[0]) // int(args[6])
-            args[6] = n // per_group
-    elif key.startswith("aten.conv_transpose") and len(args) > 6 and int(args[6]) > 1:
-        weight = args[1].meta.get("val") if isinstance(args[1], torch.fx.Node) else None
-        n = _new_size(kept, name, 1)
-        if weight is not None and weight.shape[1] == 1 and n is not None:  # depthwise: weight (C, 1, k...)
-            args[6] = n
-    node.args = tuple(args)
+def _patch_node(node: torch.fx.Node, origin: Origin, adj: Adjustment) -> None:
+    """Apply an op's Adjustment to the call it was converted from, through the argument map the converter recorded.
 
-
-def _rank(node: torch.fx.Node) -> int:
-    val = node.meta.get("val")
-    if isinstance(val, (list, tuple)):
-        val = val[0] if val else None
-    return len(getattr(val, "shape", ()))
+    Edits without a recorded argument have no aten counterpart (``flatten``
+    follows its input) and are left out.
+    """
+    for key, value in adj.attrs.items():
+        ref = origin.attrs.get(key)
+        if ref is not None and value is not None:
+            _set_arg(node, ref, _aten_value(value, ref))
+    for index, arr in adj.const_inputs.items():
+        ref = origin.inputs.get(index)
+        if ref is not None:
+            _set_arg(node, ref, _aten_value(np.asarray(arr), ref))
+    for index, entries in adj.shape_overrides.items():
+        ref = origin.inputs.get(index)
+        current = _get_arg(node, ref) if ref is not None else None
+        if ref is not None and isinstance(current, (list, tuple)):
+            _set_arg(node, ref, _patched_list(current, entries, ref.offset))
 
 
 def _user_inputs(program: torch.export.ExportedProgram) -> list[Any]:
@@ -143,9 +134,10 @@ def prune_program(tm: TorchModel, coupling: Coupling, plan: Plan) -> torch.expor
     gm = tm.program.module()
     gm.graph.eliminate_dead_code()  # the channel graph leaves dead ops out, so their sizes would not be patched
     _slice_state(gm, kept, tm.state_names)
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            _patch_node(node, kept, _rank(node))
+    calls = {node.name: node for node in gm.graph.nodes if node.op == "call_function"}
+    for op, _spec, adj in adjustments(tm.graph, kept):
+        if adj and op.origin is not None and op.origin.call in calls:
+            _patch_node(calls[op.origin.call], op.origin, adj)
     gm.recompile()
     args = example_inputs(tm.program)
     try:
@@ -158,8 +150,10 @@ def prune_program(tm: TorchModel, coupling: Coupling, plan: Plan) -> torch.expor
 
 
 def verify_program(tm: TorchModel, coupling: Coupling, plan: Plan, pruned: torch.export.ExportedProgram,
-                   rtol: float = 1e-4, atol: float = 1e-4) -> float:
+                   rtol: float = RTOL, atol: float = ATOL) -> float:
     """The pruned program against the original with removed channels zeroed; returns the max abs error.
+
+    The tolerance policy is :func:`graphprune.execution.exactness.compare_outputs`'s.
 
     Raises:
         ValidationError: When they differ.
@@ -169,4 +163,4 @@ def verify_program(tm: TorchModel, coupling: Coupling, plan: Plan, pruned: torch
     with torch.no_grad():
         got = pruned.module()(*inputs)
     hint = "a channel count is hard-coded in an op graphprune does not rewrite; prune the ONNX export instead"
-    return compare_to_masked(want, got, "the pruned program", hint, rtol, atol)
+    return compare_outputs(want, got, what="the pruned program", hint=hint, rtol=rtol, atol=atol)

@@ -1,77 +1,22 @@
 """ONNX backend: apply a plan to an onnx-ir model."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import tempfile
-from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from graphprune.coupling.groups import Coupling
-from graphprune.errors import ValidationError
-from graphprune.execution.sessions import make_session
-from graphprune.frontends.onnx import OnnxModel, inline_proto, node_name
-from graphprune.io import weight_bytes
+from graphprune.frontends.onnx import OnnxModel
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
+from graphprune.ir.onnx import clone_model, new_const, node_map, value_map
 from graphprune.ir.plan import Plan, kept_elements
-from graphprune.ops import AdjustContext, Adjustment, lookup
+from graphprune.ops import Adjustment, adjustments
 
-__all__ = ["apply_kept", "apply_plan", "clone_model", "model_bytes", "model_session", "new_const", "node_map", "value_map"]
+__all__ = ["apply_kept", "apply_plan"]
 
 log = logging.getLogger(__name__)
-
-
-def clone_model(model: ir.Model) -> ir.Model:
-    """An independent copy of a model's graph; weight tensors (immutable) are shared.
-
-    Sharing keeps external-data tensors pointing at their files.
-    """
-    copy = ir.from_proto(ir.to_proto(model))
-    for name, value in copy.graph.initializers.items():
-        original = model.graph.initializers.get(name)
-        if original is not None and original.const_value is not None:
-            value.const_value = original.const_value
-    return copy
-
-
-INLINE_LIMIT = 1_500_000_000
-"""Initializer bytes above which sessions are built from a temporary file with external data (protobuf caps at 2 GB)."""
-
-
-@contextlib.contextmanager
-def model_session(model: ir.Model, **options: Any) -> Iterator[ort.InferenceSession]:
-    """An onnxruntime session for an in-memory model of any size (see :func:`graphprune.execution.sessions.make_session`)."""
-    if weight_bytes(model) <= INLINE_LIMIT:
-        yield make_session(model_bytes(model), **options)
-        return
-    with tempfile.TemporaryDirectory(prefix="graphprune-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        ir.save(model, path, external_data="model.onnx.data")
-        yield make_session(str(path), **options)
-
-
-def model_bytes(model: ir.Model) -> bytes:
-    """Serialised model with every weight inline (for sessions built from memory)."""
-    return inline_proto(model).SerializeToString()
-
-
-def value_map(graph: ir.Graph) -> dict[str, ir.Value]:
-    """Every named value of the main graph."""
-    out: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
-    out.update(graph.initializers)
-    for node in graph:
-        out.update((o.name, o) for o in node.outputs if o.name)
-    return out
-
-
-def node_map(graph: ir.Graph) -> dict[str, ir.Node]:
-    """Nodes by the names the frontend gave them."""
-    return {node_name(node, k): node for k, node in enumerate(graph)}
 
 
 def apply_plan(om: OnnxModel, coupling: Coupling, plan: Plan) -> ir.Model:
@@ -88,16 +33,8 @@ def apply_kept(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
     model = clone_model(om.model)
     values = value_map(model.graph)
     _slice_tensors(om.graph, values, kept)
-    ctx = AdjustContext(kept, om.graph)
     nodes = node_map(model.graph)
-    for op in om.graph.nodes:
-        spec = lookup(op.domain, op.op_type)
-        if spec is None or spec.adjust is None:
-            continue
-        try:
-            adj = spec.adjust(op, ctx)
-        except (ValueError, IndexError, KeyError, TypeError) as exc:  # an inconsistent model: shapes contradict the graph
-            raise ValidationError(f"cannot rewrite {op.op_type} node '{op.name}': {exc}") from None
+    for op, _spec, adj in adjustments(om.graph, kept):
         if adj:
             rank = len(om.graph.shape(op.outputs[0]) or ())
             _apply_adjustment(model.graph, nodes[op.name], op, adj, rank)
@@ -105,34 +42,23 @@ def apply_kept(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
 
 
 def _slice_tensors(graph: ChannelGraph, values: Mapping[str, ir.Value], kept: Mapping[Axis, np.ndarray]) -> None:
+    """Slice every kept-from weight and shrink the declared shape of every kept-from activation."""
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for axis, k in kept.items():
-        by_tensor.setdefault(axis.tensor, []).append((axis.axis, k))
+    for ax, idx in kept.items():
+        by_tensor.setdefault(ax.tensor, []).append((ax.axis, idx))
     for name, cuts in by_tensor.items():
         value = values[name]
         if graph.tensors[name].kind == "param":
-            arr = graph.const(name)
-            assert arr is not None
-            for axis, k in cuts:
-                arr = np.take(arr, k, axis=axis)
+            arr = graph.param(name)
+            for dim, k in cuts:
+                arr = np.take(arr, k, axis=dim)
             value.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
             value.shape = ir.Shape(arr.shape)
         elif value.shape is not None:
             dims = list(value.shape)
-            for axis, k in cuts:
-                dims[axis] = int(k.size)
+            for dim, k in cuts:
+                dims[dim] = int(k.size)
             value.shape = ir.Shape(dims)
-
-
-def new_const(graph: ir.Graph, base: str, arr: np.ndarray) -> ir.Value:
-    existing = {v for v in graph.initializers}
-    name, k = base, 0
-    while name in existing:
-        k += 1
-        name = f"{base}_{k}"
-    value = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)))
-    graph.register_initializer(value)
-    return value
 
 
 def _set_input(node: ir.Node, index: int, value: ir.Value) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,16 @@ from torch import nn
 
 from graphprune.coupling.groups import Coupling, build_groups
 from graphprune.errors import BadInputError, ValidationError
+from graphprune.execution.exactness import ATOL, RTOL, compare_outputs
 from graphprune.frontends.torch.attention import HeadPrunableAttention, swap_attention
 from graphprune.frontends.torch.trace import TorchModel, load_module
-from graphprune.ir.graph import Axis
+from graphprune.ir.graph import Axis, OpNode
+from graphprune.ir.masks import keep_masks
 from graphprune.ir.plan import Plan, kept_elements
+from graphprune.ops import AdjustContext, adjustments, registered_ops
 
 __all__ = [
     "apply_plan",
-    "compare_to_masked",
     "compensate_module",
     "load_pruned",
     "masked_reference",
@@ -73,54 +75,48 @@ def _slice_state(module: nn.Module, kept: Mapping[Axis, np.ndarray], state_names
     return touched
 
 
-def _fix_attributes(module: nn.Module, original: nn.Module, touched: set[str]) -> None:
-    """Make standard layers' size attributes agree with their sliced tensors."""
-    for name in touched:
-        m = module.get_submodule(name) if name else module
-        o = original.get_submodule(name) if name else original
-        if isinstance(m, nn.modules.conv._ConvNd):
-            w = m.weight
-            depthwise = o.groups > 1 and o.groups == o.in_channels
-            if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight (in, out / groups, ...)
-                m.in_channels = w.shape[0]
-                if depthwise:
-                    m.groups = m.in_channels
-                m.out_channels = w.shape[1] * m.groups
-            else:  # weight (out, in / groups, ...)
-                m.out_channels = w.shape[0]
-                if depthwise:
-                    m.groups = m.out_channels // (o.out_channels // o.in_channels)
-                m.in_channels = w.shape[1] * m.groups
-        elif isinstance(m, nn.Linear):
-            m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
-            ref = m.weight if m.weight is not None else m.running_mean
-            m.num_features = ref.shape[0]
-        elif isinstance(m, nn.GroupNorm):  # whole groups go
-            per_group = o.num_channels // o.num_groups
-            m.num_channels = m.weight.shape[0]
-            if m.num_channels % per_group:
-                raise ValidationError(f"{name}: GroupNorm would keep {m.num_channels} channels, not whole groups of {per_group}")
-            m.num_groups = m.num_channels // per_group
-        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-            m.normalized_shape = tuple(m.weight.shape)
-        elif isinstance(m, HeadPrunableAttention):
-            _fix_attention(m)
+_MISSING = object()
 
 
-def _fix_attention(m: HeadPrunableAttention) -> None:
-    """Heads and the value head size follow the projections' rows; embedding sizes follow their columns."""
-    v_rows = m.out_proj.weight.shape[1]
-    if m._packed:
-        qk_rows, m.embed_dim = (m.in_proj_weight.shape[0] - v_rows) // 2, m.in_proj_weight.shape[1]
-        m.kdim = m.vdim = m.embed_dim
-    else:
-        qk_rows, m.embed_dim = m.q_proj_weight.shape
-        m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
-    if qk_rows < m.head_dim or qk_rows % m.head_dim or v_rows % (qk_rows // m.head_dim):
-        raise ValidationError(f"attention keeps {qk_rows} query rows and {v_rows} value rows: not whole heads")
-    m.num_heads = qk_rows // m.head_dim
-    m.v_head_dim = v_rows // m.num_heads
+def _plain(value: Any) -> Any:
+    """A size attribute as comparable data (``torch.Size`` and lists as tuples)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _owner_of(op: OpNode, state_names: Mapping[str, str]) -> str | None:
+    """The one module owning the state an op (or the call it came from) reads, or None."""
+    names = (*op.inputs, *(op.origin.state if op.origin is not None else ()))
+    owners = {state_names[n].rpartition(".")[0] for n in names if n in state_names}
+    return owners.pop() if len(owners) == 1 else None
+
+
+def _fix_attributes(module: nn.Module, tm: TorchModel, kept: Mapping[Axis, np.ndarray], touched: set[str]) -> None:
+    """Apply the op table's module rules: size attributes and groups follow the sliced tensors.
+
+    Each op's rule goes to the module owning its state (when that module was
+    touched and has the attribute with the op's old value); then every
+    touched module gets the table's per-class hooks.
+
+    Raises:
+        ValidationError: When a layer cannot take the new sizes.
+    """
+    ctx = AdjustContext(kept, tm.graph)
+    for op, spec, adj in adjustments(tm.graph, kept):
+        owner = _owner_of(op, tm.state_names)
+        if spec.module is None or owner is None or owner not in touched:
+            continue
+        m = module.get_submodule(owner)
+        for attr, (old, new) in spec.module.edits(op, ctx, adj).items():
+            if _plain(getattr(m, attr, _MISSING)) == _plain(old):
+                setattr(m, attr, new)
+    hooks = [spec.module for spec in registered_ops() if spec.module is not None and spec.module.hook is not None]
+    for name in sorted(touched):
+        m = module.get_submodule(name)
+        for rule in hooks:
+            try:
+                rule.fix(m)
+            except ValueError as exc:
+                raise ValidationError(f"{name or type(m).__name__}: {exc}") from None
 
 
 def _swapped(module: nn.Module) -> set[str]:
@@ -142,7 +138,7 @@ def prune_module(tm: TorchModel, coupling: Coupling, plan: Plan) -> nn.Module:
     new = copy.deepcopy(tm.module)
     swapped = _swapped(new)
     touched = _slice_state(new, kept, tm.state_names) | swapped
-    _fix_attributes(new, tm.module, touched)
+    _fix_attributes(new, tm, kept, touched)
     return new.eval()
 
 
@@ -184,49 +180,34 @@ def apply_plan(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tens
     return prune_module(tm, build_groups(tm.graph), plan)
 
 
+def _times(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A tap multiplying a tensor by ``mask`` (cast to the tensor's dtype)."""
+    return lambda t: t * mask.to(t.dtype)
+
+
 def masked_reference(tm: TorchModel, kept: Mapping[Axis, np.ndarray], inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """The original's outputs with every removed element zeroed on every tensor of its group."""
+    """The original's outputs with every removed element zeroed on every tensor of its group.
+
+    Parameters are multiplied by their masks (from :func:`graphprune.ir.masks.keep_masks`) in the
+    interpreter's copy; activations are multiplied as they are computed.
+    """
     from graphprune.execution.interpreter import GraphInterpreter
 
     interp = GraphInterpreter(tm.graph).eval()
-    masks: dict[str, torch.Tensor] = {}
-    for axis, idx in kept.items():
-        info = tm.graph.tensors[axis.tensor]
-        size = info.size(axis.axis)
-        assert size is not None
-        keep = torch.zeros(size)
-        keep[torch.as_tensor(idx, dtype=torch.long)] = 1.0
-        shape = [1] * (info.rank or 0)
-        shape[axis.axis] = size
-        m = keep.reshape(shape)
-        masks[axis.tensor] = masks[axis.tensor] * m if axis.tensor in masks else m
+    masks = {name: torch.from_numpy(m) for name, m in keep_masks(tm.graph, kept).items()}
     with torch.no_grad():
         for name, m in masks.items():
             if name in tm.state_names:
                 interp.constant(name).mul_(m.to(interp.constant(name).dtype))
-        taps = {n: (lambda mask: (lambda t: t * mask.to(t.dtype)))(m) for n, m in masks.items() if n not in tm.state_names}
+        taps = {n: _times(m) for n, m in masks.items() if n not in tm.state_names}
         return interp(*inputs, taps=taps)
 
 
-def compare_to_masked(want: Sequence[torch.Tensor], got: Any, what: str, hint: str, rtol: float = 1e-4, atol: float = 1e-4) -> float:
-    """Max abs error of ``got`` (a tensor or a tuple) against the masked original's outputs.
-
-    Raises:
-        ValidationError: When shapes or values differ (``hint`` says what to do).
-    """
-    got_t = tuple(got) if isinstance(got, (tuple, list)) else (got,)
-    err = 0.0
-    for w, g in zip(want, got_t):
-        if w.shape != g.shape or not torch.allclose(g, w, rtol=rtol, atol=atol):
-            diff = (g - w).abs().max().item() if w.shape == g.shape else float("inf")
-            raise ValidationError(f"{what} differs from the masked original (max abs error {diff:.3g}): {hint}")
-        err = max(err, (g - w).abs().max().item())
-    return err
-
-
 def verify_module(tm: TorchModel, coupling: Coupling, plan: Plan, pruned: nn.Module, inputs: Sequence[torch.Tensor],
-                  rtol: float = 1e-4, atol: float = 1e-4) -> float:
+                  rtol: float = RTOL, atol: float = ATOL) -> float:
     """Check the pruned module against the masked original; returns the max abs error.
+
+    The tolerance policy is :func:`graphprune.execution.exactness.compare_outputs`'s.
 
     Raises:
         ValidationError: When they differ (module code that hard-codes channel counts, for instance).
@@ -236,7 +217,7 @@ def verify_module(tm: TorchModel, coupling: Coupling, plan: Plan, pruned: nn.Mod
         got = pruned.eval()(*inputs)
     hint = ("its forward may hard-code channel counts; derive them from tensors or layer attributes, "
             "or prune the ONNX export")
-    return compare_to_masked(want, got, "the pruned module", hint, rtol, atol)
+    return compare_outputs(want, got, what="the pruned module", hint=hint, rtol=rtol, atol=atol)
 
 
 def save_pruned(path: str | os.PathLike[str], plan: Plan, module: nn.Module) -> None:

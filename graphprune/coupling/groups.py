@@ -18,6 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from graphprune.errors import BadInputError
+from graphprune.ir.dtypes import FLOAT_TYPES
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops import Factor, Freeze, Link, Semantics, lookup
 from graphprune.ops._common import freeze_node
@@ -25,8 +26,6 @@ from graphprune.ops._common import freeze_node
 __all__ = ["Coupling", "Group", "Member", "build_groups", "node_semantics"]
 
 log = logging.getLogger(__name__)
-
-_FLOAT_TYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +141,9 @@ class _Elements:
             info = graph.tensors[name]
             for i, d in enumerate(info.shape or ()):
                 axes.append(Axis(info.name, i))
-                static = isinstance(d, int) and 0 <= d <= MAX_AXIS
-                sizes.append(d if static else 1)  # type: ignore[arg-type]
-                dynamic.append(not static)
+                size = d if isinstance(d, int) and 0 <= d <= MAX_AXIS else None
+                sizes.append(1 if size is None else size)
+                dynamic.append(size is None)
         size_arr = np.asarray(sizes, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(size_arr)]).astype(np.int64)
         if offsets[-1] > MAX_ELEMENTS:
@@ -220,8 +219,7 @@ def _solve(el: _Elements, links: list[Link], frozen_axes: dict[Axis, list[str]])
     adj = coo_matrix((np.ones(src.size, np.int8), (src, dst)), shape=(n, n))
     _, label = connected_components(adj, directed=False)
     frozen_el = np.zeros(n, bool)
-    for k in np.flatnonzero(el.dynamic):
-        frozen_el[el.offsets[k]] = True
+    frozen_el[el.offsets[np.flatnonzero(el.dynamic)]] = True
     for a in reasons:
         k = el.index.get(a)
         if k is not None:
@@ -329,7 +327,7 @@ class _GroupStatus:
     reasons: dict[int, list[str]]
 
 
-def _groups_with(el: _Elements, sol: _Solution, kind_of_element: np.ndarray, kind: str) -> np.ndarray:
+def _groups_with(sol: _Solution, kind_of_element: np.ndarray, kind: str) -> np.ndarray:
     """Per group: whether any of its elements lies in a tensor of ``kind``."""
     found = np.zeros(sol.n_groups, bool)
     found[sol.group_of_label[sol.label][kind_of_element == kind]] = True
@@ -341,7 +339,7 @@ def _element_kinds(el: _Elements, graph: ChannelGraph) -> np.ndarray:
 
 
 def _group_status(el: _Elements, sol: _Solution, graph: ChannelGraph, reasons: dict[Axis, list[str]]) -> _GroupStatus:
-    has_param = _groups_with(el, sol, _element_kinds(el, graph), "param")
+    has_param = _groups_with(sol, _element_kinds(el, graph), "param")
     frozen = np.zeros(sol.n_groups, bool)
     frozen[sol.group_of_label[sol.label_frozen]] = True
     by_group: dict[int, list[str]] = {}
@@ -354,7 +352,7 @@ def _group_status(el: _Elements, sol: _Solution, graph: ChannelGraph, reasons: d
 
 def _kind(graph: ChannelGraph, axis: Axis) -> str:
     info = graph.tensors[axis.tensor]
-    if info.kind == "param" and info.dtype not in _FLOAT_TYPES:
+    if info.kind == "param" and info.dtype not in FLOAT_TYPES:
         return "index"
     return info.kind
 
@@ -384,7 +382,7 @@ def _groups(graph: ChannelGraph, el: _Elements, sol: _Solution, reasons: dict[Ax
     local = np.arange(el.total) - el.offsets[axis_of]
     g_of_el = sol.group_of_label[sol.label]
     element_kinds = kinds[axis_of]
-    keep = _groups_with(el, sol, element_kinds, "param") & _groups_with(el, sol, element_kinds, "activation")
+    keep = _groups_with(sol, element_kinds, "param") & _groups_with(sol, element_kinds, "activation")
     # Channel order inside a group: by first element; groups ordered the same way.
     first = np.full(sol.label_frozen.size, el.total, np.int64)
     np.minimum.at(first, sol.label, np.arange(el.total))

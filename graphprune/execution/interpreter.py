@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune.ops.run_nn
-import graphprune.ops.run_tensor  # noqa: F401
+import graphprune.ops.run_tensor  # noqa: F401 - imported for its side effect: registers the torch run functions
 from graphprune.errors import BadInputError, UnsupportedOpError
 from graphprune.ir.graph import ChannelGraph, OpNode
 from graphprune.ops import lookup
@@ -52,7 +52,7 @@ def unsupported_ops(graph: ChannelGraph) -> list[str]:
 
 def _buffers_only(graph: ChannelGraph) -> set[str]:
     """Constants that are state, not weights: BN running statistics."""
-    out = set()
+    out: set[str] = set()
     for node in graph.nodes:
         if node.op_type == "BatchNormalization":
             out.update(node.inputs[i] for i in _BN_STATS if i < len(node.inputs))

@@ -7,10 +7,10 @@ import numpy as np
 import onnxruntime as ort
 
 from graphprune.analysis.cost import model_cost
-from graphprune.backends.onnx import model_session
 from graphprune.execution.sessions import make_session, measure_latency, sample_inputs
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import OnnxModel
+from graphprune.ir.onnx import model_session
 
 __all__ = ["Figures", "measure_model", "ort_accuracy"]
 

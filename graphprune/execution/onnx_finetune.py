@@ -8,11 +8,12 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from graphprune.backends.onnx import clone_model
 from graphprune.execution.interpreter import GraphInterpreter
-from graphprune.execution.training import FitOptions, Progress, fit
+from graphprune.execution.progress import Progress
+from graphprune.execution.training import FitOptions, fit
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import OnnxModel, prepare
+from graphprune.ir.onnx import clone_model
 
 __all__ = ["finetune_onnx", "with_constants", "with_weights"]
 

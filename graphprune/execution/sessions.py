@@ -9,20 +9,10 @@ import numpy as np
 import onnxruntime as ort
 
 from graphprune.errors import BadInputError
+from graphprune.ir.dtypes import numpy_dtype
 from graphprune.ir.graph import ChannelGraph
 
-__all__ = ["DTYPES", "make_session", "measure_latency", "providers", "quiet_onnxruntime", "sample_inputs"]
-
-DTYPES: dict[str, type] = {
-    "FLOAT": np.float32,
-    "FLOAT16": np.float16,
-    "DOUBLE": np.float64,
-    "INT64": np.int64,
-    "INT32": np.int32,
-    "INT8": np.int8,
-    "UINT8": np.uint8,
-    "BOOL": np.bool_,
-}
+__all__ = ["make_session", "measure_latency", "providers", "quiet_onnxruntime", "sample_inputs"]
 
 MAX_SAMPLE_ELEMENTS = 1 << 28
 """Largest sample input (elements) built for validation runs."""
@@ -85,7 +75,7 @@ def sample_inputs(
                 shape.append(batch if i == 0 else DEFAULT_DIM * scale)
         if int(np.prod(shape, dtype=np.float64)) > MAX_SAMPLE_ELEMENTS:
             raise BadInputError(f"input '{name}' declares shape {tuple(shape)}: too large to run for validation")
-        dtype = DTYPES.get(info.dtype, np.float32)
+        dtype = numpy_dtype(info.dtype)
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         else:

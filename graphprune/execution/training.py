@@ -17,13 +17,10 @@ from torch import nn
 
 from graphprune.errors import BadInputError
 from graphprune.execution.distributed import rank_and_world
+from graphprune.execution.progress import Progress
 from graphprune.frontends.data import Calibration
 
 __all__ = ["FitOptions", "accuracy", "fit", "logits_of"]
-
-Progress = Callable[[int, int, float], None]
-"""Called with (step, total steps, running loss)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
@@ -102,7 +99,8 @@ def fit(
     rank, world = rank_and_world()
     rng = np.random.default_rng(options.seed)  # same order on every rank; each takes its slice of a batch
     order = rng.permutation(n)
-    pos, recent = 0, []
+    pos = 0
+    recent: list[float] = []
     for step in range(steps):
         if pos + options.batch_size > n:
             order, pos = rng.permutation(n), 0
@@ -140,7 +138,7 @@ def _average_buffers(model: nn.Module, world: int) -> None:
     for b in model.buffers():
         if b.is_floating_point():
             torch.distributed.all_reduce(b)
-            b /= world
+            b.div_(world)
 
 
 @torch.no_grad()

@@ -9,16 +9,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphprune.backends.onnx import clone_model, model_session, new_const, value_map
 from graphprune.errors import ValidationError
+from graphprune.execution.exactness import compare_outputs
 from graphprune.execution.sessions import make_session, providers
 from graphprune.frontends.onnx import OnnxModel
 from graphprune.ir.graph import Axis, ChannelGraph
+from graphprune.ir.masks import keep_masks
+from graphprune.ir.onnx import clone_model, model_session, new_const, value_map
 
 __all__ = ["ValidationReport", "compare_outputs", "masked_model", "validate_pruned"]
-
-RTOL = 1e-4
-ATOL = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,48 +74,15 @@ def validate_pruned(
     return ValidationReport(providers()[0], exact, err)
 
 
-def compare_outputs(expected: list[np.ndarray], got: list[np.ndarray], names: list[str]) -> float:
-    """Largest absolute difference, relative tolerance checked per output.
-
-    Raises:
-        ValidationError: When shapes differ or values differ beyond tolerance.
-    """
-    worst = 0.0
-    for name, a, b in zip(names, expected, got):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape:
-            raise ValidationError(f"output '{name}' has shape {b.shape}, expected {a.shape}")
-        if a.size == 0:
-            continue
-        diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-        scale = float(np.max(np.abs(a.astype(np.float64))))
-        worst = max(worst, diff)
-        if not np.isfinite(diff) or diff > ATOL + RTOL * scale * 10:
-            raise ValidationError(
-                f"output '{name}' differs from the masked original by {diff:.3g} (scale {scale:.3g}): pruning was not exact"
-            )
-    return worst
-
-
 def masked_model(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
-    """The original model with every removed channel zeroed on every activation of its group."""
+    """The original model with every removed channel zeroed on every activation of its group.
+
+    Each masked activation is followed by ``Where(mask, x, 0)`` (masks from :func:`graphprune.ir.masks.keep_masks`).
+    """
     model = clone_model(om.model)
     graph = model.graph
     values = value_map(graph)
-    masks: dict[str, np.ndarray] = {}
-    for axis, k in kept.items():
-        info = om.graph.tensors[axis.tensor]
-        if info.kind != "activation":
-            continue
-        rank = info.rank or 0
-        shape = [1] * rank
-        size = info.size(axis.axis)
-        assert size is not None
-        shape[axis.axis] = size
-        m = np.zeros(size, bool)
-        m[k] = True
-        mask = m.reshape(shape)
-        masks[axis.tensor] = masks[axis.tensor] & mask if axis.tensor in masks else mask
+    masks = keep_masks(om.graph, kept, kinds=("activation",))
     for name, mask in masks.items():
         x = values[name]
         dtype = x.dtype.numpy() if x.dtype is not None else np.float32

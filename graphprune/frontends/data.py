@@ -135,7 +135,7 @@ def _load_npz(path: Path, graph: ChannelGraph) -> tuple[tuple[np.ndarray, ...], 
     return inputs, labels
 
 
-def _load_images(root: Path, graph: ChannelGraph, options: ImageOptions) -> tuple[tuple[np.ndarray], np.ndarray]:
+def _load_images(root: Path, graph: ChannelGraph, options: ImageOptions) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     from PIL import Image
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -150,8 +150,8 @@ def _load_images(root: Path, graph: ChannelGraph, options: ImageOptions) -> tupl
     out = np.empty((len(files), channels, size[0], size[1]), dtype=np.float32)
     for i, (path, _) in enumerate(files):
         try:
-            with Image.open(path) as img:
-                img = img.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]))
+            with Image.open(path) as raw:
+                img = raw.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]))
                 arr = np.asarray(img, dtype=np.float32) / 255.0
         except OSError as exc:
             raise BadInputError(f"{path}: cannot read image ({exc})") from None
@@ -199,6 +199,8 @@ def load_data(
     Raises:
         BadInputError: Missing files, wrong shapes, NaN, too few samples.
     """
+    inputs: tuple[np.ndarray, ...]
+    labels: np.ndarray | None
     if spec in ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test"):
         x, y = load_fashion_mnist(spec.partition(":")[2] or split)
         inputs, labels = (x,), y

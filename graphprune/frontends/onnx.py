@@ -20,7 +20,8 @@ from onnxscript.optimizer import fold_constants
 
 from graphprune.errors import BadInputError, short_message
 from graphprune.execution.sessions import make_session, sample_inputs
-from graphprune.ir.graph import ChannelGraph, Dim, OpNode, TensorInfo
+from graphprune.ir.graph import ChannelGraph, Dim, OpNode, TensorInfo, TensorKind
+from graphprune.ir.onnx import inline_proto, node_name
 
 __all__ = ["OnnxModel", "inline_proto", "load_onnx", "node_name", "prepare", "to_channel_graph"]
 
@@ -60,7 +61,7 @@ def load_onnx(path: str | os.PathLike[str]) -> OnnxModel:
     _check_external_paths(model, p)
     try:
         onnx.checker.check_model(str(p))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - the checker raises several unrelated types, all meaning bad input
         raise BadInputError(f"{p}: invalid ONNX model ({_short(exc)})") from None
     return prepare(model, p)
 
@@ -100,16 +101,6 @@ def _keeps_stored_dtype(node: ir.Node) -> bool | None:
         if value is not None and value.is_initializer() and value.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
             return False
     return None
-
-
-def inline_proto(model: ir.Model) -> onnx.ModelProto:
-    """The model as a proto with external-data weights read inline (files stay open)."""
-    proto = ir.to_proto(model)
-    by_name = {t.name: t for t in proto.graph.initializer}
-    for name, value in model.graph.initializers.items():
-        if isinstance(value.const_value, ir.ExternalTensor) and name in by_name:
-            by_name[name].CopyFrom(onnx.numpy_helper.from_array(value.const_value.numpy(), name))
-    return proto
 
 
 def _unresolved(graph: ChannelGraph) -> bool:
@@ -182,6 +173,13 @@ def _check_external_paths(model: ir.Model, path: Path) -> None:
                 raise BadInputError(f"{path}: external data '{tensor.location}' lies outside the model's folder")
 
 
+def _value_name(value: ir.Value) -> str:
+    """The name of a graph input, initializer or output; every such value must have one."""
+    if value.name is None:
+        raise BadInputError("the graph has an unnamed input, initializer or output: give every graph value a name")
+    return value.name
+
+
 def _dims(value: ir.Value) -> tuple[Dim, ...] | None:
     if value.shape is None:
         return None
@@ -223,11 +221,6 @@ def _outer_refs(node: ir.Node) -> tuple[str, ...]:
     return tuple(sorted(used - defined))
 
 
-def node_name(node: ir.Node, index: int) -> str:
-    """The name an op gets in the channel graph: its own, or op type and position."""
-    return node.name or f"{node.op_type}_{index}"
-
-
 def _topological(nodes: list[OpNode], produced: dict[str, int]) -> list[OpNode]:
     dag = nx.DiGraph()
     dag.add_nodes_from(range(len(nodes)))
@@ -256,12 +249,13 @@ def to_channel_graph(model: ir.Model, shapes: dict[str, tuple[Dim, ...]] | None 
     tensors: dict[str, TensorInfo] = {}
     outputs = {v.name for v in g.outputs}
 
-    def add(value: ir.Value, kind: str) -> None:
-        if value.name in tensors:
-            raise BadInputError(f"tensor '{value.name}' is defined twice")
+    def add(value: ir.Value, kind: TensorKind) -> None:
+        name = _value_name(value)
+        if name in tensors:
+            raise BadInputError(f"tensor '{name}' is defined twice")
         dtype = value.dtype.name if value.dtype is not None else "UNDEFINED"
-        shape = shapes[value.name] if shapes and value.name in shapes else _dims(value)
-        tensors[value.name] = TensorInfo(value.name, shape, dtype, kind, value.name in outputs)  # type: ignore[arg-type]
+        shape = shapes[name] if shapes and name in shapes else _dims(value)
+        tensors[name] = TensorInfo(name, shape, dtype, kind, name in outputs)
 
     for value in g.inputs:
         add(value, "input")
@@ -283,18 +277,18 @@ def to_channel_graph(model: ir.Model, shapes: dict[str, tuple[Dim, ...]] | None 
                 name=node_name(node, k),
                 domain=domain,
                 op_type=node.op_type,
-                inputs=tuple(i.name if i is not None else "" for i in node.inputs),
-                outputs=tuple(o.name for o in node.outputs),
+                inputs=tuple((i.name or "") if i is not None else "" for i in node.inputs),
+                outputs=tuple(o.name or "" for o in node.outputs),
                 attrs={name: _attr(a) for name, a in node.attributes.items()},
                 opset=int(opsets.get(domain, opsets.get("ai.onnx", 0)) or 0),
                 subgraph_refs=refs,
                 has_subgraph=has_sub,
             )
         )
-    for node in nodes:
-        for name in (*node.inputs, *node.subgraph_refs):
+    for op in nodes:
+        for name in (*op.inputs, *op.subgraph_refs):
             if name and name not in tensors:
-                raise BadInputError(f"node '{node.name}' reads undefined tensor '{name}'")
+                raise BadInputError(f"node '{op.name}' reads undefined tensor '{name}'")
     for value in g.outputs:
         if value.name not in tensors:
             raise BadInputError(f"graph output '{value.name}' is never produced")
@@ -317,7 +311,7 @@ def to_channel_graph(model: ir.Model, shapes: dict[str, tuple[Dim, ...]] | None 
     return ChannelGraph(
         tensors=tensors,
         nodes=_topological(nodes, produced),
-        inputs=tuple(v.name for v in g.inputs),
-        outputs=tuple(v.name for v in g.outputs),
+        inputs=tuple(_value_name(v) for v in g.inputs),
+        outputs=tuple(_value_name(v) for v in g.outputs),
         constant_loader=load,
     )

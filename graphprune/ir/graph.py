@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Axis", "ChannelGraph", "Dim", "OpNode", "TensorInfo", "live_nodes"]
+__all__ = ["Axis", "ChannelGraph", "Dim", "OpNode", "TensorInfo", "TensorKind", "live_nodes"]
 
 Dim = int | str | None
 """A dimension: a known size, a symbolic name (dynamic), or None (unknown)."""
@@ -61,6 +61,45 @@ class TensorInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArgRef:
+    """Where one ONNX attribute or constant input of an op sits in the traced call it came from.
+
+    Attributes:
+        index: Position in the call's arguments.
+        key: The argument's keyword name (used when it was not passed by position).
+        offset: For a vector aligned with the output's axes (a Reshape shape):
+            entry ``j`` of the ONNX vector is entry ``j - offset`` of the call's list.
+        first: The call takes only the vector's first entry, as an int
+            (``aten.split.Tensor``'s split size).
+    """
+
+    index: int
+    key: str
+    offset: int = 0
+    first: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """The traced call an op was converted from (plain data: names, no torch objects).
+
+    Attributes:
+        call: Name of the call (the fx node).
+        target: Its target, e.g. ``aten.conv2d.default``.
+        state: Graph tensors of module state among the call's arguments
+            (they name the module that owns the call).
+        attrs: ONNX attribute -> the call argument it came from.
+        inputs: ONNX input index (a constant) -> the call argument it came from.
+    """
+
+    call: str
+    target: str
+    state: tuple[str, ...] = ()
+    attrs: Mapping[str, ArgRef] = dataclasses.field(default_factory=dict)
+    inputs: Mapping[int, ArgRef] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class OpNode:
     """One operation, described by its ONNX identity.
 
@@ -75,6 +114,7 @@ class OpNode:
         subgraph_refs: Outer-scope tensors read by subgraphs; non-empty
             (or ``has_subgraph``) means the node holds control flow.
         has_subgraph: Whether the node carries graph attributes.
+        origin: The traced call the node was converted from (torch frontend only).
     """
 
     name: str
@@ -86,6 +126,7 @@ class OpNode:
     opset: int
     subgraph_refs: tuple[str, ...] = ()
     has_subgraph: bool = False
+    origin: Origin | None = None
 
 
 @dataclasses.dataclass
@@ -113,6 +154,17 @@ class ChannelGraph:
         if not name or info is None or info.kind != "param":
             return None
         return self.constant_loader(name)
+
+    def param(self, name: str) -> np.ndarray:
+        """Value of a tensor the caller has already found to be constant.
+
+        Raises:
+            KeyError: When ``name`` is not a constant of this graph.
+        """
+        value = self.const(name)
+        if value is None:
+            raise KeyError(f"'{name}' is not a constant of the graph")
+        return value
 
     def info(self, name: str) -> TensorInfo | None:
         return self.tensors.get(name) if name else None

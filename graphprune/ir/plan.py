@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,11 +13,10 @@ import numpy as np
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, PlanMismatchError
 from graphprune.ir.graph import Axis, ChannelGraph
-from graphprune.planning.criteria import score_group
 
-__all__ = ["GroupPlan", "Plan", "keep_count", "kept_elements", "plan_from_keep", "translate_plan", "uniform_plan"]
+__all__ = ["GroupPlan", "Plan", "kept_elements", "plan_from_keep", "translate_plan"]
 
-FORMAT = "graphprune.ir.plan/1"
+FORMAT = "graphprune.plan/1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,43 +75,6 @@ class Plan:
         except OSError as exc:
             raise BadInputError(f"{path}: cannot read plan ({exc.strerror})") from None
         return cls.from_json(text)
-
-
-def keep_count(channels: int, ratio: float, round_to: int = 1) -> int:
-    """Channels kept when removing ``ratio`` of them, at least one, rounded to a multiple."""
-    keep = max(1, channels - math.floor(ratio * channels + 1e-9))
-    if round_to > 1:
-        keep = max(round_to, round(keep / round_to) * round_to)
-    return min(channels, keep)
-
-
-def uniform_plan(
-    graph: ChannelGraph,
-    coupling: Coupling,
-    ratio: float,
-    criterion: str = "l1",
-    round_to: int = 1,
-    seed: int = 0,
-) -> Plan:
-    """Remove ``ratio`` of every prunable group's channels, the least important first.
-
-    Raises:
-        BadInputError: For a ratio outside [0, 1) or a bad round_to.
-    """
-    if not 0.0 <= ratio < 1.0:
-        raise BadInputError(f"ratio must be in [0, 1), got {ratio}")
-    if round_to < 1:
-        raise BadInputError(f"--round-to must be at least 1, got {round_to}")
-    groups = []
-    for g in coupling.prunable:
-        k = keep_count(g.channels, ratio, round_to)
-        if k == g.channels:
-            continue
-        scores = score_group(g, graph, criterion, seed)
-        keep = np.sort(np.argsort(-scores, kind="stable")[:k])
-        groups.append(GroupPlan(g.id, g.anchor, g.channels, tuple(int(i) for i in keep)))
-    meta = {"method": "uniform", "ratio": ratio, "criterion": criterion, "round_to": round_to, "seed": seed}
-    return Plan(tuple(groups), meta)
 
 
 def plan_from_keep(coupling: Coupling, keep: Mapping[int, np.ndarray], meta: Mapping[str, Any] | None = None) -> Plan:
@@ -194,3 +155,4 @@ def translate_plan(plan: Plan, source: Coupling, target: Coupling) -> Plan:
         keep = sorted(where[int(src_idx[c, 0])] for c in gp.keep)
         groups.append(GroupPlan(dst.id, dst.anchor, dst.channels, tuple(keep)))
     return Plan(tuple(groups), dict(plan.meta))
+

@@ -5,23 +5,33 @@ from graphprune.ops import attention, conv, elementwise, linear, norm, shape  # 
 from graphprune.ops.registry import (
     AdjustContext,
     Adjustment,
+    AxisOf,
     Factor,
     Freeze,
     Link,
+    ModuleRule,
     OpSpec,
     Semantics,
+    add_torch_targets,
+    adjustments,
     lookup,
+    register_module_rule,
     registered_ops,
 )
 
 __all__ = [
     "AdjustContext",
     "Adjustment",
+    "AxisOf",
     "Factor",
     "Freeze",
     "Link",
+    "ModuleRule",
     "OpSpec",
     "Semantics",
+    "add_torch_targets",
+    "adjustments",
     "lookup",
+    "register_module_rule",
     "registered_ops",
 ]

@@ -19,7 +19,7 @@ def _attention_macs(node: OpNode, graph: ChannelGraph) -> int:
     return per * sum(d for d in (q[3], v[3]) if isinstance(d, int))
 
 
-@register("Attention", macs=_attention_macs, torch_targets=("aten.scaled_dot_product_attention.default",))
+@register("Attention", macs=_attention_macs)
 def attention(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Q (B, H, L, E), K (B, H, S, E), V (B, H, S, Ev), mask (.., L, S) -> Y (B, H, L, Ev).
 

@@ -7,9 +7,9 @@ import numpy as np
 
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops._common import freeze_axes, freeze_node, needs_shapes
-from graphprune.ops.registry import AdjustContext, Adjustment, Freeze, Link, Semantics, register
+from graphprune.ops.registry import AdjustContext, Adjustment, AxisOf, Freeze, Link, ModuleRule, Semantics, register
 
-__all__ = ["conv", "conv_transpose"]
+__all__ = ["CONV_MODULE", "CONV_TRANSPOSE_MODULE", "conv", "conv_transpose"]
 
 
 def _static(*dims: object) -> bool:
@@ -39,12 +39,20 @@ def _conv_macs(node: OpNode, graph: ChannelGraph) -> int:
     return per_out * math.prod(d for d in y[1:] if isinstance(d, int))
 
 
-@register(
-    "Conv",
-    adjust=_conv_adjust,
-    macs=_conv_macs,
-    torch_targets=("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default"),
+CONV_MODULE = ModuleRule(
+    attrs={"group": "groups"},
+    sizes={"in_channels": AxisOf(0, 1), "out_channels": AxisOf(1, 0)},
 )
+"""``nn.ConvNd``: groups, in channels (X's axis 1) and out channels (W's axis 0)."""
+
+CONV_TRANSPOSE_MODULE = ModuleRule(
+    attrs={"group": "groups"},
+    sizes={"in_channels": AxisOf(0, 1), "out_channels": AxisOf(0, 1, output=True)},
+)
+"""``nn.ConvTransposeNd``: groups, in channels (X's axis 1) and out channels (Y's axis 1)."""
+
+
+@register("Conv", adjust=_conv_adjust, macs=_conv_macs, module=CONV_MODULE)
 def conv(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Y[:, o] is made by filter W[o] from X's channels of o's group.
 
@@ -95,12 +103,7 @@ def _conv_transpose_macs(node: OpNode, graph: ChannelGraph) -> int:
     return per_in * math.prod(d for d in x[1:] if isinstance(d, int))
 
 
-@register(
-    "ConvTranspose",
-    adjust=_conv_adjust,
-    macs=_conv_transpose_macs,
-    torch_targets=("aten.conv_transpose2d.input",),
-)
+@register("ConvTranspose", adjust=_conv_adjust, macs=_conv_transpose_macs, module=CONV_TRANSPOSE_MODULE)
 def conv_transpose(node: OpNode, graph: ChannelGraph) -> Semantics:
     """W is (Cin, Cout/group, k...): input channels index W's first axis."""
     x, w = node.inputs[0], node.inputs[1]

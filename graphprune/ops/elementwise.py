@@ -38,6 +38,6 @@ def broadcast(node: OpNode, graph: ChannelGraph) -> Semantics:
 
 
 @register("Constant")
-def constant(node: OpNode, graph: ChannelGraph) -> Semantics:
+def constant(_node: OpNode, _graph: ChannelGraph) -> Semantics:
     """A constant says nothing: its consumers link its axes."""
     return Semantics()

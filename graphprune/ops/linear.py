@@ -5,9 +5,9 @@ import math
 
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops._common import broadcast_links, freeze_node, needs_shapes
-from graphprune.ops.registry import Link, Semantics, register
+from graphprune.ops.registry import AxisOf, Link, ModuleRule, Semantics, register
 
-__all__ = ["gemm", "matmul"]
+__all__ = ["LINEAR_MODULE", "gemm", "matmul"]
 
 
 def _gemm_macs(node: OpNode, graph: ChannelGraph) -> int:
@@ -18,7 +18,7 @@ def _gemm_macs(node: OpNode, graph: ChannelGraph) -> int:
     return math.prod(d for d in (*y, k) if isinstance(d, int))
 
 
-@register("Gemm", macs=_gemm_macs, torch_targets=("aten.addmm.default",))
+@register("Gemm", macs=_gemm_macs)
 def gemm(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Y = A' B' + C with A' (M, K), B' (K, N); K is contracted."""
     a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -46,7 +46,11 @@ def _matmul_macs(node: OpNode, graph: ChannelGraph) -> int:
     return math.prod(d for d in (*y, a[-1]) if isinstance(d, int))
 
 
-@register("MatMul", macs=_matmul_macs, torch_targets=("aten.mm.default", "aten.bmm.default", "aten.matmul.default"))
+LINEAR_MODULE = ModuleRule(sizes={"in_features": AxisOf(1, -2), "out_features": AxisOf(1, -1)})
+"""``nn.Linear`` (converted to X @ W^T): features follow the axes of B = W^T."""
+
+
+@register("MatMul", macs=_matmul_macs, module=LINEAR_MODULE)
 def matmul(node: OpNode, graph: ChannelGraph) -> Semantics:
     """A (..., M, K) @ B (..., K, N) -> Y (..., M, N); batch axes broadcast."""
     a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]

@@ -11,9 +11,18 @@ from graphprune.ops._common import (
     needs_shapes,
     norm_axis,
 )
-from graphprune.ops.registry import AdjustContext, Adjustment, Link, Semantics, attr_or_input, register
+from graphprune.ops.registry import (
+    AdjustContext,
+    Adjustment,
+    AxisOf,
+    Link,
+    ModuleRule,
+    Semantics,
+    attr_or_input,
+    register,
+)
 
-__all__ = ["batch_norm", "layer_norm", "pool", "reduce", "softmax"]
+__all__ = ["GROUP_NORM_MODULE", "batch_norm", "group_norm", "layer_norm", "pool", "reduce", "softmax"]
 
 
 def _rank(graph: ChannelGraph, name: str) -> int:
@@ -23,9 +32,7 @@ def _rank(graph: ChannelGraph, name: str) -> int:
 
 
 @register(
-    "BatchNormalization",
-    "InstanceNormalization",
-    torch_targets=("aten._native_batch_norm_legit_no_training.default", "aten.batch_norm.default"),
+    "BatchNormalization", "InstanceNormalization", module=ModuleRule(sizes={"num_features": AxisOf(0, 1)})
 )
 def batch_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Per-channel affine maps: every per-channel vector follows axis 1."""
@@ -41,7 +48,7 @@ def batch_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
     return Semantics(links=tuple(links))
 
 
-@register("LayerNormalization", torch_targets=("aten.layer_norm.default",))
+@register("LayerNormalization", module=ModuleRule(sizes={"normalized_shape": AxisOf(1)}))
 def layer_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Statistics span the normalised axes: pruning them would change every output."""
     x, y = node.inputs[0], node.outputs[0]
@@ -61,15 +68,26 @@ def layer_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
 
 
 def _group_norm_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
-    """The group count follows the kept channels (whole groups go)."""
+    """The group count follows the kept channels (whole groups go).
+
+    Raises:
+        ValueError: When the kept channels are not whole groups.
+    """
     x = node.inputs[0]
     kept, c = ctx.kept_of(Axis(x, 1)), ctx.graph.tensors[x].size(1)
     if kept is None or not c:
         return Adjustment()
-    return Adjustment(attrs={"num_groups": int(kept.size) // (int(c) // int(node.attrs["num_groups"]))})
+    per_group = int(c) // int(node.attrs["num_groups"])
+    if kept.size % per_group:
+        raise ValueError(f"keeps {kept.size} channels, not whole groups of {per_group}")
+    return Adjustment(attrs={"num_groups": int(kept.size) // per_group})
 
 
-@register("GroupNormalization", adjust=_group_norm_adjust, torch_targets=("aten.group_norm.default",))
+GROUP_NORM_MODULE = ModuleRule(attrs={"num_groups": "num_groups"}, sizes={"num_channels": AxisOf(0, 1)})
+"""``nn.GroupNorm``: the group count and the channel count (X's axis 1)."""
+
+
+@register("GroupNormalization", adjust=_group_norm_adjust, module=GROUP_NORM_MODULE)
 def group_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Statistics mix the channels of a group: each group is one channel of a plan (it goes whole).
 
@@ -119,7 +137,6 @@ def cross_channel_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
 
 @register(
     "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
-    torch_targets=("aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.mean.dim"),
 )
 def pool(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Batch and channel axes pass; spatial axes shrink and are not linked."""
@@ -174,7 +191,7 @@ def reduce(node: OpNode, graph: ChannelGraph) -> Semantics:
     return Semantics(links=tuple(links), freezes=freezes)
 
 
-@register("Softmax", "LogSoftmax", "Hardmax", torch_targets=("aten._softmax.default",))
+@register("Softmax", "LogSoftmax", "Hardmax")
 def softmax(node: OpNode, graph: ChannelGraph) -> Semantics:
     """The normalised axis (all trailing axes before opset 13) is frozen."""
     x, y = node.inputs[0], node.outputs[0]

@@ -1,35 +1,50 @@
 """The op semantics table: how each op maps channels between its tensors.
 
-One entry per op, keyed by ONNX ``(domain, op_type)``; the torch frontend maps
-its targets onto the same entries. A handler is a stateless function that
-states, for one node, which axes are linked (with an element map), which are
-frozen (and why), and which are split or merged by a reshape. Ops without an
-entry freeze every axis they touch.
+One entry per op, keyed by ONNX ``(domain, op_type)``; the torch frontend's
+converters register their aten targets onto the same entries
+(:func:`add_torch_targets`), so ``torch_targets`` is filled by them, never by
+hand. A handler is a stateless function that states, for one node, which axes
+are linked (with an element map), which are frozen (and why), and which are
+split or merged by a reshape. Ops without an entry freeze every axis they touch.
+
+The entry also says, once, how the op follows a plan: ``adjust`` returns the
+:class:`Adjustment` (attributes, constant inputs, shape vectors) every backend
+applies, and ``module`` (a :class:`ModuleRule`) says which ``nn.Module``
+attributes hold those attributes and which follow the new sizes of its axes.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from graphprune.errors import ValidationError
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 
 __all__ = [
     "AdjustContext",
     "Adjustment",
+    "AxisOf",
     "Factor",
     "Freeze",
     "Link",
+    "ModuleRule",
     "OpSpec",
     "Semantics",
+    "add_torch_targets",
+    "adjustments",
     "attr_or_input",
     "lookup",
     "register",
+    "register_module_rule",
     "register_run",
     "registered_ops",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +102,12 @@ class AdjustContext:
         """Sorted kept element indices of ``axis``, or None when untouched."""
         return self.kept.get(axis)
 
+    def old_size(self, axis: Axis) -> int | None:
+        """Static size of ``axis`` before pruning."""
+        return self.graph.tensors[axis.tensor].size(axis.axis)
+
     def new_size(self, axis: Axis) -> int | None:
+        """Size of ``axis`` after pruning (its old size when untouched)."""
         kept = self.kept.get(axis)
         if kept is not None:
             return int(kept.size)
@@ -113,6 +133,85 @@ class Adjustment:
         return bool(self.attrs or self.const_inputs or self.shape_overrides)
 
 
+Size = int | tuple[int, ...]
+"""A module size attribute: one axis's size, or a whole shape."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisOf:
+    """One axis (or, ``axis`` None, the whole shape) of one of an op's tensors.
+
+    Attributes:
+        index: Input index, or output index when ``output``.
+        axis: Axis (negative counts from the end), or None for every axis.
+        output: Whether ``index`` counts outputs.
+    """
+
+    index: int
+    axis: int | None = None
+    output: bool = False
+
+    def sizes(self, node: OpNode, ctx: AdjustContext) -> tuple[Size, Size] | None:
+        """(old, new) size, or None when the tensor is absent or a size is not static."""
+        names = node.outputs if self.output else node.inputs
+        name = names[self.index] if self.index < len(names) else ""
+        shape = ctx.graph.shape(name)
+        if shape is None:
+            return None
+        axes = range(len(shape)) if self.axis is None else (self.axis % len(shape),)
+        old = [ctx.old_size(Axis(name, a)) for a in axes]
+        new = [ctx.new_size(Axis(name, a)) for a in axes]
+        if any(v is None for v in (*old, *new)):
+            return None
+        o, n = tuple(int(v) for v in old if v is not None), tuple(int(v) for v in new if v is not None)
+        return (o, n) if self.axis is None else (o[0], n[0])
+
+
+ModuleHook = Callable[[Any], None]
+"""Fixes one pruned module of a class after its tensors were sliced (raises ValueError when it cannot)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleRule:
+    """How the ``nn.Module`` that owns an op's parameters follows a plan.
+
+    The torch module backend applies it to the module owning the state of the
+    call the op was converted from; an attribute is only set when the module
+    has it with the op's old value (so a rule never writes into an unrelated
+    module).
+
+    Attributes:
+        attrs: ONNX attribute -> module attribute holding it (Conv ``group``
+            -> ``groups``); the new value comes from the op's Adjustment.
+        sizes: Module attribute -> the op axis whose new size it holds (Conv
+            ``out_channels`` -> the weight's axis 0).
+        hook: A per-class fix for modules the attributes cannot describe.
+        hook_class: The class ``hook`` applies to (every pruned instance).
+    """
+
+    attrs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    sizes: Mapping[str, AxisOf] = dataclasses.field(default_factory=dict)
+    hook: ModuleHook | None = None
+    hook_class: type | None = None
+
+    def edits(self, node: OpNode, ctx: AdjustContext, adj: Adjustment) -> dict[str, tuple[Any, Any]]:
+        """Module attribute -> (old value, new value) for one op."""
+        out: dict[str, tuple[Any, Any]] = {}
+        for onnx_attr, attr in self.attrs.items():
+            if onnx_attr in adj.attrs and onnx_attr in node.attrs:
+                out[attr] = (node.attrs[onnx_attr], adj.attrs[onnx_attr])
+        for attr, ref in self.sizes.items():
+            found = ref.sizes(node, ctx)
+            if found is not None:
+                out[attr] = found
+        return out
+
+    def fix(self, module: Any) -> None:
+        """Run the per-class hook when ``module`` is of its class."""
+        if self.hook is not None and self.hook_class is not None and isinstance(module, self.hook_class):
+            self.hook(module)
+
+
 CoupleFn = Callable[[OpNode, ChannelGraph], Semantics]
 AdjustFn = Callable[[OpNode, AdjustContext], Adjustment]
 MacsFn = Callable[[OpNode, ChannelGraph], int]
@@ -125,7 +224,10 @@ class OpSpec:
     """One row of the op semantics table.
 
     ``couple`` of None means the op is executable (``run``) but has no channel
-    semantics: its axes freeze, as for an unknown op.
+    semantics: its axes freeze, as for an unknown op. ``torch_targets`` are
+    the aten targets the torch frontend converts into this op (filled by the
+    converters' registration). ``module`` says how an ``nn.Module`` owning the
+    op follows a plan.
     """
 
     domain: str
@@ -135,6 +237,7 @@ class OpSpec:
     macs: MacsFn | None = None
     torch_targets: tuple[str, ...] = ()
     run: RunFn | None = None
+    module: ModuleRule | None = None
 
 
 _TABLE: dict[tuple[str, str], OpSpec] = {}
@@ -145,9 +248,16 @@ def register(
     domain: str = "",
     adjust: AdjustFn | None = None,
     macs: MacsFn | None = None,
-    torch_targets: tuple[str, ...] = (),
+    module: ModuleRule | None = None,
 ) -> Callable[[CoupleFn], CoupleFn]:
     """Decorator: register a coupling handler for one or more ONNX op types.
+
+    Args:
+        op_types: ONNX op types sharing the handler.
+        domain: Their ONNX domain.
+        adjust: Rewrite hook: the node's edits for a plan.
+        macs: Cost hook.
+        module: How a torch module owning the op follows a plan.
 
     Raises:
         ValueError: When an op type is registered twice.
@@ -156,14 +266,39 @@ def register(
     def deco(fn: CoupleFn) -> CoupleFn:
         for op_type in op_types:
             key = (domain, op_type)
-            old = _TABLE.get(key)
-            if old is not None and old.couple is not None:
+            old = _TABLE.get(key) or OpSpec(domain, op_type, None)
+            if old.couple is not None:
                 raise ValueError(f"op {key} registered twice")
-            run = old.run if old is not None else None
-            _TABLE[key] = OpSpec(domain, op_type, fn, adjust, macs, torch_targets, run)
+            _TABLE[key] = dataclasses.replace(old, couple=fn, adjust=adjust, macs=macs, module=module or old.module)
         return fn
 
     return deco
+
+
+def add_torch_targets(op_types: Sequence[str], targets: Sequence[str], domain: str = "") -> None:
+    """Record that the torch frontend converts ``targets`` into ``op_types`` (called by its converter registry).
+
+    Raises:
+        ValueError: When an op is not in the table (a converter must write ops the table knows).
+    """
+    for op_type in op_types:
+        old = _TABLE.get((domain, op_type))
+        if old is None or old.couple is None:
+            raise ValueError(f"converters for {list(targets)} write {op_type}, which the op table does not know")
+        merged = old.torch_targets + tuple(t for t in targets if t not in old.torch_targets)
+        _TABLE[(domain, op_type)] = dataclasses.replace(old, torch_targets=merged)
+
+
+def register_module_rule(op_type: str, rule: ModuleRule, domain: str = "") -> None:
+    """Attach a module rule to an entry (for rules whose class lives in a frontend, e.g. a hook).
+
+    Raises:
+        ValueError: When the op is not in the table or already has a module rule.
+    """
+    old = _TABLE.get((domain, op_type))
+    if old is None or old.module is not None:
+        raise ValueError(f"op {(domain, op_type)}: unknown or already has a module rule")
+    _TABLE[(domain, op_type)] = dataclasses.replace(old, module=rule)
 
 
 def register_run(*op_types: str, domain: str = "") -> Callable[[RunFn], RunFn]:
@@ -195,7 +330,33 @@ def lookup(domain: str, op_type: str) -> OpSpec | None:
 
 
 def registered_ops() -> tuple[OpSpec, ...]:
+    """Every entry of the table."""
     return tuple(_TABLE.values())
+
+
+def adjustments(graph: ChannelGraph, kept: Mapping[Axis, np.ndarray]) -> Iterator[tuple[OpNode, OpSpec, Adjustment]]:
+    """Every known node with its table entry and its edits for a plan (empty without an ``adjust`` hook).
+
+    This is the one place the table's rewrite rules are evaluated; backends
+    only apply what it yields.
+
+    Raises:
+        ValidationError: When a hook finds the plan and the node inconsistent.
+    """
+    ctx = AdjustContext(kept, graph)
+    for node in graph.nodes:
+        spec = lookup(node.domain, node.op_type)
+        if spec is None:
+            continue
+        if spec.adjust is None:
+            yield node, spec, Adjustment()
+            continue
+        try:
+            adj = spec.adjust(node, ctx)
+        except (ValueError, IndexError, KeyError, TypeError) as exc:  # an inconsistent model: shapes contradict the graph
+            log.debug("adjust hook of %s failed on %s", node.op_type, node.name, exc_info=True)
+            raise ValidationError(f"cannot rewrite {node.op_type} node '{node.name}': {exc}") from None
+        yield node, spec, adj
 
 
 def attr_or_input(

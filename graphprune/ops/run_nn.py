@@ -142,13 +142,13 @@ def _avg_pool(node: OpNode, args: Args) -> tuple[Any, ...]:
 
 
 @register_run("GlobalAveragePool")
-def _global_avg(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _global_avg(_node: OpNode, args: Args) -> tuple[Any, ...]:
     x = args[0]
     return (x.mean(dim=tuple(range(2, x.dim())), keepdim=True),)
 
 
 @register_run("GlobalMaxPool")
-def _global_max(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _global_max(_node: OpNode, args: Args) -> tuple[Any, ...]:
     x = args[0]
     return (x.amax(dim=tuple(range(2, x.dim())), keepdim=True),)
 
@@ -227,7 +227,7 @@ def _attention(node: OpNode, args: Args) -> tuple[Any, ...]:
 
 
 @register_run("MatMul")
-def _matmul(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _matmul(_node: OpNode, args: Args) -> tuple[Any, ...]:
     return (torch.matmul(args[0], args[1]),)
 
 
@@ -241,23 +241,23 @@ def _reduce_axes(node: OpNode, args: Args, x: torch.Tensor) -> tuple[int, ...] |
     return tuple(a % x.dim() for a in axes)
 
 
+def _prod(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
+    for d in sorted(dims, reverse=True):
+        x = x.prod(dim=d, keepdim=keep)
+    return x
+
+
 _REDUCE = {
     "ReduceMean": lambda x, d, k: x.mean(dim=d, keepdim=k),
     "ReduceSum": lambda x, d, k: x.sum(dim=d, keepdim=k),
     "ReduceMax": lambda x, d, k: x.amax(dim=d, keepdim=k),
     "ReduceMin": lambda x, d, k: x.amin(dim=d, keepdim=k),
-    "ReduceProd": lambda x, d, k: _prod(x, d, k),
+    "ReduceProd": _prod,
     "ReduceL1": lambda x, d, k: x.abs().sum(dim=d, keepdim=k),
     "ReduceL2": lambda x, d, k: (x * x).sum(dim=d, keepdim=k).sqrt(),
     "ReduceSumSquare": lambda x, d, k: (x * x).sum(dim=d, keepdim=k),
     "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k),
 }
-
-
-def _prod(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
-    for d in sorted(dims, reverse=True):
-        x = x.prod(dim=d, keepdim=keep)
-    return x
 
 
 @register_run(*_REDUCE)

@@ -38,7 +38,7 @@ def _opt(args: Args, i: int) -> Any:
 
 
 def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[OpNode, Args], tuple[Any, ...]]:
-    return lambda node, args: (fn(args[0]),)
+    return lambda _node, args: (fn(args[0]),)
 
 
 _UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -76,7 +76,7 @@ def _celu(node: OpNode, args: Args) -> tuple[Any, ...]:
 
 
 @register_run("Softplus")
-def _softplus(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _softplus(_node: OpNode, args: Args) -> tuple[Any, ...]:
     return (torch.log1p(torch.exp(args[0])),)
 
 
@@ -87,7 +87,7 @@ def _hard_sigmoid(node: OpNode, args: Args) -> tuple[Any, ...]:
 
 
 @register_run("HardSwish")
-def _hard_swish(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _hard_swish(_node: OpNode, args: Args) -> tuple[Any, ...]:
     x = args[0]
     return (x * torch.clamp(x / 6.0 + 0.5, 0.0, 1.0),)
 
@@ -116,7 +116,7 @@ def _clip(node: OpNode, args: Args) -> tuple[Any, ...]:
 
 
 @register_run("Dropout")
-def _dropout(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _dropout(_node: OpNode, args: Args) -> tuple[Any, ...]:
     return (args[0], torch.ones_like(args[0], dtype=torch.bool))
 
 
@@ -129,7 +129,7 @@ def _cast(node: OpNode, args: Args) -> tuple[Any, ...]:
 
 
 @register_run("CastLike")
-def _cast_like(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _cast_like(_node: OpNode, args: Args) -> tuple[Any, ...]:
     return (args[0].to(args[1].dtype),)
 
 
@@ -148,7 +148,7 @@ _BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def _binary(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[OpNode, Args], tuple[Any, ...]]:
-    return lambda node, args: (fn(args[0], args[1]),)
+    return lambda _node, args: (fn(args[0], args[1]),)
 
 
 for _name, _bfn in _BINARY.items():
@@ -162,27 +162,27 @@ def _mod(node: OpNode, args: Args) -> tuple[Any, ...]:
 
 
 @register_run("PRelu")
-def _prelu(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _prelu(_node: OpNode, args: Args) -> tuple[Any, ...]:
     x, slope = args
     return (torch.where(x >= 0, x, x * slope),)
 
 
 @register_run("Max", "Min", "Sum", "Mean")
 def _variadic(node: OpNode, args: Args) -> tuple[Any, ...]:
-    fn = {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add, "Mean": torch.add}[node.op_type]
+    op = node.op_type
     out = args[0]
     for a in args[1:]:
-        out = fn(out, a)
+        out = torch.maximum(out, a) if op == "Max" else torch.minimum(out, a) if op == "Min" else out + a
     return (out / len(args) if node.op_type == "Mean" else out,)
 
 
 @register_run("Where")
-def _where(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _where(_node: OpNode, args: Args) -> tuple[Any, ...]:
     return (torch.where(args[0].bool(), args[1], args[2]),)
 
 
 @register_run("Constant")
-def _constant(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _constant(node: OpNode, _args: Args) -> tuple[Any, ...]:
     for key in ("value", "value_float", "value_int", "value_floats", "value_ints"):
         if key in node.attrs:
             return (torch.as_tensor(np.asarray(node.attrs[key])),)
@@ -204,7 +204,7 @@ def _shape(node: OpNode, args: Args) -> tuple[Any, ...]:
 
 
 @register_run("Size")
-def _size(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _size(_node: OpNode, args: Args) -> tuple[Any, ...]:
     return (torch.tensor(args[0].numel(), dtype=torch.int64, device=args[0].device),)
 
 
@@ -287,8 +287,8 @@ def _slice(node: OpNode, args: Args) -> tuple[Any, ...]:
         steps = ints(args[4]) if _opt(args, 4) is not None else [1] * len(starts)
     index: list[Any] = [slice(None)] * x.dim()
     flips: list[tuple[int, list[int]]] = []
-    for s, e, a, st in zip(starts, ends, axes, steps):
-        a %= x.dim()
+    for s, e, axis, st in zip(starts, ends, axes, steps):
+        a = axis % x.dim()
         rng = range(*slice(s, e, st).indices(x.shape[a]))
         if st > 0:
             index[a] = slice(rng.start, max(rng.stop, rng.start), st)
@@ -311,19 +311,19 @@ def _gather(node: OpNode, args: Args) -> tuple[Any, ...]:
 
 
 @register_run("Expand")
-def _expand(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _expand(_node: OpNode, args: Args) -> tuple[Any, ...]:
     x, shape = args[0], ints(args[1])
     target = torch.broadcast_shapes(tuple(x.shape), tuple(shape))
     return (x.expand(target),)
 
 
 @register_run("Tile")
-def _tile(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _tile(_node: OpNode, args: Args) -> tuple[Any, ...]:
     return (args[0].repeat(*ints(args[1])),)
 
 
 @register_run("Range")
-def _range(node: OpNode, args: Args) -> tuple[Any, ...]:
+def _range(_node: OpNode, args: Args) -> tuple[Any, ...]:
     start, limit, delta = (a.item() for a in args)
     return (torch.arange(start, limit, delta, dtype=args[0].dtype, device=args[0].device),)
 

@@ -34,7 +34,7 @@ def _shapes(node: OpNode, graph: ChannelGraph) -> tuple[tuple[Dim, ...], tuple[D
     return xs, ys
 
 
-@register("Transpose", torch_targets=("aten.permute.default", "aten.transpose.int"))
+@register("Transpose")
 def transpose(node: OpNode, graph: ChannelGraph) -> Semantics:
     x, y = node.inputs[0], node.outputs[0]
     missing = needs_shapes(node, graph, [x, y])
@@ -67,24 +67,27 @@ def factorize(
             continue
         if i == len(a) or j == len(b):
             return None
-        if not isinstance(a[i], int) or not isinstance(b[j], int):
-            if a[i] is None or a[i] != b[j]:
+        ai, bj = a[i], b[j]
+        if not isinstance(ai, int) or not isinstance(bj, int):
+            if ai is None or ai != bj:
                 return None
             runs.append(([i], [j]))
             i, j = i + 1, j + 1
             continue
-        pa, pb, ia, jb = a[i], b[j], [i], [j]
+        pa, pb, ia, jb = ai, bj, [i], [j]
         i, j = i + 1, j + 1
         while pa != pb:
             if pa < pb:
-                if i == len(a) or not isinstance(a[i], int):
+                da = a[i] if i < len(a) else None
+                if not isinstance(da, int):
                     return None
-                pa, ia = pa * a[i], ia + [i]  # type: ignore[operator]
+                pa, ia = pa * da, [*ia, i]
                 i += 1
             else:
-                if j == len(b) or not isinstance(b[j], int):
+                db = b[j] if j < len(b) else None
+                if not isinstance(db, int):
                     return None
-                pb, jb = pb * b[j], jb + [j]  # type: ignore[operator]
+                pb, jb = pb * db, [*jb, j]
                 j += 1
         runs.append((ia, jb))
     return runs
@@ -103,7 +106,6 @@ def _reshape_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
 @register(
     "Reshape", "Flatten", "Squeeze", "Unsqueeze",
     adjust=_reshape_adjust,
-    torch_targets=("aten.view.default", "aten.reshape.default", "aten.flatten.using_ints"),
 )
 def reshape(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Axes that survive unchanged are linked; a merged or split axis is a Factor."""
@@ -131,7 +133,7 @@ def reshape(node: OpNode, graph: ChannelGraph) -> Semantics:
     return Semantics(links=tuple(links), freezes=tuple(freezes), factors=tuple(factors))
 
 
-@register("Concat", torch_targets=("aten.cat.default",))
+@register("Concat")
 def concat(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Input k's slice of the concat axis sits at its offset in the output."""
     y = node.outputs[0]
@@ -173,7 +175,7 @@ def _split_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
     return Adjustment(attrs=attrs, const_inputs={1: sizes})
 
 
-@register("Split", adjust=_split_adjust, torch_targets=("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default"))
+@register("Split", adjust=_split_adjust)
 def split(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Output k is the slice of the split axis at its offset in the input."""
     x = node.inputs[0]
@@ -257,7 +259,7 @@ def _slice_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
     )
 
 
-@register("Slice", adjust=_slice_adjust, torch_targets=("aten.slice.Tensor",))
+@register("Slice", adjust=_slice_adjust)
 def slice_(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Unit-step slices map output element i to input element start+i."""
     x, y = node.inputs[0], node.outputs[0]
@@ -279,7 +281,7 @@ def slice_(node: OpNode, graph: ChannelGraph) -> Semantics:
     return Semantics(links=tuple(links), freezes=tuple(freezes))
 
 
-@register("Gather", torch_targets=("aten.select.int", "aten.index_select.default", "aten.embedding.default"))
+@register("Gather")
 def gather(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Axes other than the gathered one pass; index axes map to the output."""
     data, idx, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -377,7 +379,7 @@ def _pad_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
     return Adjustment(const_inputs={1: new})
 
 
-@register("Pad", adjust=_pad_adjust, torch_targets=("aten.constant_pad_nd.default",))
+@register("Pad", adjust=_pad_adjust)
 def pad(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Constant padding shifts elements; padded elements are channels of their own."""
     x, y = node.inputs[0], node.outputs[0]
@@ -413,7 +415,7 @@ def _resize_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
     return Adjustment(shape_overrides={3: override}) if override else Adjustment()
 
 
-@register("Resize", "Upsample", adjust=_resize_adjust, torch_targets=("aten.upsample_nearest2d.vec",))
+@register("Resize", "Upsample", adjust=_resize_adjust)
 def resize(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Batch and channel axes pass when they are not resized."""
     x, y = node.inputs[0], node.outputs[0]

@@ -21,6 +21,7 @@ any work starts.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
@@ -29,12 +30,14 @@ from typing import Any
 
 from graphprune.errors import BadInputError
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # Python 3.10
+    import tomli as tomllib
 
-from graphprune.pipeline.passes import PASSES, Pass, PassResult, PlanPassOptions, Workspace
+from graphprune.pipeline.passes import PASSES
+from graphprune.pipeline.workspace import Pass, PassResult, Workspace, check_order
+from graphprune.planning.options import TARGETS
 
 __all__ = ["Pipeline", "apply_overrides", "load_pipeline", "parse_pipeline", "preset_names", "preset_path", "run_passes"]
 
@@ -97,25 +100,6 @@ def _build_pass(entry: Mapping[str, Any], where: str) -> Pass:
     return cls(options)
 
 
-def _check_order(passes: Sequence[Pass], where: str) -> None:
-    analysed = planned = rewritten = False
-    for p in passes:
-        if p.name == "analyze":
-            analysed = True
-        elif p.name == "plan":
-            if isinstance(p.options, PlanPassOptions) and p.options.needs_analysis and not analysed:
-                raise BadInputError(f"{where}: the plan pass (method {p.options.method}, criterion {p.options.criterion}) needs an analyze pass before it")
-            planned = True
-        elif p.name in ("rewrite", "compensate") and not planned:
-            raise BadInputError(f"{where}: the {p.name} pass needs a plan pass before it")
-        elif p.name == "rewrite":
-            rewritten = True
-        elif p.name == "compensate" and rewritten:
-            raise BadInputError(f"{where}: the compensate pass must come before the rewrite pass")
-        elif p.name == "repair" and not rewritten:
-            raise BadInputError(f"{where}: the repair pass needs a rewrite pass before it")
-
-
 def parse_pipeline(data: Mapping[str, Any], where: str = "pipeline") -> Pipeline:
     """Validate parsed TOML data and build its passes.
 
@@ -132,7 +116,7 @@ def parse_pipeline(data: Mapping[str, Any], where: str = "pipeline") -> Pipeline
     if not isinstance(entries, list) or not entries:
         raise BadInputError(f"{where}: no passes (add [[pass]] tables)")
     passes = tuple(_build_pass(e, f"{where}, pass {i + 1}") for i, e in enumerate(entries))
-    _check_order(passes, where)
+    check_order(passes, where)
     return Pipeline(str(head.get("name", where)), str(head.get("description", "")), passes)
 
 
@@ -155,8 +139,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not targets:
             raise BadInputError(f"--set {item!r}: the pipeline has no '{name}' pass")
         for entry in targets:
-            if name == "plan" and key in ("ratio", "macs", "params", "latency"):
-                for other in ("ratio", "macs", "params", "latency"):
+            if name == "plan" and key in TARGETS:
+                for other in TARGETS:
                     entry.pop(other, None)
             entry[key.strip()] = value
     return data

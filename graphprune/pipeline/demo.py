@@ -1,11 +1,13 @@
 """The demo: train a reference CNN on Fashion-MNIST, analyse, prune hierarchically, fine-tune, validate, report."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
 
+from graphprune.errors import BadInputError
 from graphprune.pipeline.config import load_pipeline, preset_path
 from graphprune.pipeline.run import RunResult, run_file
 
@@ -42,10 +44,13 @@ def run_demo(
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"training {model} on Fashion-MNIST ({epochs:g} epochs, cached)", total=None)
         net = trained(model, epochs, cache_dir=out_dir / "cache",
-                      progress=lambda step, total, loss: bar.update(task, total=total, completed=step))
+                      progress=lambda step, total, _loss=math.nan: bar.update(task, total=total, completed=step))
     source = out_dir / f"{model}.onnx"
     models.export_onnx(net, source, bn="keep")
     console.print(f"trained and exported {source}")
     steps = load_pipeline(pipeline or default_pipeline(), [f"finetune.epochs={finetune_epochs}"])
     output = out_dir / f"{model}.pruned.onnx"
-    return run_file(steps, source, output, "fashion-mnist", "fashion-mnist:test", force=True, console=console)
+    result = run_file(steps, source, output, "fashion-mnist", "fashion-mnist:test", force=True, console=console)
+    if result is None:
+        raise BadInputError("the demo runs in one process: start it without torchrun")
+    return result

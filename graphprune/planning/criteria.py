@@ -8,6 +8,7 @@ import numpy as np
 from graphprune.coupling.groups import Group
 from graphprune.errors import BadInputError
 from graphprune.ir.graph import ChannelGraph
+from graphprune.planning.options import MAGNITUDE_CRITERIA
 
 __all__ = ["CRITERIA", "score_group"]
 
@@ -30,16 +31,21 @@ def _magnitude(group: Group, graph: ChannelGraph, power: int) -> np.ndarray:
     return total
 
 
-def _random(group: Group, graph: ChannelGraph, seed: int) -> np.ndarray:
+def _l1(group: Group, graph: ChannelGraph, _seed: int) -> np.ndarray:
+    return _magnitude(group, graph, 1)
+
+
+def _l2(group: Group, graph: ChannelGraph, _seed: int) -> np.ndarray:
+    return _magnitude(group, graph, 2)
+
+
+def _random(group: Group, _graph: ChannelGraph, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, group.id])
     return rng.random(group.channels)
 
 
-CRITERIA: dict[str, Callable[[Group, ChannelGraph, int], np.ndarray]] = {
-    "l1": lambda g, graph, seed: _magnitude(g, graph, 1),
-    "l2": lambda g, graph, seed: _magnitude(g, graph, 2),
-    "random": _random,
-}
+CRITERIA: dict[str, Callable[[Group, ChannelGraph, int], np.ndarray]] = dict(zip(MAGNITUDE_CRITERIA, (_l1, _l2, _random)))
+"""Scorer of each weight criterion, by the names of :data:`graphprune.planning.options.MAGNITUDE_CRITERIA`."""
 
 
 def score_group(group: Group, graph: ChannelGraph, criterion: str, seed: int = 0) -> np.ndarray:

@@ -31,54 +31,26 @@ from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, OverLimitError
 from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.plan import Plan, plan_from_keep
-from graphprune.planning.criteria import CRITERIA, score_group
+from graphprune.planning.criteria import score_group
+from graphprune.planning.options import NEEDS_ANALYSIS, PlanOptions, Target
 from graphprune.planning.selection import greedy_drop_order, pivoted_cholesky_order
+from graphprune.planning.uniform import uniform_counts
 
-__all__ = ["ALL_CRITERIA", "METHODS", "TARGETS", "GroupOrder", "PlanOptions", "Target", "keep_sets", "make_plan", "metric", "removal_orders", "round_counts"]
+__all__ = ["GroupOrder", "keep_sets", "make_plan", "metric", "removal_orders", "round_counts"]
 
-METHODS = ("hierarchical", "uniform", "global")
-ALL_CRITERIA = ("effective", "cholesky", "taylor", *CRITERIA)
 REFRESH = 16
 """Steps of ``_rounded_to_goal`` between two full re-measurements of what each group saves."""
-NEEDS_ANALYSIS = frozenset({"effective", "cholesky", "taylor"})
-TARGETS = ("ratio", "macs", "params")
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """``ratio``: fraction of channels to remove; ``macs``/``params``: fraction of the original to keep."""
-
-    kind: str
-    value: float
-
-    def check(self) -> None:
-        if self.kind not in TARGETS:
-            raise BadInputError(f"unknown target '{self.kind}' (choose from {', '.join(TARGETS)})")
-        if not 0.0 < self.value < 1.0 and not (self.kind == "ratio" and self.value == 0.0):
-            raise BadInputError(f"--{self.kind} must be in (0, 1), got {self.value}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanOptions:
-    """What to plan: method, criterion, target, rounding, over-limit policy."""
-
-    method: str = "hierarchical"
-    criterion: str = "effective"
-    target: Target = Target("macs", 0.5)
-    round_to: int = 1
-    allow_over_limit: bool = False
-    seed: int = 0
-
-    def check(self, analysis: Analysis | None) -> None:
-        if self.method not in METHODS:
-            raise BadInputError(f"unknown --method '{self.method}' (choose from {', '.join(METHODS)})")
-        if self.criterion not in ALL_CRITERIA:
-            raise BadInputError(f"unknown --criterion '{self.criterion}' (choose from {', '.join(ALL_CRITERIA)})")
-        if self.round_to < 1:
-            raise BadInputError(f"--round-to must be at least 1, got {self.round_to}")
-        self.target.check()
-        if analysis is None and (self.method == "hierarchical" or self.criterion in NEEDS_ANALYSIS):
-            raise BadInputError(f"--method {self.method} --criterion {self.criterion} needs an analysis (calibration data)")
+def _check(options: PlanOptions, analysis: Analysis | None) -> Target:
+    """The options' MACs, parameter or ratio target, checked against the analysis at hand."""
+    options.check()
+    target = options.target
+    if target is None or target.kind == "latency":
+        raise BadInputError("make_plan needs a ratio, macs or params target (latency targets: graphprune.planning.targets.plan_for)")
+    if analysis is None and options.needs_analysis:
+        raise BadInputError(f"--method {options.method} --criterion {options.criterion} needs an analysis (calibration data)")
+    return target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +136,7 @@ def _greedy(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupO
             cands = [g for g in live if keep[g] > floors[g]]
             if not cands or est <= goal:
                 break
-            def price(g: int) -> float:
+            def price(g: int, saving: Mapping[int, float] = saving) -> float:
                 o = orders[g]
                 step = o.step_cost[o.order.size - keep[g]]
                 return step / saving[g] if per_unit else step
@@ -198,7 +170,7 @@ def _rounded_to_goal(graph: ChannelGraph, coupling: Coupling, orders: Mapping[in
         if step % REFRESH == 0:
             saved.clear()
 
-        def price(g: int) -> float:
+        def price(g: int, now: float = now) -> float:
             o = orders[g]
             done = o.order.size - keep[g]
             cost = float(np.sum(o.step_cost[done:done + n]))
@@ -215,10 +187,8 @@ def _rounded_to_goal(graph: ChannelGraph, coupling: Coupling, orders: Mapping[in
 
 
 def _uniform(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, kind: str, round_to: int) -> dict[int, int]:
-    from graphprune.ir.plan import keep_count
-
     def keep_at(ratio: float) -> dict[int, int]:
-        return {g: keep_count(coupling.by_id(g).channels, ratio, round_to) for g in orders}
+        return uniform_counts(coupling, orders, ratio, round_to)
 
     lo, hi = 0.0, 0.999
     for _ in range(40):
@@ -238,15 +208,15 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
         BadInputError: Bad options, or an analysis needed but missing.
         OverLimitError: Hierarchical target beyond the estimated maximum (unless allowed).
     """
-    options.check(analysis)
+    target = _check(options, analysis)
     orders = removal_orders(coupling, graph, options, analysis)
     if not orders:
         raise BadInputError("no prunable group to plan (every group is frozen or could not be analysed)")
-    kind = options.target.kind
+    kind = target.kind
     full = {g: coupling.by_id(g).channels for g in orders}
     original = metric(model_cost(graph), kind, sum(full.values()))
-    goal = original * (1.0 - options.target.value) if kind == "ratio" else original * options.target.value
-    meta = {"method": options.method, "criterion": options.criterion, "target": dataclasses.asdict(options.target),
+    goal = original * (1.0 - target.value) if kind == "ratio" else original * target.value
+    meta = {"method": options.method, "criterion": options.criterion, "target": dataclasses.asdict(target),
             "round_to": options.round_to, "seed": options.seed}
     if options.method == "uniform":
         keep = _uniform(graph, coupling, orders, goal, kind, options.round_to)

@@ -1,31 +1,27 @@
-"""Turn a plan pass's options into a plan: fixed targets, the estimated limit, or a measured latency."""
+"""Turn plan options into a plan: fixed targets, the estimated limit, or a measured latency."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 
 from graphprune.analysis.effective import Analysis
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, OverLimitError
-from graphprune.frontends.onnx import OnnxModel
 from graphprune.ir.graph import ChannelGraph
+from graphprune.ir.model import PrunableModel
 from graphprune.ir.plan import Plan, plan_from_keep
-from graphprune.planning.hierarchical import PlanOptions, Target, keep_sets, make_plan, removal_orders, round_counts
+from graphprune.planning.hierarchical import keep_sets, make_plan, removal_orders, round_counts
+from graphprune.planning.options import MAGNITUDE_CRITERIA, PlanOptions, Target
 
-__all__ = ["latency_plan", "limit_plan", "plan_for"]
+__all__ = ["LIMIT_TARGET", "latency_plan", "limit_plan", "plan_for"]
 
 log = logging.getLogger(__name__)
 
 LATENCY_STEPS = 6
-
-
-def _target(options: Any) -> Target | None:
-    given = [(k, getattr(options, k)) for k in ("ratio", "macs", "params", "latency") if getattr(options, k) is not None]
-    if len(given) > 1:
-        raise BadInputError(f"give one target, not {' and '.join(k for k, _ in given)}")
-    return Target(*given[0]) if given else None
+LIMIT_TARGET = "estimated maximum rate"
+"""How a plan without a target (every group at its effective filters) names its target."""
 
 
 def limit_plan(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, criterion: str, round_to: int) -> Plan:
@@ -36,29 +32,26 @@ def limit_plan(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, crit
     return plan_from_keep(coupling, keep_sets(orders, counts), {"method": "hierarchical", "criterion": criterion, "target": "limit", "round_to": round_to})
 
 
-def latency_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, base: PlanOptions, value: float, runs: int) -> Plan:
-    """Reach ``value`` x the original's onnxruntime latency by adjusting a MACs target (measured)."""
-    from graphprune.backends.onnx import apply_plan, model_session
-    from graphprune.execution.sessions import measure_latency, sample_inputs
+def latency_plan(model: PrunableModel, coupling: Coupling, analysis: Analysis | None, options: PlanOptions) -> Plan:
+    """Reach ``options.latency`` x the model's latency on its own runtime by adjusting a MACs target (measured).
 
-    feeds = sample_inputs(om.graph, batch=1)
-
-    def latency(model: Any) -> float:
-        with model_session(model) as session:
-            return measure_latency(session, feeds, runs=runs)
-
-    original = latency(om.model)
+    Raises:
+        OverLimitError: When the latency is not reached within the effective filters (and over-limit is not allowed).
+    """
+    value, runs = options.latency, options.latency_runs
+    if value is None:
+        raise BadInputError("latency_plan needs a latency target")
+    original = model.latency_ms(1, runs)
     frac, best, fallback = value, None, None
     for step in range(LATENCY_STEPS):
-        options = PlanOptions(**{**base.__dict__, "target": Target("macs", frac)})
         try:
-            plan = make_plan(om.graph, coupling, options, analysis)
+            plan = make_plan(model.graph, coupling, options.with_target(Target("macs", frac)), analysis)
         except OverLimitError:
             if analysis is None or frac <= analysis.limit.at_limit.macs / analysis.limit.original.macs:
                 raise
             frac = analysis.limit.at_limit.macs / analysis.limit.original.macs * (1 + 1e-9)
             continue
-        ratio = latency(apply_plan(om, coupling, plan)) / original
+        ratio = model.pruned(coupling, plan).latency_ms(1, runs) / original
         log.info("latency step %d: MACs target %.3f -> latency %.3f of the original", step, frac, ratio)
         fallback = plan
         if ratio <= value:
@@ -66,34 +59,38 @@ def latency_plan(om: OnnxModel, coupling: Coupling, analysis: Analysis | None, b
             if ratio >= 0.95 * value:
                 break
         frac = float(np.clip(frac * value / max(ratio, 1e-6), 0.01, 0.99))
-    if best is None and not base.allow_over_limit and analysis is not None:
+    if best is None and not options.allow_over_limit and analysis is not None:
         raise OverLimitError(
             f"latency {value:g} of the original was not reached without pruning past the effective filters "
             "(latency is measured: a busy machine makes it noisy); lower the target or pass --allow-over-limit"
         )
-    plan = best or fallback
-    assert plan is not None
-    return plan
+    chosen = best or fallback
+    if chosen is None:
+        raise BadInputError(f"latency {value:g} of the original could not be planned")
+    return chosen
 
 
-def plan_for(graph: ChannelGraph, coupling: Coupling, analysis: Analysis | None, options: Any, figures: dict[str, Any],
-             om: OnnxModel | None = None) -> Plan:
-    """The plan a plan pass asks for; records the target in ``figures``.
+def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions, model: PrunableModel) -> tuple[Plan, str]:
+    """The plan ``options`` ask for on ``model``, and a description of its target.
 
-    A latency target is measured on onnxruntime, so it needs ``om`` (the ONNX model of ``graph``).
+    Raises:
+        BadInputError: No target without a hierarchical analysis, or bad options.
+        OverLimitError: A target beyond the estimated maximum (unless allowed).
     """
-    target = _target(options)
-    base = PlanOptions(options.method, options.criterion, Target("macs", 0.5), options.round_to, options.allow_over_limit, options.seed)
+    options.check()
+    if options.plan_file:
+        return Plan.load(options.plan_file), f"saved plan {Path(options.plan_file).name}"
+    target = options.target
+    if target is not None and target.kind == "ratio" and options.method == "uniform" and options.criterion in MAGNITUDE_CRITERIA:
+        from graphprune.planning.uniform import uniform_plan
+
+        plan = uniform_plan(model.graph, coupling, target.value, options.criterion, options.round_to, options.seed)
+        return plan, f"ratio {target.value:g} of every group"
     if target is None:
         if analysis is None or options.method != "hierarchical":
             raise BadInputError("give a target (ratio, macs, params or latency); only hierarchical pruning with an analysis defaults to the estimated limit")
-        figures["target"] = "estimated maximum rate"
-        return limit_plan(graph, coupling, analysis, options.criterion, options.round_to)
-    figures["target"] = f"{target.kind} {target.value:g}"
+        return limit_plan(model.graph, coupling, analysis, options.criterion, options.round_to), LIMIT_TARGET
+    described = f"{target.kind} {target.value:g}"
     if target.kind == "latency":
-        if om is None:
-            raise BadInputError("a latency target is measured on onnxruntime: prune the ONNX model")
-        if not 0.0 < target.value < 1.0:
-            raise BadInputError(f"--latency must be in (0, 1), got {target.value}")
-        return latency_plan(om, coupling, analysis, base, target.value, options.latency_runs)
-    return make_plan(graph, coupling, PlanOptions(**{**base.__dict__, "target": target}), analysis)
+        return latency_plan(model, coupling, analysis, options), described
+    return make_plan(model.graph, coupling, options, analysis), described

@@ -74,8 +74,8 @@ def _target(node: OpNode, edge: GateEdge, graph: ChannelGraph) -> _Target | str:
     if node.op_type == "MatMul":
         rank = graph.tensors[node.inputs[0]].rank or 0
         w = graph.shape(node.inputs[1]) or ()
-        if len(w) == 2 and edge.axis == rank - 1:
-            return _Target(edge, node.inputs[1], 0, _bias_after(node, graph, int(w[1])))
+        if len(w) == 2 and isinstance(w[1], int) and edge.axis == rank - 1:
+            return _Target(edge, node.inputs[1], 0, _bias_after(node, graph, w[1]))
     return f"{node.name}: {node.op_type} consumer is not compensated"
 
 
@@ -212,7 +212,7 @@ def compensate(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calibr
                 skipped.append(t)
                 continue
             targets.append(t)
-            plans.append(_blocks(t, graph.const(t.weight).shape, keep, drop))  # type: ignore[union-attr]
+            plans.append(_blocks(t, graph.param(t.weight).shape, keep, drop))
         if gp.group in gates.skipped:
             skipped.append(f"group {gp.group}: {gates.skipped[gp.group]}")
     if not targets:
@@ -223,5 +223,5 @@ def compensate(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calibr
         for block in blocks:
             b, c = _coefficients(st, block.keep, block.drop)
             _fold(values, graph, t, block, b, c)
-    dtypes = {name: graph.const(name).dtype for name in values}  # type: ignore[union-attr]
+    dtypes = {name: graph.param(name).dtype for name in values}
     return Compensation({k: v.astype(dtypes[k]) for k, v in values.items()}, len(targets), tuple(skipped))

@@ -65,7 +65,7 @@ def reestimate_batch_norm(graph: ChannelGraph, data: Calibration, batch_size: in
         n, s1, s2 = interp.sums[node.name]
         mean = (s1 / n).numpy()
         var = np.clip((s2 / n).numpy() - mean**2, 0.0, None) * (n / max(n - 1.0, 1.0))
-        dtype = graph.const(node.inputs[3]).dtype  # type: ignore[union-attr]
+        dtype = graph.param(node.inputs[3]).dtype
         out[node.inputs[3]], out[node.inputs[4]] = mean.astype(dtype), var.astype(dtype)
     return out
 

@@ -2,51 +2,144 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
-from typing import Any
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from graphprune.execution.measure import Figures
-from graphprune.io import write_text_atomic
+from graphprune.errors import BadInputError
 from graphprune.report.plots import figure_png, fmt_count, plot_spectra, pyplot
 
-__all__ = ["before_after_rows", "group_rows", "prune_figures_table", "write_prune_html"]
+if TYPE_CHECKING:
+    from graphprune.pipeline.workspace import Workspace
+
+__all__ = ["ReportOptions", "before_after_rows", "figures_json", "group_rows", "prune_figures_table", "report_json", "speed_change",
+           "write_prune_html", "write_reports"]
 
 
-def before_after_rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(label, before, after, change) rows from a workspace's figures."""
-    b, a = figures.get("before"), figures.get("after")
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    """Report files beside the output model (``<out>.report.json`` / ``.html``), or at the paths given."""
+
+    html: bool = True
+    json: bool = True
+    json_path: str = ""
+    html_path: str = ""
+    table: bool = True
+
+
+def speed_change(before_ms: float, after_ms: float) -> str:
+    """'1.30x faster' or '1.15x slower' (never '0.87x faster')."""
+    ratio = before_ms / after_ms
+    return f"{ratio:.2f}x faster" if ratio >= 1.0 else f"{1.0 / ratio:.2f}x slower"
+
+
+def before_after_rows(ws: Workspace) -> list[tuple[str, str, str, str]]:
+    """(label, before, after, change) rows from a workspace's results."""
     rows: list[tuple[str, str, str, str]] = []
-    if isinstance(b, Figures) and isinstance(a, Figures):
+    v = ws.validation
+    if v is not None:
+        b, a = v.before, v.after
         if b.accuracy is not None and a.accuracy is not None:
             rows.append(("accuracy", f"{b.accuracy:.4f}", f"{a.accuracy:.4f}", f"{100 * (a.accuracy - b.accuracy):+.2f} pp"))
         rows.append(("parameters", fmt_count(b.params), fmt_count(a.params), f"{b.params / max(1, a.params):.2f}x smaller"))
         rows.append(("MACs / sample", fmt_count(b.macs), fmt_count(a.macs), f"{b.macs / max(1, a.macs):.2f}x fewer"))
         if b.latency_ms and a.latency_ms:
-            rows.append((f"latency, batch 1 ({figures.get('provider', 'onnxruntime')})", f"{b.latency_ms:.3f} ms",
-                         f"{a.latency_ms:.3f} ms", f"{b.latency_ms / a.latency_ms:.2f}x faster"))
-    if "max_macs_reduction" in figures:
-        rows.append(("estimated maximum compression", "", f"{figures['max_macs_reduction']:.2f}x MACs",
-                     f"{figures['max_params_reduction']:.2f}x params"))
-    if figures.get("exact_max_abs_error") is not None:
-        rows.append(("exact after rewrite (max abs error)", "", f"{figures['exact_max_abs_error']:.2g}", ""))
-    if "target" in figures:
-        rows.append(("target", "", str(figures["target"]), ""))
+            rows.append((f"latency, batch 1 ({v.runtime})", f"{b.latency_ms:.3f} ms", f"{a.latency_ms:.3f} ms",
+                         speed_change(b.latency_ms, a.latency_ms)))
+    if ws.analysis is not None:
+        limit = ws.analysis.limit
+        rows.append(("estimated maximum compression", "", f"{limit.macs_reduction:.2f}x MACs", f"{limit.params_reduction:.2f}x params"))
+    if ws.exact_max_abs_error is not None:
+        rows.append(("exact after rewrite (max abs error)", "", f"{ws.exact_max_abs_error:.2g}", ""))
+    if ws.plan is not None and ws.coupling is not None:
+        groups = ws.coupling.groups
+        frozen = sum(not g.prunable for g in groups)
+        rows.append(("groups pruned / frozen / total", "", f"{len(ws.plan.groups)} / {frozen} / {len(groups)}", ""))
+    if ws.target is not None:
+        rows.append(("target", "", ws.target, ""))
     return rows
 
 
-def prune_figures_table(ws: Any, console: Console) -> None:
+def prune_figures_table(ws: Workspace, console: Console) -> None:
     table = Table(title="graphprune: before / after")
     for col in ("", "before", "after", "change"):
         table.add_column(col, justify="right")
-    for row in before_after_rows(ws.figures):
+    for row in before_after_rows(ws):
         table.add_row(*row)
     console.print(table)
 
 
-def group_rows(ws: Any) -> list[dict[str, Any]]:
+def figures_json(ws: Workspace) -> dict[str, Any]:
+    """The report's ``figures``: the typed results under their documented JSON names."""
+    out: dict[str, Any] = {}
+    if ws.validation is not None:
+        out.update(provider=ws.validation.runtime, before=dataclasses.asdict(ws.validation.before),
+                   after=dataclasses.asdict(ws.validation.after))
+    if ws.analysis is not None:
+        out.update(max_macs_reduction=ws.analysis.limit.macs_reduction, max_params_reduction=ws.analysis.limit.params_reduction)
+    if ws.target is not None:
+        out["target"] = ws.target
+    if ws.exact_max_abs_error is not None:
+        out["exact_max_abs_error"] = ws.exact_max_abs_error
+    if ws.compensation is not None:
+        out.update(compensated_edges=ws.compensation.edges, compensation_skipped=list(ws.compensation.skipped))
+    if ws.repair is not None:
+        out["repair"] = ws.repair
+    return out
+
+
+def report_json(ws: Workspace) -> str:
+    doc = {"pipeline": ws.pipeline_name, "passes": list(ws.pass_names), "model": str(ws.source), "output": str(ws.output),
+           "format": ws.original.kind, "figures": figures_json(ws), "plan_meta": dict(ws.plan.meta) if ws.plan else None,
+           "analysis": ws.analysis.to_dict() if ws.analysis else None}
+    return json.dumps(doc, indent=1, default=str)
+
+
+def _report_path(ws: Workspace, given: str, suffix: str) -> Path | None:
+    if given:
+        return Path(given)
+    if ws.output is None:
+        return None
+    stem = ws.output.with_suffix("")
+    return stem.with_name(stem.name + suffix)
+
+
+def write_reports(ws: Workspace, options: ReportOptions) -> None:
+    """Print the table and write the JSON / HTML reports (staged with the output model when there is one)."""
+    from graphprune.execution.distributed import is_main
+
+    if not is_main():
+        return
+    if options.table and ws.console is not None:
+        prune_figures_table(ws, ws.console)
+    written = []
+    for wanted, given, suffix, write in ((options.json, options.json_path, ".report.json", _write_json),
+                                         (options.html, options.html_path, ".report.html", _write_html)):
+        final = _report_path(ws, given, suffix) if wanted or given else None
+        if final is None:
+            continue
+        if not final.parent.resolve().is_dir():
+            raise BadInputError(f"report folder {final.parent} does not exist")
+        write(ws, ws.staged.path(final) if ws.staged is not None else final)
+        written.append(final)
+    ws.reports = (*ws.reports, *written)
+
+
+def _write_json(ws: Workspace, path: Path) -> None:
+    path.write_text(report_json(ws))
+
+
+def _write_html(ws: Workspace, path: Path) -> None:
+    title = f"graphprune: {ws.source.name if ws.source else ws.original.kind} -> {ws.output.name if ws.output else 'pruned'}"
+    write_prune_html(ws, path, title)
+
+
+def group_rows(ws: Workspace) -> list[dict[str, Any]]:
     """Per prunable group: channels, effective filters (when analysed) and kept channels."""
     coupling = ws.groups()
     kept = {g.group: len(g.keep) for g in ws.plan.groups} if ws.plan else {}
@@ -58,7 +151,7 @@ def group_rows(ws: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _plot(ws: Any) -> str:
+def _plot(ws: Workspace) -> str:
     plt = pyplot()
     rows = group_rows(ws)
     spectra = ws.analysis.groups if ws.analysis else ()
@@ -79,10 +172,10 @@ def _plot(ws: Any) -> str:
     return base64.b64encode(figure_png(fig)).decode()
 
 
-def write_prune_html(ws: Any, path: Any, title: str) -> None:
+def write_prune_html(ws: Workspace, path: Path, title: str) -> None:
     """One self-contained page: before/after table, per-group chart and spectra, per-group table."""
     esc = html.escape
-    table = "".join(f"<tr><th>{esc(a)}</th><td>{esc(b)}</td><td>{esc(c)}</td><td>{esc(d)}</td></tr>" for a, b, c, d in before_after_rows(ws.figures))
+    table = "".join(f"<tr><th>{esc(a)}</th><td>{esc(b)}</td><td>{esc(c)}</td><td>{esc(d)}</td></tr>" for a, b, c, d in before_after_rows(ws))
     groups = "".join(
         "<tr>" + "".join(f"<td>{esc('' if v is None else str(v))}</td>" for v in (r["group"], r["anchor"], r["channels"], r["effective"], r["kept"])) + "</tr>"
         for r in group_rows(ws)
@@ -98,4 +191,4 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head>
 <table><thead><tr><th>group</th><th>anchor</th><th>channels</th><th>effective</th><th>kept</th></tr></thead><tbody>{groups}</tbody></table>
 </body></html>
 """
-    write_text_atomic(path, page)
+    path.write_text(page)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +134,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torc
     return scores if mask is None else scores + mask
 
 
-def is_swappable(m: nn.Module) -> bool:
+def is_swappable(m: nn.Module) -> TypeGuard[nn.MultiheadAttention]:
     """An ``nn.MultiheadAttention`` that ``HeadPrunableAttention`` can stand in for."""
     return (isinstance(m, nn.MultiheadAttention) and not isinstance(m, HeadPrunableAttention)
             and m.bias_k is None and m.bias_v is None and not m.add_zero_attn)
@@ -145,7 +146,7 @@ def swap_attention(root: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     Returns:
         (parent, attribute, original) per swapped layer, to undo the swap.
     """
-    done = []
+    done: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
             if is_swappable(child):

@@ -2,6 +2,12 @@
 
 Each converter appends the op-table ops that compute the same thing, so the
 coupling handlers, the cost model and the interpreter need no torch variant.
+Each registration names the table ops it writes (they list its targets as
+their ``torch_targets``), and each converted op records which aten argument
+its attributes and constant inputs came from (``attr_args`` / ``input_args``),
+so the ``.pt2`` backend can apply the table's adjustments to the call.
+The attention stand-in's module hook is registered on the table's
+``Attention`` entry here, next to the converter that writes that op.
 """
 from __future__ import annotations
 
@@ -10,21 +16,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphprune.frontends.torch.builder import Builder, converts
-from graphprune.frontends.torch.builder import arg as _arg
-from graphprune.frontends.torch.builder import pair as _pair
+from graphprune.frontends.torch.attention import HeadPrunableAttention
+from graphprune.frontends.torch.builder import (
+    Builder,
+    Converter,
+    arg,
+    arg_ref,
+    converts,
+    float_arg,
+    int_arg,
+    ints_arg,
+    pair,
+)
 from graphprune.ir.graph import OpNode
+from graphprune.ops import ModuleRule, register_module_rule
 
 __all__: list[str] = []
 
 Node = torch.fx.Node
 
 
+def _rank(b: Builder, name: str) -> int:
+    return len(b.tensors[name].shape or ())
+
+
 def _shape_const(b: Builder, node: Node, out: str) -> str:
     """A Reshape target for ``node``'s output: a leading batch dim copied (0), other dims static."""
     shape = b.tensors[out].shape or ()
     src = b.tensors.get(b.name(node.args[0]))
-    dims = []
+    dims: list[int] = []
     for i, d in enumerate(shape):
         if i == 0 and src is not None and src.shape and src.shape[0] == d:
             dims.append(0)
@@ -35,49 +55,53 @@ def _shape_const(b: Builder, node: Node, out: str) -> str:
     return b.const(out, dims, np.int64)
 
 
-@converts("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default")
+@converts("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", emits=("Conv",))
 def _conv(b: Builder, node: Node, out: str) -> None:
     x, w = b.name(node.args[0]), b.name(node.args[1])
-    bias = _arg(node, 2, "bias", None)
-    n = len(b.tensors[w].shape or ()) - 2
-    stride, padding = _pair(_arg(node, 3, "stride", 1), n), _arg(node, 4, "padding", 0)
-    dilation, groups = _pair(_arg(node, 5, "dilation", 1), n), int(_arg(node, 6, "groups", 1))
+    bias = arg(node, 2, "bias", None)
+    n = _rank(b, w) - 2
+    stride, padding = pair(arg(node, 3, "stride", 1), n), arg(node, 4, "padding", 0)
+    dilation, groups = pair(arg(node, 5, "dilation", 1), n), int_arg(node, 6, "groups", 1)
     attrs: dict[str, Any] = {"strides": stride, "dilations": dilation, "group": groups}
     if isinstance(padding, str):
         attrs["auto_pad"] = {"same": "SAME_UPPER", "valid": "VALID"}[padding]
     else:
-        p = _pair(padding, n)
+        p = pair(padding, n)
         attrs["pads"] = p + p
     inputs = [x, w] + ([b.name(bias)] if bias is not None else [])
-    b.add(out, "Conv", inputs, [out], **attrs)
+    b.add(out, "Conv", inputs, [out], attr_args={"group": arg_ref(node, "groups")}, **attrs)
 
 
-@converts("aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input")
+@converts("aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input",
+          emits=("ConvTranspose",))
 def _conv_transpose(b: Builder, node: Node, out: str) -> None:
     x, w = b.name(node.args[0]), b.name(node.args[1])
-    bias = _arg(node, 2, "bias", None)
-    n = len(b.tensors[w].shape or ()) - 2
-    pads = _pair(_arg(node, 4, "padding", 0), n)
-    attrs = {"strides": _pair(_arg(node, 3, "stride", 1), n), "pads": pads + pads,
-             "output_padding": _pair(_arg(node, 5, "output_padding", 0), n), "group": int(_arg(node, 6, "groups", 1)),
-             "dilations": _pair(_arg(node, 7, "dilation", 1), n)}
-    b.add(out, "ConvTranspose", [x, w] + ([b.name(bias)] if bias is not None else []), [out], **attrs)
+    bias = arg(node, 2, "bias", None)
+    n = _rank(b, w) - 2
+    pads = pair(arg(node, 4, "padding", 0), n)
+    attrs: dict[str, Any] = {"strides": pair(arg(node, 3, "stride", 1), n), "pads": pads + pads,
+             "output_padding": pair(arg(node, 5, "output_padding", 0), n), "group": int_arg(node, 6, "groups", 1),
+             "dilations": pair(arg(node, 7, "dilation", 1), n)}
+    inputs = [x, w] + ([b.name(bias)] if bias is not None else [])
+    b.add(out, "ConvTranspose", inputs, [out], attr_args={"group": arg_ref(node, "groups")}, **attrs)
 
 
-@converts("aten.group_norm.default")
+@converts("aten.group_norm.default", emits=("GroupNormalization",))
 def _group_norm(b: Builder, node: Node, out: str) -> None:
-    x, groups = b.name(node.args[0]), int(node.args[1])
-    w, bias = _arg(node, 2, "weight", None), _arg(node, 3, "bias", None)
-    c = int((b.tensors[x].shape or (0, 0))[1])  # type: ignore[arg-type]
-    scale = b.name(w) if w is not None else b.const(out, np.ones(c, np.float32))
-    shift = b.name(bias) if bias is not None else b.const(out, np.zeros(c, np.float32))
-    b.add(out, "GroupNormalization", [x, scale, shift], [out], num_groups=groups, epsilon=float(_arg(node, 4, "eps", 1e-5)))
+    x, groups = b.name(node.args[0]), int_arg(node, 1, "num_groups")
+    w, bias = arg(node, 2, "weight", None), arg(node, 3, "bias", None)
+    c = (b.tensors[x].shape or (0, 0))[1]
+    channels = c if isinstance(c, int) else 0
+    scale = b.name(w) if w is not None else b.const(out, np.ones(channels, np.float32))
+    shift = b.name(bias) if bias is not None else b.const(out, np.zeros(channels, np.float32))
+    b.add(out, "GroupNormalization", [x, scale, shift], [out], attr_args={"num_groups": arg_ref(node, "num_groups")},
+          num_groups=groups, epsilon=float_arg(node, 4, "eps", 1e-5))
 
 
-@converts("aten.linear.default")
+@converts("aten.linear.default", emits=("Transpose", "MatMul", "Add"))
 def _linear(b: Builder, node: Node, out: str) -> None:
     x, w = b.name(node.args[0]), b.name(node.args[1])
-    bias = _arg(node, 2, "bias", None)
+    bias = arg(node, 2, "bias", None)
     wshape = b.tensors[w].shape or ()
     b.tensor(f"{out}.wT", tuple(reversed(wshape)), b.tensors[w].dtype, "activation")
     b.add(f"{out}.t", "Transpose", [w], [f"{out}.wT"], perm=(1, 0))
@@ -89,44 +113,47 @@ def _linear(b: Builder, node: Node, out: str) -> None:
     b.add(out, "Add", [f"{out}.mm", b.name(bias)], [out])
 
 
-@converts("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+@converts("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
+          emits=("BatchNormalization",))
 def _batch_norm(b: Builder, node: Node, out: str) -> None:
     x, w, bias, mean, var = (b.name(a) for a in node.args[:5])
-    eps = float(node.args[7] if str(node.target).startswith("aten.batch_norm") else node.args[6])
+    eps = float_arg(node, 7, "eps") if str(node.target) == "aten.batch_norm.default" else float_arg(node, 6, "eps")
     outs = [out] if out in b.tensors else [f"{out}.0"]
     b.add(out, "BatchNormalization", [x, w, bias, mean, var], outs, epsilon=eps)
 
 
-@converts("aten.layer_norm.default")
+@converts("aten.layer_norm.default", emits=("LayerNormalization",))
 def _layer_norm(b: Builder, node: Node, out: str) -> None:
-    x, shape = b.name(node.args[0]), list(node.args[1])
-    w, bias = _arg(node, 2, "weight", None), _arg(node, 3, "bias", None)
-    eps = float(_arg(node, 4, "eps", 1e-5))
+    """The normalised shape is implicit in ONNX (the scale's shape); those axes are frozen, so nothing follows them."""
+    x, shape = b.name(node.args[0]), ints_arg(node, 1, "normalized_shape")
+    w, bias = arg(node, 2, "weight", None), arg(node, 3, "bias", None)
+    eps = float_arg(node, 4, "eps", 1e-5)
     w_name = b.const(out, np.ones(shape, np.float32)) if w is None else b.name(w)
     inputs = [x, w_name] + ([b.name(bias)] if bias is not None else [])
     b.add(out, "LayerNormalization", inputs, [out], axis=-len(shape), epsilon=eps)
 
 
-def _unary(op: str, **attrs: Any) -> Any:
+def _unary(op: str) -> Converter:
     def conv(b: Builder, node: Node, out: str) -> None:
-        b.add(out, op, [b.name(node.args[0])], [out], **attrs)
+        b.add(out, op, [b.name(node.args[0])], [out])
     return conv
 
 
-for _target, _op in {"relu": "Relu", "relu_": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh",
-                     "clone": "Identity", "contiguous": "Identity", "dropout": "Identity", "erf": "Erf", "exp": "Exp",
-                     "sqrt": "Sqrt", "neg": "Neg", "abs": "Abs", "alias": "Identity", "detach": "Identity"}.items():
-    converts(f"aten.{_target}.default")(_unary(_op))
+_UNARY = {"relu": "Relu", "relu_": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "clone": "Identity",
+          "contiguous": "Identity", "dropout": "Identity", "erf": "Erf", "exp": "Exp", "sqrt": "Sqrt", "neg": "Neg",
+          "abs": "Abs", "alias": "Identity", "detach": "Identity"}
+for _target, _op in _UNARY.items():
+    converts(f"aten.{_target}.default", emits=(_op,))(_unary(_op))
 
 
-@converts("aten.gelu.default")
+@converts("aten.gelu.default", emits=("Gelu",))
 def _gelu(b: Builder, node: Node, out: str) -> None:
     b.add(out, "Gelu", [b.name(node.args[0])], [out], approximate=str(node.kwargs.get("approximate", "none")))
 
 
-@converts("aten.hardtanh.default", "aten.hardtanh_.default")
+@converts("aten.hardtanh.default", "aten.hardtanh_.default", emits=("Clip",))
 def _hardtanh(b: Builder, node: Node, out: str) -> None:
-    lo, hi = float(_arg(node, 1, "min_val", -1.0)), float(_arg(node, 2, "max_val", 1.0))
+    lo, hi = float_arg(node, 1, "min_val", -1.0), float_arg(node, 2, "max_val", 1.0)
     b.add(out, "Clip", [b.name(node.args[0]), b.const(out, lo), b.const(out, hi)], [out])
 
 
@@ -134,111 +161,181 @@ def _operand(b: Builder, a: Any, out: str) -> str:
     return b.name(a) if isinstance(a, Node) else b.const(out, float(a))
 
 
-@converts("aten.add.Tensor", "aten.add_.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.mul_.Tensor", "aten.div.Tensor")
-def _binary(b: Builder, node: Node, out: str) -> None:
-    op = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}[str(node.target).split(".")[1].rstrip("_")]
-    x, y = _operand(b, node.args[0], out), _operand(b, node.args[1], out)
-    alpha = node.kwargs.get("alpha", 1)
-    if alpha != 1 and op in ("Add", "Sub"):
-        scaled = f"{out}.alpha"
-        b.tensor(scaled, b.tensors[y].shape, b.tensors[y].dtype, "activation")
-        b.add(scaled, "Mul", [y, b.const(out, float(alpha))], [scaled])
-        y = scaled
-    b.add(out, op, [x, y], [out])
+def _binary(op: str) -> Converter:
+    def conv(b: Builder, node: Node, out: str) -> None:
+        x, y = _operand(b, node.args[0], out), _operand(b, node.args[1], out)
+        alpha: Any = node.kwargs.get("alpha", 1)
+        if alpha != 1 and op in ("Add", "Sub"):
+            scaled = f"{out}.alpha"
+            b.tensor(scaled, b.tensors[y].shape, b.tensors[y].dtype, "activation")
+            b.add(scaled, "Mul", [y, b.const(out, float(alpha))], [scaled])
+            y = scaled
+        b.add(out, op, [x, y], [out])
+    return conv
 
 
-@converts("aten.cat.default", "aten.concat.default")
+for _targets, _op, _emits in ((("aten.add.Tensor", "aten.add_.Tensor"), "Add", ("Add", "Mul")),
+                              (("aten.sub.Tensor",), "Sub", ("Sub", "Mul")),
+                              (("aten.mul.Tensor", "aten.mul_.Tensor"), "Mul", ("Mul",)),
+                              (("aten.div.Tensor",), "Div", ("Div",))):
+    converts(*_targets, emits=_emits)(_binary(_op))
+
+
+@converts("aten.cat.default", "aten.concat.default", emits=("Concat",))
 def _cat(b: Builder, node: Node, out: str) -> None:
-    dim = int(_arg(node, 1, "dim", 0))
-    rank = len(b.tensors[out].shape or ())
-    b.add(out, "Concat", [b.name(a) for a in node.args[0]], [out], axis=dim % rank if rank else dim)
+    dim = int_arg(node, 1, "dim", 0)
+    rank = _rank(b, out)
+    tensors = arg(node, 0, "tensors", [])
+    b.add(out, "Concat", [b.name(a) for a in tensors], [out], axis=dim % rank if rank else dim)
 
 
-@converts("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default")
+@converts("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", emits=("Split",))
 def _split(b: Builder, node: Node, out: str) -> None:
+    """``split_with_sizes`` takes the sizes, ``split`` the first size; ``chunk``'s count does not follow them."""
     x = b.name(node.args[0])
     n_out = len(node.meta["val"])
     outs = [f"{out}.{i}" for i in range(n_out)]
-    dim = int(_arg(node, 2, "dim", 0))
-    rank = len(b.tensors[x].shape or ())
-    sizes = [int(b.tensors[o].shape[dim]) for o in outs]  # type: ignore[index]
-    b.add(out, "Split", [x, b.const(out, sizes, np.int64)], outs, axis=dim % rank)
+    dim = int_arg(node, 2, "dim", 0)
+    rank = _rank(b, x)
+    sizes = [int(_static(b, o, dim)) for o in outs]
+    key = str(node.target)
+    refs = {}
+    if key == "aten.split_with_sizes.default":
+        refs = {1: arg_ref(node, "split_sizes")}
+    elif key == "aten.split.Tensor":
+        refs = {1: arg_ref(node, "split_size", first=True)}
+    b.add(out, "Split", [x, b.const(out, sizes, np.int64)], outs, input_args=refs, axis=dim % rank)
 
 
-@converts("aten.flatten.using_ints", "aten.unflatten.int", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
+def _static(b: Builder, name: str, axis: int) -> int:
+    """A static size of ``name``'s axis.
+
+    Raises:
+        ValueError: When it is dynamic.
+    """
+    d = (b.tensors[name].shape or ())[axis]
+    if not isinstance(d, int):
+        raise ValueError(f"{name}: axis {axis} is not static")
+    return d
+
+
+_RESHAPE_SIZES = {"aten.view.default": "size", "aten.reshape.default": "shape", "aten._unsafe_view.default": "size",
+                  "aten.unflatten.int": "sizes"}
+"""The argument holding the target sizes (``flatten`` has none: it follows its input)."""
+
+
+@converts("aten.flatten.using_ints", "aten.unflatten.int", "aten.view.default", "aten.reshape.default",
+          "aten._unsafe_view.default", emits=("Reshape",))
 def _reshape(b: Builder, node: Node, out: str) -> None:
-    b.add(out, "Reshape", [b.name(node.args[0]), _shape_const(b, node, out)], [out])
+    key = str(node.target)
+    refs = {}
+    if key in _RESHAPE_SIZES:
+        # unflatten's sizes start at the unflattened axis
+        offset = int_arg(node, 1, "dim") % _rank(b, out) if key == "aten.unflatten.int" else 0
+        refs = {1: arg_ref(node, _RESHAPE_SIZES[key], offset=offset)}
+    b.add(out, "Reshape", [b.name(node.args[0]), _shape_const(b, node, out)], [out], input_args=refs)
 
 
-@converts("aten.permute.default")
+@converts("aten.permute.default", emits=("Transpose",))
 def _permute(b: Builder, node: Node, out: str) -> None:
-    rank = len(b.tensors[out].shape or ())
-    b.add(out, "Transpose", [b.name(node.args[0])], [out], perm=tuple(int(d) % rank for d in node.args[1]))
+    rank = _rank(b, out)
+    b.add(out, "Transpose", [b.name(node.args[0])], [out], perm=tuple(d % rank for d in ints_arg(node, 1, "dims")))
 
 
-@converts("aten.transpose.int")
+@converts("aten.transpose.int", emits=("Transpose",))
 def _transpose(b: Builder, node: Node, out: str) -> None:
-    rank = len(b.tensors[out].shape or ())
+    rank = _rank(b, out)
     perm = list(range(rank))
-    i, j = int(node.args[1]) % rank, int(node.args[2]) % rank
+    i, j = int_arg(node, 1, "dim0") % rank, int_arg(node, 2, "dim1") % rank
     perm[i], perm[j] = perm[j], perm[i]
     b.add(out, "Transpose", [b.name(node.args[0])], [out], perm=tuple(perm))
 
 
-@converts("aten.matmul.default", "aten.mm.default", "aten.bmm.default")
+@converts("aten.matmul.default", "aten.mm.default", "aten.bmm.default", emits=("MatMul",))
 def _matmul(b: Builder, node: Node, out: str) -> None:
     b.add(out, "MatMul", [b.name(node.args[0]), b.name(node.args[1])], [out])
 
 
-@converts("aten.scaled_dot_product_attention.default")
+@converts("aten.scaled_dot_product_attention.default", emits=("Attention",))
 def _sdpa(b: Builder, node: Node, out: str) -> None:
-    mask = _arg(node, 3, "attn_mask", None)
-    scale = _arg(node, 6, "scale", None)
-    attrs: dict[str, Any] = {"is_causal": int(bool(_arg(node, 5, "is_causal", False)))}
+    mask = arg(node, 3, "attn_mask", None)
+    scale = arg(node, 6, "scale", None)
+    attrs: dict[str, Any] = {"is_causal": int(bool(arg(node, 5, "is_causal", False)))}
     if scale is not None:
         attrs["scale"] = float(scale)
     inputs = [b.name(a) for a in node.args[:3]] + ([b.name(mask)] if mask is not None else [])
     b.add(out, "Attention", inputs, [out], **attrs)
 
 
-@converts("aten.softmax.int", "aten._softmax.default")
+def _fix_heads(m: HeadPrunableAttention) -> None:
+    """Heads and the value head size follow the projections' rows; embedding sizes follow their columns.
+
+    Raises:
+        ValueError: When the projections do not keep whole heads.
+    """
+    v_rows = m.out_proj.weight.shape[1]
+    if m._packed:
+        qk_rows, m.embed_dim = (m.in_proj_weight.shape[0] - v_rows) // 2, m.in_proj_weight.shape[1]
+        m.kdim = m.vdim = m.embed_dim
+    else:
+        qk_rows, m.embed_dim = m.q_proj_weight.shape
+        m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
+    if qk_rows < m.head_dim or qk_rows % m.head_dim or v_rows % (qk_rows // m.head_dim):
+        raise ValueError(f"attention keeps {qk_rows} query rows and {v_rows} value rows: not whole heads")
+    m.num_heads = qk_rows // m.head_dim
+    m.v_head_dim = v_rows // m.num_heads
+
+
+register_module_rule("Attention", ModuleRule(hook=_fix_heads, hook_class=HeadPrunableAttention))
+
+
+@converts("aten.softmax.int", "aten._softmax.default", emits=("Softmax",))
 def _softmax(b: Builder, node: Node, out: str) -> None:
-    b.add(out, "Softmax", [b.name(node.args[0])], [out], axis=int(node.args[1]))
+    b.add(out, "Softmax", [b.name(node.args[0])], [out], axis=int_arg(node, 1, "dim"))
 
 
-@converts("aten.mean.dim", "aten.sum.dim_IntList")
-def _reduce(b: Builder, node: Node, out: str) -> None:
-    op = "ReduceMean" if str(node.target).startswith("aten.mean") else "ReduceSum"
-    x = b.name(node.args[0])
-    rank = len(b.tensors[x].shape or ())
-    axes = [int(a) % rank for a in (node.args[1] if node.args[1] is not None else range(rank))]
-    keep = int(bool(_arg(node, 2, "keepdim", False)))
-    b.add(out, op, [x, b.const(out, axes, np.int64)], [out], keepdims=keep)
+def _reduce(op: str) -> Converter:
+    def conv(b: Builder, node: Node, out: str) -> None:
+        x = b.name(node.args[0])
+        rank = _rank(b, x)
+        given = arg(node, 1, "dim", None)
+        axes = [a % rank for a in (ints_arg(node, 1, "dim") if given is not None else range(rank))]
+        keep = int(bool(arg(node, 2, "keepdim", False)))
+        b.add(out, op, [x, b.const(out, axes, np.int64)], [out], keepdims=keep)
+    return conv
 
 
-@converts("aten.adaptive_avg_pool2d.default", "aten.adaptive_avg_pool1d.default")
+converts("aten.mean.dim", emits=("ReduceMean",))(_reduce("ReduceMean"))
+converts("aten.sum.dim_IntList", emits=("ReduceSum",))(_reduce("ReduceSum"))
+
+
+@converts("aten.adaptive_avg_pool2d.default", "aten.adaptive_avg_pool1d.default", emits=("GlobalAveragePool",))
 def _adaptive(b: Builder, node: Node, out: str) -> None:
     x = b.name(node.args[0])
-    size = _pair(node.args[1], len(b.tensors[x].shape or ()) - 2)
+    size = pair(arg(node, 1, "output_size", 1), _rank(b, x) - 2)
     if all(s == 1 for s in size):
         b.add(out, "GlobalAveragePool", [x], [out])
     else:  # not in the table: the channels freeze
-        b.nodes.append(OpNode(out, "aten", str(node.target), (x,), (out,), {}, 1))
+        b.nodes.append(OpNode(out, "aten", str(node.target), (x,), (out,), {}, 1, origin=b.origin()))
 
 
-@converts("aten.max_pool2d.default", "aten.max_pool1d.default", "aten.avg_pool2d.default", "aten.avg_pool1d.default")
-def _pool(b: Builder, node: Node, out: str) -> None:
-    x = b.name(node.args[0])
-    n = len(b.tensors[x].shape or ()) - 2
-    kernel = _pair(node.args[1], n)
-    stride_arg = _arg(node, 2, "stride", None)
-    stride = _pair(stride_arg, n) if stride_arg not in (None, []) else kernel
-    pad = _pair(_arg(node, 3, "padding", 0), n)
-    if "max_pool" in str(node.target):
-        dilation, ceil = _pair(_arg(node, 4, "dilation", 1), n), bool(_arg(node, 5, "ceil_mode", False))
-        b.add(out, "MaxPool", [x], [out], kernel_shape=kernel, strides=stride, pads=pad + pad, dilations=dilation, ceil_mode=int(ceil))
-    else:
-        ceil, include = bool(_arg(node, 4, "ceil_mode", False)), bool(_arg(node, 5, "count_include_pad", True))
-        b.add(out, "AveragePool", [x], [out], kernel_shape=kernel, strides=stride, pads=pad + pad, ceil_mode=int(ceil),
-              count_include_pad=int(include))
+def _pool(op: str) -> Converter:
+    def conv(b: Builder, node: Node, out: str) -> None:
+        x = b.name(node.args[0])
+        n = _rank(b, x) - 2
+        kernel = pair(arg(node, 1, "kernel_size", 1), n)
+        stride_arg = arg(node, 2, "stride", None)
+        stride = pair(stride_arg, n) if stride_arg not in (None, []) else kernel
+        pad = pair(arg(node, 3, "padding", 0), n)
+        attrs: dict[str, Any] = {"kernel_shape": kernel, "strides": stride, "pads": pad + pad}
+        if op == "MaxPool":
+            attrs.update(dilations=pair(arg(node, 4, "dilation", 1), n), ceil_mode=int(bool(arg(node, 5, "ceil_mode", False))))
+        else:
+            attrs.update(ceil_mode=int(bool(arg(node, 4, "ceil_mode", False))),
+                         count_include_pad=int(bool(arg(node, 5, "count_include_pad", True))))
+        b.add(out, op, [x], [out], **attrs)
+    return conv
 
+
+converts("aten.max_pool2d.default", "aten.max_pool1d.default", emits=("MaxPool",))(_pool("MaxPool"))
+converts("aten.avg_pool2d.default", "aten.avg_pool1d.default", emits=("AveragePool",))(_pool("AveragePool"))

@@ -30,12 +30,13 @@ from graphprune.errors import BadInputError, short_message
 from graphprune.execution.interpreter import TORCH_CALL
 from graphprune.frontends.torch import converters  # noqa: F401  (fills CONVERTERS)
 from graphprune.frontends.torch.attention import HeadPrunableAttention, swapped_attention
-from graphprune.frontends.torch.builder import CONVERTERS, Builder, dims, dtype_name
+from graphprune.frontends.torch.builder import CONVERTERS, Builder, call_tensors, dims, dtype_name
 from graphprune.ir.graph import ChannelGraph, OpNode, live_nodes
 
 __all__ = ["TorchModel", "fx_channel_graph", "load_exported_program", "load_module", "to_channel_graph"]
 
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class TorchModel:
@@ -45,20 +46,6 @@ class TorchModel:
     program: torch.export.ExportedProgram | None  # None when traced with the torch.fx fallback
     graph: ChannelGraph
     state_names: dict[str, str]
-
-
-
-
-
-
-def _node_args(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The fx nodes among an op's arguments, in order (one level of lists, then kwargs)."""
-    found: list[torch.fx.Node] = []
-    for a in (*node.args, *node.kwargs.values()):
-        for item in a if isinstance(a, (list, tuple)) else (a,):
-            if isinstance(item, torch.fx.Node):
-                found.append(item)
-    return found
 
 
 def _replay(node: torch.fx.Node) -> Callable[..., Any]:
@@ -140,27 +127,30 @@ def fx_channel_graph(fx_graph: torch.fx.Graph, targets: dict[str, str], state: d
                 b.alias[node.name] = f"{b.name(node.args[0])}.{int(node.args[1])}"
                 continue
             conv = CONVERTERS.get(key)
+            b.converting(node, state_names)
             if isinstance(val, (tuple, list)):
                 for i, v in enumerate(val):
                     b.tensor(f"{node.name}.{i}", dims(v, batch), dtype_name(v), "activation")
             else:
                 b.tensor(node.name, dims(val, batch), dtype_name(val), "activation")
             if conv is None:
-                found = _node_args(node)
+                found = call_tensors(node)
                 tensors = [a for a in found if a.name not in scalars]
                 outs = [f"{node.name}.{i}" for i in range(len(val))] if isinstance(val, (tuple, list)) else [node.name]
                 attrs = {TORCH_CALL: _replay(node)} if len(tensors) == len(found) else {}
-                b.nodes.append(OpNode(node.name, "aten", key, tuple(b.name(a) for a in tensors), tuple(outs), attrs, 1))
+                b.nodes.append(OpNode(node.name, "aten", key, tuple(b.name(a) for a in tensors), tuple(outs), attrs, 1,
+                                      origin=b.origin()))
             else:
                 conv(b, node, node.name)
+            b.converting(None)
             if _is_in_place(node):
                 # Later readers of the mutated tensor see the op's result (a view's base is not tracked).
                 b.alias[node.args[0].name] = b.name(node)
     out_node = next(n for n in fx_graph.nodes if n.op == "output")
     outputs = tuple(b.name(a) for a in out_node.args[0] if isinstance(a, torch.fx.Node))
-    tensors = {k: dataclasses.replace(v, is_output=k in outputs) for k, v in b.tensors.items()}
+    infos = {k: dataclasses.replace(v, is_output=k in outputs) for k, v in b.tensors.items()}
     consts = b.consts
-    graph = ChannelGraph(tensors, live_nodes(b.nodes, outputs), tuple(inputs), outputs, lambda name: consts[name])
+    graph = ChannelGraph(infos, live_nodes(b.nodes, outputs), tuple(inputs), outputs, lambda name: consts[name])
     return graph, state_names
 
 

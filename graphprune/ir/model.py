@@ -1,0 +1,90 @@
+"""The model protocol the passes work through: one ONNX model, ``nn.Module`` or ExportedProgram.
+
+Every pass reads a model's :class:`~graphprune.ir.graph.ChannelGraph` (the
+format-agnostic view) and changes the model only through these methods, so
+one pipeline serves every format. Values are keyed by graph tensor names.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from graphprune.ir.graph import ChannelGraph
+from graphprune.ir.plan import Plan
+
+if TYPE_CHECKING:  # the stages that use the protocol, for annotations only
+    from graphprune.coupling.groups import Coupling
+    from graphprune.execution.training import FitOptions, Progress
+    from graphprune.frontends.data import Calibration
+
+__all__ = ["FORMATS", "PrunableModel"]
+
+FORMATS = ("onnx", "module", "program")
+"""What :attr:`PrunableModel.kind` may be."""
+
+class PrunableModel(Protocol):
+    """A model behind the passes. Methods never modify ``self``: they return new models."""
+
+    @property
+    def kind(self) -> str:
+        """One of :data:`FORMATS`."""
+        ...
+
+    @property
+    def graph(self) -> ChannelGraph:
+        """The channel graph of the model as it is now."""
+        ...
+
+    @property
+    def runtime(self) -> str:
+        """Where :meth:`run_check`, :meth:`latency_ms` and :meth:`accuracy` run (an onnxruntime provider, torch)."""
+        ...
+
+    def pruned(self, coupling: Coupling, plan: Plan) -> PrunableModel:
+        """The model with ``plan`` applied (``coupling`` is that of this model's graph)."""
+        ...
+
+    def with_values(self, values: Mapping[str, np.ndarray]) -> PrunableModel:
+        """The model with the named constants (weights, biases, BN statistics) replaced."""
+        ...
+
+    def exactness(self, source: PrunableModel, coupling: Coupling, plan: Plan) -> float:
+        """Max abs output error of ``self`` (``source`` pruned by ``plan``) against ``source`` with the removed channels zeroed.
+
+        Raises:
+            ValidationError: When they differ.
+        """
+        ...
+
+    def finetuned(self, data: Calibration, options: FitOptions, teacher: PrunableModel | None,
+                  progress: Progress | None) -> PrunableModel:
+        """The model trained on ``data`` (labels, else distillation from ``teacher``)."""
+        ...
+
+    def run_check(self, original: PrunableModel) -> None:
+        """Check the model runs and keeps ``original``'s inputs and outputs.
+
+        Raises:
+            ValidationError: When it does not.
+        """
+        ...
+
+    def latency_ms(self, batch: int, runs: int) -> float:
+        """Median latency of one forward pass at ``batch`` on :attr:`runtime`."""
+        ...
+
+    def accuracy(self, data: Calibration) -> float:
+        """Top-1 accuracy on labelled ``data``."""
+        ...
+
+    def save(self, path: Path, original: PrunableModel) -> None:
+        """Write the model to ``path`` (its suffix picks the format where there is a choice) and check the file.
+
+        Raises:
+            BadInputError: A suffix this model cannot be written as.
+            ValidationError: The written file fails its checks.
+        """
+        ...

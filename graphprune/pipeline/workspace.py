@@ -1,0 +1,221 @@
+"""The workspace passes share, the pass base class and the pass registry.
+
+A pass declares the facts it ``requires`` and the facts it ``ensures`` (and
+those that must not hold yet, ``forbids``), as onnx-ir and torch.fx passes
+state pre- and postconditions; :func:`check_order` validates a pipeline from
+those declarations before anything runs. Results are typed workspace fields,
+never string-keyed figures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from rich.console import Console
+
+from graphprune.analysis.effective import Analysis
+from graphprune.coupling.groups import Coupling, build_groups
+from graphprune.errors import BadInputError
+from graphprune.execution.measure import Figures
+from graphprune.execution.training import Progress
+from graphprune.frontends.data import Calibration
+from graphprune.io import StagedFiles
+from graphprune.ir.graph import Axis
+from graphprune.ir.model import PrunableModel
+from graphprune.ir.plan import Plan
+
+__all__ = [
+    "FACTS",
+    "PASSES",
+    "CompensationSummary",
+    "Pass",
+    "PassResult",
+    "Validation",
+    "Workspace",
+    "check_order",
+    "register_pass",
+]
+
+log = logging.getLogger(__name__)
+
+FACTS = ("data", "analysis", "plan", "compensated", "rewritten", "repaired", "finetuned", "validated", "reported")
+"""What passes may require and ensure. ``data`` holds when the workspace has calibration data."""
+
+Status = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompensationSummary:
+    """What the compensate pass folded: exit edges compensated, consumers skipped (with reasons)."""
+
+    edges: int
+    skipped: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """The validate pass's findings: where the models ran, and their figures side by side."""
+
+    runtime: str
+    before: Figures
+    after: Figures
+
+
+def _quiet(message: str) -> None:
+    log.debug("%s", message)
+
+
+@dataclasses.dataclass
+class Workspace:
+    """Everything passes read and write.
+
+    Attributes:
+        original: The model as loaded (never modified).
+        model: The current model.
+        data: Calibration / training data.
+        eval_data: Labelled data for accuracy figures.
+        coupling: Groups of ``original``.
+        analysis: Effective filter analysis of ``original``.
+        plan: The plan applied (or to apply); ``target`` says what it aimed at.
+        kept: Kept elements of the applied plan on the original's axes.
+        exact_max_abs_error: Max abs error of the rewrite against the masked model (when verified).
+        compensation, repair: What the recovery passes did.
+        validation: Figures of the original and the current model.
+        source, output: The model file read, and where the model will be written (reports go beside it).
+        pipeline_name, pass_names: The pipeline being run (for reports).
+        staged: Staged output files (moved in place with the model once it validates).
+        reports: Report files written.
+        status, progress, console: Progress sinks (stage lines, fine-tuning steps, tables).
+    """
+
+    original: PrunableModel
+    model: PrunableModel
+    data: Calibration | None = None
+    eval_data: Calibration | None = None
+    coupling: Coupling | None = None
+    analysis: Analysis | None = None
+    plan: Plan | None = None
+    target: str | None = None
+    kept: Mapping[Axis, np.ndarray] | None = None
+    exact_max_abs_error: float | None = None
+    compensation: CompensationSummary | None = None
+    repair: str | None = None
+    validation: Validation | None = None
+    source: Path | None = None
+    output: Path | None = None
+    pipeline_name: str = ""
+    pass_names: tuple[str, ...] = ()
+    staged: StagedFiles | None = None
+    reports: tuple[Path, ...] = ()
+    status: Status = _quiet
+    progress: Progress | None = None
+    console: Console | None = None
+
+    def groups(self) -> Coupling:
+        """The original's coupling groups (built once)."""
+        if self.coupling is None:
+            self.coupling = build_groups(self.original.graph)
+        return self.coupling
+
+    def facts(self) -> frozenset[str]:
+        """The facts that hold now (for passes run one by one)."""
+        held = {"data"} if self.data is not None else set()
+        for fact, value in (("analysis", self.analysis), ("plan", self.plan), ("rewritten", self.kept),
+                            ("compensated", self.compensation), ("validated", self.validation)):
+            if value is not None:
+                held.add(fact)
+        return frozenset(held)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """The workspace after a pass, and whether the pass changed the model."""
+
+    workspace: Workspace
+    modified: bool
+
+
+class Pass:
+    """Base: subclasses set ``name``, ``Options``, their facts, and implement ``run``.
+
+    ``requires``/``ensures``/``forbids`` are class-level defaults; a pass whose
+    needs depend on its options overrides :meth:`required`.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[Any]] = type(None)
+    requires: ClassVar[frozenset[str]] = frozenset()
+    ensures: ClassVar[frozenset[str]] = frozenset()
+    forbids: ClassVar[frozenset[str]] = frozenset()
+    mutates: ClassVar[bool] = False
+    """Whether the pass may change the model (analysis, planning, validation and reporting do not)."""
+
+    def __init__(self, options: Any | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def required(self) -> frozenset[str]:
+        """The facts this pass needs before it runs, with its options."""
+        return self.requires
+
+    def __call__(self, ws: Workspace) -> PassResult:
+        missing = self.required() - ws.facts()
+        if missing:
+            raise BadInputError(f"the {self.name} pass needs {_providers(missing)} before it")
+        return self.run(ws)
+
+    def run(self, ws: Workspace) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available to pipelines by its ``name``.
+
+    Raises:
+        ValueError: A name registered twice, or a fact outside :data:`FACTS`.
+    """
+    if cls.name in PASSES:
+        raise ValueError(f"pass '{cls.name}' registered twice")
+    unknown = (cls.requires | cls.ensures | cls.forbids) - set(FACTS)
+    if unknown:
+        raise ValueError(f"pass '{cls.name}' declares unknown facts {sorted(unknown)}")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def _providers(facts: frozenset[str]) -> str:
+    """'an analyze pass and a plan pass': the registered passes that ensure ``facts``."""
+    words = []
+    for fact in sorted(facts, key=FACTS.index):
+        if fact == "data":
+            words.append("calibration data (--data)")
+            continue
+        names = [name for name, cls in PASSES.items() if fact in cls.ensures]
+        name = names[0] if names else fact
+        words.append(f"{'an' if name[0] in 'aeiou' else 'a'} {name} pass")
+    return " and ".join(words)
+
+
+def check_order(passes: Sequence[Pass], where: str, has_data: bool | None = None) -> None:
+    """Check every pass finds the facts it requires and none it forbids, from the declarations alone.
+
+    ``has_data`` None: data is not known yet (checked when the pass runs).
+
+    Raises:
+        BadInputError: On the first pass out of order.
+    """
+    held: set[str] = {"data"} if has_data in (None, True) else set()
+    for p in passes:
+        missing = p.required() - held
+        if missing:
+            raise BadInputError(f"{where}: the {p.name} pass needs {_providers(frozenset(missing))} before it")
+        clash = p.forbids & held
+        if clash:
+            raise BadInputError(f"{where}: the {p.name} pass must come before {_providers(frozenset(clash))}")
+        held |= p.ensures

@@ -1,0 +1,234 @@
+"""Latency lookup tables (graphprune.analysis.latency): coverage, prediction, JSON, cache, fusion, fast counts.
+
+Nothing here depends on how fast this machine is: the assertions are about
+structure, exact equalities of cached or reloaded values, and counters.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune import models
+from graphprune.analysis.latency import (
+    LatencyModel,
+    LatencyOptions,
+    build_latency_model,
+    candidate_counts,
+    cut_subgraph,
+    measure_plan_error,
+)
+from graphprune.coupling.groups import Coupling, build_groups
+from graphprune.errors import BadInputError
+from graphprune.frontends.onnx import OnnxModel, load_onnx
+
+
+def fast_options(tmp_path: Path, **kw: object) -> LatencyOptions:
+    base: dict[str, object] = {"batch": 1, "threads": 1, "runs": 1, "warmup": 0, "model_runs": 1, "max_counts": 4, "cache_dir": str(tmp_path / "cache")}
+    base.update(kw)
+    return LatencyOptions(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def vgg(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxModel, Coupling]:
+    path = tmp_path_factory.mktemp("lat") / "vgg.onnx"
+    models.export_onnx(models.build("vgg"), path)
+    om = load_onnx(path)
+    return om, build_groups(om.graph)
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxModel, Coupling]:
+    path = tmp_path_factory.mktemp("lat") / "resnet20.onnx"
+    models.export_onnx(models.build("resnet20"), path)
+    om = load_onnx(path)
+    return om, build_groups(om.graph)
+
+
+def depthwise_model(path: Path) -> OnnxModel:
+    """Conv(1->8) Relu, depthwise Conv(8, group 8) Relu, Conv(8->4): one group of 8 through the depthwise conv."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="dw", pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["y"], name="conv3"),
+    ]
+    graph = helper.make_graph(
+        nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return load_onnx(path)
+
+
+def keep_fraction(coupling: Coupling, frac: float) -> dict[int, int]:
+    return {g.id: max(1, round(g.channels * frac)) for g in coupling.prunable}
+
+
+def test_tables_cover_every_touched_kernel(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    lm = build_latency_model(om, coupling, fast_options(tmp_path))
+    anchors = {t.node for t in lm.tables}
+    kernels = {n.name for n in om.graph.nodes if n.op_type in ("Conv", "Gemm")}
+    assert kernels <= anchors
+    varied = {g for t in lm.tables for a in t.axes for g, _, _ in a.groups}
+    assert varied == {g.id for g in coupling.prunable}
+    for t in lm.tables:
+        assert t.full in dict(t.points)
+        assert 1 <= len(t.axes) <= 2
+    assert lm.stats.tables == len(lm.tables)
+    assert lm.stats.measurements > 0
+    assert lm.coverage > 0
+
+
+def test_predict_full_keep_is_original_and_smaller_keeps_are_finite(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    lm = build_latency_model(om, coupling, fast_options(tmp_path))
+    full = {g.id: g.channels for g in coupling.prunable}
+    assert lm.predict(full) == lm.original_ms
+    assert lm.predict({}) == lm.original_ms
+    for frac in (0.3, 0.5, 0.7):
+        value = lm.predict(keep_fraction(coupling, frac))
+        assert math.isfinite(value)
+        assert value > 0
+    gid = coupling.prunable[0].id
+    assert lm.saved_ms(gid, coupling.prunable[0].channels) == 0.0
+
+
+def test_json_round_trip_gives_identical_predictions(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    lm = build_latency_model(om, coupling, fast_options(tmp_path))
+    lm.save(tmp_path / "latency.json")
+    loaded = LatencyModel.load(tmp_path / "latency.json")
+    assert loaded == lm
+    for frac in (0.25, 0.5, 0.8):
+        keep = keep_fraction(coupling, frac)
+        assert loaded.predict(keep) == lm.predict(keep)
+    for g in coupling.prunable:
+        assert loaded.fast_counts(g.id) == lm.fast_counts(g.id)
+
+
+def test_second_build_measures_nothing(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    first = build_latency_model(om, coupling, fast_options(tmp_path))
+    second = build_latency_model(om, coupling, fast_options(tmp_path))
+    assert first.stats.measurements > 0
+    assert second.stats.measurements == 0
+    assert second.stats.cache_hits == first.stats.cache_hits + first.stats.measurements
+    assert second.stats.tables_cached == second.stats.tables == len(first.tables)
+    assert second.tables == first.tables
+    assert second.original_ms == first.original_ms
+
+
+def test_changed_batch_misses_the_cache(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    build_latency_model(om, coupling, fast_options(tmp_path))
+    other = build_latency_model(om, coupling, fast_options(tmp_path, batch=2))
+    assert other.stats.measurements > 0
+    assert other.stats.cache_hits == 0
+    assert other.setting["batch"] == 2
+
+
+def test_cache_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
+    assert LatencyOptions().cache_root() == tmp_path / "latency"
+    assert LatencyOptions(cache_dir=str(tmp_path / "x")).cache_root() == tmp_path / "x"
+
+
+def test_cut_subgraphs_keep_the_fused_ops(vgg: tuple[OnnxModel, Coupling], resnet: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, _ = vgg
+    conv = next(n for n in om.graph.nodes if n.op_type == "Conv")
+    relu = om.graph.consumers()[conv.outputs[0]][0]
+    sub = cut_subgraph(om, [conv, relu], batch=3)
+    assert [n.op_type for n in sub.om.model.graph] == ["Conv", "Relu"]
+    assert [v.shape[0] for v in sub.om.model.graph.inputs] == [3]
+    lm = build_latency_model(om, vgg[1], fast_options(tmp_path))
+    assert {t.ops for t in lm.tables if t.ops[0] == "Conv"} == {("Conv", "Relu")}
+    rom, rcoupling = resnet
+    rlm = build_latency_model(rom, rcoupling, fast_options(tmp_path))
+    assert ("Conv", "Add", "Relu") in {t.ops for t in rlm.tables}
+    adds = sum(n.op_type == "Add" for n in rom.graph.nodes)
+    assert sum(t.ops.count("Add") for t in rlm.tables) == adds  # each fused Add is timed in one table only
+    assert not {n.name for n in rom.graph.nodes if n.op_type in ("Relu", "Add")} & {t.node for t in rlm.tables}
+
+
+def test_depthwise_conv_has_one_axis(tmp_path: Path) -> None:
+    om = depthwise_model(tmp_path / "dw.onnx")
+    coupling = build_groups(om.graph)
+    lm = build_latency_model(om, coupling, fast_options(tmp_path))
+    by_node = {t.node: t for t in lm.tables}
+    assert len(by_node["dw"].axes) == 1
+    assert by_node["dw"].ops == ("Conv", "Relu")
+    assert len(by_node["conv3"].axes) == 1  # its output is the graph output: frozen
+
+
+def test_fast_counts_within_floor_and_channels(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    floors = {g.id: g.channels // 4 + 1 for g in coupling.prunable}
+    lm = build_latency_model(om, coupling, fast_options(tmp_path, max_counts=6), floors=floors)
+    for g in coupling.prunable:
+        fast = lm.fast_counts(g.id)
+        assert fast
+        assert g.channels in fast
+        assert all(floors[g.id] <= k <= g.channels for k in fast)
+        assert set(fast) <= set(lm.counts[g.id])
+        assert min(lm.counts[g.id]) == floors[g.id]
+
+
+def test_candidate_counts_policy() -> None:
+    opts = LatencyOptions(max_counts=12)
+    counts = candidate_counts(5, 64, opts)
+    assert counts[0] == 5
+    assert counts[-1] == 64
+    assert {16, 32, 48, 63} <= set(counts)
+    assert len(candidate_counts(1, 512, LatencyOptions(max_counts=7))) == 7
+    assert candidate_counts(3, 3, opts) == (3,)
+
+
+def test_measure_plan_error_reports_the_prediction(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    lm = build_latency_model(om, coupling, fast_options(tmp_path))
+    keep = keep_fraction(coupling, 0.5)
+    predicted, measured, error = measure_plan_error(om, coupling, lm, keep, fast_options(tmp_path))
+    assert predicted == lm.predict(keep)
+    assert measured > 0
+    assert error == pytest.approx((predicted - measured) / measured)
+
+
+def test_measurement_budget_leaves_ops_out(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    lm = build_latency_model(om, coupling, fast_options(tmp_path, max_measurements=0))
+    assert lm.tables == ()
+    assert any("budget" in why for _, why in lm.left_out)
+    assert lm.predict(keep_fraction(coupling, 0.5)) == lm.original_ms
+
+
+def test_bad_inputs_raise(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    with pytest.raises(BadInputError):
+        LatencyOptions(batch=0)
+    with pytest.raises(BadInputError):
+        LatencyOptions(multiples=())
+    with pytest.raises(BadInputError):
+        build_latency_model(om, coupling, fast_options(tmp_path, provider="NoSuchExecutionProvider"))
+    g = coupling.prunable[0]
+    with pytest.raises(BadInputError):
+        build_latency_model(om, coupling, fast_options(tmp_path), floors={g.id: g.channels + 1})
+    lm = build_latency_model(om, coupling, fast_options(tmp_path))
+    with pytest.raises(BadInputError):
+        lm.predict({g.id: 0})
+    with pytest.raises(BadInputError):
+        lm.predict({10_000: 1})
+    with pytest.raises(BadInputError):
+        LatencyModel.from_json('{"format": "other"}')
