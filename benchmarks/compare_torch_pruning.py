@@ -59,12 +59,12 @@ from graphprune.pipeline.passes import (
     CompensatePass,
     FineTunePass,
     PlanPass,
-    PlanPassOptions,
     RepairPass,
     RewriteOptions,
     RewritePass,
     Workspace,
 )
+from graphprune.planning.options import PlanOptions
 
 console = Console(width=200)
 TP_METHODS = {
@@ -113,7 +113,7 @@ def load_onnx_bytes(blob: bytes):
 
 def _graphprune(om, analysis, train, red: float, round_to: int, ft: FitOptions, samples: int) -> bytes:
     ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train, analysis=analysis)
-    plan = PlanPassOptions(method="hierarchical", criterion="effective", macs=1.0 / red, round_to=round_to, allow_over_limit=True, seed=ft.seed)
+    plan = PlanOptions(method="hierarchical", criterion="effective", macs=1.0 / red, round_to=round_to, allow_over_limit=True, seed=ft.seed)
     ws = PlanPass(plan)(ws).workspace
     ws = CompensatePass(CompensateOptions(samples=samples, seed=ft.seed))(ws).workspace
     ws = RewritePass(RewriteOptions(verify=False))(ws).workspace

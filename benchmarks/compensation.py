@@ -41,19 +41,19 @@ from graphprune.pipeline.passes import (
     CompensateOptions,
     CompensatePass,
     PlanPass,
-    PlanPassOptions,
     RepairPass,
     RewriteOptions,
     RewritePass,
     Workspace,
 )
+from graphprune.planning.options import PlanOptions
 
 console = Console(width=140)
 
 
 def _graphprune(om, analysis, cal, test, plan: dict, samples: int) -> dict[str, float]:
     ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=cal, analysis=analysis)
-    ws = PlanPass(PlanPassOptions(**plan))(ws).workspace
+    ws = PlanPass(PlanOptions(**plan))(ws).workspace
     out: dict[str, float] = {}
     opts = CompensateOptions(samples=samples)
     for comp in (False, True):

@@ -31,7 +31,8 @@ from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
 from graphprune.models.fashion import fashion_mnist, trained
 from graphprune.pipeline.config import parse_pipeline, run_passes
-from graphprune.pipeline.passes import FineTunePass, PlanPass, PlanPassOptions, RewriteOptions, RewritePass, Workspace
+from graphprune.pipeline.passes import FineTunePass, PlanPass, RewriteOptions, RewritePass, Workspace
+from graphprune.planning.options import PlanOptions
 
 console = Console(width=130)
 
@@ -39,7 +40,7 @@ console = Console(width=130)
 def _run(om, train, test, analysis, plan: dict, finetune: dict) -> dict:
     """Plan and rewrite with the analysis already made, measure, fine-tune, measure."""
     ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train, analysis=analysis)
-    ws = RewritePass(RewriteOptions(verify=False))(PlanPass(PlanPassOptions(**plan))(ws).workspace).workspace
+    ws = RewritePass(RewriteOptions(verify=False))(PlanPass(PlanOptions(**plan))(ws).workspace).workspace
     before = ort_accuracy(model_bytes(ws.model.om.model), test)
     ws = FineTunePass(FitOptions(**finetune))(ws).workspace
     after = ort_accuracy(model_bytes(ws.model.om.model), test)

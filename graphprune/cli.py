@@ -192,13 +192,15 @@ def _method_and_criterion(args: argparse.Namespace) -> tuple[str, str]:
 
 def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The pipeline ``prune`` runs: the same passes as ``graphprune run``, chosen from the flags."""
+    from graphprune.pipeline.run import prune_passes
+
     target = {k: getattr(args, k) for k in TARGETS if getattr(args, k) is not None}
     if args.plan is not None:
         if target or args.method or args.data:
             raise BadInputError("--plan applies a saved plan: do not combine it with a target, --method or --data")
-        plan: dict[str, Any] = {"name": "plan", "method": "uniform", "criterion": "l1", "plan_file": str(args.plan)}
-        return [plan, {"name": "rewrite", "verify": args.verify or args.model.suffix == ".pt2"},
-                {"name": "validate", "latency_runs": args.latency_runs, "run_check": False}, _report(args)]
+        saved = prune_passes(ratio=0.0, criterion="l1", round_to=1, seed=args.seed, plan=args.plan,
+                             verify=args.verify or args.model.suffix == ".pt2", latency_runs=args.latency_runs, reports=False)
+        return [*saved[:-1], _report(args)]
     method, criterion = _method_and_criterion(args)
     if not args.data and not target:
         target = {"ratio": 0.5}

@@ -187,9 +187,15 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
 
 
 def run_passes(pipeline: Pipeline, ws: Workspace, on_result: Callable[[Pass, PassResult], None] | None = None) -> Workspace:
-    """Run every pass in order; each gets the workspace the previous one returned."""
+    """Run every pass in order; each gets the workspace the previous one returned.
+
+    Raises:
+        RuntimeError: A pass that declares it changes no model reported a change (a bug in that pass).
+    """
     for p in pipeline.passes:
         result = p(ws)
+        if result.modified and not p.mutates:
+            raise RuntimeError(f"the {p.name} pass declares it changes no model, but it did")
         ws = result.workspace
         if on_result is not None:
             on_result(p, result)

@@ -42,7 +42,6 @@ __all__ = [
     "CompensatePass",
     "FineTunePass",
     "PlanPass",
-    "PlanPassOptions",
     "RepairPass",
     "ReportOptions",
     "ReportPass",
@@ -94,10 +93,6 @@ class AnalyzePass(Pass):
         meta = {"model": str(ws.source) if ws.source else ws.original.kind, "data": ws.data.source}
         ws.analysis = run_analysis(ws.original.graph, ws.groups(), ws.data, self.options, ws.progress, meta)
         return PassResult(ws, False)
-
-
-PlanPassOptions = PlanOptions
-"""The plan pass takes the planners' one options type."""
 
 
 @register_pass

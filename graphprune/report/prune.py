@@ -94,9 +94,18 @@ def figures_json(ws: Workspace) -> dict[str, Any]:
 
 
 def report_json(ws: Workspace) -> str:
-    doc = {"pipeline": ws.pipeline_name, "passes": list(ws.pass_names), "model": str(ws.source), "output": str(ws.output),
-           "format": ws.original.kind, "figures": figures_json(ws), "plan_meta": dict(ws.plan.meta) if ws.plan else None,
-           "analysis": ws.analysis.to_dict() if ws.analysis else None}
+    figures = figures_json(ws)
+    doc: dict[str, Any] = {"pipeline": ws.pipeline_name, "passes": list(ws.pass_names), "model": str(ws.source),
+                           "output": str(ws.output), "format": ws.original.kind, "figures": figures,
+                           "plan_meta": dict(ws.plan.meta) if ws.plan else None,
+                           "analysis": ws.analysis.to_dict() if ws.analysis else None}
+    if "before" in figures:  # the summary keys `prune --json` has always written
+        doc.update(before=figures["before"], after=figures["after"])
+    if ws.plan is not None and ws.coupling is not None:
+        groups = ws.coupling.groups
+        doc["groups"] = {"total": len(groups), "pruned": len(ws.plan.groups), "frozen": sum(not g.prunable for g in groups)}
+    doc["validation"] = {"provider": ws.validation.runtime if ws.validation else ws.model.runtime,
+                         "exact": None if ws.exact_max_abs_error is None else True, "max_abs_error": ws.exact_max_abs_error}
     return json.dumps(doc, indent=1, default=str)
 
 
