@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from graphprune.errors import BadInputError, GraphpruneError
-from graphprune.planning.options import ANALYSIS_CRITERIA, CRITERIA_NAMES, METHODS, NEEDS_ANALYSIS, TARGETS
+from graphprune.planning.options import ANALYSIS_CRITERIA, CRITERIA_NAMES, METHODS, NEEDS_ANALYSIS, OBJECTIVES, TARGETS
 
 __all__ = ["build_parser", "main"]
 
@@ -101,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="least-squares compensation of dropped channels (default: on with --data)")
     pr.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
                     help="BN re-estimation or bias correction after rewrite (default: on with --data)")
-    pr.add_argument("--round-to", type=_positive, default=1, help="keep channel counts multiples of N")
+    pr.add_argument("--round-to", type=_positive, default=1,
+                    help="keep channel counts multiples of N (default: with a latency model, the counts its tables show are fast)")
+    pr.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                    help="measure latency tables of the original on its runtime and plan for latency (default: on with --data)")
+    pr.add_argument("--latency-batch", type=_positive, default=1,
+                    help="batch size the model will run at: latency tables, the latency target and the second speed-up figure use it")
+    pr.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads of every latency figure (0: its default)")
+    pr.add_argument("--objective", choices=OBJECTIVES, default="auto",
+                    help="level 1 prices by predicted ms saved (latency) or by the target's unit (macs); auto: latency with a latency model")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--verify", action="store_true", help="check the pruned model equals the original with removed channels zeroed")
     plan = pr.add_mutually_exclusive_group()
@@ -212,8 +220,13 @@ def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.budget is not None:
             analyze["budget"] = args.budget
         passes.append(analyze)
+    profile = bool(args.data) if args.profile is None else args.profile
+    if profile:
+        passes.append({"name": "profile", "batch": args.latency_batch, "threads": args.threads, "runs": 5})
+    elif args.objective == "latency":
+        raise BadInputError("--objective latency needs the latency tables: drop --no-profile")
     passes.append({"name": "plan", "method": method, "criterion": criterion, "round_to": args.round_to,
-                   "allow_over_limit": args.allow_over_limit, "seed": args.seed, **target})
+                   "allow_over_limit": args.allow_over_limit, "seed": args.seed, "objective": args.objective, **target})
     compensate = bool(args.data) if args.compensate is None else args.compensate
     repair = bool(args.data) if args.repair is None else args.repair
     if (compensate or repair) and not args.data:
@@ -229,7 +242,8 @@ def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise BadInputError("--finetune-epochs needs --data")
         passes.append({"name": "finetune", "epochs": args.finetune_epochs, "seed": args.seed})
     # the written file is always validated before it is moved in place; a plain magnitude prune checks it only there
-    passes += [{"name": "validate", "latency_runs": args.latency_runs, "run_check": bool(args.data)}, _report(args)]
+    passes += [{"name": "validate", "latency_runs": args.latency_runs, "run_check": bool(args.data),
+                "batch": args.latency_batch, "threads": args.threads}, _report(args)]
     return passes
 
 
@@ -255,6 +269,8 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
             raise BadInputError(f"{path} is the input model: choose another path")
     if args.latency_runs < 0:
         raise BadInputError(f"--latency-runs must be >= 0, got {args.latency_runs}")
+    if args.threads < 0:
+        raise BadInputError(f"--threads must be >= 0, got {args.threads}")
     pipeline = parse_pipeline({"pipeline": {"name": "prune"}, "pass": _prune_passes(args)}, "prune")
     with process_group():
         result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console)

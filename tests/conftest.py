@@ -1,7 +1,7 @@
 """Shared fixtures: reference models exported once per session."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -25,3 +25,18 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return cache[key]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def latency_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Latency tables go to a session folder, never to the user's cache."""
+    import os
+
+    root = tmp_path_factory.mktemp("graphprune-cache")
+    before = os.environ.get("GRAPHPRUNE_CACHE")
+    os.environ["GRAPHPRUNE_CACHE"] = str(root)
+    yield root
+    if before is None:
+        os.environ.pop("GRAPHPRUNE_CACHE", None)
+    else:
+        os.environ["GRAPHPRUNE_CACHE"] = before

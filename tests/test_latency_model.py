@@ -1,4 +1,4 @@
-"""Latency lookup tables (graphprune.analysis.latency): coverage, prediction, JSON, cache, fusion, fast counts.
+"""Latency lookup tables (graphprune.analysis.latency, measured by graphprune.execution.latency_tables): coverage, prediction, JSON, cache, fusion, fast counts.
 
 Nothing here depends on how fast this machine is: the assertions are about
 structure, exact equalities of cached or reloaded values, and counters.
@@ -14,16 +14,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune import models
-from graphprune.analysis.latency import (
-    LatencyModel,
+from graphprune.analysis.latency import LatencyModel
+from graphprune.coupling.groups import Coupling, build_groups
+from graphprune.errors import BadInputError
+from graphprune.execution.latency_tables import (
     LatencyOptions,
     build_latency_model,
     candidate_counts,
     cut_subgraph,
     measure_plan_error,
 )
-from graphprune.coupling.groups import Coupling, build_groups
-from graphprune.errors import BadInputError
 from graphprune.frontends.onnx import OnnxModel, load_onnx
 
 

@@ -108,7 +108,7 @@ def test_passes_compose_in_python(exported, tmp_path):
     ws = run_passes(pipeline, ws, lambda p, r: seen.append((p.name, r.modified)))
     assert seen == [("analyze", False), ("plan", False), ("rewrite", True), ("finetune", True)]
     assert ws.model is not om and ws.exact_max_abs_error is not None and ws.exact_max_abs_error < 1e-4
-    assert set(PASSES) == {"analyze", "plan", "compensate", "rewrite", "repair", "finetune", "validate", "report"}
+    assert set(PASSES) == {"analyze", "profile", "plan", "compensate", "rewrite", "repair", "finetune", "validate", "report"}
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")

@@ -23,6 +23,8 @@ from graphprune.ir.model import PrunableModel
 from graphprune.ir.plan import Plan, kept_elements
 
 if TYPE_CHECKING:
+    from graphprune.analysis.latency import LatencyModel
+    from graphprune.execution.latency_tables import LatencyOptions
     from graphprune.execution.validate import ValidationReport
     from graphprune.ir.graph import Axis
 
@@ -80,12 +82,17 @@ class OnnxPrunable:
     def run_check(self, original: PrunableModel) -> None:
         self._validate(_onnx(original), None)
 
-    def latency_ms(self, batch: int, runs: int) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0) -> float:
         from graphprune.execution.sessions import measure_latency
         from graphprune.ir.onnx import model_session
 
-        with model_session(self.om.model) as session:
+        with model_session(self.om.model, threads=threads) as session:
             return measure_latency(session, sample_inputs(self.om.graph, batch=batch), runs=runs)
+
+    def latency_model(self, coupling: Coupling, options: LatencyOptions, floors: Mapping[int, int]) -> LatencyModel:
+        from graphprune.execution.latency_tables import build_latency_model
+
+        return build_latency_model(self.om, coupling, options, floors)
 
     def accuracy(self, data: Calibration) -> float:
         from graphprune.execution.measure import ort_accuracy

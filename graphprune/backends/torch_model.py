@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from graphprune.frontends.torch.trace import TorchModel, load_exported_program, 
 from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.model import PrunableModel
 from graphprune.ir.plan import Plan
+
+if TYPE_CHECKING:
+    from graphprune.execution.latency_tables import LatencyOptions
 
 __all__ = ["ModulePrunable", "ProgramPrunable", "load_program_model", "module_model"]
 
@@ -118,6 +121,10 @@ class _Traced:
     def runtime(self) -> str:
         return "torch (cpu)"
 
+    def latency_model(self, coupling: Coupling, options: LatencyOptions, floors: Mapping[int, int]) -> None:
+        """None: latency tables are measured on onnxruntime only."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class ModulePrunable(_Traced):
@@ -176,7 +183,7 @@ class ModulePrunable(_Traced):
         with torch.no_grad():
             _check_signature(_outputs(self.module.eval()(*inputs)), _outputs(src.module.eval()(*inputs)))
 
-    def latency_ms(self, batch: int, runs: int) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0) -> float:
         return _latency(self.module.eval(), _at_batch(self.example_inputs, batch), runs)
 
     def accuracy(self, data: Calibration) -> float:
@@ -243,7 +250,7 @@ class ProgramPrunable(_Traced):
         with torch.no_grad():
             _check_signature(_outputs(self.program.module()(*inputs)), _outputs(src.program.module()(*inputs)))
 
-    def latency_ms(self, batch: int, runs: int) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0) -> float:
         return _latency(self.program.module(), self._inputs(batch), runs)
 
     def accuracy(self, data: Calibration) -> float:

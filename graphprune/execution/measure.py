@@ -23,6 +23,8 @@ class Figures:
     macs: int
     latency_ms: float | None
     accuracy: float | None
+    latency_batch_ms: float | None = None
+    """Latency at the validation's latency batch (when it is not 1)."""
 
 
 def ort_accuracy(session_model: bytes | str | ort.InferenceSession, data: Calibration, batch_size: int = 500) -> float:

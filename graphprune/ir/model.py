@@ -16,7 +16,9 @@ from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.plan import Plan
 
 if TYPE_CHECKING:  # the stages that use the protocol, for annotations only
+    from graphprune.analysis.latency import LatencyModel
     from graphprune.coupling.groups import Coupling
+    from graphprune.execution.latency_tables import LatencyOptions
     from graphprune.execution.training import FitOptions, Progress
     from graphprune.frontends.data import Calibration
 
@@ -72,8 +74,16 @@ class PrunableModel(Protocol):
         """
         ...
 
-    def latency_ms(self, batch: int, runs: int) -> float:
-        """Median latency of one forward pass at ``batch`` on :attr:`runtime`."""
+    def latency_ms(self, batch: int, runs: int, threads: int = 0) -> float:
+        """Median latency of one forward pass at ``batch`` on :attr:`runtime` (``threads``: intra-op threads, 0: the runtime's default)."""
+        ...
+
+    def latency_model(self, coupling: Coupling, options: LatencyOptions, floors: Mapping[int, int]) -> LatencyModel | None:
+        """Per-op latency tables of this model on its runtime (cached on disk), or None where the runtime has none.
+
+        Raises:
+            BadInputError: An unavailable execution provider or a floor outside [1, C].
+        """
         ...
 
     def accuracy(self, data: Calibration) -> float:

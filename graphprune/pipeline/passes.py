@@ -1,4 +1,4 @@
-"""The passes: analyze, plan, compensate, rewrite, repair, finetune, validate, report.
+"""The passes: analyze, profile, plan, compensate, rewrite, repair, finetune, validate, report.
 
 Each is a small class with a frozen options dataclass; calling it on a
 :class:`~graphprune.pipeline.workspace.Workspace` returns a
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
+from graphprune.analysis.latency import LatencyModel
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError
 from graphprune.execution.measure import Figures
@@ -42,6 +44,8 @@ __all__ = [
     "CompensatePass",
     "FineTunePass",
     "PlanPass",
+    "ProfileOptions",
+    "ProfilePass",
     "RepairPass",
     "ReportOptions",
     "ReportPass",
@@ -95,6 +99,68 @@ class AnalyzePass(Pass):
         return PassResult(ws, False)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProfileOptions:
+    """The runtime setting of the latency tables and what building them may cost.
+
+    Attributes:
+        batch: Batch size the model will run at (the tables and the validation's second latency figure use it).
+        threads: onnxruntime intra-op threads (0: its default).
+        runs: Timed runs per table point.
+        model_runs: Timed runs of the whole model.
+        max_measurements: Most new measurements in one build (the bound on its cost).
+        cache_dir: Table cache; empty: ``$GRAPHPRUNE_CACHE/latency`` or ``~/.cache/graphprune/latency``.
+    """
+
+    batch: int = 1
+    threads: int = 0
+    runs: int = 10
+    model_runs: int = 30
+    max_measurements: int = 2000
+    cache_dir: str = ""
+
+    def latency_options(self) -> Any:
+        """The :class:`~graphprune.execution.latency_tables.LatencyOptions` of this setting (checked)."""
+        from graphprune.execution.latency_tables import LatencyOptions
+
+        return LatencyOptions(batch=self.batch, threads=self.threads, runs=self.runs, model_runs=self.model_runs,
+                              max_measurements=self.max_measurements, cache_dir=self.cache_dir or None)
+
+    def check(self) -> None:
+        self.latency_options()
+
+
+def build_cost(latency: LatencyModel) -> str:
+    """'12 tables (12 from the cache), 0 measurements, 140 cache hits, 0.2 s on CPUExecutionProvider at batch 1, 2 threads'."""
+    st, s = latency.stats, latency.setting
+    threads = f"{s['threads']} threads" if s.get("threads") else "default threads"
+    return (f"{st.tables} tables ({st.tables_cached} from the cache), {st.measurements} measurements, {st.cache_hits} cache hits, "
+            f"{st.seconds:.1f} s on {s['provider']} at batch {s['batch']}, {threads}")
+
+
+@register_pass
+class ProfilePass(Pass):
+    """Latency tables of the original model on its runtime (ONNX on onnxruntime): an input to planning."""
+
+    name = "profile"
+    Options = ProfileOptions
+    ensures = frozenset({"latency"})
+    forbids = frozenset({"plan"})
+
+    def run(self, ws: Workspace) -> PassResult:
+        floors = {g.group: g.effective for g in ws.analysis.groups} if ws.analysis is not None else {}
+        coupling = ws.groups()
+        prunable = {g.id: g.channels for g in coupling.prunable}
+        floors = {g: max(1, min(f, prunable[g])) for g, f in floors.items() if g in prunable}
+        ws.status(f"measuring latency tables on {ws.original.runtime} at batch {self.options.batch}")
+        ws.latency = ws.original.latency_model(coupling, self.options.latency_options(), floors)
+        if ws.latency is None:
+            ws.status(f"profile: skipped, latency tables are measured on onnxruntime and this is a {ws.original.kind} model (planned by MACs)")
+        else:
+            ws.status(f"latency model: {build_cost(ws.latency)}")
+        return PassResult(ws, False)
+
+
 @register_pass
 class PlanPass(Pass):
     """Level 1 and level 2: how many channels each group keeps, and which."""
@@ -111,7 +177,16 @@ class PlanPass(Pass):
         from graphprune.planning.targets import plan_for
 
         ws.status("planning")
-        ws.plan, ws.target = plan_for(ws.groups(), ws.analysis, self.options, ws.original)
+        ws.plan, ws.target = plan_for(ws.groups(), ws.analysis, self.options, ws.original, ws.latency)
+        meta = ws.plan.meta
+        if "predicted_ms" in meta and ws.latency is not None:
+            ws.status(f"planned by {meta.get('objective')}: predicted {meta['predicted_ms']:.3f} ms "
+                      f"against {ws.latency.original_ms:.3f} ms at batch {ws.latency.setting['batch']}")
+        if "measured_ms" in meta:
+            ws.status(f"latency target confirmed once: measured {meta['measured_latency']:.3f} of the original "
+                      f"({meta['measured_ms']:.3f} ms, predicted {meta['predicted_ms']:.3f} ms)")
+        if meta.get("predicted_slower"):
+            ws.status("the plan is predicted slower than the original even re-planned with counts multiples of 8; it is kept")
         return PassResult(ws, False)
 
 
@@ -230,29 +305,58 @@ class FineTunePass(Pass):
 
 @dataclasses.dataclass(frozen=True)
 class ValidateOptions:
-    """``latency_runs``: runs per latency figure (0 skips latency); ``run_check``: run the model against the original's signature."""
+    """How the current model is checked and measured against the original.
+
+    Attributes:
+        latency_runs: Runs per latency figure (0 skips latency).
+        run_check: Run the model against the original's signature.
+        batch: Second latency batch (0: the latency model's batch when there is one, else only batch 1).
+        threads: Intra-op threads of the latency figures (0: the latency model's, else the runtime's default).
+    """
 
     latency_runs: int = 30
     run_check: bool = True
+    batch: int = 0
+    threads: int = 0
 
     def check(self) -> None:
         if self.latency_runs < 0:
             raise BadInputError(f"latency_runs must be >= 0, got {self.latency_runs}")
+        if self.batch < 0 or self.threads < 0:
+            raise BadInputError(f"batch and threads must be >= 0, got {self.batch} and {self.threads}")
 
 
-def measure(model: PrunableModel, eval_data: Calibration | None, latency_runs: int) -> Figures:
-    """Parameters and MACs (cost model), batch-1 latency and accuracy on the model's own runtime."""
+def measure(model: PrunableModel, eval_data: Calibration | None, latency_runs: int, batch: int = 1, threads: int = 0) -> Figures:
+    """Parameters and MACs (cost model), latency at batch 1 (and at ``batch``) and accuracy on the model's own runtime."""
     from graphprune.analysis.cost import model_cost
 
     cost = model_cost(model.graph)
-    latency = model.latency_ms(1, latency_runs) if latency_runs > 0 else None
+    latency = model.latency_ms(1, latency_runs, threads) if latency_runs > 0 else None
+    at_batch = model.latency_ms(batch, latency_runs, threads) if latency_runs > 0 and batch > 1 else None
     acc = model.accuracy(eval_data) if eval_data is not None and eval_data.labels is not None else None
-    return Figures(cost.params, cost.macs, latency, acc)
+    return Figures(cost.params, cost.macs, latency, acc, at_batch)
+
+
+def slower_line(v: Validation, plan_meta: Mapping[str, Any]) -> str | None:
+    """One line when the pruned model measured slower than the original at batch 1, else None."""
+    from graphprune.report.prune import speed_change
+
+    b, a = v.before.latency_ms, v.after.latency_ms
+    if not b or not a or a <= b:
+        return None
+    if plan_meta.get("repaired"):
+        why = f"it was {plan_meta['repaired']} and still is"
+    elif "predicted_ms" in plan_meta:
+        why = f"the latency model predicted {plan_meta['predicted_ms']:.3f} ms against {plan_meta['original_predicted_ms']:.3f} ms"
+    else:
+        why = "no latency model was built (add a profile pass) to plan for speed"
+    return (f"the pruned model is {speed_change(b, a)} than the original on {v.runtime} at batch 1: {why}; "
+            "the output is written anyway")
 
 
 @register_pass
 class ValidatePass(Pass):
-    """Check the current model runs like the original, and measure both side by side."""
+    """Check the current model runs like the original, and measure both side by side (batch 1 and the latency batch)."""
 
     name = "validate"
     Options = ValidateOptions
@@ -262,8 +366,21 @@ class ValidatePass(Pass):
         ws.status(f"validating on {ws.model.runtime}")
         if self.options.run_check:
             ws.model.run_check(ws.original)
-        runs = self.options.latency_runs
-        ws.validation = Validation(ws.model.runtime, measure(ws.original, ws.eval_data, runs), measure(ws.model, ws.eval_data, runs))
+        runs, lm = self.options.latency_runs, ws.latency
+        batch = self.options.batch or (int(lm.setting["batch"]) if lm is not None else 1)
+        threads = self.options.threads or (int(lm.setting.get("threads", 0)) if lm is not None else 0)
+        predicted = None
+        if lm is not None and ws.plan is not None and runs > 0 and batch == int(lm.setting["batch"]):
+            predicted = lm.predict({g.group: len(g.keep) for g in ws.plan.groups if g.group in lm.channels})
+        before = measure(ws.original, ws.eval_data, runs, batch, threads)
+        after = measure(ws.model, ws.eval_data, runs, batch, threads)
+        ws.validation = Validation(ws.model.runtime, before, after, batch, predicted)
+        line = slower_line(ws.validation, ws.plan.meta if ws.plan is not None else {})
+        if line is not None:
+            log.warning("%s", line)
+            ws.status(line)
+            if ws.console is not None:
+                ws.console.print(line, markup=False, highlight=False)
         return PassResult(ws, False)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 
 from graphprune.analysis.effective import Analysis
+from graphprune.analysis.latency import LatencyModel
 from graphprune.coupling.groups import Coupling, build_groups
 from graphprune.errors import BadInputError
 from graphprune.execution.measure import Figures
@@ -42,7 +43,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FACTS = ("data", "analysis", "plan", "compensated", "rewritten", "repaired", "finetuned", "validated", "reported")
+FACTS = ("data", "analysis", "latency", "plan", "compensated", "rewritten", "repaired", "finetuned", "validated", "reported")
 """What passes may require and ensure. ``data`` holds when the workspace has calibration data."""
 
 Status = Callable[[str], None]
@@ -63,6 +64,18 @@ class Validation:
     runtime: str
     before: Figures
     after: Figures
+    batch: int = 1
+    """The latency batch of ``latency_batch_ms`` in the figures (1: only batch 1 was measured)."""
+    predicted_ms: float | None = None
+    """The latency model's prediction for the plan at ``batch`` (when one was used)."""
+
+    @property
+    def prediction_error(self) -> float | None:
+        """(predicted - measured) / measured at the latency batch, when both are known."""
+        measured = self.after.latency_batch_ms if self.batch > 1 else self.after.latency_ms
+        if self.predicted_ms is None or not measured:
+            return None
+        return (self.predicted_ms - measured) / measured
 
 
 def _quiet(message: str) -> None:
@@ -80,6 +93,7 @@ class Workspace:
         eval_data: Labelled data for accuracy figures.
         coupling: Groups of ``original``.
         analysis: Effective filter analysis of ``original``.
+        latency: Latency model of ``original`` on its runtime (the profile pass), an input to planning.
         plan: The plan applied (or to apply); ``target`` says what it aimed at.
         kept: Kept elements of the applied plan on the original's axes.
         exact_max_abs_error: Max abs error of the rewrite against the masked model (when verified).
@@ -98,6 +112,7 @@ class Workspace:
     eval_data: Calibration | None = None
     coupling: Coupling | None = None
     analysis: Analysis | None = None
+    latency: LatencyModel | None = None
     plan: Plan | None = None
     target: str | None = None
     kept: Mapping[Axis, np.ndarray] | None = None
@@ -124,7 +139,7 @@ class Workspace:
     def facts(self) -> frozenset[str]:
         """The facts that hold now (for passes run one by one)."""
         held = {"data"} if self.data is not None else set()
-        for fact, value in (("analysis", self.analysis), ("plan", self.plan), ("rewritten", self.kept),
+        for fact, value in (("analysis", self.analysis), ("latency", self.latency), ("plan", self.plan), ("rewritten", self.kept),
                             ("compensated", self.compensation), ("validated", self.validation)):
             if value is not None:
                 held.add(fact)

@@ -21,17 +21,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from graphprune.analysis.cost import Cost, cost_with_keep, model_cost
+from graphprune.analysis.cost import Cost, cost_with_keep
 from graphprune.analysis.effective import Analysis
+from graphprune.analysis.latency import LatencyModel
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, OverLimitError
 from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.plan import Plan, plan_from_keep
 from graphprune.planning.criteria import score_group
+from graphprune.planning.latency import Saving, lower_fast, ms_saving, resolve_objective, snap_to_fast
 from graphprune.planning.options import NEEDS_ANALYSIS, PlanOptions, Target
 from graphprune.planning.selection import greedy_drop_order, pivoted_cholesky_order
 from graphprune.planning.uniform import uniform_counts
@@ -42,12 +44,15 @@ REFRESH = 16
 """Steps of ``_rounded_to_goal`` between two full re-measurements of what each group saves."""
 
 
-def _check(options: PlanOptions, analysis: Analysis | None) -> Target:
-    """The options' MACs, parameter or ratio target, checked against the analysis at hand."""
+def _check(options: PlanOptions, analysis: Analysis | None, latency: LatencyModel | None) -> Target:
+    """The options' target (latency only with a latency model), checked against the analysis at hand."""
     options.check()
     target = options.target
-    if target is None or target.kind == "latency":
-        raise BadInputError("make_plan needs a ratio, macs or params target (latency targets: graphprune.planning.targets.plan_for)")
+    if target is None or (target.kind == "latency" and latency is None):
+        raise BadInputError("make_plan needs a ratio, macs or params target, or a latency target and a latency model "
+                            "(measured latency targets: graphprune.planning.targets.plan_for)")
+    if resolve_objective(options.objective, latency) == "latency" and latency is None:
+        raise BadInputError("objective 'latency' needs a latency model (run the profile pass before plan)")
     if analysis is None and options.needs_analysis:
         raise BadInputError(f"--method {options.method} --criterion {options.criterion} needs an analysis (calibration data)")
     return target
@@ -98,6 +103,19 @@ def metric(cost: Cost, kind: str, kept_channels: int) -> float:
     return {"macs": cost.macs, "params": cost.params, "ratio": kept_channels}[kind]
 
 
+Value = Callable[[Mapping[int, int]], float]
+"""What the target measures for a keep (MACs, parameters, channels or predicted ms)."""
+
+
+def _value_of(graph: ChannelGraph, coupling: Coupling, kind: str, latency: LatencyModel | None) -> Value:
+    if kind == "latency":
+        assert latency is not None
+        return latency.predict
+    if kind == "ratio":
+        return lambda keep: float(sum(keep.values()))
+    return lambda keep: metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values()))
+
+
 def round_counts(keep: Mapping[int, int], orders: Mapping[int, GroupOrder], n: int) -> dict[int, int]:
     """Channel counts rounded up to multiples of ``n``, never below a group's floor nor above its size."""
     if n <= 1:
@@ -110,14 +128,17 @@ def keep_sets(orders: Mapping[int, GroupOrder], counts: Mapping[int, int]) -> di
     return {gid: np.sort(orders[gid].order[orders[gid].order.size - k:]) for gid, k in counts.items()}
 
 
-def _greedy(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, kind: str,
-            floors: Mapping[int, int], per_unit: bool, start: Mapping[int, int] | None = None) -> tuple[dict[int, int], bool]:
-    """Remove channels, cheapest predicted loss per unit saved first, until ``metric <= goal``."""
+def _greedy(coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, value: Value,
+            floors: Mapping[int, int], per_unit: bool, start: Mapping[int, int] | None = None,
+            priced: Saving | None = None) -> tuple[dict[int, int], bool]:
+    """Remove channels, cheapest predicted loss per unit saved first, until ``value(keep) <= goal``.
+
+    ``priced``: the unit of the price's saving when it is not the target's own (predicted ms).
+    """
     keep = dict(start) if start else {gid: coupling.by_id(gid).channels for gid in orders}
-    total = sum(keep.values())
     chunk = max(1, sum(coupling.by_id(g).channels for g in orders) // 200)
     while True:
-        now = metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values()))
+        now = value(keep)
         if now <= goal:
             return keep, True
         live = [g for g in orders if keep[g] > floors[g]]
@@ -125,28 +146,26 @@ def _greedy(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupO
             return keep, False
         saving: dict[int, float] = {}
         for g in live:
-            if kind == "ratio":
-                saving[g] = 1.0
-            else:
-                trial = dict(keep)
-                trial[g] -= 1
-                saving[g] = max(now - metric(cost_with_keep(graph, coupling, trial), kind, total - 1), 1e-12)
+            trial = dict(keep)
+            trial[g] -= 1
+            saving[g] = max(now - value(trial), 1e-12)
+        unit = saving if priced is None else {g: priced(keep, g) for g in live}
         est = now
         for _ in range(chunk):
             cands = [g for g in live if keep[g] > floors[g]]
             if not cands or est <= goal:
                 break
-            def price(g: int, saving: Mapping[int, float] = saving) -> float:
+            def price(g: int, unit: Mapping[int, float] = unit) -> float:
                 o = orders[g]
                 step = o.step_cost[o.order.size - keep[g]]
-                return step / saving[g] if per_unit else step
+                return step / unit[g] if per_unit else step
             best = min(cands, key=price)
             keep[best] -= 1
             est -= saving[best]
 
 
-def _rounded_to_goal(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], keep: Mapping[int, int], goal: float,
-                     kind: str, n: int, per_unit: bool, floors: Mapping[int, int]) -> dict[int, int]:
+def _rounded_to_goal(orders: Mapping[int, GroupOrder], keep: Mapping[int, int], goal: float,
+                     value: Value, n: int, per_unit: bool, floors: Mapping[int, int]) -> dict[int, int]:
     """Rounding up overshoots the target: remove ``n`` channels at a time, cheapest first, until it is met again.
 
     What ``n`` channels of a group save is measured once per group, then again only for the group
@@ -160,10 +179,10 @@ def _rounded_to_goal(graph: ChannelGraph, coupling: Coupling, orders: Mapping[in
     def saving(g: int, now: float) -> float:
         trial = dict(keep)
         trial[g] -= n
-        return max(now - metric(cost_with_keep(graph, coupling, trial), kind, sum(trial.values())), 1e-12)
+        return max(now - value(trial), 1e-12)
 
     for step in itertools.count():
-        now = metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values()))
+        now = value(keep)
         live = [g for g in orders if keep[g] - n >= max(floors[g], 1)]
         if now <= goal or not live:
             return keep
@@ -186,7 +205,7 @@ def _rounded_to_goal(graph: ChannelGraph, coupling: Coupling, orders: Mapping[in
     raise AssertionError("unreachable")
 
 
-def _uniform(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, kind: str, round_to: int) -> dict[int, int]:
+def _uniform(coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, value: Value, round_to: int) -> dict[int, int]:
     def keep_at(ratio: float) -> dict[int, int]:
         return uniform_counts(coupling, orders, ratio, round_to)
 
@@ -194,60 +213,104 @@ def _uniform(graph: ChannelGraph, coupling: Coupling, orders: Mapping[int, Group
     for _ in range(40):
         mid = (lo + hi) / 2
         k = keep_at(mid)
-        if metric(cost_with_keep(graph, coupling, k), kind, sum(k.values())) <= goal:
+        if value(k) <= goal:
             hi = mid
         else:
             lo = mid
     return keep_at(hi)
 
 
-def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, analysis: Analysis | None = None) -> Plan:
+def _snapped_to_goal(keep: Mapping[int, int], orders: Mapping[int, GroupOrder], goal: float, value: Value,
+                     latency: LatencyModel, floors: Mapping[int, int], per_unit: bool) -> dict[int, int] | None:
+    """Counts snapped to fast ones, then groups moved down a fast count at a time (cheapest per ms) until the goal holds again.
+
+    Returns None when the goal cannot be met with fast counts within the floors.
+    """
+    keep = snap_to_fast(keep, latency, floors)
+    saving = ms_saving(latency)
+    while value(keep) > goal:
+        steps = {g: low for g in orders if (low := lower_fast(keep, latency, floors, g)) is not None}
+        if not steps:
+            return None
+
+        def price(g: int, steps: Mapping[int, int] = steps) -> float:
+            o = orders[g]
+            done = o.order.size - keep[g]
+            cost = float(np.sum(o.step_cost[done:o.order.size - steps[g]]))
+            return cost / (saving(keep, g) * (keep[g] - steps[g])) if per_unit else cost
+
+        best = min(steps, key=price)
+        keep[best] = steps[best]
+    return keep
+
+
+def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, analysis: Analysis | None = None,
+              latency: LatencyModel | None = None) -> Plan:
     """Plan to reach ``options.target``.
+
+    Args:
+        graph: The model's channel graph.
+        coupling: Its groups.
+        options: Method, criterion, target, objective, rounding.
+        analysis: The effective filter analysis (hierarchical method, analysis criteria).
+        latency: The latency model of the model's runtime: with it, level 1 prices by predicted ms saved
+            (objective ``auto`` or ``latency``), counts snap to fast ones unless ``round_to`` > 1, and a
+            latency target is planned against its prediction.
 
     Raises:
         BadInputError: Bad options, or an analysis needed but missing.
         OverLimitError: Hierarchical target beyond the estimated maximum (unless allowed).
     """
-    target = _check(options, analysis)
+    target = _check(options, analysis, latency)
     orders = removal_orders(coupling, graph, options, analysis)
     if not orders:
         raise BadInputError("no prunable group to plan (every group is frozen or could not be analysed)")
     kind = target.kind
+    objective = resolve_objective(options.objective, latency)
+    value = _value_of(graph, coupling, kind, latency)
     full = {g: coupling.by_id(g).channels for g in orders}
-    original = metric(model_cost(graph), kind, sum(full.values()))
+    original = latency.original_ms if kind == "latency" and latency is not None else value(full)
     goal = original * (1.0 - target.value) if kind == "ratio" else original * target.value
-    meta = {"method": options.method, "criterion": options.criterion, "target": dataclasses.asdict(target),
-            "round_to": options.round_to, "seed": options.seed}
+    meta: dict[str, object] = {"method": options.method, "criterion": options.criterion, "target": dataclasses.asdict(target),
+                               "round_to": options.round_to, "seed": options.seed, "objective": objective}
+    priced = ms_saving(latency) if objective == "latency" and latency is not None else None
     if options.method == "uniform":
-        keep = _uniform(graph, coupling, orders, goal, kind, options.round_to)
+        keep = _uniform(coupling, orders, goal, value, options.round_to)
     else:
         floors = {g: o.floor for g, o in orders.items()}
         per_unit = options.method == "hierarchical"
-        keep, reached = _greedy(graph, coupling, orders, goal, kind, floors, per_unit)
+        keep, reached = _greedy(coupling, orders, goal, value, floors, per_unit, priced=priced)
         if not reached and options.method == "hierarchical":
-            best = metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values())) / original
+            best = value(keep) / original
             limit = f"{1 - best:.3f} of the channels removed" if kind == "ratio" else f"{best:.3f} of the original {kind} ({1 / best:.2f}x)"
             if not options.allow_over_limit:
                 raise OverLimitError(
                     f"the target is beyond the estimated maximum compression: at most {limit} without pruning past "
                     "any group's effective filters; lower the target, raise --eps when analysing, or pass --allow-over-limit"
                 )
-            keep, reached = _greedy(graph, coupling, orders, goal, kind, {g: 1 for g in orders}, True, keep)
+            keep, reached = _greedy(coupling, orders, goal, value, {g: 1 for g in orders}, True, keep, priced)
             meta["over_limit"] = True
         if not reached:
             raise BadInputError(f"the target cannot be reached even keeping one channel per group ({kind})")
-        keep = round_counts(keep, orders, options.round_to)
         ones = {g: 1 for g in orders}
-        keep = _rounded_to_goal(graph, coupling, orders, keep, goal, kind, options.round_to, per_unit,
-                                ones if meta.get("over_limit") else floors)
-        if metric(cost_with_keep(graph, coupling, keep), kind, sum(keep.values())) > goal:
+        used = ones if meta.get("over_limit") else floors
+        if options.round_to == 1 and latency is not None:
+            snapped = _snapped_to_goal(keep, orders, goal, value, latency, used, per_unit)
+            meta["fast_counts"] = snapped is not None
+            keep = snapped if snapped is not None else keep
+        keep = round_counts(keep, orders, options.round_to)
+        keep = _rounded_to_goal(orders, keep, goal, value, options.round_to, per_unit, used)
+        if value(keep) > goal:
             if options.method == "hierarchical" and not options.allow_over_limit:
                 raise OverLimitError(
                     f"with --round-to {options.round_to} the target is beyond the estimated maximum compression "
                     "(channel counts rounded up stay at or above every group's effective filters); lower the target "
                     "or --round-to, or pass --allow-over-limit"
                 )
-            keep = _rounded_to_goal(graph, coupling, orders, keep, goal, kind, options.round_to, per_unit, ones)
+            keep = _rounded_to_goal(orders, keep, goal, value, options.round_to, per_unit, ones)
             if options.method == "hierarchical":
                 meta["over_limit"] = True
+    if latency is not None:
+        meta["predicted_ms"] = latency.predict({g: k for g, k in keep.items() if g in latency.channels})
+        meta["original_predicted_ms"] = latency.original_ms
     return plan_from_keep(coupling, keep_sets(orders, keep), meta)

@@ -11,6 +11,7 @@ __all__ = [
     "MAGNITUDE_CRITERIA",
     "METHODS",
     "NEEDS_ANALYSIS",
+    "OBJECTIVES",
     "TARGETS",
     "PlanOptions",
     "Target",
@@ -24,6 +25,8 @@ MAGNITUDE_CRITERIA = ("l1", "l2", "random")
 """Level-2 rules that read the weights only."""
 CRITERIA_NAMES = (*ANALYSIS_CRITERIA, *MAGNITUDE_CRITERIA)
 NEEDS_ANALYSIS = frozenset(ANALYSIS_CRITERIA)
+OBJECTIVES = ("auto", "latency", "macs")
+"""Level 1's unit of saving: predicted ms (needs a latency model), the target's own unit, or latency when a model is given."""
 TARGETS = ("ratio", "macs", "params", "latency")
 """``ratio``: fraction of channels to remove; the others: fraction of the original to keep."""
 
@@ -51,7 +54,9 @@ class PlanOptions:
         method: One of :data:`METHODS`.
         criterion: One of :data:`CRITERIA_NAMES`.
         ratio, macs, params, latency: The target; at most one is set.
-        round_to: Keep channel counts multiples of this.
+        round_to: Keep channel counts multiples of this (1: with a latency model, counts snap to its fast ones).
+        objective: Level 1's unit of saving, one of :data:`OBJECTIVES`: ``auto`` prices by predicted ms when the
+            workspace has a latency model, else by the target's own unit (MACs, parameters, channels).
         allow_over_limit: Allow targets past the estimated maximum compression.
         seed: Seed of the random criterion.
         latency_runs: Runtime runs per latency measurement (latency targets).
@@ -65,6 +70,7 @@ class PlanOptions:
     params: float | None = None
     latency: float | None = None
     round_to: int = 1
+    objective: str = "auto"
     allow_over_limit: bool = False
     seed: int = 0
     latency_runs: int = 30
@@ -103,6 +109,8 @@ class PlanOptions:
             raise BadInputError(f"give one target, not {' and '.join(given)}")
         if self.target is not None:
             self.target.check()
+        if self.objective not in OBJECTIVES:
+            raise BadInputError(f"unknown objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
         if self.round_to < 1:
             raise BadInputError(f"round_to must be at least 1, got {self.round_to}")
         if self.latency_runs < 1:

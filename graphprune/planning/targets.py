@@ -1,12 +1,14 @@
 """Turn plan options into a plan: fixed targets, the estimated limit, or a measured latency."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from graphprune.analysis.effective import Analysis
+from graphprune.analysis.latency import LatencyModel
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, OverLimitError
 from graphprune.ir.graph import ChannelGraph
@@ -15,7 +17,7 @@ from graphprune.ir.plan import Plan, plan_from_keep
 from graphprune.planning.hierarchical import keep_sets, make_plan, removal_orders, round_counts
 from graphprune.planning.options import MAGNITUDE_CRITERIA, PlanOptions, Target
 
-__all__ = ["LIMIT_TARGET", "latency_plan", "limit_plan", "plan_for"]
+__all__ = ["LIMIT_TARGET", "confirmed_latency_plan", "latency_plan", "limit_plan", "never_slower", "plan_for"]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,49 @@ def latency_plan(model: PrunableModel, coupling: Coupling, analysis: Analysis | 
     return chosen
 
 
-def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions, model: PrunableModel) -> tuple[Plan, str]:
+def confirmed_latency_plan(model: PrunableModel, coupling: Coupling, analysis: Analysis | None, options: PlanOptions,
+                           latency: LatencyModel) -> Plan:
+    """Plan to ``options.latency`` x the original against the latency model in one pass, then measure once to confirm.
+
+    The plan's meta holds both: ``predicted_ms`` (the model's) and ``measured_ms`` / ``measured_original_ms`` (one
+    measurement of the pruned and original model at the latency model's batch and threads).
+    """
+    plan = make_plan(model.graph, coupling, options, analysis, latency)
+    batch, threads = int(latency.setting["batch"]), int(latency.setting.get("threads", 0))
+    before = model.latency_ms(batch, options.latency_runs, threads)
+    after = model.pruned(coupling, plan).latency_ms(batch, options.latency_runs, threads)
+    log.info("latency plan: predicted %.3f ms, measured %.3f ms (original %.3f ms)", plan.meta["predicted_ms"], after, before)
+    return dataclasses.replace(plan, meta={**plan.meta, "measured_ms": after, "measured_original_ms": before,
+                                           "measured_latency": after / before})
+
+
+def never_slower(graph: ChannelGraph, coupling: Coupling, analysis: Analysis | None, options: PlanOptions, plan: Plan,
+                 latency: LatencyModel) -> Plan:
+    """When the latency model predicts ``plan`` slower than the original, re-plan once with counts multiples of 8 and keep the faster.
+
+    The plan kept says so in its meta (``repaired``: how; ``predicted_slower``: when it still is).
+    """
+    predicted = float(plan.meta.get("predicted_ms", latency.original_ms))
+    if predicted <= latency.original_ms or options.target is None or options.method == "uniform":
+        return plan
+    try:
+        other = make_plan(graph, coupling, dataclasses.replace(options, round_to=8), analysis, latency)
+    except (OverLimitError, BadInputError) as exc:
+        log.info("never-slower re-plan failed: %s", exc)
+        other = plan
+    if float(other.meta.get("predicted_ms", predicted)) < predicted:
+        plan = dataclasses.replace(other, meta={**other.meta, "repaired": "re-planned with counts multiples of 8"})
+    if float(plan.meta.get("predicted_ms", predicted)) > latency.original_ms:
+        plan = dataclasses.replace(plan, meta={**plan.meta, "predicted_slower": True})
+    return plan
+
+
+def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions, model: PrunableModel,
+             latency: LatencyModel | None = None) -> tuple[Plan, str]:
     """The plan ``options`` ask for on ``model``, and a description of its target.
+
+    With a latency model, level 1 prices by predicted ms, counts snap to fast ones, a latency target is
+    planned in one pass (then measured once), and a plan predicted slower than the original is re-planned once.
 
     Raises:
         BadInputError: No target without a hierarchical analysis, or bad options.
@@ -91,6 +134,12 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
             raise BadInputError("give a target (ratio, macs, params or latency); only hierarchical pruning with an analysis defaults to the estimated limit")
         return limit_plan(model.graph, coupling, analysis, options.criterion, options.round_to), LIMIT_TARGET
     described = f"{target.kind} {target.value:g}"
-    if target.kind == "latency":
+    if target.kind == "latency" and latency is None:
         return latency_plan(model, coupling, analysis, options), described
-    return make_plan(model.graph, coupling, options, analysis), described
+    if target.kind == "latency" and latency is not None:
+        plan = confirmed_latency_plan(model, coupling, analysis, options, latency)
+    else:
+        plan = make_plan(model.graph, coupling, options, analysis, latency)
+    if latency is not None:
+        plan = never_slower(model.graph, coupling, analysis, options, plan, latency)
+    return plan, described

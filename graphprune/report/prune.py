@@ -51,6 +51,15 @@ def before_after_rows(ws: Workspace) -> list[tuple[str, str, str, str]]:
         if b.latency_ms and a.latency_ms:
             rows.append((f"latency, batch 1 ({v.runtime})", f"{b.latency_ms:.3f} ms", f"{a.latency_ms:.3f} ms",
                          speed_change(b.latency_ms, a.latency_ms)))
+        if b.latency_batch_ms and a.latency_batch_ms:
+            rows.append((f"latency, batch {v.batch} ({v.runtime})", f"{b.latency_batch_ms:.3f} ms", f"{a.latency_batch_ms:.3f} ms",
+                         speed_change(b.latency_batch_ms, a.latency_batch_ms)))
+        if v.prediction_error is not None and v.predicted_ms is not None:
+            rows.append((f"latency predicted / measured, batch {v.batch}", f"{v.predicted_ms:.3f} ms",
+                         f"{v.predicted_ms / (1 + v.prediction_error):.3f} ms", f"{100 * v.prediction_error:+.1f}% error"))
+    if ws.latency is not None:
+        st = ws.latency.stats
+        rows.append(("latency model build", "", f"{st.measurements} measured, {st.cache_hits} cached", f"{st.seconds:.1f} s"))
     if ws.analysis is not None:
         limit = ws.analysis.limit
         rows.append(("estimated maximum compression", "", f"{limit.macs_reduction:.2f}x MACs", f"{limit.params_reduction:.2f}x params"))
@@ -80,6 +89,18 @@ def figures_json(ws: Workspace) -> dict[str, Any]:
     if ws.validation is not None:
         out.update(provider=ws.validation.runtime, before=dataclasses.asdict(ws.validation.before),
                    after=dataclasses.asdict(ws.validation.after))
+    if ws.validation is not None:
+        v = ws.validation
+        out["latency_batch"] = v.batch
+        for batch, (b, a) in ((1, (v.before.latency_ms, v.after.latency_ms)), (v.batch, (v.before.latency_batch_ms, v.after.latency_batch_ms))):
+            if b and a:
+                out[f"speedup_batch_{batch}"] = b / a
+        if v.predicted_ms is not None:
+            out.update(predicted_ms=v.predicted_ms, prediction_error=v.prediction_error)
+    if ws.latency is not None:
+        out["latency_model"] = {"setting": dict(ws.latency.setting), "stats": dataclasses.asdict(ws.latency.stats),
+                                "tables": len(ws.latency.tables), "left_out": len(ws.latency.left_out),
+                                "coverage": ws.latency.coverage}
     if ws.analysis is not None:
         out.update(max_macs_reduction=ws.analysis.limit.macs_reduction, max_params_reduction=ws.analysis.limit.params_reduction)
     if ws.target is not None:
@@ -136,6 +157,10 @@ def write_reports(ws: Workspace, options: ReportOptions) -> None:
             raise BadInputError(f"report folder {final.parent} does not exist")
         write(ws, ws.staged.path(final) if ws.staged is not None else final)
         written.append(final)
+        if suffix == ".report.json" and ws.latency is not None:  # the planner's input, beside the report
+            tables = final.with_name(final.name.removesuffix(".report.json").removesuffix(".json") + ".latency.json")
+            ws.latency.save(ws.staged.path(tables) if ws.staged is not None else tables)
+            written.append(tables)
     ws.reports = (*ws.reports, *written)
 
 
