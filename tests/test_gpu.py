@@ -56,3 +56,4 @@ def test_latency_tables_on_cuda(vgg, tmp_path):
     assert lm.tables and lm.stats.measurements > 0 and lm.original_ms > 0
     again = build_latency_model(vgg.om, coupling, options)
     assert again.stats.measurements == 0
+

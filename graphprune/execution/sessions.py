@@ -1,6 +1,8 @@
 """onnxruntime helpers: providers, sessions, sample inputs, latency."""
 from __future__ import annotations
 
+import functools
+import logging
 import statistics
 import time
 from collections.abc import Mapping
@@ -11,6 +13,8 @@ import onnxruntime as ort
 from graphprune.errors import BadInputError
 from graphprune.ir.dtypes import numpy_dtype
 from graphprune.ir.graph import ChannelGraph
+
+log = logging.getLogger(__name__)
 
 __all__ = ["make_session", "measure_latency", "providers", "quiet_onnxruntime", "sample_inputs"]
 
@@ -26,8 +30,40 @@ def quiet_onnxruntime() -> None:
     ort.set_default_logger_severity(4)
 
 
+GPU_FIX = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+"""One clean way back to a CUDA-capable onnxruntime (see :func:`onnxruntime_clash`)."""
+
+
+def onnxruntime_clash() -> str | None:
+    """Why CUDA is missing when ``onnxruntime`` and ``onnxruntime-gpu`` are both installed, else None.
+
+    Both distributions install the same ``onnxruntime`` module; whichever was installed last owns
+    its files, so the CPU wheel pulled in beside the GPU one silently hides the CUDA provider.
+    """
+    from importlib import metadata
+
+    installed = set()
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(name)
+            installed.add(name)
+        except metadata.PackageNotFoundError:
+            continue
+    if len(installed) < 2 or "CUDAExecutionProvider" in ort.get_available_providers():
+        return None
+    return f"onnxruntime and onnxruntime-gpu are both installed and the CPU build won, so CUDA is not used; fix: {GPU_FIX}"
+
+
+@functools.cache
+def _warn_clash() -> None:
+    reason = onnxruntime_clash()
+    if reason is not None:
+        log.warning("%s", reason)
+
+
 def providers() -> list[str]:
-    """CUDA when onnxruntime offers it, then CPU."""
+    """CUDA when onnxruntime offers it, then CPU (a shadowed GPU install is logged once, with the fix)."""
+    _warn_clash()
     available = ort.get_available_providers()
     chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
     return [*chosen, "CPUExecutionProvider"]
