@@ -206,3 +206,23 @@ def test_report_rows_name_both_batches_and_the_prediction(profiled):
     assert rows["latency, batch 4 (CPUExecutionProvider)"][3] == "2.00x faster"
     assert rows["latency predicted / measured, batch 4"][3] == "+10.0% error"
     assert "latency model build" in rows
+
+
+def test_the_limit_plan_keeps_r_g_or_rises_to_fast_counts(profiled):
+    """No target: every group keeps at least its effective filters; with the tables, counts rise to fast ones only
+    when that is predicted faster, and the plan records its prediction."""
+    from graphprune.planning.targets import limit_plan
+
+    lm, analysis = profiled.latency, profiled.analysis
+    assert lm is not None and analysis is not None
+    graph, coupling = profiled.original.graph, profiled.groups()
+    bare = limit_plan(graph, coupling, analysis, "effective", 1)
+    timed = limit_plan(graph, coupling, analysis, "effective", 1, lm)
+    floors = {g.group: g.effective for g in analysis.groups}
+    for g in timed.groups:
+        assert len(g.keep) >= floors[g.group]
+    assert timed.meta["predicted_ms"] <= lm.predict({g.group: len(g.keep) for g in bare.groups if g.group in lm.channels}) + 1e-12
+    if timed.meta.get("fast_counts"):
+        assert all(len(g.keep) in fast_candidates(lm, g.group, floors[g.group]) for g in timed.groups if g.group in lm.channels)
+    else:
+        assert [len(g.keep) for g in timed.groups] == [len(g.keep) for g in bare.groups]

@@ -337,7 +337,7 @@ def measure(model: PrunableModel, eval_data: Calibration | None, latency_runs: i
     return Figures(cost.params, cost.macs, latency, acc, at_batch)
 
 
-def slower_line(v: Validation, plan_meta: Mapping[str, Any]) -> str | None:
+def slower_line(v: Validation, plan_meta: Mapping[str, Any], profiled: bool = False) -> str | None:
     """One line when the pruned model measured slower than the original at batch 1, else None."""
     from graphprune.report.prune import speed_change
 
@@ -348,6 +348,8 @@ def slower_line(v: Validation, plan_meta: Mapping[str, Any]) -> str | None:
         why = f"it was {plan_meta['repaired']} and still is"
     elif "predicted_ms" in plan_meta:
         why = f"the latency model predicted {plan_meta['predicted_ms']:.3f} ms against {plan_meta['original_predicted_ms']:.3f} ms"
+    elif profiled:
+        why = "the plan was not priced by the latency model (a saved plan, or a uniform or ratio plan)"
     else:
         why = "no latency model was built (add a profile pass) to plan for speed"
     return (f"the pruned model is {speed_change(b, a)} than the original on {v.runtime} at batch 1: {why}; "
@@ -375,10 +377,9 @@ class ValidatePass(Pass):
         before = measure(ws.original, ws.eval_data, runs, batch, threads)
         after = measure(ws.model, ws.eval_data, runs, batch, threads)
         ws.validation = Validation(ws.model.runtime, before, after, batch, predicted)
-        line = slower_line(ws.validation, ws.plan.meta if ws.plan is not None else {})
+        line = slower_line(ws.validation, ws.plan.meta if ws.plan is not None else {}, lm is not None)
         if line is not None:
             log.warning("%s", line)
-            ws.status(line)
             if ws.console is not None:
                 ws.console.print(line, markup=False, highlight=False)
         return PassResult(ws, False)

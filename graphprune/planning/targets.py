@@ -15,6 +15,7 @@ from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.model import PrunableModel
 from graphprune.ir.plan import Plan, plan_from_keep
 from graphprune.planning.hierarchical import keep_sets, make_plan, removal_orders, round_counts
+from graphprune.planning.latency import fast_candidates
 from graphprune.planning.options import MAGNITUDE_CRITERIA, PlanOptions, Target
 
 __all__ = ["LIMIT_TARGET", "confirmed_latency_plan", "latency_plan", "limit_plan", "never_slower", "plan_for"]
@@ -26,12 +27,28 @@ LIMIT_TARGET = "estimated maximum rate"
 """How a plan without a target (every group at its effective filters) names its target."""
 
 
-def limit_plan(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, criterion: str, round_to: int) -> Plan:
-    """Every analysed group keeps exactly its effective filters (the estimated maximum rate)."""
+def limit_plan(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, criterion: str, round_to: int,
+               latency: LatencyModel | None = None) -> Plan:
+    """Every analysed group keeps its effective filters (the estimated maximum rate).
+
+    With a latency model and no ``round_to``, each count rises to the group's next fast count (never
+    below r_g) when the tables predict that faster than the bare r_g counts.
+    """
     options = PlanOptions(method="hierarchical", criterion=criterion, round_to=round_to)
     orders = removal_orders(coupling, graph, options, analysis)
-    counts = round_counts({gid: o.floor for gid, o in orders.items()}, orders, round_to)
-    return plan_from_keep(coupling, keep_sets(orders, counts), {"method": "hierarchical", "criterion": criterion, "target": "limit", "round_to": round_to})
+    floors = {gid: o.floor for gid, o in orders.items()}
+    counts = round_counts(floors, orders, round_to)
+    meta: dict[str, object] = {"method": "hierarchical", "criterion": criterion, "target": "limit", "round_to": round_to}
+    if latency is not None:
+        priced = {g: k for g, k in counts.items() if g in latency.channels}
+        bare = latency.predict(priced)
+        if round_to <= 1:
+            snapped = {g: min(fast_candidates(latency, g, k)) for g, k in priced.items()}
+            if latency.predict(snapped) < bare:
+                counts = {**counts, **snapped}
+                meta["fast_counts"] = True
+        meta.update(predicted_ms=latency.predict({g: counts[g] for g in priced}), original_predicted_ms=latency.original_ms)
+    return plan_from_keep(coupling, keep_sets(orders, counts), meta)
 
 
 def latency_plan(model: PrunableModel, coupling: Coupling, analysis: Analysis | None, options: PlanOptions) -> Plan:
@@ -132,7 +149,7 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
     if target is None:
         if analysis is None or options.method != "hierarchical":
             raise BadInputError("give a target (ratio, macs, params or latency); only hierarchical pruning with an analysis defaults to the estimated limit")
-        return limit_plan(model.graph, coupling, analysis, options.criterion, options.round_to), LIMIT_TARGET
+        return limit_plan(model.graph, coupling, analysis, options.criterion, options.round_to, latency), LIMIT_TARGET
     described = f"{target.kind} {target.value:g}"
     if target.kind == "latency" and latency is None:
         return latency_plan(model, coupling, analysis, options), described
