@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from graphprune.coupling.groups import Coupling, Group, Member, build_groups
 from graphprune.errors import BadInputError, GraphpruneError, PlanMismatchError, ValidationError
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode, TensorInfo
+
+if TYPE_CHECKING:
+    from graphprune.ir.plan import Plan
 
 _LAZY = {
     # name: module it lives in (imported on first use, so `import graphprune` stays light and torch-free)
@@ -76,18 +80,18 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def save_plan(path: str | os.PathLike[str], plan: object) -> None:
+def save_plan(path: str | os.PathLike[str], plan: Plan) -> None:
     """Write ``plan`` (a :class:`graphprune.ir.plan.Plan`) as JSON, atomically."""
     from graphprune.io import write_text_atomic
 
-    write_text_atomic(Path(path), plan.to_json())  # type: ignore[attr-defined]
+    write_text_atomic(Path(path), plan.to_json())
 
 
-def load_plan(path: str | os.PathLike[str]) -> object:
+def load_plan(path: str | os.PathLike[str]) -> Plan:
     """Read a plan written by :func:`save_plan` (or ``--plan-out``)."""
-    from graphprune.ir.plan import Plan
+    from graphprune.ir.plan import Plan as PlanData
 
-    return Plan.load(path)
+    return PlanData.load(path)
 
 
 def __getattr__(name: str) -> object:

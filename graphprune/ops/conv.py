@@ -70,9 +70,8 @@ def conv(node: OpNode, graph: ChannelGraph) -> Semantics:
     assert ws is not None
     group = int(node.attrs.get("group", 1))
     cout, cin_pg = ws[0], ws[1]
-    if not _static(cout, cin_pg) or cout % group:  # type: ignore[operator]
+    if not (isinstance(cout, int) and isinstance(cin_pg, int)) or cout % group:
         return freeze_node(node, graph, "Conv: weight shape is not static")
-    assert isinstance(cout, int) and isinstance(cin_pg, int)
     cout_pg = cout // group
     links = [Link(Axis(x, 0), Axis(y, 0)), Link(Axis(w, 0), Axis(y, 1))]
     if b:

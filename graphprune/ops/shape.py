@@ -399,8 +399,7 @@ def pad(node: OpNode, graph: ChannelGraph) -> Semantics:
         before, after = int(pads[a]), int(pads[a + r])
         if before == 0 and after == 0:
             links.append(Link(Axis(x, a), Axis(y, a)))
-        elif mode == "constant" and before >= 0 and after >= 0 and isinstance(xs[a], int):
-            n = int(xs[a])  # type: ignore[arg-type]
+        elif mode == "constant" and before >= 0 and after >= 0 and isinstance(n := xs[a], int):
             links.append(Link(Axis(x, a), Axis(y, a), np.arange(n), before + np.arange(n)))
         else:
             freezes += freeze_axes([Axis(x, a), Axis(y, a)], f"Pad ({mode}) along this axis")

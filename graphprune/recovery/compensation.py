@@ -189,7 +189,8 @@ def _fold(values: dict[str, np.ndarray], graph: ChannelGraph, t: _Target, block:
     if bias is not None and wd.ndim >= 2:
         sums = wd.reshape(len(rows_d), wd.shape[1], -1).sum(-1)
         bias[out_rows] += c @ sums
-        values[t.bias] = bias  # type: ignore[index]
+        if t.bias is not None:
+            values[t.bias] = bias
     values[t.weight] = w
 
 
