@@ -128,6 +128,52 @@ CASES: list[tuple[str, OpNode, dict[str, tuple[Dim, ...]], dict[str, np.ndarray]
     ("attention_scaled", _op("Attention", ["q", "k", "v"], ["y"], scale=0.5), {n: (1, 2, 3, 4) for n in "qkvy"}, {},
      {_key("q[0]", f"{t}[0]") for t in "kvy"} | {_key("q[1]", f"{t}[1]") for t in "kvy"}
      | {_key("q[2]", "y[2]"), _key("k[2]", "v[2]"), _key("q[3]", "k[3]"), _key("v[3]", "y[3]")}, set()),
+    ("qdq_per_tensor", _op("DequantizeLinear", ["x", "s", "z"], ["y"]), {"x": (1, 3, 4), "s": (), "z": (), "y": (1, 3, 4)},
+     {}, _same(3), set()),
+    ("qdq_per_axis", _op("QuantizeLinear", ["x", "s", "z"], ["y"], axis=0), {"x": (4, 3), "y": (4, 3)},
+     {"s": np.ones(4, np.float32), "z": np.zeros(4, np.int8)}, _same(2) | {_key("s[0]", "y[0]"), _key("z[0]", "y[0]")},
+     set()),
+    ("qdq_other_shape", _op("DequantizeLinear", ["x", "s"], ["y"], axis=1), {"x": (4, 3), "y": (4, 3)},
+     {"s": np.ones(2, np.float32)}, set(), {"x[0]", "x[1]", "s[0]", "y[0]", "y[1]"}),
+    ("qdq_computed_scale", _op("DequantizeLinear", ["x", "s"], ["y"], axis=1), {"x": (4, 3), "s": (3,), "y": (4, 3)}, {},
+     set(), {"x[0]", "x[1]", "s[0]", "y[0]", "y[1]"}),
+    ("qdq_blocked", _op("DequantizeLinear", ["x", "s"], ["y"], opset=21, axis=1, block_size=2), {"x": (4, 4), "y": (4, 4)},
+     {"s": np.ones((4, 2), np.float32)}, set(), {"x[0]", "x[1]", "s[0]", "s[1]", "y[0]", "y[1]"}),
+    ("qlinear_conv", _op("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"]),
+     {"x": ("N", 3, 8, 8), "w": (4, 3, 3, 3), "b": (4,), "y": ("N", 4, 8, 8), "xs": (), "xz": (), "ys": (), "yz": ()},
+     {"ws": np.ones(4, np.float32), "wz": np.zeros(4, np.int8)},
+     {_key("x[0]", "y[0]"), _key("w[0]", "y[1]"), _key("b[0]", "y[1]"), _key("x[1]", "w[1]"), _key("ws[0]", "y[1]"),
+      _key("wz[0]", "y[1]")}, {"w[2]", "w[3]"}),
+    ("qlinear_conv_per_channel_input", _op("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"]),
+     {"x": (1, 3, 8, 8), "w": (4, 3, 3, 3), "y": (1, 4, 8, 8), "xs": (3,), "xz": (), "ws": (), "wz": (), "ys": (),
+      "yz": ()}, {}, set(), {f"{t}[{i}]" for t in "xwy" for i in range(4)} | {"xs[0]"}),
+    ("qlinear_matmul", _op("QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"]),
+     {"a": (2, 3), "b": (3, 4), "y": (2, 4), **{n: () for n in ("as", "az", "bs", "bz", "ys", "yz")}}, {},
+     {_key("a[0]", "y[0]"), _key("b[1]", "y[1]"), _key("a[1]", "b[0]")}, set()),
+    ("qgemm", OpNode("g", "com.microsoft", "QGemm", ("a", "as", "az", "b", "bs", "bz", "c", "ys", "yz"), ("y",),
+                     {"transB": 1}, 1),
+     {"a": (2, 3), "b": (4, 3), "c": (4,), "y": (2, 4), **{n: () for n in ("as", "az", "ys", "yz")}},
+     {"bs": np.ones(4, np.float32), "bz": np.zeros(4, np.int8)},
+     {_key("a[0]", "y[0]"), _key("b[0]", "y[1]"), _key("a[1]", "b[1]"), _key("c[0]", "y[1]"), _key("bs[0]", "y[1]"),
+      _key("bz[0]", "y[1]")}, set()),
+    ("qlinear_add", OpNode("q", "com.microsoft", "QLinearAdd", ("x", "s", "z", "b", "s", "z", "s", "z"), ("y",), {}, 1),
+     {"x": (1, 4, 5), "b": (1, 4, 5), "y": (1, 4, 5), "s": (), "z": ()}, {},
+     _same(3) | {_key(f"b[{i}]", f"y[{i}]") for i in range(3)}, set()),
+    ("qlinear_sigmoid", OpNode("q", "com.microsoft", "QLinearSigmoid", ("x", "s", "z", "s", "z"), ("y",), {}, 1),
+     {"x": (1, 4), "y": (1, 4), "s": (), "z": ()}, {}, _same(2), set()),
+    ("qlinear_concat", OpNode("q", "com.microsoft", "QLinearConcat", ("s", "z", "a", "s", "z", "b", "s", "z"), ("y",),
+                              {"axis": 1}, 1),
+     {"a": (1, 2), "b": (1, 3), "y": (1, 5), "s": (), "z": ()}, {},
+     {_key("a[0]", "y[0]"), _key("b[0]", "y[0]"), _key("a[1]", "y[1]", [0, 1], [0, 1]),
+      _key("b[1]", "y[1]", [0, 1, 2], [2, 3, 4])}, set()),
+    ("qlinear_global_average_pool", OpNode("q", "com.microsoft", "QLinearGlobalAveragePool", ("x", "s", "z", "s", "z"),
+                                           ("y",), {"channels_last": 0}, 1),
+     {"x": (1, 4, 3, 3), "y": (1, 4, 1, 1), "s": (), "z": ()}, {}, {_key("x[0]", "y[0]"), _key("x[1]", "y[1]")}, set()),
+    ("matmul_nbits", OpNode("m", "com.microsoft", "MatMulNBits", ("a", "b", "s", "z"), ("y",),
+                            {"K": 32, "N": 3, "bits": 4, "block_size": 16}, 1),
+     {"a": (2, 5, 32), "b": (3, 2, 8), "y": (2, 5, 3)}, {"s": np.ones(6, np.float32), "z": np.zeros(3, np.uint8)},
+     {_key("a[0]", "y[0]"), _key("a[1]", "y[1]"), _key("b[0]", "y[2]"), _key("s[0]", "y[2]", range(6), [0, 0, 1, 1, 2, 2]),
+      _key("z[0]", "y[2]", range(3), range(3))}, {"a[2]", "b[1]", "b[2]"}),
     ("attention_3d", _op("Attention", ["q", "k", "v"], ["y"]), {n: (1, 3, 8) for n in "qkvy"}, {},
      set(), {f"{t}[{i}]" for t in "qkvy" for i in range(3)}),
 ]
@@ -195,6 +241,12 @@ ADJUST_CASES: list[tuple[str, OpNode, dict[str, tuple[Dim, ...]], dict[str, np.n
      {"s": _i64(1), "e": _i64(4), "a": _i64(1)}, {"x[1]": [0, 2, 3, 5]}, ({}, {1: [1], 2: [3], 3: [1], 4: [1]}, {})),
     ("reshape_shape", _op("Reshape", ["x", "shape"], ["y"]), {"x": (2, 8), "y": (2, 2, 4)},
      {"shape": _i64(2, 2, 4)}, {"y[2]": [0, 1]}, ({}, {}, {1: {2: 2}})),
+    ("qlinear_conv_depthwise_groups", _op("QLinearConv", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], group=2),
+     {"x": (1, 2, 8, 8), "w": (4, 1, 3, 3), "y": (1, 4, 8, 8), "s": (), "z": ()}, {}, {"x[1]": [1], "y[1]": [2, 3]},
+     ({"group": 1}, {}, {})),
+    ("matmul_nbits_n", OpNode("m", "com.microsoft", "MatMulNBits", ("a", "b", "s"), ("y",),
+                              {"K": 32, "N": 3, "bits": 4, "block_size": 16}, 1),
+     {"a": (2, 32), "b": (3, 2, 8), "s": (6,), "y": (2, 3)}, {}, {"y[1]": [0, 2]}, ({"N": 2}, {}, {})),
     ("pad_pads", _op("Pad", ["x", "p"], ["y"]), {"x": (1, 3, 4), "y": (1, 3, 7)}, {"p": _i64(0, 0, 1, 0, 0, 2)},
      {"y[2]": [1, 2, 6]}, ({}, {1: [0, 0, 0, 0, 0, 1]}, {})),
 ]
@@ -247,6 +299,15 @@ def test_unknown_op_freezes_every_axis_with_a_reason() -> None:
     assert {str(f.axis) for f in sem.freezes} == {"x[0]", "x[1]", "y[0]", "y[1]"}
     assert {f.reason for f in sem.freezes} == {"unsupported op 'custom::Foo'"}
     assert all(not g.prunable for g in build_groups(graph).groups)
+
+
+def test_quantized_reasons_read_well() -> None:
+    node = _op("DequantizeLinear", ["x", "s"], ["y"], axis=1)
+    sem = _semantics(node, _graph([node], {"x": (4, 3), "s": (3,), "y": (4, 3)}))
+    assert {f.reason for f in sem.freezes} == {"DequantizeLinear: per-channel quantization parameter 's' is computed at run time"}
+    other = OpNode("q", "com.microsoft", "QAttention", ("x",), ("y",), {}, 1)
+    assert {f.reason for f in node_semantics(other, _graph([other], {"x": (1, 3), "y": (1, 3)})).freezes} == {
+        "unsupported op 'com.microsoft::QAttention'"}
 
 
 def test_torch_targets_are_exactly_the_converter_registry() -> None:

@@ -175,16 +175,18 @@ def test_control_flow_freezes_what_it_touches(tmp_path, op):
     assert [g.anchor for g in result.plan.groups] == ["wc[0]"]
 
 
-def test_qdq_pair_freezes_the_quantized_activation(tmp_path):
+def test_qdq_pair_passes_the_quantized_activation(tmp_path):
+    """A per-tensor QDQ pair maps element for element: the channels through it prune, exactly."""
     src = _save(_qdq_activation_model(), tmp_path / "qdq.onnx")
     result = _prune_exact(src, tmp_path)
-    frozen = _group_of(result.coupling, "wa[0]")
-    assert not frozen.prunable and any("QuantizeLinear" in r or "DequantizeLinear" in r for r in frozen.frozen)
-    assert [g.anchor for g in result.plan.groups] == ["wc[0]"]
+    assert _group_of(result.coupling, "wa[0]").prunable
+    assert [g.anchor for g in result.plan.groups] == ["wa[0]", "wc[0]"]
+    out = onnx.load(str(result.output))
+    assert {t.name: list(t.dims) for t in out.graph.initializer if t.name in ("s", "z")} == {"s": [], "z": []}
 
 
-def test_quantized_weights_freeze_their_conv(tmp_path):
-    """int8 weight -> DequantizeLinear -> Conv: the conv's filters are not sliced (the int8 tensor would need it)."""
+def test_quantized_weights_prune_with_their_conv(tmp_path):
+    """int8 weight -> DequantizeLinear -> Conv: the int8 tensor is sliced with the conv's filters and stays int8."""
     wq = numpy_helper.from_array(np.random.default_rng(0).integers(-100, 100, (6, 8, 3, 3)).astype(np.int8), "wq")
     nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wc_f"], name="dq_w")]
     model = _conv_chain(nodes, "a", [wq, numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
@@ -194,10 +196,11 @@ def test_quantized_weights_freeze_their_conv(tmp_path):
     del model.graph.initializer[[t.name for t in model.graph.initializer].index("wc")]
     src = _save(model, tmp_path / "qw.onnx")
     result = _prune_exact(src, tmp_path)
-    assert all(g.anchor not in ("wq[0]", "wc_f[0]") for g in result.plan.groups)
+    assert "wq[0]" in [g.anchor for g in result.plan.groups]
     out = onnx.load(str(result.output))
     (q,) = [t for t in out.graph.initializer if t.name == "wq"]
-    assert q.data_type == TensorProto.INT8
+    assert q.data_type == TensorProto.INT8 and q.dims[0] < 6
+    assert {t.name: list(t.dims) for t in out.graph.initializer if t.name in ("ws", "wz")} == {"ws": [], "wz": []}
 
 
 def test_custom_domain_op_freezes(tmp_path):

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 
 from graphprune.coupling.groups import Coupling
-from graphprune.ir.dtypes import FLOAT_TYPES
+from graphprune.ir.dtypes import WEIGHT_TYPES
 from graphprune.ir.graph import ChannelGraph, TensorInfo
 from graphprune.ops import lookup
 
@@ -15,7 +15,7 @@ __all__ = ["Cost", "cost_with_keep", "model_cost"]
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """Parameters (floating-point constants) and MACs for one sample."""
+    """Parameters (float and quantized weight constants) and MACs for one sample."""
 
     params: int
     macs: int
@@ -26,7 +26,7 @@ def model_cost(graph: ChannelGraph) -> Cost:
     params = sum(
         math.prod(d for d in info.shape if isinstance(d, int))
         for info in graph.tensors.values()
-        if info.kind == "param" and info.dtype in FLOAT_TYPES and info.shape is not None
+        if info.kind == "param" and info.dtype in WEIGHT_TYPES and info.shape is not None
     )
     macs = 0
     for node in graph.nodes:

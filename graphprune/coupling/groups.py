@@ -18,7 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from graphprune.errors import BadInputError
-from graphprune.ir.dtypes import FLOAT_TYPES
+from graphprune.ir.dtypes import WEIGHT_TYPES
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops import Factor, Freeze, Link, Semantics, lookup
 from graphprune.ops._common import freeze_node
@@ -352,7 +352,7 @@ def _group_status(el: _Elements, sol: _Solution, graph: ChannelGraph, reasons: d
 
 def _kind(graph: ChannelGraph, axis: Axis) -> str:
     info = graph.tensors[axis.tensor]
-    if info.kind == "param" and info.dtype not in FLOAT_TYPES:
+    if info.kind == "param" and info.dtype not in WEIGHT_TYPES:
         return "index"
     return info.kind
 

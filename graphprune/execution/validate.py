@@ -16,6 +16,7 @@ from graphprune.frontends.onnx import OnnxModel
 from graphprune.ir.graph import Axis, ChannelGraph
 from graphprune.ir.masks import keep_masks
 from graphprune.ir.onnx import clone_model, model_session, new_const, value_map
+from graphprune.ops import lookup
 
 __all__ = ["ValidationReport", "compare_outputs", "masked_model", "validate_pruned"]
 
@@ -77,7 +78,8 @@ def validate_pruned(
 def masked_model(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
     """The original model with every removed channel zeroed on every activation of its group.
 
-    Each masked activation is followed by ``Where(mask, x, 0)`` (masks from :func:`graphprune.ir.masks.keep_masks`).
+    Each masked activation is followed by ``Where(mask, x, 0)`` (masks from :func:`graphprune.ir.masks.keep_masks`);
+    a quantized (integer) activation is filled with its zero point, the value that stands for 0.
     """
     model = clone_model(om.model)
     graph = model.graph
@@ -85,9 +87,12 @@ def masked_model(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
     masks = keep_masks(om.graph, kept, kinds=("activation",))
     for name, mask in masks.items():
         x = values[name]
-        dtype = x.dtype.numpy() if x.dtype is not None else np.float32
+        zero = np.zeros((), x.dtype.numpy() if x.dtype is not None else np.float32)
+        if x.dtype is None or not x.dtype.is_floating_point():
+            zp = _zero_point(x)
+            zero = zp if zp is not None else zero
         mask_v = new_const(graph, f"{name}__mask", mask)
-        zero_v = new_const(graph, f"{name}__zero", np.zeros((), dtype))
+        zero_v = new_const(graph, f"{name}__zero", zero)
         where = ir.Node("", "Where", [mask_v, x, zero_v], name=f"{name}__masking")
         where.outputs[0].name = f"{name}__masked"
         x.replace_all_uses_with(where.outputs[0])
@@ -96,3 +101,22 @@ def masked_model(om: OnnxModel, kept: Mapping[Axis, np.ndarray]) -> ir.Model:
         assert producer is not None
         graph.insert_after(producer, where)
     return model
+
+
+def _zero_point(x: ir.Value, depth: int = 16) -> np.ndarray | None:
+    """The value standing for 0 in a quantized tensor: its producer's output zero point (op table), looked for
+    through ops that only move values (pooling, reshapes: same element type in and out); None for other tensors."""
+    for _ in range(depth):
+        node = x.producer()
+        if node is None or not node.inputs or node.inputs[0] is None:
+            return None
+        spec = lookup(node.domain, node.op_type)
+        if spec is not None and spec.zero_point is not None:
+            zp = node.inputs[spec.zero_point] if spec.zero_point < len(node.inputs) else None
+            value = zp.const_value if zp is not None else None
+            arr = value.numpy() if value is not None else None
+            return arr.reshape(()) if arr is not None and arr.size == 1 else None
+        if spec is None or spec.couple is None or node.inputs[0].dtype not in (x.dtype, None):
+            return None
+        x = node.inputs[0]
+    return None

@@ -23,6 +23,7 @@ __all__ = [
     "DTYPES",
     "FLOAT_TYPES",
     "UNDEFINED",
+    "WEIGHT_TYPES",
     "DType",
     "by_code",
     "numpy_dtype",
@@ -73,6 +74,12 @@ _BY_CODE = {d.code: d for d in DTYPES}
 
 FLOAT_TYPES = frozenset(d.onnx for d in DTYPES if d.floating)
 """ONNX names of the floating-point types (weights that can be pruned and scored)."""
+
+WEIGHT_TYPES = FLOAT_TYPES | frozenset({"INT8", "UINT8", "INT4", "UINT4"})
+"""Element types of weights: the float types and the quantized ones (int8 weights, packed int4 blocks).
+
+Other integer constants (INT64 shapes, INT32 indices or quantized biases) are not weights: a group that
+lives only in them carries no weight."""
 
 
 def by_code(code: int) -> DType:

@@ -227,7 +227,9 @@ class OpSpec:
     semantics: its axes freeze, as for an unknown op. ``torch_targets`` are
     the aten targets the torch frontend converts into this op (filled by the
     converters' registration). ``module`` says how an ``nn.Module`` owning the
-    op follows a plan.
+    op follows a plan. ``zero_point`` is, for a quantized op, the input
+    index of its output's zero point: the value that stands for 0 there
+    (the masked reference fills removed channels with it).
     """
 
     domain: str
@@ -238,6 +240,7 @@ class OpSpec:
     torch_targets: tuple[str, ...] = ()
     run: RunFn | None = None
     module: ModuleRule | None = None
+    zero_point: int | None = None
 
 
 _TABLE: dict[tuple[str, str], OpSpec] = {}
@@ -249,6 +252,7 @@ def register(
     adjust: AdjustFn | None = None,
     macs: MacsFn | None = None,
     module: ModuleRule | None = None,
+    zero_point: int | None = None,
 ) -> Callable[[CoupleFn], CoupleFn]:
     """Decorator: register a coupling handler for one or more ONNX op types.
 
@@ -258,6 +262,7 @@ def register(
         adjust: Rewrite hook: the node's edits for a plan.
         macs: Cost hook.
         module: How a torch module owning the op follows a plan.
+        zero_point: Input index of the output's zero point (quantized ops).
 
     Raises:
         ValueError: When an op type is registered twice.
@@ -269,7 +274,9 @@ def register(
             old = _TABLE.get(key) or OpSpec(domain, op_type, None)
             if old.couple is not None:
                 raise ValueError(f"op {key} registered twice")
-            _TABLE[key] = dataclasses.replace(old, couple=fn, adjust=adjust, macs=macs, module=module or old.module)
+            _TABLE[key] = dataclasses.replace(
+                old, couple=fn, adjust=adjust, macs=macs, module=module or old.module, zero_point=zero_point
+            )
         return fn
 
     return deco
