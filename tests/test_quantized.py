@@ -65,10 +65,15 @@ def test_qdq_model_prunes_exactly_and_stays_quantized(tmp_path, per_channel):
 
 
 def test_qoperator_model_prunes_to_a_valid_quantized_model(tmp_path):
-    """QLinearConv / QGemm prune (not verified exact: see the issue notes on int8 MaxPool)."""
+    """QLinearConv / QGemm prune exactly where no int8 MaxPool is crossed; those groups freeze with the reason."""
+    from graphprune.coupling.groups import build_groups
+    from graphprune.frontends.onnx import load_onnx
+
     src = _quantized(tmp_path, "QOperator", True)
-    result = prune_file(src, tmp_path / "out.onnx", ratio=0.5, verify=False, latency_runs=0)
-    assert result.plan.groups
+    coupling = build_groups(load_onnx(src).graph)
+    assert any("MaxPool over quantized" in r for g in coupling.groups for r in g.frozen)
+    result = prune_file(src, tmp_path / "out.onnx", ratio=0.5, verify=True, latency_runs=0)
+    assert result.plan.groups and result.validation.exact
     onnx.checker.check_model(str(result.output), full_check=True)
     before, after = onnx.load(str(src)), onnx.load(str(result.output))
     assert {n.op_type for n in after.graph.node} >= {"QLinearConv", "QGemm"}

@@ -146,6 +146,11 @@ def pool(node: OpNode, graph: ChannelGraph) -> Semantics:
         return missing
     if len(node.outputs) > 1 and node.outputs[1]:
         return freeze_node(node, graph, "MaxPool indices encode channel positions")
+    info = graph.info(x)
+    if node.op_type == "MaxPool" and info is not None and info.dtype in ("INT8", "UINT8"):
+        # measured: QOperator groups through an int8 MaxPool come out up to half a quantization step off the
+        # masked original on onnxruntime (groups without one are exact), cause not found: freeze until it is
+        return freeze_node(node, graph, "MaxPool over quantized (int8) values: pruning through it is not verified exact")
     return Semantics(links=tuple(identity_links(x, y, ((0, 0), (1, 1)))))
 
 
