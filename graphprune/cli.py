@@ -47,6 +47,22 @@ def _positive(text: str) -> int:
     return value
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12}
+
+
+def _size(text: str) -> int:
+    """A byte count: ``1500000``, ``500M``, ``1.5GB`` (decimal units)."""
+    number = text.strip().rstrip("bBkKmMgGtT")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 6G, 500M, 1000000)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return int(value)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2
         self.exit(2, f"graphprune: error: {message}\n")
@@ -99,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tune after pruning (needs --data)")
     pr.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
                     help="least-squares compensation of dropped channels (default: on with --data)")
+    pr.add_argument("--compensate-memory", type=_size, metavar="SIZE",
+                    help="most memory compensation's Gram matrices may take, e.g. 6G (default: a quarter of the machine's memory)")
     pr.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
                     help="BN re-estimation or bias correction after rewrite (default: on with --data)")
     pr.add_argument("--round-to", type=_positive, default=1,
@@ -231,8 +249,11 @@ def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
     repair = bool(args.data) if args.repair is None else args.repair
     if (compensate or repair) and not args.data:
         raise BadInputError("--compensate and --repair need calibration data (--data)")
+    if args.compensate_memory is not None and not compensate:
+        raise BadInputError("--compensate-memory bounds the compensation: use it with --data (and without --no-compensate)")
     if compensate:
-        passes.append({"name": "compensate", "seed": args.seed})
+        memory = {"memory_bytes": args.compensate_memory} if args.compensate_memory is not None else {}
+        passes.append({"name": "compensate", "seed": args.seed, **memory})
     verify = args.verify or bool(args.data) or args.model.suffix == ".pt2"  # a rewritten program is always checked
     passes.append({"name": "rewrite", "verify": verify})
     if repair:

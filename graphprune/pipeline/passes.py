@@ -192,15 +192,22 @@ class PlanPass(Pass):
 
 @dataclasses.dataclass(frozen=True)
 class CompensateOptions:
-    """Least-squares compensation (and statistics repair) on ``samples`` calibration samples."""
+    """Least-squares compensation (and statistics repair) on ``samples`` calibration samples.
+
+    ``memory_bytes``: most bytes compensation's Gram matrices, solve and streamed chunk may hold at once
+    (0: a quarter of the machine's physical memory); repair ignores it.
+    """
 
     samples: int = 1024
     batch_size: int = 64
     seed: int = 0
+    memory_bytes: int = 0
 
     def check(self) -> None:
         if self.samples < 2 or self.batch_size < 1:
             raise BadInputError("compensate needs samples >= 2 and batch_size >= 1")
+        if self.memory_bytes < 0:
+            raise BadInputError(f"compensate memory_bytes must be >= 0 (0: a quarter of the memory), got {self.memory_bytes}")
 
 
 @register_pass
@@ -215,13 +222,15 @@ class CompensatePass(Pass):
     mutates = True
 
     def run(self, ws: Workspace) -> PassResult:
-        from graphprune.recovery.compensation import compensate
+        from graphprune.recovery.compensation import compensate, compensation_memory
 
         assert ws.data is not None and ws.plan is not None
+        memory = compensation_memory(ws.model.graph, ws.groups(), ws.plan, self.options.memory_bytes or None)
+        ws.status(memory.line())
         ws.status("compensating dropped channels")
         data = ws.data.subset(self.options.samples, self.options.seed)
-        result = compensate(ws.model.graph, ws.groups(), ws.plan, data, self.options.batch_size)
-        ws.compensation = CompensationSummary(result.edges, tuple(result.skipped))
+        result = compensate(ws.model.graph, ws.groups(), ws.plan, data, self.options.batch_size, memory)
+        ws.compensation = CompensationSummary(result.edges, tuple(result.skipped), memory.bound, memory.peak)
         ws.model = ws.model.with_values(result.values)
         return PassResult(ws, bool(result.values))
 

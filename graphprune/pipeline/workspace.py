@@ -51,10 +51,12 @@ Status = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class CompensationSummary:
-    """What the compensate pass folded: exit edges compensated, consumers skipped (with reasons)."""
+    """What the compensate pass folded: exit edges compensated, consumers skipped (with reasons), its memory bound and plan's peak (bytes)."""
 
     edges: int
     skipped: tuple[str, ...]
+    memory_bound: int = 0
+    memory_peak: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,11 @@ best. A grouped conv consumer is compensated within each of its groups (a
 dropped input reaches only its own group's filters, so only kept inputs of
 that group stand in for it); a depthwise consumer keeps its channels in the
 group, so it is never an exit. Activations are streamed into per-edge Gram
-matrices (memory O((C_g m)^2) per edge, m elements per channel). Consumers
+matrices within a memory bound planned before any accumulation
+(:mod:`graphprune.recovery.gram_budget`): an edge of C channels x m
+positions (Flatten -> Gemm) takes one (C m)^2 Gram when it fits, else m
+C x C Grams (per position), else one pooled C x C Gram, else it is skipped
+with the reason. Consumers
 whose weight is not a constant (attention products, SE scales) or that are
 not Conv, Gemm or MatMul are skipped and reported; a MatMul's constant term
 goes into the bias of the Add that follows it, or is dropped when there is none.
@@ -33,8 +37,9 @@ from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.frontends.data import Calibration
 from graphprune.ir.graph import ChannelGraph, OpNode
 from graphprune.ir.plan import Plan
+from graphprune.recovery.gram_budget import Consumer, MemoryPlan, default_memory_bytes, plan_memory
 
-__all__ = ["Compensation", "compensate"]
+__all__ = ["Compensation", "compensate", "compensation_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,10 @@ class Compensation:
     values: Mapping[str, np.ndarray]
     edges: int
     skipped: tuple[str, ...]
+    memory: MemoryPlan | None = None
+    """The Gram form of every consumer and the bound they were planned in."""
+    gram_bytes: int = 0
+    """Bytes of the Gram matrices and means actually allocated (at most ``memory.gram_bytes``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,48 +100,102 @@ def _bias_after(node: OpNode, graph: ChannelGraph, width: int) -> str | None:
 
 
 class _Stats:
-    """Streamed sums of x, x x^T over samples and positions for one edge's elements."""
+    """Streamed sums of x and x x^T over samples and positions for one edge's ``C x m`` elements, in one Gram form.
 
-    def __init__(self, c: int) -> None:
-        self.s1 = np.zeros(c)
-        self.s2 = np.zeros((c, c))
+    ``dense``: one (C m)^2 Gram; ``per-position``: m Grams of C x C; ``shared``:
+    one C x C Gram of the positions pooled (see :mod:`graphprune.recovery.gram_budget`).
+    """
+
+    def __init__(self, channels: int, positions: int, form: str) -> None:
+        self.c, self.m, self.form = channels, positions, form
+        shape = {"dense": (channels * positions,) * 2, "per-position": (positions, channels, channels)}
+        self.s1 = torch.zeros(channels * positions, dtype=torch.float64)
+        self.s2 = torch.zeros(shape.get(form, (channels, channels)), dtype=torch.float64)
         self.n = 0.0
 
-    def add(self, x: torch.Tensor, axis: int, idx: np.ndarray) -> None:
-        ch = x.detach().index_select(axis, torch.as_tensor(idx, device=x.device)).movedim(axis, -1)
-        flat = ch.reshape(-1, idx.size).double()
-        self.s1 += flat.sum(0).cpu().numpy()
-        self.s2 += (flat.T @ flat).cpu().numpy()
+    @property
+    def nbytes(self) -> int:
+        return (self.s1.numel() + self.s2.numel()) * 8
+
+    def add(self, x: torch.Tensor, axis: int, idx: np.ndarray, chunk_bytes: int) -> None:
+        """Accumulate ``x``'s elements ``idx`` on ``axis``, a chunk of about ``chunk_bytes`` at a time."""
+        x, width = x.detach(), idx.size
+        index = torch.as_tensor(idx, device=x.device)
+        per_sample = max(1, x[:1].numel() // max(x.shape[axis], 1) * width * 12)
+        parts = x.split(max(1, chunk_bytes // per_sample), 0) if axis != 0 and x.dim() > 1 else (x,)
+        for part in parts:
+            flat = part.index_select(axis, index).movedim(axis, -1).reshape(-1, width)
+            for rows in flat.split(max(1, chunk_bytes // (width * 24)), 0):
+                self._accumulate(rows.double().cpu())
+
+    def _accumulate(self, flat: torch.Tensor) -> None:
+        self.s1 += flat.sum(0)
         self.n += flat.shape[0]
+        if self.form == "dense":
+            self.s2.addmm_(flat.T, flat)
+            return
+        v = flat.view(-1, self.c, self.m)
+        if self.form == "per-position":
+            v = v.permute(2, 0, 1)  # (m, rows, C)
+            self.s2.baddbmm_(v.transpose(1, 2), v)
+        else:
+            v = v.transpose(1, 2).reshape(-1, self.c)  # (rows m, C)
+            self.s2.addmm_(v.T, v)
 
 
-def _collect(graph: ChannelGraph, targets: list[_Target], data: Calibration, batch_size: int) -> list[_Stats]:
+def _collect(graph: ChannelGraph, targets: list[_Target], stats: list[_Stats], data: Calibration,
+             batch_size: int, chunk_bytes: int) -> None:
     interp = GraphInterpreter(graph).eval()
-    stats = [_Stats(t.edge.index.size) for t in targets]
     per_edge: dict[tuple[str, int], list[Callable[[torch.Tensor], torch.Tensor]]] = {}
     for t, st in zip(targets, stats):
         def tap(x: torch.Tensor, t: _Target = t, st: _Stats = st) -> torch.Tensor:
-            st.add(x, t.edge.axis, t.edge.index.ravel())
+            st.add(x, t.edge.axis, t.edge.index.ravel(), chunk_bytes)
             return x
         per_edge.setdefault((t.edge.node, t.edge.input_index), []).append(tap)
     taps = {key: compose(fns) for key, fns in per_edge.items()}
     with torch.no_grad():
         for _, inputs, _ in data.batches(batch_size):
             interp(*(torch.from_numpy(a) for a in inputs), edge_taps=taps)
-    return stats
+
+
+def _fit(ckk: np.ndarray, ckd: np.ndarray) -> np.ndarray:
+    """B = (C_KK + ridge)^-1 C_KD."""
+    k = len(ckk)
+    ckk[np.diag_indices(k)] += RIDGE * max(float(np.trace(ckk)) / max(k, 1), 1e-12)
+    return np.linalg.solve(ckk, ckd)
 
 
 def _coefficients(st: _Stats, keep: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """B (|K| x |D|) and c (|D|) minimising ||x_D - B^T x_K - c||^2 (positions into the edge's elements)."""
-    mean = st.s1 / max(st.n, 1.0)
+    """Dense form: B (|K| x |D|) and c (|D|) minimising ||x_D - B^T x_K - c||^2 (positions into the edge's elements)."""
+    n = max(st.n, 1.0)
+    mean = st.s1.numpy() / n
     if not keep.size:
         return np.zeros((0, drop.size)), mean[drop]
-    cov = st.s2 / max(st.n, 1.0) - np.outer(mean, mean)
-    ckk = cov[np.ix_(keep, keep)]
-    ckk = ckk + RIDGE * max(float(np.trace(ckk)) / max(len(keep), 1), 1e-12) * np.eye(len(keep))
-    b = np.linalg.solve(ckk, cov[np.ix_(keep, drop)])
-    c = mean[drop] - b.T @ mean[keep]
-    return b, c
+    s2 = st.s2.numpy()
+    ckk = s2[np.ix_(keep, keep)] / n - np.outer(mean[keep], mean[keep])
+    ckd = s2[np.ix_(keep, drop)] / n - np.outer(mean[keep], mean[drop])
+    b = _fit(ckk, ckd)
+    return b, mean[drop] - b.T @ mean[keep]
+
+
+def _channel_coefficients(st: _Stats, keep: np.ndarray, drop: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-position and shared forms: (B, c) for each position, ``keep`` and ``drop`` being channels."""
+    n = max(st.n, 1.0)
+    means = st.s1.numpy().reshape(st.c, st.m) / n  # (C, m): per-position channel means
+    if not keep.size:
+        return [(np.zeros((0, drop.size)), means[drop, p]) for p in range(st.m)]
+    s2 = st.s2.numpy()
+    if st.form == "per-position":
+        out = []
+        for p in range(st.m):
+            mu = means[:, p]
+            b = _fit(s2[p][np.ix_(keep, keep)] / n - np.outer(mu[keep], mu[keep]),
+                     s2[p][np.ix_(keep, drop)] / n - np.outer(mu[keep], mu[drop]))
+            out.append((b, mu[drop] - b.T @ mu[keep]))
+        return out
+    mk, md = means[keep], means[drop]  # pooled within-position covariance: (S2 - n sum_p mu_p mu_p^T) / (n m)
+    b = _fit((s2[np.ix_(keep, keep)] / n - mk @ mk.T) / st.m, (s2[np.ix_(keep, drop)] / n - mk @ md.T) / st.m)
+    return [(b, md[:, p] - b.T @ mk[:, p]) for p in range(st.m)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,15 +257,17 @@ def _fold(values: dict[str, np.ndarray], graph: ChannelGraph, t: _Target, block:
     values[t.weight] = w
 
 
-def compensate(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calibration, batch_size: int = 64) -> Compensation:
-    """Weights and biases that compensate ``plan``'s dropped channels (original graph names, full shapes).
+_Split = tuple[list[_Block], np.ndarray, np.ndarray]
+"""An edge's dense blocks (element positions), and the group's kept and dropped channels."""
 
-    Apply the values to the unpruned model, then rewrite with the same plan.
-    """
+
+def _targets(graph: ChannelGraph, coupling: Coupling, plan: Plan) -> tuple[list[_Target], list[Consumer], list[_Split], list[str]]:
+    """The compensated edges, their shapes for the memory plan, how they split, and the edges skipped (with reasons)."""
     gates = plan_gates(coupling, graph)
     nodes = {n.name: n for n in graph.nodes}
     targets: list[_Target] = []
-    plans: list[list[_Block]] = []
+    shapes: list[Consumer] = []
+    plans: list[_Split] = []
     skipped: list[str] = []
     for gp in plan.groups:
         keep = np.asarray(gp.keep, dtype=np.int64)
@@ -212,17 +277,68 @@ def compensate(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calibr
             if isinstance(t, str):
                 skipped.append(t)
                 continue
+            blocks = _blocks(t, graph.param(t.weight).shape, keep, drop)
+            big = max(blocks, key=lambda b: b.keep.size * (b.keep.size + b.drop.size), default=_Block(keep, keep[:0], 0))
+            c, m = edge.index.shape
             targets.append(t)
-            plans.append(_blocks(t, graph.param(t.weight).shape, keep, drop))
+            plans.append((blocks, keep, drop))
+            shapes.append(Consumer(edge.node, gp.group, c, m, keep.size, drop.size, big.keep.size, big.drop.size))
         if gp.group in gates.skipped:
             skipped.append(f"group {gp.group}: {gates.skipped[gp.group]}")
-    if not targets:
-        return Compensation({}, 0, tuple(skipped))
-    stats = _collect(graph, targets, data, batch_size)
+    return targets, shapes, plans, skipped
+
+
+def compensation_memory(graph: ChannelGraph, coupling: Coupling, plan: Plan, bound: int | None = None) -> MemoryPlan:
+    """The Gram form of every consumer :func:`compensate` will fit, within ``bound`` bytes (default: a quarter of memory).
+
+    Raises:
+        BadInputError: When the bound cannot hold even the cheapest consumer alone.
+    """
+    shapes = _targets(graph, coupling, plan)[1]
+    return plan_memory(shapes, default_memory_bytes() if bound is None else bound)
+
+
+def compensate(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calibration, batch_size: int = 64,
+               memory: MemoryPlan | None = None) -> Compensation:
+    """Weights and biases that compensate ``plan``'s dropped channels (original graph names, full shapes).
+
+    Apply the values to the unpruned model, then rewrite with the same plan.
+
+    Args:
+        graph: The unpruned graph.
+        coupling: Its coupling groups.
+        plan: What is kept.
+        data: Calibration samples.
+        batch_size: Samples per interpreter run.
+        memory: The memory plan (:func:`compensation_memory`); default: planned within a quarter of the memory.
+
+    Returns:
+        New values, the number of edges compensated, what was skipped (with reasons) and the memory plan.
+
+    Raises:
+        BadInputError: When the default memory bound cannot hold even the cheapest consumer.
+    """
+    targets, shapes, plans, skipped = _targets(graph, coupling, plan)
+    if memory is None:
+        memory = plan_memory(shapes, default_memory_bytes())
+    if [(c.node, c.group) for c in memory.consumers] != [(c.node, c.group) for c in shapes]:
+        raise ValueError("the memory plan was made for another plan or graph")
+    skipped += memory.skipped
+    chosen = [(t, c, b, m.form) for t, c, b, m in zip(targets, shapes, plans, memory.consumers) if m.form != "skipped"]
+    if not chosen:
+        return Compensation({}, 0, tuple(skipped), memory, 0)
+    stats = [_Stats(c.channels, c.positions, form) for _, c, _, form in chosen]
+    _collect(graph, [t for t, *_ in chosen], stats, data, batch_size, memory.stream_bytes)
     values: dict[str, np.ndarray] = {}
-    for t, st, blocks in zip(targets, stats, plans):
-        for block in blocks:
-            b, c = _coefficients(st, block.keep, block.drop)
-            _fold(values, graph, t, block, b, c)
+    for (t, c, (blocks, keep, drop), form), st in zip(chosen, stats):
+        if form == "dense":
+            for block in blocks:
+                b, const = _coefficients(st, block.keep, block.drop)
+                _fold(values, graph, t, block, b, const)
+            continue
+        pos = np.arange(c.channels * c.positions).reshape(c.channels, c.positions)
+        for p, (b, const) in enumerate(_channel_coefficients(st, keep, drop)):
+            _fold(values, graph, t, _Block(pos[keep, p], pos[drop, p], 0), b, const)
     dtypes = {name: graph.param(name).dtype for name in values}
-    return Compensation({k: v.astype(dtypes[k]) for k, v in values.items()}, len(targets), tuple(skipped))
+    gram = sum(st.nbytes for st in stats)
+    return Compensation({k: v.astype(dtypes[k]) for k, v in values.items()}, len(chosen), tuple(skipped), memory, gram)

@@ -108,7 +108,8 @@ def figures_json(ws: Workspace) -> dict[str, Any]:
     if ws.exact_max_abs_error is not None:
         out["exact_max_abs_error"] = ws.exact_max_abs_error
     if ws.compensation is not None:
-        out.update(compensated_edges=ws.compensation.edges, compensation_skipped=list(ws.compensation.skipped))
+        out.update(compensated_edges=ws.compensation.edges, compensation_skipped=list(ws.compensation.skipped),
+                   compensation_memory_bound=ws.compensation.memory_bound, compensation_memory_peak=ws.compensation.memory_peak)
     if ws.repair is not None:
         out["repair"] = ws.repair
     return out
