@@ -149,13 +149,12 @@ def compensate_module(tm: TorchModel, coupling: Coupling, plan: Plan, data: Any,
 
     if tm.module is None:
         raise BadInputError("compensation needs the nn.Module, not a loaded program")
+    from graphprune.backends.torch_model import ModulePrunable
+
     result = compensate(tm.graph, coupling, plan, data, batch_size)
-    new = copy.deepcopy(tm.module)
-    with torch.no_grad():
-        for name, value in result.values.items():
-            owner, leaf = _owner(new, tm.state_names[name])
-            getattr(owner, leaf).copy_(torch.from_numpy(value))
-    return new.eval()
+    if not result.values:  # still a copy: the caller prunes and trains it
+        return copy.deepcopy(tm.module).eval()
+    return ModulePrunable(tm, ()).with_values(result.values).module.eval()
 
 
 @torch.no_grad()

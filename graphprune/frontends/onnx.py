@@ -23,7 +23,7 @@ from graphprune.execution.sessions import make_session, sample_inputs
 from graphprune.ir.graph import ChannelGraph, Dim, OpNode, TensorInfo, TensorKind
 from graphprune.ir.onnx import inline_proto, node_name
 
-__all__ = ["OnnxModel", "inline_proto", "load_onnx", "node_name", "prepare", "to_channel_graph"]
+__all__ = ["OnnxModel", "load_onnx", "prepare", "to_channel_graph"]
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from graphprune.ops._common import broadcast_links, freeze_axes, freeze_node, id
 from graphprune.ops.conv import _conv_adjust, _conv_macs, conv
 from graphprune.ops.linear import _gemm_macs, _matmul_macs, gemm, matmul
 from graphprune.ops.norm import pool
-from graphprune.ops.registry import AdjustContext, Adjustment, Freeze, Link, Semantics, register
+from graphprune.ops.registry import AdjustContext, Adjustment, CoupleFn, Freeze, Link, Semantics, register
 from graphprune.ops.shape import concat
 
 __all__ = ["matmul_nbits", "qdq", "qlinear_conv", "qlinear_elementwise", "qlinear_matmul"]
@@ -105,49 +105,42 @@ def _qconv_macs(node: OpNode, graph: ChannelGraph) -> int:
     return _conv_macs(_as_float(node, (0, 3, 8)), graph)
 
 
-@register("QLinearConv", adjust=_qconv_adjust, macs=_qconv_macs, zero_point=7)
-def qlinear_conv(node: OpNode, graph: ChannelGraph) -> Semantics:
-    """Conv's channel map on (x, w, B); w_scale/w_zp per-tensor or per output channel."""
+def _requantized(node: OpNode, graph: ChannelGraph, float_op: CoupleFn, data: Sequence[int], scalars: Sequence[int],
+                 last_axis: bool = False) -> Semantics:
+    """A QOperator op as its float op on the ``data`` inputs; the scales and zero points at ``scalars`` must be
+    per-tensor, the weight's (inputs 4, 5) per-tensor or along the output's channel axis (1, or the last one)."""
     y = node.outputs[0]
     missing = needs_shapes(node, graph, [y, *node.inputs])
     if missing is not None:
         return missing
-    why = _scalars(node, graph, (1, 2, 6, 7))
-    found = _param_links(node, graph, (4, 5), Axis(y, 1)) if why is None else why
+    why = _scalars(node, graph, scalars)
+    rank = len(graph.shape(y) or ())
+    if why is None and last_axis and rank < 2:
+        why = f"{node.op_type}: 1-D operands are not supported"
+    found = _param_links(node, graph, (4, 5), Axis(y, rank - 1 if last_axis else 1)) if why is None else why
     if isinstance(found, str):
         return freeze_node(node, graph, found)
-    return _with(conv(_as_float(node, (0, 3, 8)), graph), found)
+    return _with(float_op(_as_float(node, data), graph), found)
+
+
+@register("QLinearConv", adjust=_qconv_adjust, macs=_qconv_macs, zero_point=7)
+def qlinear_conv(node: OpNode, graph: ChannelGraph) -> Semantics:
+    """Conv's channel map on (x, w, B); w_scale/w_zp per-tensor or per output channel."""
+    return _requantized(node, graph, conv, (0, 3, 8), (1, 2, 6, 7))
 
 
 # QLinearMatMul: a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp
 @register("QLinearMatMul", zero_point=7, macs=lambda node, graph: _matmul_macs(_as_float(node, (0, 3)), graph))
 def qlinear_matmul(node: OpNode, graph: ChannelGraph) -> Semantics:
     """MatMul's channel map on (a, b); b_scale/b_zp per-tensor or per column (2-D b)."""
-    y = node.outputs[0]
-    missing = needs_shapes(node, graph, [y, *node.inputs])
-    if missing is not None:
-        return missing
-    why = _scalars(node, graph, (1, 2, 6, 7))
-    rank = len(graph.shape(y) or ())
-    found = _param_links(node, graph, (4, 5), Axis(y, rank - 1)) if why is None and rank >= 2 else why
-    if found is None or isinstance(found, str):
-        return freeze_node(node, graph, found or "QLinearMatMul: 1-D operands are not supported")
-    return _with(matmul(_as_float(node, (0, 3)), graph), found)
+    return _requantized(node, graph, matmul, (0, 3), (1, 2, 6, 7), last_axis=True)
 
 
 # com.microsoft QGemm: A, a_scale, a_zp, B, b_scale, b_zp, [C], [y_scale], [y_zp]
 @register("QGemm", domain=MS, zero_point=8, macs=lambda node, graph: _gemm_macs(_as_float(node, (0, 3)), graph))
 def qgemm(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Gemm's channel map on (A, B, C); b_scale/b_zp per-tensor or per column of B'."""
-    y = node.outputs[0]
-    missing = needs_shapes(node, graph, [y, *node.inputs])
-    if missing is not None:
-        return missing
-    why = _scalars(node, graph, (1, 2, 7, 8))
-    found = _param_links(node, graph, (4, 5), Axis(y, 1)) if why is None else why
-    if isinstance(found, str):
-        return freeze_node(node, graph, found)
-    return _with(gemm(_as_float(node, (0, 3, 6)), graph), found)
+    return _requantized(node, graph, gemm, (0, 3, 6), (1, 2, 7, 8))
 
 
 # com.microsoft element-wise ops: (data input indices, scale/zero-point indices)
