@@ -59,9 +59,9 @@ def _graphprune(om, analysis, cal, test, plan: dict, samples: int) -> dict[str, 
     for comp in (False, True):
         w = CompensatePass(opts)(copy.copy(ws)).workspace if comp else copy.copy(ws)
         w = RewritePass(RewriteOptions(verify=False))(w).workspace
-        out["compensation" if comp else "none"] = ort_accuracy(model_bytes(w.model.model), test)
+        out["compensation" if comp else "none"] = ort_accuracy(model_bytes(w.model.om.model), test)
         r = RepairPass(opts)(copy.copy(w)).workspace
-        out["comp + repair" if comp else "repair"] = ort_accuracy(model_bytes(r.model.model), test)
+        out["comp + repair" if comp else "repair"] = ort_accuracy(model_bytes(r.model.om.model), test)
     from graphprune.analysis.cost import model_cost
 
     out["macs_reduction"] = model_cost(om.graph).macs / model_cost(w.model.graph).macs

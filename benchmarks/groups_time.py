@@ -26,7 +26,7 @@ from graphprune.frontends.torch.trace import to_channel_graph
 def _torch_path(name: str, repeat: int) -> tuple[float, float]:
     """(torch.export seconds, median seconds of channel graph + groups) for one reference model."""
     module = models.build(name).eval()
-    x = torch.zeros(2, *models.INPUT_SHAPE)
+    x = torch.zeros(2, *models.INPUT_SHAPES[name])
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     t = time.perf_counter()
     with swapped_attention(module):
@@ -53,7 +53,7 @@ def main() -> None:
         for name in models.REFERENCE_MODELS:
             path = Path(tmp) / f"{name}.onnx"
             t = time.perf_counter()
-            models.export_onnx(models.build(name), path, bn="keep")
+            models.export_onnx(models.build(name), path, models.INPUT_SHAPES[name], bn="keep")
             export_s = time.perf_counter() - t
             loads, builds = [], []
             for _ in range(args.repeat):

@@ -37,6 +37,35 @@ def _fraction(text: str) -> float:
     return _unit_float(text, zero_ok=False)
 
 
+def _keep(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _add_hidden(parser: argparse.ArgumentParser) -> None:
+    """``--hidden KEEP`` / ``--hidden-energy E``: the hidden pass (rotation, SliceGPT), off by default."""
+    hidden = parser.add_mutually_exclusive_group()
+    hidden.add_argument("--hidden", type=_keep, metavar="KEEP",
+                        help="slice a transformer's hidden size by rotation, keeping this fraction of it (approximate; needs --data)")
+    hidden.add_argument("--hidden-energy", type=_keep, metavar="E",
+                        help="like --hidden, keeping the directions that hold this fraction of the stream's energy (e.g. 0.99)")
+
+
+def _hidden_step(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The hidden pass the flags ask for, or None."""
+    if args.hidden is None and args.hidden_energy is None:
+        return None
+    if not args.data:
+        raise BadInputError("--hidden and --hidden-energy need calibration data (--data)")
+    keep = {"keep": args.hidden} if args.hidden is not None else {"energy": args.hidden_energy}
+    return {"name": "hidden", "seed": getattr(args, "seed", 0), **keep}
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -63,6 +92,46 @@ def _size(text: str) -> int:
     return int(value)
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1) (0.01 is 1 pp), got {value}")
+    return value
+
+
+def _limit_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """--calibrate, --tolerance, --holdout, --limit-points (analyze and prune)."""
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate the limit on held-out calibration samples (a few measured points; default: on"
+                        + (" with --data and the hierarchical method)" if command == "prune" else ")"))
+    p.add_argument("--tolerance", type=_tolerance, default=0.01,
+                   help="the limit keeps accuracy (or agreement with the original) within this of the original's, "
+                        "with no fine-tuning (default 0.01: 1 pp)")
+    p.add_argument("--holdout", type=_positive, default=1024, help="held-out calibration samples per measured point (default 1024)")
+    p.add_argument("--limit-points", type=_positive, default=6, help="most measured points of the calibration (default 6)")
+    if command == "analyze":
+        p.add_argument("--finetune-epochs", type=float, default=0.0,
+                       help="also estimate the limit after this many epochs of fine-tuning")
+
+
+def _limit_step(args: argparse.Namespace, finetune_epochs: float, compensate: bool, repair: bool) -> dict[str, Any]:
+    """The limit pass of a command's pipeline."""
+    if args.limit_points < 2:
+        raise BadInputError(f"--limit-points must be at least 2, got {args.limit_points}")
+    if args.holdout < 16:
+        raise BadInputError(f"--holdout must be at least 16, got {args.holdout}")
+    step: dict[str, Any] = {"name": "limit", "tolerance": args.tolerance, "points": args.limit_points, "holdout": args.holdout,
+                            "finetune_epochs": float(finetune_epochs), "compensate": compensate, "repair": repair, "seed": args.seed}
+    if args.budget is not None:
+        step["budget"] = float(args.budget)
+    if getattr(args, "compensate_memory", None) is not None:
+        step["memory_bytes"] = args.compensate_memory
+    return step
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2
         self.exit(2, f"graphprune: error: {message}\n")
@@ -81,11 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("model", type=Path, help="an ONNX file or a saved torch ExportedProgram (.pt2)")
     an.add_argument("--data", required=True, help="fashion-mnist, an .npz (arrays named after the inputs, optional 'labels') or an image folder")
     an.add_argument("--samples", type=_positive, default=1024, help="calibration samples (default 1024)")
+    an.add_argument("--seq-len", type=_positive, help="sequence length the MACs count (default: the calibration data's)")
     an.add_argument("--batch-size", type=_positive, default=64)
     an.add_argument("--loss", choices=("fisher", "labels", "projection"), help="default: labels when the data has them, else fisher")
     an.add_argument("--eps", type=_ratio, default=1e-2, help="spectral energy left out of the effective rank (default 0.01)")
     an.add_argument("--floor", type=float, default=0.0, help="absolute eigenvalue floor (default 0)")
     an.add_argument("--budget", type=float, help="network-wide predicted loss increase allowed; sets every r_g instead of --eps")
+    _limit_arguments(an, "analyze")
     an.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split")
     an.add_argument("--image-size", type=_positive, nargs=2, metavar=("H", "W"), help="image folder: resize to H W")
     an.add_argument("--mean", type=float, nargs="+", default=[0.0], help="image folder: per-channel mean")
@@ -109,9 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", help="calibration / fine-tuning data (fashion-mnist, .npz, image folder): enables the analysis")
     pr.add_argument("--eval-data", help="labelled data for accuracy figures")
     pr.add_argument("--samples", type=_positive, default=2048, help="analysis samples (default 2048)")
+    pr.add_argument("--seq-len", type=_positive,
+                    help="sequence length the MACs (and a --macs target) count: default the calibration data's, else 1, said in the table")
     pr.add_argument("--eps", type=_ratio, default=1e-2, help="analysis: spectral energy left out of the effective rank")
     pr.add_argument("--budget", type=float, help="analysis: one network-wide predicted-loss budget instead of --eps")
     pr.add_argument("--allow-over-limit", action="store_true", help="allow targets beyond the estimated maximum compression")
+    _limit_arguments(pr, "prune")
     pr.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tune after pruning (needs --data)")
     pr.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
                     help="least-squares compensation of dropped channels (default: on with --data)")
@@ -136,15 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="replace an existing output file")
     pr.add_argument("--json", type=Path, help="write the result as JSON")
     pr.add_argument("--latency-runs", type=int, default=20, help="onnxruntime runs per latency figure (0: skip)")
+    _add_hidden(pr)
 
     r = sub.add_parser("run", help="run a pipeline (passes/*.toml) on a model")
-    r.add_argument("pipeline", type=Path, help="a pipeline TOML file or a shipped preset name: hierarchical, magnitude, taylor, uniform")
+    r.add_argument("pipeline", type=Path, help="a pipeline TOML file or a shipped preset name: hierarchical, deploy, magnitude, taylor, uniform")
     r.add_argument("--model", type=Path, required=True)
     r.add_argument("-o", "--output", type=Path, required=True)
     r.add_argument("--data", help="training / calibration data: fashion-mnist, an .npz or an image folder")
     r.add_argument("--eval-data", help="labelled data for accuracy figures (e.g. fashion-mnist:test)")
     r.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="override a pass option (repeatable)")
     r.add_argument("--force", action="store_true", help="replace an existing output file")
+    _add_hidden(r)
 
     d = sub.add_parser("demo", help="train a reference CNN on Fashion-MNIST, analyse, prune hierarchically, fine-tune, validate, report")
     d.add_argument("--model", default="resnet20")
@@ -169,6 +245,7 @@ def _groups(args: argparse.Namespace, console: Console) -> None:
 
 def _analyze(args: argparse.Namespace, console: Console) -> None:
 
+    from graphprune.analysis.cost import resolve_dims
     from graphprune.backends import load_model
     from graphprune.execution.distributed import is_main, process_group
     from graphprune.frontends.data import ImageOptions, load_data
@@ -184,29 +261,37 @@ def _analyze(args: argparse.Namespace, console: Console) -> None:
     with process_group():
         model = load_model(args.model)
         images = ImageOptions(tuple(args.image_size) if args.image_size else None, tuple(args.mean), tuple(args.std))
-        data = load_data(args.data, model.graph, args.samples, args.seed, args.split, images)
+        calibrate = args.calibrate is not False
+        if args.finetune_epochs < 0:
+            raise BadInputError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+        data = load_data(args.data, model.graph, args.samples + (args.holdout if calibrate else 0), args.seed, args.split, images)
+        resolve_dims(model.graph, args.seq_len, data.inputs)
         if args.loss == "labels" and data.labels is None:
             raise BadInputError("--loss labels needs labels in the data; use --loss fisher for unlabelled data")
         loss = args.loss or ("labels" if data.labels is not None else "fisher")
         step = {"name": "analyze", "eps": args.eps, "floor": args.floor, "loss": loss, "batch_size": args.batch_size,
-                "seed": args.seed, "samples": len(data)}
+                "seed": args.seed, "samples": min(args.samples, len(data))}
         if args.budget is not None:
             step["budget"] = args.budget
-        pipeline = parse_pipeline({"pipeline": {"name": "analyze"}, "pass": [step]}, "analyze")
+        steps = [step]
+        if calibrate:
+            steps.append({**_limit_step(args, args.finetune_epochs, True, True), "samples": min(1024, args.samples),
+                          "batch_size": args.batch_size})
+        pipeline = parse_pipeline({"pipeline": {"name": "analyze"}, "pass": steps}, "analyze")
         ws = run_model(pipeline, model, data, console=console, source=args.model)
         result = ws.analysis
         assert result is not None
         if not is_main():
             return
-        analysis_table(result, console)
+        analysis_table(result, console, ws.limit)
         if args.output:
-            npz = result.save(args.output)
+            npz = result.save(args.output, {"limit": ws.limit.to_dict()} if ws.limit is not None else None)
             console.print(f"analysis: {args.output} (F matrices: {npz})")
         if args.plot:
-            write_plot(result, args.plot)
+            write_plot(result, args.plot, ws.limit)
             console.print(f"plot: {args.plot}")
         if args.html:
-            write_html(result, args.html, f"graphprune analysis of {args.model.name}")
+            write_html(result, args.html, f"graphprune analysis of {args.model.name}", ws.limit)
             console.print(f"report: {args.html}")
 
 
@@ -227,6 +312,11 @@ def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
         saved = prune_passes(ratio=0.0, criterion="l1", round_to=1, seed=args.seed, plan=args.plan,
                              verify=args.verify or args.model.suffix == ".pt2", latency_runs=args.latency_runs, reports=False)
         return [*saved[:-1], _report(args)]
+    hidden = _hidden_step(args)
+    if hidden is not None and not (target or args.method or args.criterion):  # the hidden size only
+        tune = [{"name": "finetune", "epochs": args.finetune_epochs, "seed": args.seed}] if args.finetune_epochs > 0 else []
+        return [hidden, *tune, {"name": "validate", "latency_runs": args.latency_runs, "run_check": True,
+                                "batch": args.latency_batch, "threads": args.threads}, _report(args)]
     method, criterion = _method_and_criterion(args)
     if not args.data and not target:
         target = {"ratio": 0.5}
@@ -238,15 +328,22 @@ def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.budget is not None:
             analyze["budget"] = args.budget
         passes.append(analyze)
+    compensate = bool(args.data) if args.compensate is None else args.compensate
+    repair = bool(args.data) if args.repair is None else args.repair
+    calibrate = bool(args.data) and method == "hierarchical" if args.calibrate is None else args.calibrate
+    if calibrate:
+        if not args.data or method != "hierarchical":
+            raise BadInputError("--calibrate calibrates the hierarchical plan's limit: it needs --data and --method hierarchical")
+        passes.append(_limit_step(args, args.finetune_epochs, compensate, repair))
     profile = bool(args.data) if args.profile is None else args.profile
     if profile:
-        passes.append({"name": "profile", "batch": args.latency_batch, "threads": args.threads, "runs": 5})
+        passes.append({"name": "profile", "batch": args.latency_batch, "threads": args.threads, "runs": 5,
+                       "below_floors": bool(args.allow_over_limit)})
     elif args.objective == "latency":
         raise BadInputError("--objective latency needs the latency tables: drop --no-profile")
     passes.append({"name": "plan", "method": method, "criterion": criterion, "round_to": args.round_to,
-                   "allow_over_limit": args.allow_over_limit, "seed": args.seed, "objective": args.objective, **target})
-    compensate = bool(args.data) if args.compensate is None else args.compensate
-    repair = bool(args.data) if args.repair is None else args.repair
+                   "allow_over_limit": args.allow_over_limit, "seed": args.seed, "objective": args.objective,
+                   "latency_runs": max(args.latency_runs, 1) if args.latency is not None else args.latency_runs, **target})
     if (compensate or repair) and not args.data:
         raise BadInputError("--compensate and --repair need calibration data (--data)")
     if args.compensate_memory is not None and not compensate:
@@ -258,6 +355,8 @@ def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
     passes.append({"name": "rewrite", "verify": verify})
     if repair:
         passes.append({"name": "repair", "seed": args.seed})
+    if hidden is not None:
+        passes.append(hidden)
     if args.finetune_epochs > 0:
         if not args.data:
             raise BadInputError("--finetune-epochs needs --data")
@@ -270,7 +369,7 @@ def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
     """Reports beside the output unless the prune is a plain magnitude one (``--ratio``, ``--plan``); ``--json F`` anywhere."""
-    planned = bool(args.data or args.method or args.compensate or args.repair or args.criterion in ANALYSIS_CRITERIA
+    planned = bool(args.data or args.hidden or args.hidden_energy or args.method or args.compensate or args.repair or args.criterion in ANALYSIS_CRITERIA
                    or any(getattr(args, k) is not None for k in TARGETS if k != "ratio"))
     beside = planned and args.plan is None
     report: dict[str, Any] = {"name": "report", "json": beside, "html": beside}
@@ -294,7 +393,7 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
         raise BadInputError(f"--threads must be >= 0, got {args.threads}")
     pipeline = parse_pipeline({"pipeline": {"name": "prune"}, "pass": _prune_passes(args)}, "prune")
     with process_group():
-        result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console)
+        result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console, args.seq_len)
     if result is None:  # not the main rank
         return
     if args.plan_out:
@@ -309,7 +408,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     from graphprune.pipeline.config import load_pipeline
     from graphprune.pipeline.run import run_file
 
-    pipeline = load_pipeline(args.pipeline, args.set)
+    pipeline = load_pipeline(args.pipeline, args.set, _hidden_step(args))
     with process_group():
         result = run_file(pipeline, args.model, args.output, args.data, args.eval_data, args.force, console)
     if result is None:  # not the main rank
@@ -325,6 +424,8 @@ def _demo(args: argparse.Namespace, console: Console) -> None:
 
     if args.model not in models.REFERENCE_MODELS:
         raise BadInputError(f"unknown reference model '{args.model}' (known: {', '.join(models.REFERENCE_MODELS)})")
+    if models.INPUT_SHAPES[args.model] != models.INPUT_SHAPE:
+        raise BadInputError(f"the demo trains on Fashion-MNIST (1 x 28 x 28); '{args.model}' takes {models.INPUT_SHAPES[args.model]}")
     if args.epochs <= 0 or args.finetune_epochs <= 0:
         raise BadInputError("--epochs and --finetune-epochs must be positive")
     result = run_demo(args.model, args.output_dir, console, args.epochs, args.finetune_epochs, args.pipeline)

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["VGG", "BottleneckResNet", "ResNeXt", "ResNetCifar", "SEResNet"]
+__all__ = ["VGG", "BottleneckResNet", "ResNeXt", "ResNet50", "ResNetCifar", "SEResNet"]
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -111,6 +111,31 @@ class BottleneckResNet(nn.Module):
             for i in range(n):
                 layers.append(Bottleneck(c, mid, mid * 2, 2 if s > 0 and i == 0 else 1, groups, se))
                 c = mid * 2
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 in torchvision's layout (v1.5: stride on the 3x3 conv) for 3 x 224 x 224 images.
+
+    Stride-2 7x7 stem and 3x3 max pool, bottleneck stages [3, 4, 6, 3] of widths 64-128-256-512
+    (outputs 4x: 256 to 2048), 1x1 conv + BN shortcuts where the shape changes, average pool and a
+    2048 -> ``classes`` Linear (1000 by default, like torchvision's).
+    """
+
+    def __init__(self, blocks: tuple[int, ...] = (3, 4, 6, 3), in_ch: int = 3, classes: int = 1000):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(in_ch, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        layers: list[nn.Module] = []
+        c = 64
+        for s, n in enumerate(blocks):
+            mid = 64 * 2**s
+            for i in range(n):
+                layers.append(Bottleneck(c, mid, mid * 4, 2 if s > 0 and i == 0 else 1))
+                c = mid * 4
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
 

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "export_tokens"]
 
 
 def export_onnx(
@@ -59,3 +59,48 @@ def _fold_batch_norm(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     return fuse(model)
+
+
+def export_tokens(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    seq: int = 8,
+    vocab: int = 64,
+    opset: int = 17,
+    dynamo: bool = False,
+    max_seq: int = 64,
+) -> None:
+    """Write a token-input model (``(N, L)`` int64 ids -> ``logits``) with dynamic batch and sequence length.
+
+    Args:
+        model: The module (put in eval mode here).
+        path: Output file.
+        seq: Sequence length of the example input.
+        vocab: Token ids of the example are drawn below this.
+        opset: ONNX opset.
+        dynamo: Use the torch.export-based exporter instead of TorchScript.
+        max_seq: Largest sequence length the dynamo export allows (the models' context).
+    """
+    model = model.eval()
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("seq", min=2, max=max_seq)}
+            torch.onnx.export(
+                model, (ids,), str(path), opset_version=opset, input_names=["input_ids"], output_names=["logits"],
+                dynamic_shapes=(dims,), dynamo=True, verbose=False,
+            )
+            return
+        out_axes = {0: "batch", 1: "seq"} if _per_token(model, ids) else {0: "batch"}
+        torch.onnx.export(
+            model, (ids,), str(path), opset_version=opset, input_names=["input_ids"], output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": out_axes}, dynamo=False,
+        )
+
+
+def _per_token(model: nn.Module, ids: torch.Tensor) -> bool:
+    """Whether the output has a sequence axis (an LM) or not (a classifier)."""
+    with torch.no_grad():
+        out = model(ids)
+    return out.dim() == 3

@@ -30,18 +30,21 @@ class MobileNetV2(nn.Module):
     """MobileNetV2 (reduced): depthwise 3x3, inverted residuals, ReLU6."""
 
     CONFIG = ((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2), (4, 24, 2, 1))
+    TORCHVISION = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    """torchvision's layout (width 1.0): with ``stem=32, stem_stride=2, last=1280`` at 3 x 224 x 224."""
 
-    def __init__(self, in_ch: int = 1, classes: int = 10):
+    def __init__(self, in_ch: int = 1, classes: int = 10, config: tuple[tuple[int, int, int, int], ...] = CONFIG,
+                 stem: int = 8, stem_stride: int = 1, last: int = 64, dropout: float = 0.1):
         super().__init__()
-        c = 8
-        layers = _cbr(in_ch, c, 3)
-        for t, cout, n, s in self.CONFIG:
+        c = stem
+        layers = _cbr(in_ch, c, 3, stem_stride)
+        for t, cout, n, s in config:
             for i in range(n):
                 layers.append(InvertedResidual(c, cout, s if i == 0 else 1, t))
                 c = cout
-        layers += _cbr(c, 64, 1)
+        layers += _cbr(c, last, 1)
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(64, classes))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(last, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

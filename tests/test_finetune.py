@@ -72,3 +72,63 @@ def test_no_labels_no_teacher_is_an_error(exported):
     x = np.zeros((8, *models.INPUT_SHAPE), np.float32)
     with pytest.raises(BadInputError, match="labels or the unpruned model"):
         finetune_onnx(om, Calibration((x,), None, "x"), FitOptions())
+
+
+def _tokens(n: int = 256, length: int = 8, vocab: int = 64, seed: int = 0) -> Calibration:
+    """Next-token labels of a deterministic sequence (each id follows its predecessor plus one)."""
+    start = np.random.default_rng(seed).integers(0, vocab, (n, 1))
+    ids = (start + np.arange(length + 1)) % vocab
+    return Calibration((ids[:, :-1].astype(np.int64),), ids[:, 1:].astype(np.int64), "synthetic tokens")
+
+
+def _token_loss(model: torch.nn.Module, data: Calibration) -> float:
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data.inputs[0]))
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), torch.from_numpy(data.labels).reshape(-1)))
+
+
+def test_language_model_labels_are_scored_per_token():
+    from graphprune.execution.training import fit
+
+    model, data = models.build("gpt2"), _tokens()
+    before = _token_loss(model, data)
+    fit(model, data, FitOptions(epochs=4, lr=0.1, batch_size=32))
+    assert _token_loss(model, data) < before - 1.0
+
+
+def test_language_model_distillation_uses_the_vocabulary_axis():
+    from graphprune.execution.training import fit
+
+    teacher, student, data = models.build("gpt2", seed=0), models.build("gpt2", seed=1), _tokens()
+    unlabelled = Calibration(data.inputs, None, "synthetic tokens")
+
+    def gap() -> float:
+        with torch.no_grad():
+            x = torch.from_numpy(data.inputs[0])
+            return float((student(x).softmax(-1) - teacher(x).softmax(-1)).abs().mean())
+
+    before = gap()
+    fit(student, unlabelled, FitOptions(epochs=4, lr=0.1, batch_size=32), teacher=teacher)
+    assert gap() < 0.5 * before
+
+
+def _unnormalised_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+
+def test_gradients_are_clipped_and_a_diverging_fine_tune_keeps_the_weights_from_before(caplog):
+    from graphprune.execution.training import fit
+
+    data = _task(256)
+    net = _unnormalised_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert np.isnan(fit(net, data, FitOptions(epochs=4, lr=1e6, batch_size=32, clip_norm=0)))  # no clipping: it blows up
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert "fine-tuning diverged at step" in caplog.text and "weights from before it are kept" in caplog.text
+    clipped = _unnormalised_net()
+    loss = fit(clipped, data, FitOptions(epochs=4, lr=0.5, batch_size=32, momentum=0.0, weight_decay=0.0, clip_norm=1e-3))
+    step = max(float((a - b).abs().max()) for a, b in zip(clipped.state_dict().values(), before.values()))
+    assert np.isfinite(loss) and step <= 4 * 8 * 0.5 * 1e-3 * 1.01  # steps x lr x clip_norm bounds every change
+    with pytest.raises(BadInputError, match="clip_norm"):
+        FitOptions(clip_norm=-1).check()

@@ -83,6 +83,9 @@ def test_round_to(analysed):
     limit = analysis.limit.at_limit.macs / analysis.limit.original.macs
     with pytest.raises(OverLimitError, match="round-to 16"):  # rounding up to 16 cannot reach the limit itself
         make_plan(om.graph, coupling, PlanOptions(round_to=16).with_target(Target("macs", limit)), analysis)
+    smallest = min(g.channels for g in coupling.prunable)
+    with pytest.raises(BadInputError, match="cannot be reached with --round-to"):  # even past the limit: never a plan that misses
+        make_plan(om.graph, coupling, PlanOptions(round_to=smallest, allow_over_limit=True).with_target(Target("macs", 0.05)), analysis)
 
 
 def test_uniform_prunes_every_group_alike(analysed):

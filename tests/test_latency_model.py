@@ -5,6 +5,7 @@ structure, exact equalities of cached or reloaded values, and counters.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -14,12 +15,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune import models
-from graphprune.analysis.latency import LatencyModel
+from graphprune.analysis.latency import AxisSpec, BuildStats, LatencyModel, OpTable
 from graphprune.coupling.groups import Coupling, build_groups
 from graphprune.errors import BadInputError
 from graphprune.execution.latency_tables import (
     LatencyOptions,
+    blocked_point,
     build_latency_model,
+    cache_setting,
+    calibration_point,
     candidate_counts,
     cut_subgraph,
     measure_plan_error,
@@ -119,7 +123,7 @@ def test_json_round_trip_gives_identical_predictions(vgg: tuple[OnnxModel, Coupl
         assert loaded.fast_counts(g.id) == lm.fast_counts(g.id)
 
 
-def test_second_build_measures_nothing(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+def test_second_build_measures_no_table_point_and_times_the_whole_model_again(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
     om, coupling = vgg
     first = build_latency_model(om, coupling, fast_options(tmp_path))
     second = build_latency_model(om, coupling, fast_options(tmp_path))
@@ -128,7 +132,7 @@ def test_second_build_measures_nothing(vgg: tuple[OnnxModel, Coupling], tmp_path
     assert second.stats.cache_hits == first.stats.cache_hits + first.stats.measurements
     assert second.stats.tables_cached == second.stats.tables == len(first.tables)
     assert second.tables == first.tables
-    assert second.original_ms == first.original_ms
+    assert first.stats.model_timings >= 1 and second.stats.model_timings >= 1 and second.original_ms > 0
 
 
 def test_changed_batch_misses_the_cache(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
@@ -232,3 +236,88 @@ def test_bad_inputs_raise(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> No
         lm.predict({10_000: 1})
     with pytest.raises(BadInputError):
         LatencyModel.from_json('{"format": "other"}')
+
+
+def planted_model() -> LatencyModel:
+    """Two groups of 16 channels, one table each (1 ms at 16 channels, 0.4 ms at 8); the whole model measured 2 ms."""
+    tables = tuple(
+        OpTable(f"conv{g}", ("Conv",), (AxisSpec(f"t{g}", 1, 16, ((g, 1, 16),)),), (((8,), 0.4), ((12,), 0.9), ((16,), 1.0)), f"k{g}")
+        for g in (0, 1)
+    )
+    return LatencyModel(2.0, tables, {0: (8, 12, 16), 1: (8, 12, 16)}, {0: 16, 1: 16}, (), {"batch": 1}, BuildStats())
+
+
+def test_calibration_fits_the_scale_to_the_measured_point() -> None:
+    lm = planted_model()
+    assert lm.scale is None and lm.factor == 1.0 and lm.coverage == 1.0
+    point = calibration_point(lm)
+    assert point == {0: 8, 1: 8}  # the largest fast count up to half
+    assert lm.table_delta(point) == pytest.approx(-1.2)
+    cal = lm.calibrated(point, 1.4)  # measured: half the change the tables add up to
+    assert cal.scale == pytest.approx(0.5)
+    assert cal.predict(point) == pytest.approx(1.4)
+    assert cal.predict({0: 16, 1: 16}) == 2.0
+    assert cal.predict({0: 8}) == pytest.approx(2.0 - 0.3)
+    assert cal.change({0: 8, 1: 16}, 1, 8) == pytest.approx(-0.3)
+    assert dict(cal.calibration) == point and cal.calibration_ms == 1.4
+    assert LatencyModel.from_json(cal.to_json()) == cal
+    assert lm.calibrated(point, 2.5).scale is None  # moved the other way: not identifiable, the coverage rule stays
+    assert lm.calibrated(point, 2.0 - 1000).scale == pytest.approx(0.95 * 2.0 / 1.2)  # clamped: the smallest counts stay above 0
+    assert lm.calibrated(point, 2.0 - 1000).predict(point) == pytest.approx(0.1)
+
+
+def test_blocked_point_keeps_whole_blocks_of_channels() -> None:
+    lm = planted_model()  # counts (8, 12, 16) of 16
+    assert blocked_point(lm, 8) == {0: 8, 1: 8}
+    assert blocked_point(lm, 16) == {0: 16, 1: 16}  # no smaller multiple tabulated: the group stays whole
+    wide = dataclasses.replace(lm, counts={0: (5, 8, 16, 24, 32), 1: (3, 7, 16)}, channels={0: 32, 1: 16})
+    assert blocked_point(wide, 8) == {0: 16, 1: 16}  # 0: the largest multiple up to half; 1: none below C
+
+
+def test_build_calibrates_on_a_measured_whole_model(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    om, coupling = vgg
+    lm = build_latency_model(om, coupling, fast_options(tmp_path))
+    assert lm.calibration_ms is not None and lm.calibration_ms > 0
+    uncalibrated = dataclasses.replace(lm, scale=None)
+    assert dict(lm.calibration) in (calibration_point(uncalibrated), blocked_point(uncalibrated, 16))
+    deepest = sum(min(ms for _, ms in t.points) - t.value(t.full) for t in lm.tables)
+    high = min(10.0, 0.95 * lm.original_ms / -deepest) if deepest < 0 else 10.0
+    if lm.scale is not None and 0.1 < lm.scale < high * (1 - 1e-9):  # fitted, not clamped (see LatencyModel.calibrated)
+        assert lm.predict(dict(lm.calibration)) == pytest.approx(lm.calibration_ms)
+    again = build_latency_model(om, coupling, fast_options(tmp_path))
+    assert again.stats.measurements == 0 and again.tables == lm.tables  # every table point from the cache
+    assert again.stats.model_timings >= 2 and again.calibration_ms is not None  # the whole model is timed again, never cached
+    assert LatencyModel.from_json(lm.to_json()) == lm
+
+
+def test_cache_key_holds_provider_threads_batch_and_statistics(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:
+    key = cache_setting(fast_options(tmp_path, threads=3, batch=4), "CPUExecutionProvider", "1.0")
+    assert {key["provider"], key["threads"], key["batch"], key["statistic"], key["model_statistic"]} == {"CPUExecutionProvider", 3, 4, "min", "median"}
+    om, coupling = vgg
+    build_latency_model(om, coupling, fast_options(tmp_path, threads=1))
+    other = build_latency_model(om, coupling, fast_options(tmp_path, threads=2))
+    assert other.stats.cache_hits == 0 and other.stats.measurements > 0
+    assert other.setting["threads"] == 2
+
+
+def test_int8_tables_time_every_probe_and_whole_model_quantized(vgg: tuple[OnnxModel, Coupling], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphprune.backends import quantize
+
+    om, coupling = vgg
+    build_latency_model(om, coupling, fast_options(tmp_path))
+    quantized: list[set[str]] = []
+    real = quantize.quantized_for_timing
+
+    def spy(model, feeds, options=None):  # type: ignore[no-untyped-def]
+        out = real(model, feeds, options)
+        quantized.append({n.op_type for n in out.graph})
+        return out
+
+    monkeypatch.setattr(quantize, "quantized_for_timing", spy)
+    int8 = build_latency_model(om, coupling, fast_options(tmp_path, quantized=True))
+    assert int8.setting["quantized"] == "int8 QDQ" and int8.stats.cache_hits == 0  # the fp32 tables are not reused
+    assert len(quantized) == int8.stats.measurements + int8.stats.model_timings
+    weighted = [ops for ops in quantized if ops & {"Conv", "Gemm"}]  # a lone MaxPool probe has nothing to quantize
+    assert weighted and all({"QuantizeLinear", "DequantizeLinear"} <= ops for ops in weighted)
+    assert math.isfinite(int8.predict({g: max(1, c // 2) for g, c in int8.channels.items()}))

@@ -39,7 +39,7 @@ def test_forbidden_facts_and_conditional_requirements():
 def test_every_registered_pass_declares_known_facts_and_whether_it_mutates():
     for cls in PASSES.values():
         assert (cls.requires | cls.ensures | cls.forbids) <= set(FACTS), cls.name
-    assert {n for n, c in PASSES.items() if c.mutates} == {"compensate", "rewrite", "repair", "finetune"}
+    assert {n for n, c in PASSES.items() if c.mutates} == {"compensate", "rewrite", "repair", "hidden", "finetune", "quantize"}
     with pytest.raises(ValueError, match="unknown facts"):
         register_pass(type("Bad", (Pass,), {"name": "bad", "requires": frozenset({"weights"})}))
 

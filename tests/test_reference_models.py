@@ -41,7 +41,7 @@ EXPECTED_GROUPS = {
     "resnext": (10, 1),  # as bottleneck, 3x3 convs grouped
     "shufflenetv2": (9, 1),  # stem + per unit branch and shortcut convs through Split/Concat/shuffle
     "inception": (15, 1),  # stem + 7 branch convs x 2 blocks
-    "vit": (6, 3),  # per block: q/k head dim, v/proj head dim, MLP hidden; frozen: stream, tokens, logits
+    "vit": (4, 3),  # per block: whole heads (q, k, v, proj), MLP hidden; frozen: stream, tokens, logits
     "convnext": (2, 3),  # the two MLP hidden layers
 }
 
@@ -69,12 +69,12 @@ def test_grouped_conv_keeps_groups_valid(exported):
     assert inner, "the grouped conv's channels are pruned at the same offset in all 4 groups"
 
 
-def test_vit_prunes_head_dim_not_residual(exported):
+def test_vit_prunes_whole_heads_not_residual(exported):
     coupling = build_groups(load_onnx(exported("vit")).graph)
     frozen_reasons = " ".join(r for g in coupling.groups for r in g.frozen)
     assert "LayerNormalization" in frozen_reasons
-    head_dim = [g for g in coupling.prunable if g.channels == 8]
-    assert len(head_dim) == 4  # q/k and v/proj in each of 2 blocks
-    for g in head_dim:
+    heads = [g for g in coupling.prunable if g.channels == 4]
+    assert len(heads) == 2  # one per block: q, k, v and proj together
+    for g in heads:
         weights = [m for m in g.members if m.kind == "param" and m.indices.shape[1] > 1]
-        assert weights and all(m.indices.shape[1] == 4 for m in weights)  # one element per head
+        assert len(weights) >= 4 and all(m.indices.shape[1] == 8 for m in weights)  # a head is 8 columns of q, k, v, proj

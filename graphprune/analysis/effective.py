@@ -32,7 +32,7 @@ from graphprune.frontends.data import Calibration
 from graphprune.ir.graph import ChannelGraph
 from graphprune.planning.selection import DropOrder, greedy_drop_order
 
-__all__ = ["Analysis", "AnalysisOptions", "GroupAnalysis", "NetworkLimit", "analyze", "summarize"]
+__all__ = ["Analysis", "AnalysisOptions", "GroupAnalysis", "NetworkLimit", "analyze", "budget_removals", "removal_envelope", "summarize", "with_removals"]
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,9 @@ class Analysis:
             "skipped": {str(k): v for k, v in sorted(self.skipped.items())},
         }
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``path`` (JSON) and its F matrices beside it (``<stem>.fisher.npz``); returns the npz path."""
+    def save(self, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:
+        """Write ``path`` (JSON, with ``extra`` keys such as the calibrated limit) and its F matrices beside it
+        (``<stem>.fisher.npz``); returns the npz path."""
         from graphprune.io import write_bytes_atomic, write_text_atomic
 
         p = Path(path)
@@ -175,7 +176,7 @@ class Analysis:
         buf = io.BytesIO()
         np.savez_compressed(buf, allow_pickle=False, **arrays)  # named, so no array key can be taken for the flag
         write_bytes_atomic(npz, buf.getvalue())
-        data = self.to_dict()
+        data = {**self.to_dict(), **dict(extra or {})}
         data["fisher_file"] = npz.name
         write_text_atomic(p, json.dumps(data, indent=1))
         return npz
@@ -241,12 +242,25 @@ def _group_result(
     )
 
 
-def _within_budget(
-    groups: tuple[GroupAnalysis, ...], orders: Mapping[int, DropOrder], budget: float
-) -> tuple[GroupAnalysis, ...]:
-    """r_g of every group from one network-wide predicted-loss budget (cheapest removals first)."""
-    removed = {g.group: 0 for g in groups}
-    heap = [(float(o.cost[1] - o.cost[0]), gid) for gid, o in orders.items() if o.order.size > 1]
+def removal_envelope(order: DropOrder) -> np.ndarray:
+    """``env[k]``: the least predicted loss of removing at least ``k`` channels in the greedy order (k < C).
+
+    The greedy order's cumulative cost need not rise at every step (cross terms can make a later prefix
+    cheaper); its suffix minimum does, so a budget reaches every prefix whose own cost fits it.
+    """
+    cost = np.asarray(order.cost[:order.order.size], dtype=np.float64)
+    return np.minimum.accumulate(cost[::-1])[::-1]
+
+
+def budget_removals(orders: Mapping[int, DropOrder], budget: float) -> dict[int, int]:
+    """Channels each group drops under one network-wide predicted-loss budget (cheapest removals first).
+
+    Every group keeps at least one channel; the removals' predicted loss increases (steps of
+    :func:`removal_envelope`) add up to at most ``budget``.
+    """
+    removed = dict.fromkeys(orders, 0)
+    steps = {gid: np.diff(removal_envelope(o)) for gid, o in orders.items()}
+    heap = [(float(st[0]), gid) for gid, st in steps.items() if st.size > 0]
     heapq.heapify(heap)
     total = 0.0
     while heap:
@@ -255,14 +269,22 @@ def _within_budget(
             break
         total += step
         removed[gid] += 1
-        o, k = orders[gid], removed[gid]
-        if o.order.size - k > 1:
-            heapq.heappush(heap, (float(o.cost[k + 1] - o.cost[k]), gid))
+        k = removed[gid]
+        if k < steps[gid].size:
+            heapq.heappush(heap, (float(steps[gid][k]), gid))
+    return removed
+
+
+def with_removals(
+    groups: tuple[GroupAnalysis, ...], orders: Mapping[int, DropOrder], removed: Mapping[int, int]
+) -> tuple[GroupAnalysis, ...]:
+    """The groups with r_g = C_g - removed[g] (and its redundancy and predicted loss)."""
     out = []
     for g in groups:
-        r = g.channels - removed[g.group]
+        k = removed.get(g.group, g.channels - g.effective)
+        r = g.channels - k
         out.append(dataclasses.replace(g, effective=r, redundancy=1.0 - r / g.channels,
-                                       predicted_loss=float(orders[g.group].cost[removed[g.group]])))
+                                       predicted_loss=float(orders[g.group].cost[k])))
     return tuple(out)
 
 
@@ -276,7 +298,7 @@ def summarize(
         for gid in sorted(fisher.groups)
     )
     if options.budget is not None:
-        groups = _within_budget(groups, orders, options.budget)
+        groups = with_removals(groups, orders, budget_removals(orders, options.budget))
     keep = {g.group: max(1, g.effective) for g in groups}
     limit = NetworkLimit(model_cost(graph), cost_with_keep(graph, coupling, keep))
     return Analysis(groups, dict(fisher.skipped), limit, fisher.samples, options, dict(fisher.groups), dict(meta or {}))

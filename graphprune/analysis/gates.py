@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from graphprune.coupling.groups import Coupling, Group
-from graphprune.ir.graph import ChannelGraph
+from graphprune.ir.graph import ChannelGraph, input_dependent
 from graphprune.ir.masks import keep_vector
 
 __all__ = ["GateEdge", "GatePlan", "compose", "gate_taps", "keep_gates", "plan_gates"]
@@ -54,9 +54,10 @@ class GatePlan:
 def _exit_edges(group: Group, graph: ChannelGraph) -> tuple[GateEdge, ...] | str:
     members = {m.tensor for m in group.members}
     consumers = graph.consumers()
+    varying = input_dependent(graph)
     edges: list[GateEdge] = []
     for m in group.members:
-        if m.kind == "param":
+        if m.kind == "param" or m.tensor not in varying:  # a weight, or one computed from constants (QDQ)
             continue
         if graph.tensors[m.tensor].is_output:
             return f"channels reach the graph output '{m.tensor}'"

@@ -8,12 +8,16 @@ multiplicative interpolation. Depthwise ops (input and output in one group)
 have one axis.
 
 The whole-model prediction is additive: the measured original latency plus,
-over the tables, table(new sizes) - table(original sizes); when the tables add
-up to more than the whole model (each probe pays its own run overhead), the
-differences are scaled down by that ratio, so no plan predicts below zero. It
-assumes the ops run one after the other and that an op's time depends only on
-its own sizes; layout changes between ops (onnxruntime's NCHWc reorders),
-memory traffic and cache effects across ops are outside it.
+over the tables, ``scale`` x (table(new sizes) - table(original sizes)).
+Isolated probes do not add up to the whole model: each pays its own run
+overhead and onnxruntime's layout reorders (NCHWc) at its borders, the whole
+model pays them only where the layout changes, and the tables are timed as
+the minimum of their runs while the whole model is timed (like validation) as
+the median. ``scale`` corrects the sum per model: it is fitted so that the
+prediction equals one whole-model measurement of the model pruned at a
+calibration point (every group at a fast count near half its channels).
+Without a calibration (``scale`` None) the differences are scaled down by the
+tables' coverage when it is above 1, so no plan predicts below zero.
 :func:`graphprune.execution.latency_tables.measure_plan_error` checks it.
 
 Example:
@@ -23,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -39,6 +44,8 @@ __all__ = ["FORMAT", "AxisSpec", "BuildStats", "LatencyModel", "OpTable"]
 log = logging.getLogger(__name__)
 
 FORMAT = "graphprune.latency/1"
+MIN_FRACTION = 0.05
+"""No prediction goes below this fraction of the original (interpolated noisy tables can add up below zero)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +86,13 @@ class OpTable:
     def sizes_with(self, keep: Mapping[int, int]) -> tuple[int, ...]:
         return tuple(a.size_with(keep) for a in self.axes)
 
+    @functools.cached_property
+    def _pts(self) -> dict[tuple[int, ...], float]:
+        return dict(self.points)
+
     def value(self, sizes: tuple[int, ...]) -> float:
         """Interpolated latency: piecewise linear along the sweeps, multiplicative with a bilinear correction off them."""
-        pts = dict(self.points)
+        pts = self._pts
         if sizes in pts:
             return pts[sizes]
         if len(sizes) == 1:
@@ -107,7 +118,8 @@ class OpTable:
 
 @dataclasses.dataclass(frozen=True)
 class BuildStats:
-    """What a build cost: new measurements, cache hits (points), tables, seconds (all, and measuring)."""
+    """What a build cost: new table measurements, cache hits (points), tables, seconds (all, and measuring), and the
+    whole-model timings (the original and its calibration, measured by every build)."""
 
     measurements: int = 0
     cache_hits: int = 0
@@ -115,6 +127,7 @@ class BuildStats:
     tables_cached: int = 0
     seconds: float = 0.0
     measure_seconds: float = 0.0
+    model_timings: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +142,9 @@ class LatencyModel:
         left_out: ``(node, reason)`` of touched ops without a table (their latency is assumed unchanged).
         setting: Machine, onnxruntime version, provider, threads, batch.
         stats: Cost of the build.
+        scale: Factor on the tables' differences fitted to a measured calibration point (None: not calibrated).
+        calibration: The calibration point: ``(group id, kept count)`` pairs.
+        calibration_ms: Measured latency of the model pruned at the calibration point (same statistic as ``original_ms``).
     """
 
     original_ms: float
@@ -138,6 +154,9 @@ class LatencyModel:
     left_out: tuple[tuple[str, str], ...]
     setting: Mapping[str, Any]
     stats: BuildStats
+    scale: float | None = None
+    calibration: tuple[tuple[int, int], ...] = ()
+    calibration_ms: float | None = None
 
     def predict(self, keep: Mapping[int, int]) -> float:
         """Predicted latency (ms) when group ``g`` keeps ``keep[g]`` channels (others keep all): additive, see the module.
@@ -148,11 +167,48 @@ class LatencyModel:
         for g, k in keep.items():
             if g not in self.channels or not 1 <= k <= self.channels[g]:
                 raise BadInputError(f"keep: group {g} with {k} channels is not in this latency model's range")
-        full = sum(t.value(t.full) for t in self.tables)
-        new = sum(t.value(t.sizes_with(keep)) for t in self.tables)
-        return self.original_ms + (new - full) / max(1.0, self.coverage)
+        return max(self.original_ms + self.table_delta(keep) * self.factor, MIN_FRACTION * self.original_ms)
+
+    def table_delta(self, keep: Mapping[int, int]) -> float:
+        """Sum over the tables of table(new sizes) - table(full sizes), uncorrected (ms)."""
+        return sum(t.value(t.sizes_with(keep)) - t.value(t.full) for t in self.tables)
+
+    @functools.cached_property
+    def _tables_of(self) -> dict[int, tuple[OpTable, ...]]:
+        out: dict[int, list[OpTable]] = {}
+        for t in self.tables:
+            for g in {g for a in t.axes for g, _, _ in a.groups}:
+                out.setdefault(g, []).append(t)
+        return {g: tuple(ts) for g, ts in out.items()}
+
+    def change(self, keep: Mapping[int, int], group_id: int, k: int) -> float:
+        """``predict(keep with group_id at k) - predict(keep)`` (before predict's floor), from the tables that group touches only."""
+        trial = {**keep, group_id: k}
+        return self.factor * sum(t.value(t.sizes_with(trial)) - t.value(t.sizes_with(keep)) for t in self._tables_of.get(group_id, ()))
 
     @property
+    def factor(self) -> float:
+        """What multiplies the tables' differences: the fitted ``scale``, else 1 / max(1, coverage)."""
+        return self.scale if self.scale is not None else 1.0 / max(1.0, self.coverage)
+
+    def calibrated(self, keep: Mapping[int, int], measured_ms: float, bounds: tuple[float, float] = (0.1, 10.0)) -> LatencyModel:
+        """A copy whose ``scale`` makes ``predict(keep)`` equal ``measured_ms`` (clamped to ``bounds``).
+
+        When the tables see (almost) no change at ``keep`` or the measurement moves the other way, the scale
+        is not identifiable and the copy keeps the coverage rule. The scale is also kept low enough that every
+        table at its fastest measured point still predicts at least 5% of the original (never zero or below).
+        """
+        delta, moved = self.table_delta(keep), measured_ms - self.original_ms
+        scale = None
+        if abs(delta) > 1e-3 * self.original_ms and moved * delta > 0:
+            low, high = bounds
+            deepest = sum(min(ms for _, ms in t.points) - t.value(t.full) for t in self.tables)
+            if deepest < 0:
+                high = max(low, min(high, 0.95 * self.original_ms / -deepest))
+            scale = float(np.clip(moved / delta, low, high))
+        return dataclasses.replace(self, scale=scale, calibration=tuple(sorted(keep.items())), calibration_ms=measured_ms)
+
+    @functools.cached_property
     def coverage(self) -> float:
         """Sum of the tables' full-size latencies over the measured model latency (how much of the model they see)."""
         return sum(t.value(t.full) for t in self.tables) / self.original_ms if self.original_ms > 0 else 0.0
@@ -163,19 +219,26 @@ class LatencyModel:
 
     def fast_counts(self, group_id: int) -> tuple[int, ...]:
         """Counts on the lower envelope: no larger candidate count is as fast (C always is)."""
-        counts = self.counts[group_id]
-        times = [self.predict({group_id: k}) for k in counts]
-        fast, best = [], float("inf")
-        for k, t in zip(reversed(counts), reversed(times)):
-            if t < best:
-                fast.append(k)
-                best = t
-        return tuple(sorted(fast))
+        if group_id not in self._fast:
+            counts = self.counts[group_id]
+            times = [self.change({}, group_id, k) for k in counts]
+            fast, best = [], float("inf")
+            for k, t in zip(reversed(counts), reversed(times)):
+                if t < best:
+                    fast.append(k)
+                    best = t
+            self._fast[group_id] = tuple(sorted(fast))
+        return self._fast[group_id]
+
+    @functools.cached_property
+    def _fast(self) -> dict[int, tuple[int, ...]]:
+        return {}
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["counts"] = {str(g): list(c) for g, c in self.counts.items()}
         data["channels"] = {str(g): c for g, c in self.channels.items()}
+        data["calibration"] = [list(p) for p in self.calibration]
         return json.dumps({"format": FORMAT, **data}, indent=1)
 
     @classmethod
@@ -196,7 +259,10 @@ class LatencyModel:
             )
             return cls(float(d["original_ms"]), tables, {int(g): tuple(c) for g, c in d["counts"].items()},
                        {int(g): int(c) for g, c in d["channels"].items()}, tuple((str(n), str(r)) for n, r in d["left_out"]),
-                       dict(d["setting"]), BuildStats(**d["stats"]))
+                       dict(d["setting"]), BuildStats(**d["stats"]),
+                       None if d.get("scale") is None else float(d["scale"]),
+                       tuple((int(g), int(k)) for g, k in d.get("calibration", ())),
+                       None if d.get("calibration_ms") is None else float(d["calibration_ms"]))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BadInputError(f"not a graphprune latency model ({exc})") from None
 

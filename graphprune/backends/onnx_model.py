@@ -82,12 +82,18 @@ class OnnxPrunable:
     def run_check(self, original: PrunableModel) -> None:
         self._validate(_onnx(original), None)
 
-    def latency_ms(self, batch: int, runs: int, threads: int = 0) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: bool = False) -> float:
         from graphprune.execution.sessions import measure_latency
         from graphprune.ir.onnx import model_session
 
-        with model_session(self.om.model, threads=threads) as session:
-            return measure_latency(session, sample_inputs(self.om.graph, batch=batch), runs=runs)
+        feeds = sample_inputs(self.om.graph, batch=batch)
+        model = self.om.model
+        if quantized:
+            from graphprune.backends.quantize import quantized_for_timing
+
+            model = quantized_for_timing(model, feeds)
+        with model_session(model, threads=threads) as session:
+            return measure_latency(session, feeds, runs=runs)
 
     def latency_model(self, coupling: Coupling, options: LatencyOptions, floors: Mapping[int, int]) -> LatencyModel:
         from graphprune.execution.latency_tables import build_latency_model
@@ -104,8 +110,10 @@ class OnnxPrunable:
     def save(self, path: Path, original: PrunableModel) -> None:
         if path.suffix != ".onnx":
             raise BadInputError(f"output {path}: an ONNX model is written as .onnx")
+        from graphprune.backends.onnx import merged_copies
+
         source = _onnx(original)
-        save_onnx(self.om.model, path, external=uses_external_data(source.model))
+        save_onnx(merged_copies(self.om), path, external=uses_external_data(source.model))
         validate_pruned(source, path, sample_inputs(source.graph, batch=2))
 
     def _validate(self, original: OnnxModel, kept: Mapping[Axis, np.ndarray] | None) -> ValidationReport:

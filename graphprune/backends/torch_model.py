@@ -75,6 +75,11 @@ def _at_batch(examples: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tenso
     return tuple(out)
 
 
+def _float_only(quantized: bool) -> None:
+    if quantized:
+        raise BadInputError("int8 latency is measured on onnxruntime: export the torch model to ONNX to profile it quantized")
+
+
 @torch.inference_mode()
 def _latency(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], runs: int) -> float:
     fn(*inputs)  # warm-up
@@ -183,7 +188,8 @@ class ModulePrunable(_Traced):
         with torch.no_grad():
             _check_signature(_outputs(self.module.eval()(*inputs)), _outputs(src.module.eval()(*inputs)))
 
-    def latency_ms(self, batch: int, runs: int, threads: int = 0) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: bool = False) -> float:
+        _float_only(quantized)
         return _latency(self.module.eval(), _at_batch(self.example_inputs, batch), runs)
 
     def accuracy(self, data: Calibration) -> float:
@@ -250,7 +256,8 @@ class ProgramPrunable(_Traced):
         with torch.no_grad():
             _check_signature(_outputs(self.program.module()(*inputs)), _outputs(src.program.module()(*inputs)))
 
-    def latency_ms(self, batch: int, runs: int, threads: int = 0) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: bool = False) -> float:
+        _float_only(quantized)
         return _latency(self.program.module(), self._inputs(batch), runs)
 
     def accuracy(self, data: Calibration) -> float:

@@ -248,9 +248,9 @@ def _choose_factors(
 ) -> tuple[list[Link], dict[Axis, list[str]]]:
     """Link each reshaped axis to one factor, consistently across reshapes.
 
-    Preference: a factor whose groups another reshape already chose, then one
-    that carries weights of its own, then the innermost; a factor another
-    reshape froze is avoided.
+    Preference: a factor whose groups another reshape already chose, then the
+    one the op prefers (attention heads), then one that carries weights of
+    its own, then the innermost; a factor another reshape froze is avoided.
     """
     chosen: set[frozenset[int]] = set()
     rejected: set[frozenset[int]] = set()
@@ -264,7 +264,7 @@ def _choose_factors(
                 cands.append((p, groups))
         ranked = sorted(
             (c for c in cands if c[1] not in rejected or c[1] in chosen),
-            key=lambda c: (c[1] not in chosen, not c[1] <= status.weighted, -c[0]),
+            key=lambda c: (c[1] not in chosen, c[0] != f.prefer, not c[1] <= status.weighted, -c[0]),
         )
         total = int(np.prod(f.part_sizes, dtype=np.float64))
         if not ranked or total > MAX_AXIS:

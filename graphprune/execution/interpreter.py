@@ -63,7 +63,8 @@ class GraphInterpreter(nn.Module):
     """Run a channel graph in torch.
 
     Floating-point constants with more than one element are ``nn.Parameter``s
-    (what fine-tuning trains); scalars, integers and BN running statistics are
+    (what fine-tuning trains; the frontend's copies of a shared constant
+    share its parameter while they have its shape); scalars, integers and BN running statistics are
     buffers. In training mode BatchNormalization uses batch statistics and
     updates its running buffers (ONNX momentum convention).
 
@@ -89,6 +90,10 @@ class GraphInterpreter(nn.Module):
         used = {n for node in graph.nodes for n in node.inputs if n}
         for k, (name, info) in enumerate(graph.tensors.items()):
             if info.kind != "param" or name not in used:
+                continue
+            original = graph.copies.get(name)
+            if original in self._keys and graph.tensors[original].shape == info.shape:  # a shared constant stays tied
+                self._keys[name] = self._keys[original]
                 continue
             value = torch.from_numpy(np.array(graph.const(name)))
             key = f"t{k}"

@@ -12,6 +12,16 @@ Tables are cached on disk, keyed by the machine, onnxruntime version,
 provider, threads, batch and a name-free signature of the sub-graph, so a
 second build measures nothing and identical blocks share one table.
 
+The whole model is timed as the median of its runs, like validation, and once
+more pruned at a calibration point (every group at a fast count near half its
+channels): the latency model's ``scale`` is fitted to that measurement, which
+corrects what the isolated probes miss (their run overhead, onnxruntime's
+layout reorders at their borders, min-of-runs timing). Both whole-model
+figures are measured by every build, never read from the cache: the scale
+fitted to them then also absorbs any change of the machine's load or clocks
+since the cached tables were measured (a whole-model figure cached under
+another load skewed predictions by +200%).
+
 Example:
     >>> opts = LatencyOptions(batch=1, threads=2, runs=5)   # doctest: +SKIP
     >>> lm = build_latency_model(om, build_groups(om.graph), opts)   # doctest: +SKIP
@@ -44,7 +54,8 @@ from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ir.onnx import model_bytes, node_map, value_map
 from graphprune.ir.plan import kept_elements, plan_from_keep
 
-__all__ = ["LatencyOptions", "SubGraph", "build_latency_model", "candidate_counts", "cut_subgraph", "measure_plan_error"]
+__all__ = ["LatencyOptions", "SubGraph", "blocked_point", "build_latency_model", "cache_setting", "calibration_point",
+           "candidate_counts", "cut_subgraph", "measure_plan_error"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,8 @@ FUSED = frozenset({"BatchNormalization", "Relu", "LeakyRelu", "Clip", "Sigmoid",
 FREE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Shape", "Dropout"})
 """Ops that are views or metadata in onnxruntime: not measured (no latency change assumed)."""
 MAX_FOLLOWERS = 4
+MODEL_STATISTIC = "median"
+"""How whole models are timed: the median of their runs, as validation measures them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +82,11 @@ class LatencyOptions:
         multiples: Channel multiples probed (kernel blocking); ``m - 1`` of the largest is probed too.
         max_counts: Most candidate counts per table axis.
         max_measurements: Most new measurements in one build; ops beyond it are left out (reported).
-        statistic: ``min`` (robust to other load on the machine: the tables are differenced) or ``median`` of the runs.
+        statistic: Of a table point's runs: ``min`` (robust to other load on the machine: the tables are differenced)
+            or ``median``. The whole model is always timed as the median (what validation measures).
+        calibrate: Measure the model pruned at a calibration point and fit the tables' scale to it.
+        quantized: Time every probe and whole model quantized to int8 QDQ first (as the ``quantize`` pass does,
+            ranges from the timing inputs): tables of the int8 model that ships.
         cache_dir: Table cache; None: ``$GRAPHPRUNE_CACHE/latency`` or ``~/.cache/graphprune/latency``.
     """
 
@@ -83,6 +100,8 @@ class LatencyOptions:
     max_counts: int = 10
     max_measurements: int = 5000
     statistic: str = "min"
+    calibrate: bool = True
+    quantized: bool = False
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -337,20 +356,26 @@ class _Meter:
     measurements: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
+    model_timings: int = 0
 
-    def time(self, model: ir.Model, feeds: Mapping[str, np.ndarray] | None = None, runs: int | None = None) -> float:
+    def time(self, model: ir.Model, feeds: Mapping[str, np.ndarray] | None = None, runs: int | None = None,
+             statistic: str | None = None) -> float:
         import onnxruntime as ort
 
         start = time.perf_counter()
+        if feeds is None:
+            rng = np.random.default_rng(0)
+            feeds = {v.name: rng.standard_normal(v.shape.numpy()).astype(v.dtype.numpy())
+                     for v in model.graph.inputs if v.name and v.shape is not None and v.dtype is not None}
+        if self.options.quantized:
+            from graphprune.backends.quantize import quantized_for_timing
+
+            model = quantized_for_timing(model, feeds)
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         if self.options.threads:
             opts.intra_op_num_threads = self.options.threads
         session = ort.InferenceSession(model_bytes(model), opts, providers=list(dict.fromkeys([self.provider, "CPUExecutionProvider"])))
-        if feeds is None:
-            rng = np.random.default_rng(0)
-            feeds = {v.name: rng.standard_normal(v.shape.numpy()).astype(v.dtype.numpy())
-                     for v in model.graph.inputs if v.name and v.shape is not None and v.dtype is not None}
         for _ in range(self.options.warmup):
             session.run(None, dict(feeds))
         times = []
@@ -358,9 +383,16 @@ class _Meter:
             t = time.perf_counter()
             session.run(None, dict(feeds))
             times.append(time.perf_counter() - t)
-        ms = 1e3 * (min(times) if self.options.statistic == "min" else float(np.median(times)))
+        ms = 1e3 * (min(times) if (statistic or self.options.statistic) == "min" else float(np.median(times)))
         self.measurements += 1
         self.seconds += time.perf_counter() - start
+        return ms
+
+    def time_model(self, model: ir.Model, feeds: Mapping[str, np.ndarray]) -> float:
+        """A whole model, timed like validation (counted apart from the table points)."""
+        ms = self.time(model, feeds, runs=self.options.model_runs, statistic=MODEL_STATISTIC)
+        self.measurements -= 1
+        self.model_timings += 1
         return ms
 
 
@@ -423,8 +455,7 @@ def build_latency_model(om: OnnxModel, coupling: Coupling, options: LatencyOptio
 
     from graphprune.execution.sessions import sample_inputs
 
-    setting = {"format": FORMAT, "machine": _machine(provider), "onnxruntime": ort.__version__, "provider": provider,
-               "threads": options.threads, "batch": options.batch, "statistic": options.statistic}
+    setting = cache_setting(options, provider, ort.__version__)
     floors = dict(floors or {})
     channels = {g.id: g.channels for g in coupling.prunable}
     for g, f in floors.items():
@@ -433,12 +464,9 @@ def build_latency_model(om: OnnxModel, coupling: Coupling, options: LatencyOptio
     counts = {g: candidate_counts(floors.get(g, 1), c, options) for g, c in channels.items()}
     meter, root = _Meter(options, provider), options.cache_root()
     index = _group_index(coupling)
-    whole = _Cache(root, {**setting, "signature": _signature(om.graph, tuple(om.graph.nodes), (), options.batch)})
-    if () in whole.points:
-        meter.cache_hits += 1
-    else:
-        whole.points[()] = meter.time(om.model, sample_inputs(om.graph, batch=options.batch), runs=options.model_runs)
-        whole.save()
+    whole: dict[tuple[int, ...], float] = {}  # this build's whole-model timings (never cached, see the module)
+    feeds = sample_inputs(om.graph, batch=options.batch)
+    whole[()] = meter.time_model(om.model, feeds)
     tables: list[OpTable] = []
     left_out: list[tuple[str, str]] = []
     cached, absorbed = 0, set[str]()
@@ -466,10 +494,75 @@ def build_latency_model(om: OnnxModel, coupling: Coupling, options: LatencyOptio
         absorbed.update(n.name for n in chain)
         tables.append(table)
         cached += hit
-    stats = BuildStats(meter.measurements, meter.cache_hits, len(tables), cached, time.perf_counter() - start, meter.seconds)
-    log.info("latency model: %d tables (%d cached), %d measurements in %.1f s, %d cache hits",
-             stats.tables, cached, stats.measurements, stats.measure_seconds, stats.cache_hits)
-    return LatencyModel(whole.points[()], tuple(tables), counts, channels, tuple(left_out), setting, stats)
+    lm = LatencyModel(whole[()], tuple(tables), counts, channels, tuple(left_out), setting, BuildStats())
+    if options.calibrate:
+        lm = _calibrate(om, coupling, lm, whole, meter, feeds)
+    stats = BuildStats(meter.measurements, meter.cache_hits, len(tables), cached, time.perf_counter() - start, meter.seconds,
+                       meter.model_timings)
+    log.info("latency model: %d tables (%d cached), %d measurements in %.1f s, %d cache hits, scale %s",
+             stats.tables, cached, stats.measurements, stats.measure_seconds, stats.cache_hits, lm.scale)
+    return dataclasses.replace(lm, stats=stats)
+
+
+def cache_setting(options: LatencyOptions, provider: str, ort_version: str) -> dict[str, Any]:
+    """What every cache key holds: machine, onnxruntime version, provider, threads, batch and both statistics."""
+    setting = {"format": FORMAT, "machine": _machine(provider), "onnxruntime": ort_version, "provider": provider,
+               "threads": options.threads, "batch": options.batch, "statistic": options.statistic, "model_statistic": MODEL_STATISTIC}
+    return {**setting, "quantized": "int8 QDQ"} if options.quantized else setting
+
+
+def calibration_point(lm: LatencyModel) -> dict[int, int]:
+    """Every tabulated group at its largest fast count up to half its channels (else its smallest fast count)."""
+    point = {}
+    for g, c in lm.channels.items():
+        fast = lm.fast_counts(g)
+        below = [k for k in fast if k <= (c + 1) // 2]
+        point[g] = below[-1] if below else fast[0]
+    return point
+
+
+def blocked_point(lm: LatencyModel, multiple: int) -> dict[int, int]:
+    """Every tabulated group at its largest tabulated multiple of ``multiple`` up to half its channels (else the
+    smallest tabulated one; else all its channels): counts that keep onnxruntime's channel blocking whole."""
+    point = {}
+    for g, c in lm.channels.items():
+        blocked = [k for k in lm.counts.get(g, ()) if k % multiple == 0 and k < c]
+        below = [k for k in blocked if k <= (c + 1) // 2]
+        point[g] = below[-1] if below else (blocked[0] if blocked else c)
+    return point
+
+
+def _pruned(om: OnnxModel, coupling: Coupling, keep: Mapping[int, int]) -> ir.Model:
+    """The whole model with the first ``keep[g]`` channels of each group kept."""
+    plan = plan_from_keep(coupling, {g: np.arange(k) for g, k in keep.items()})
+    return apply_kept(om, kept_elements(plan, coupling, om.graph))
+
+
+def _calibrate(om: OnnxModel, coupling: Coupling, lm: LatencyModel, whole: dict[tuple[int, ...], float], meter: _Meter,
+               feeds: Mapping[str, np.ndarray]) -> LatencyModel:
+    """Fit ``lm``'s scale to one whole-model measurement at :func:`calibration_point`; when that point
+    measures no faster than the tables say (isolated probes favour counts that break the channel blocking), to
+    one at :func:`blocked_point` of the largest probed multiple."""
+    fitted = _calibrate_at(om, coupling, lm, calibration_point(lm), whole, meter, feeds)
+    if fitted.scale is not None or fitted.calibration_ms is None:
+        return fitted
+    second = _calibrate_at(om, coupling, lm, blocked_point(lm, max(meter.options.multiples)), whole, meter, feeds)
+    return second if second.scale is not None else fitted
+
+
+def _calibrate_at(om: OnnxModel, coupling: Coupling, lm: LatencyModel, point: dict[int, int], whole: dict[tuple[int, ...], float],
+                  meter: _Meter, feeds: Mapping[str, np.ndarray]) -> LatencyModel:
+    """``lm`` fitted to one whole-model measurement at ``point`` (measured once per build)."""
+    if all(k == lm.channels[g] for g, k in point.items()):
+        return lm  # the tables see nothing faster: nothing to fit
+    key = tuple(point[g] for g in sorted(point))
+    if key not in whole:
+        try:
+            whole[key] = meter.time_model(_pruned(om, coupling, point), feeds)
+        except Exception as exc:  # noqa: BLE001 - a calibration that cannot run leaves the model uncalibrated, said
+            log.warning("latency calibration skipped: %s", short_message(exc))
+            return lm
+    return lm.calibrated(point, whole[key])
 
 
 def measure_plan_error(om: OnnxModel, coupling: Coupling, latency: LatencyModel, keep: Mapping[int, int],
@@ -489,10 +582,10 @@ def measure_plan_error(om: OnnxModel, coupling: Coupling, latency: LatencyModel,
     from graphprune.execution.sessions import sample_inputs
 
     s = latency.setting
-    options = options or LatencyOptions(batch=int(s["batch"]), threads=int(s["threads"]), provider=str(s["provider"]), statistic=str(s["statistic"]))
+    options = options or LatencyOptions(batch=int(s["batch"]), threads=int(s["threads"]), provider=str(s["provider"]),
+                                         statistic=str(s["statistic"]), quantized=bool(s.get("quantized")))
     predicted = latency.predict(keep)
-    plan = plan_from_keep(coupling, {g: np.arange(k) for g, k in keep.items()})
-    pruned = apply_kept(om, kept_elements(plan, coupling, om.graph))
     meter = _Meter(options, options.resolved_provider())
-    measured = meter.time(pruned, sample_inputs(om.graph, batch=options.batch), runs=options.model_runs)
+    measured = meter.time(_pruned(om, coupling, keep), sample_inputs(om.graph, batch=options.batch), runs=options.model_runs,
+                          statistic=MODEL_STATISTIC)
     return predicted, measured, (predicted - measured) / measured

@@ -25,6 +25,8 @@ class Figures:
     accuracy: float | None
     latency_batch_ms: float | None = None
     """Latency at the validation's latency batch (when it is not 1)."""
+    size_bytes: int | None = None
+    """Bytes of the model's constants (weights, scales...)."""
 
 
 def ort_accuracy(session_model: bytes | str | ort.InferenceSession, data: Calibration, batch_size: int = 500) -> float:

@@ -7,6 +7,7 @@ accuracy. Models may return a tensor or a tuple whose first item is the logits.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 
@@ -22,6 +23,8 @@ from graphprune.frontends.data import Calibration
 
 __all__ = ["FitOptions", "accuracy", "fit", "logits_of"]
 
+log = logging.getLogger(__name__)
+
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
     """SGD with momentum, cosine learning-rate schedule.
@@ -34,6 +37,8 @@ class FitOptions:
         weight_decay: L2 penalty.
         temperature: Distillation temperature (no labels, a teacher given).
         seed: Shuffling seed.
+        clip_norm: Largest gradient norm of a step (0: no clipping); a model without normalisation (BN folded)
+            otherwise diverges at rates a BN model trains at.
     """
 
     epochs: float = 1.0
@@ -43,11 +48,12 @@ class FitOptions:
     weight_decay: float = 5e-4
     temperature: float = 2.0
     seed: int = 0
+    clip_norm: float = 5.0
 
     def check(self) -> None:
         """Raises BadInputError on out-of-range values."""
-        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0:
-            raise BadInputError("fine-tuning needs epochs > 0, lr > 0, batch_size >= 1 and temperature > 0")
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0 or self.clip_norm < 0:
+            raise BadInputError("fine-tuning needs epochs > 0, lr > 0, batch_size >= 1, temperature > 0 and clip_norm >= 0")
 
 
 def logits_of(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -57,11 +63,17 @@ def logits_of(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
 def _loss(
     logits: torch.Tensor, labels: np.ndarray | None, x: tuple[torch.Tensor, ...], teacher: nn.Module | None, t: float
 ) -> torch.Tensor:
+    """Cross-entropy with labels, else distillation; per-token logits ``(N, L, V)`` (a language model) are scored per token."""
     if labels is not None:
-        return F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
+        y = torch.from_numpy(labels).to(logits.device)
+        if logits.dim() == 3 and tuple(y.shape) == tuple(logits.shape[:2]):  # (N, L, V) logits, (N, L) labels: a language model
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        return F.cross_entropy(logits, y)
     assert teacher is not None
     with torch.no_grad():
         target = logits_of(teacher(*x))
+    if logits.dim() == 3:  # (N, L, V): per-token distributions over the last axis, averaged over tokens (4-D: classes on axis 1)
+        logits, target = logits.reshape(-1, logits.size(-1)), target.reshape(-1, target.size(-1))
     return F.kl_div(F.log_softmax(logits / t, 1), F.softmax(target / t, 1), reduction="batchmean") * t * t
 
 
@@ -76,7 +88,10 @@ def fit(
     """Train ``model`` in place; returns the mean loss of the last 50 steps.
 
     Under ``torchrun`` every rank takes its slice of each batch and gradients
-    are averaged (all-reduce), so ranks stay identical.
+    are averaged (all-reduce), so ranks stay identical. Gradients are clipped to
+    ``options.clip_norm``; when the loss still becomes non-finite, training
+    stops, the weights from before it are restored and a warning says so (the
+    returned loss is then NaN).
 
     Raises:
         BadInputError: No labels and no teacher, or non-positive epochs.
@@ -101,6 +116,7 @@ def fit(
     order = rng.permutation(n)
     pos = 0
     recent: list[float] = []
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for step in range(steps):
         if pos + options.batch_size > n:
             order, pos = rng.permutation(n), 0
@@ -113,6 +129,14 @@ def fit(
         loss.backward()
         if world > 1:
             _average_gradients(params, world)
+        # the norm of the averaged gradient is the same on every rank (a non-finite loss anywhere makes it non-finite)
+        norm = torch.nn.utils.clip_grad_norm_(params, options.clip_norm if options.clip_norm > 0 else math.inf)
+        if not torch.isfinite(norm) or (world == 1 and not torch.isfinite(loss)):
+            model.load_state_dict(start)
+            model.eval()
+            log.warning("fine-tuning diverged at step %d of %d (loss %s): the weights from before it are kept; "
+                        "lower the learning rate", step + 1, steps, float(loss))
+            return math.nan
         opt.step()
         sched.step()
         recent = ([*recent, float(loss.detach())])[-50:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,13 @@ from onnxscript.optimizer import fold_constants
 
 from graphprune.errors import BadInputError, short_message
 from graphprune.execution.sessions import make_session, sample_inputs
+from graphprune.frontends.canonical import fold_batch_transposes
+from graphprune.frontends.symbolic_shapes import symbolic_shapes
+from graphprune.ir.dtypes import WEIGHT_TYPES
 from graphprune.ir.graph import ChannelGraph, Dim, OpNode, TensorInfo, TensorKind
 from graphprune.ir.onnx import inline_proto, node_name
 
-__all__ = ["OnnxModel", "load_onnx", "prepare", "to_channel_graph"]
+__all__ = ["COPY_OF", "OnnxModel", "load_onnx", "prepare", "to_channel_graph", "unshare_constants"]
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +82,109 @@ def prepare(model: ir.Model, path: Path | None = None) -> OnnxModel:
     except Exception as exc:  # noqa: BLE001 - folding is an optimisation only
         log.warning("constant folding failed: %s", _short(exc))
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    unshare_constants(model)
     try:
         ShapeInferencePass(strict_mode=False)(model)
     except Exception as exc:  # noqa: BLE001 - shape inference is best effort
         log.warning("shape inference failed: %s", _short(exc))
     graph = to_channel_graph(model)
+    known: dict[str, tuple[Dim, ...]] | None = None
     if _unresolved(graph):
-        observed = observe_shapes(model, graph)
-        if observed:
-            graph = to_channel_graph(model, observed)
+        shapes = _better_shapes(graph, symbolic_shapes(model))
+        if shapes:
+            known = shapes
+            graph = to_channel_graph(model, known)
+        if _unresolved(graph):
+            observed = observe_shapes(model, graph)
+            if observed:
+                known = {**shapes, **observed}
+                graph = to_channel_graph(model, known)
+    if fold_batch_transposes(model, graph):
+        graph = to_channel_graph(model, known)
     return OnnxModel(model, graph, path)
+
+
+COPY_OF = "graphprune.copy_of"
+"""``Value.meta`` key naming the initializer a load-time copy was made from."""
+
+
+def unshare_constants(model: ir.Model) -> int:
+    """Give every further use of a shared uniform weight constant its own initializer (the same tensor, not copied).
+
+    Exporters and optimizers share equal constants (onnxruntime's optimizer
+    leaves the zero biases of a randomly initialised BERT's query, key and
+    value layers and of its norms as one tensor); read as one tensor, they
+    would tie the heads to the frozen hidden stream and the layers to each
+    other. Only constants whose elements are all equal (zeros, ones) are
+    copied: a shared tensor of distinct values is a deliberate tie (one
+    weight read by two layers), and its layers keep losing the same channels.
+    A copy is marked in ``Value.meta`` (:data:`COPY_OF`); the ONNX
+    backend merges copies that are still equal after pruning, and the cost
+    model does not count them. Integer constants (shape vectors, indices)
+    and constants without an axis longer than 1 stay shared.
+
+    Returns:
+        The number of copies made.
+    """
+    graph = model.graph
+    made = 0
+    taken: set[str | None] = {*graph.initializers, *(v.name for v in graph.inputs)}
+    taken |= {v.name for n in graph.all_nodes() for v in n.outputs}
+    outputs = {id(v) for v in graph.outputs}
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        uses = list(value.uses())
+        if len(uses) < 2 or tensor is None or id(value) in outputs or value.dtype is None:
+            continue
+        if value.dtype.name not in WEIGHT_TYPES or not any(isinstance(d, int) and d > 1 for d in tensor.shape):
+            continue
+        values = tensor.numpy()
+        if values.size == 0 or not np.all(values == values.flat[0]):
+            continue  # distinct values: a deliberate tie
+        for node, index in uses[1:]:
+            k = 1
+            while f"{name}_use{k}" in taken:
+                k += 1
+            copy = ir.Value(name=f"{name}_use{k}", shape=value.shape, type=value.type, const_value=tensor)
+            copy.meta[COPY_OF] = name
+            taken.add(copy.name)
+            graph.register_initializer(copy)
+            node.replace_input_with(index, copy)
+            made += 1
+    if made:
+        log.debug("%d uses of shared constants got their own initializer", made)
+    return made
+
+
+def _better_shapes(graph: ChannelGraph, found: dict[str, tuple[Dim, ...]]) -> dict[str, tuple[Dim, ...]]:
+    """Symbolically inferred activation shapes that resolve more dims than ONNX's inference did."""
+    named = _named_dims(graph)
+    out: dict[str, tuple[Dim, ...]] = {}
+    for name, dims in found.items():
+        info = graph.tensors.get(name)
+        if info is None or info.kind != "activation":
+            continue
+        if info.shape is None or (len(info.shape) == len(dims) and _resolved(dims, named) > _resolved(info.shape, named)):
+            out[name] = dims
+    return out
+
+
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _named_dims(graph: ChannelGraph) -> set[str]:
+    return {d for n in graph.inputs for d in graph.tensors[n].shape or () if isinstance(d, str)}
+
+
+def _known(d: Dim, named: set[str]) -> bool:
+    """A static dim, an input's named dim, or an expression of input dims (``4*batch``)."""
+    if isinstance(d, int):
+        return True
+    return isinstance(d, str) and (d in named or (all(s in named for s in _SYMBOL.findall(d)) and bool(_SYMBOL.search(d))))
+
+
+def _resolved(dims: tuple[Dim, ...], named: set[str]) -> int:
+    return sum(_known(d, named) for d in dims)
 
 
 _DTYPE_CHANGES = {"Cast", "CastLike", "DequantizeLinear", "QuantizeLinear"}
@@ -105,11 +202,11 @@ def _keeps_stored_dtype(node: ir.Node) -> bool | None:
 
 def _unresolved(graph: ChannelGraph) -> bool:
     """Whether some activation shape is unknown or has a dim not named by an input."""
-    named = {d for n in graph.inputs for d in graph.tensors[n].shape or () if isinstance(d, str)}
+    named = _named_dims(graph)
     for info in graph.tensors.values():
         if info.kind != "activation":
             continue
-        if info.shape is None or any(not isinstance(d, int) and d not in named for d in info.shape):
+        if info.shape is None or not all(_known(d, named) for d in info.shape):
             return True
     return False
 
@@ -248,6 +345,7 @@ def to_channel_graph(model: ir.Model, shapes: dict[str, tuple[Dim, ...]] | None 
     g = model.graph
     tensors: dict[str, TensorInfo] = {}
     outputs = {v.name for v in g.outputs}
+    copies: dict[str, str] = {}
 
     def add(value: ir.Value, kind: TensorKind) -> None:
         name = _value_name(value)
@@ -256,6 +354,9 @@ def to_channel_graph(model: ir.Model, shapes: dict[str, tuple[Dim, ...]] | None 
         dtype = value.dtype.name if value.dtype is not None else "UNDEFINED"
         shape = shapes[name] if shapes and name in shapes else _dims(value)
         tensors[name] = TensorInfo(name, shape, dtype, kind, name in outputs)
+        original = value.meta.get(COPY_OF)
+        if kind == "param" and isinstance(original, str) and original in g.initializers:
+            copies[name] = original
 
     for value in g.inputs:
         add(value, "input")
@@ -301,11 +402,14 @@ def to_channel_graph(model: ir.Model, shapes: dict[str, tuple[Dim, ...]] | None 
         tensor = g.initializers[name].const_value
         if tensor is None:
             raise BadInputError(f"initializer '{name}' has no data")
-        if isinstance(tensor, ir.ExternalTensor):
-            arr = np.array(tensor.numpy())
-            tensor.release()
-            return arr
-        cache[name] = tensor.numpy()
+        try:
+            if isinstance(tensor, ir.ExternalTensor):
+                arr = np.array(tensor.numpy())
+                tensor.release()
+                return arr
+            cache[name] = tensor.numpy()
+        except ValueError as exc:  # raw bytes that do not fit the declared type and shape
+            raise BadInputError(f"initializer '{name}' is corrupt: its data does not match its type and shape ({exc})") from exc
         return cache[name]
 
     return ChannelGraph(
@@ -314,4 +418,5 @@ def to_channel_graph(model: ir.Model, shapes: dict[str, tuple[Dim, ...]] | None 
         inputs=tuple(_value_name(v) for v in g.inputs),
         outputs=tuple(_value_name(v) for v in g.outputs),
         constant_loader=load,
+        copies=copies,
     )

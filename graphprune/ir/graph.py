@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Axis", "ChannelGraph", "Dim", "OpNode", "TensorInfo", "TensorKind", "live_nodes"]
+__all__ = ["Axis", "ChannelGraph", "Dim", "OpNode", "TensorInfo", "TensorKind", "input_dependent", "live_nodes"]
 
 Dim = int | str | None
 """A dimension: a known size, a symbolic name (dynamic), or None (unknown)."""
@@ -147,6 +147,13 @@ class ChannelGraph:
     outputs: tuple[str, ...]
     constant_loader: Callable[[str], np.ndarray]
     _consumers: dict[str, list[OpNode]] | None = dataclasses.field(default=None, init=False, repr=False)
+    dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Values of symbolic dims for the cost model (a sequence length); the batch and unnamed dims count as 1."""
+    copies: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Constants copied at load (copy -> original): each use of a shared constant is its own tensor, so one use's
+    channels do not tie another's (the cost model counts a copy once it differs from its original)."""
+    memo: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    """Facts derived from the graph once (e.g. the shape values of ``ops.shape_values``)."""
 
     def const(self, name: str) -> np.ndarray | None:
         """Value of a constant tensor, or None when ``name`` is not constant."""
@@ -183,6 +190,19 @@ class ChannelGraph:
                         out.setdefault(name, []).append(node)
             self._consumers = out
         return self._consumers
+
+
+def input_dependent(graph: ChannelGraph) -> frozenset[str]:
+    """Tensors whose value depends on a graph input (computed once); the others are computed from constants only,
+    like a quantized weight's DequantizeLinear output."""
+    found = graph.memo.get("input_dependent")
+    if found is None:
+        seen = set(graph.inputs)
+        for node in graph.nodes:
+            if any(n in seen for n in (*node.inputs, *node.subgraph_refs) if n):
+                seen.update(o for o in node.outputs if o)
+        found = graph.memo["input_dependent"] = frozenset(seen)
+    return found
 
 
 def live_nodes(nodes: list[OpNode], outputs: tuple[str, ...]) -> list[OpNode]:

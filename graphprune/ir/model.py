@@ -74,8 +74,13 @@ class PrunableModel(Protocol):
         """
         ...
 
-    def latency_ms(self, batch: int, runs: int, threads: int = 0) -> float:
-        """Median latency of one forward pass at ``batch`` on :attr:`runtime` (``threads``: intra-op threads, 0: the runtime's default)."""
+    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: bool = False) -> float:
+        """Median latency of one forward pass at ``batch`` on :attr:`runtime` (``threads``: intra-op threads, 0: the runtime's
+        default; ``quantized``: of the model quantized to int8 QDQ first, where the runtime quantizes).
+
+        Raises:
+            BadInputError: ``quantized`` on a runtime that does not quantize.
+        """
         ...
 
     def latency_model(self, coupling: Coupling, options: LatencyOptions, floors: Mapping[int, int]) -> LatencyModel | None:

@@ -1,7 +1,7 @@
 """The op semantics table. Importing this package fills the registry."""
 from __future__ import annotations
 
-from graphprune.ops import attention, conv, elementwise, linear, norm, quantized, shape  # noqa: F401  (registration)
+from graphprune.ops import attention, contrib, conv, elementwise, linear, norm, quantized, shape  # noqa: F401  (registration)
 from graphprune.ops.registry import (
     AdjustContext,
     Adjustment,

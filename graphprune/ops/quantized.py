@@ -7,6 +7,13 @@ is sliced with its channels. Anything else freezes with the reason. The
 QOperator ops have the channel mapping of their float op: their handlers call
 the float handler on the float op's inputs (:func:`_as_float`) and add the
 links of their quantization parameters.
+
+QuantizeLinear and DequantizeLinear also run in the interpreter (so the
+effective filter analysis and recovery run on a QDQ model): quantization is
+simulated in float with a straight-through gradient (identity inside the
+representable range, zero where it saturates), as in quantization-aware
+training. The interpreter's quantized tensors hold the integer values in the
+input's float dtype.
 """
 from __future__ import annotations
 
@@ -14,13 +21,14 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops._common import broadcast_links, freeze_axes, freeze_node, identity_links, needs_shapes, norm_axis
 from graphprune.ops.conv import _conv_adjust, _conv_macs, conv
 from graphprune.ops.linear import _gemm_macs, _matmul_macs, gemm, matmul
 from graphprune.ops.norm import pool
-from graphprune.ops.registry import AdjustContext, Adjustment, CoupleFn, Freeze, Link, Semantics, register
+from graphprune.ops.registry import AdjustContext, Adjustment, CoupleFn, Freeze, Link, Semantics, register, register_run
 from graphprune.ops.shape import concat
 
 __all__ = ["matmul_nbits", "qdq", "qlinear_conv", "qlinear_elementwise", "qlinear_matmul"]
@@ -95,6 +103,59 @@ def qdq(node: OpNode, graph: ChannelGraph) -> Semantics:
         return freeze_node(node, graph, found)
     return Semantics(links=tuple(links + found))
 
+
+
+# ONNX tensor types a QuantizeLinear may produce (its zero point's type, ``output_dtype``, else uint8).
+_QRANGE: dict[torch.dtype, tuple[int, int]] = {
+    torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767), torch.int32: (-2**31, 2**31 - 1),
+}
+_ONNX_QTYPE = {2: torch.uint8, 3: torch.int8, 4: torch.uint16, 5: torch.int16}
+
+
+def _along(param: torch.Tensor, x: torch.Tensor, node: OpNode) -> torch.Tensor:
+    """A scale or zero point shaped to broadcast over ``x``: per-tensor as is, per-axis along ``axis``."""
+    if param.dim() == 0 or param.numel() == 1:
+        return param.reshape(())
+    if int(node.attrs.get("block_size", 0)):
+        raise NotImplementedError(f"{node.op_type}: blocked quantization (block_size)")
+    shape = [1] * x.dim()
+    shape[norm_axis(int(node.attrs.get("axis", 1)), x.dim())] = param.numel()
+    return param.reshape(shape)
+
+
+def _qrange(node: OpNode, zero_point: torch.Tensor | None) -> tuple[int, int]:
+    dtype = zero_point.dtype if zero_point is not None else _ONNX_QTYPE.get(int(node.attrs.get("output_dtype", 2)), torch.uint8)
+    if dtype == torch.uint16:
+        return 0, 65535
+    if dtype not in _QRANGE:
+        raise NotImplementedError(f"QuantizeLinear to {dtype}")
+    return _QRANGE[dtype]
+
+
+@register_run("QuantizeLinear")
+def _quantize_linear(node: OpNode, args: list[torch.Tensor | None]) -> tuple[torch.Tensor]:
+    """saturate(round(x / scale) + zero_point), in x's float dtype; straight-through gradient inside the range."""
+    x, scale = args[0], args[1]
+    zp = args[2] if len(args) > 2 else None
+    assert x is not None and scale is not None
+    lo, hi = _qrange(node, zp)
+    s = _along(scale.to(x.dtype), x, node)
+    z = _along(zp.to(x.dtype), x, node) if zp is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+    linear = torch.clamp(x / s + z, lo, hi)
+    q = torch.clamp(torch.round(x / s) + z, lo, hi)  # torch.round rounds half to even, as ONNX does
+    return (linear + (q - linear).detach(),)
+
+
+@register_run("DequantizeLinear")
+def _dequantize_linear(node: OpNode, args: list[torch.Tensor | None]) -> tuple[torch.Tensor]:
+    """(x - zero_point) * scale in the scale's dtype."""
+    x, scale = args[0], args[1]
+    zp = args[2] if len(args) > 2 else None
+    assert x is not None and scale is not None
+    xf = x.to(scale.dtype)
+    if zp is not None:
+        xf = xf - _along(zp.to(scale.dtype), xf, node)
+    return (xf * _along(scale, xf, node),)
 
 # QLinearConv: x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, [B]
 def _qconv_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:

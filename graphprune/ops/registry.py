@@ -74,12 +74,15 @@ class Factor:
     """A reshape merges ``parts`` (row-major) into ``whole``, or splits it.
 
     The coupling analysis links ``whole`` to at most one part and freezes the
-    other parts (pruning two factors of one axis at once is not expressible).
+    other parts (pruning two factors of one axis at once is not expressible);
+    ``prefer`` names the part to choose when nothing else decides (attention
+    heads rather than the head size).
     """
 
     whole: Axis
     parts: tuple[Axis, ...]
     part_sizes: tuple[int, ...]
+    prefer: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """Ops that move, split, join, slice or reshape axes."""
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from graphprune.ir.graph import Axis, ChannelGraph, Dim, OpNode
 from graphprune.ops._common import (
-    axes_of,
+    broadcast_links,
     freeze_axes,
     freeze_node,
     identity_links,
@@ -24,6 +25,7 @@ from graphprune.ops.registry import (
     attr_or_input,
     register,
 )
+from graphprune.ops.shape_values import rewritten_uses, shape_values, static_value
 
 __all__ = ["concat", "factorize", "gather", "pad", "reshape", "slice_", "split", "transpose"]
 
@@ -45,14 +47,52 @@ def transpose(node: OpNode, graph: ChannelGraph) -> Semantics:
     return Semantics(links=tuple(identity_links(x, y, ((p, i) for i, p in enumerate(perm)))))
 
 
+Monomial = tuple[int, tuple[str, ...]]
+"""A dim as a product: integer factor and sorted symbols (``4*batch`` -> (4, ("batch",)))."""
+
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _monomial(d: Dim) -> Monomial | None:
+    """A static dim, a symbol, or a product of them (as symbolic inference writes ``seq*batch``); else None."""
+    if isinstance(d, int):
+        return (d, ())
+    if not isinstance(d, str):
+        return None
+    coef, syms = 1, []
+    for part in (p.strip() for p in d.split("*")):
+        if part.isdigit():
+            coef *= int(part)
+        elif _SYMBOL.fullmatch(part):
+            syms.append(part)
+        else:
+            return None
+    return (coef, tuple(sorted(syms)))
+
+
+def _times(m: Monomial, n: Monomial) -> Monomial:
+    return (m[0] * n[0], tuple(sorted(m[1] + n[1])))
+
+
+def _divides(m: Monomial, n: Monomial) -> bool:
+    """Whether ``n`` is ``m`` times a product of dims (an int and symbols)."""
+    rest = list(n[1])
+    for s in m[1]:
+        if s not in rest:
+            return False
+        rest.remove(s)
+    return m[0] != 0 and n[0] % m[0] == 0
+
+
 def factorize(
     a: Sequence[Dim], b: Sequence[Dim]
 ) -> list[tuple[list[int], list[int]]] | None:
     """Pair runs of axes of ``a`` and ``b`` with equal products (row-major).
 
-    Size-1 axes form runs of their own with nothing on the other side. A
-    symbolic dim only pairs with the same symbol. Returns None when the
-    shapes cannot be matched statically.
+    Size-1 axes form runs of their own with nothing on the other side.
+    Symbolic dims are products of symbols and ints (``seq*batch`` equals
+    ``batch`` then ``seq``); other expressions only pair with the same
+    expression. Returns None when the shapes cannot be matched statically.
     """
     runs: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -67,40 +107,93 @@ def factorize(
             continue
         if i == len(a) or j == len(b):
             return None
-        ai, bj = a[i], b[j]
-        if not isinstance(ai, int) or not isinstance(bj, int):
-            if ai is None or ai != bj:
+        pa, pb = _monomial(a[i]), _monomial(b[j])
+        if pa is None or pb is None:
+            if a[i] is None or a[i] != b[j]:
                 return None
             runs.append(([i], [j]))
             i, j = i + 1, j + 1
             continue
-        pa, pb, ia, jb = ai, bj, [i], [j]
+        ia, jb = [i], [j]
         i, j = i + 1, j + 1
         while pa != pb:
-            if pa < pb:
-                da = a[i] if i < len(a) else None
-                if not isinstance(da, int):
+            static = not pa[1] and not pb[1]  # plain ints: extend the smaller product (6 x 2 = 4 x 3)
+            if _divides(pa, pb) or (static and pa[0] < pb[0]):
+                da = _monomial(a[i]) if i < len(a) else None
+                if da is None:
                     return None
-                pa, ia = pa * da, [*ia, i]
+                pa, ia = _times(pa, da), [*ia, i]
                 i += 1
-            else:
-                db = b[j] if j < len(b) else None
-                if not isinstance(db, int):
+            elif _divides(pb, pa) or static:
+                db = _monomial(b[j]) if j < len(b) else None
+                if db is None:
                     return None
-                pb, jb = pb * db, [*jb, j]
+                pb, jb = _times(pb, db), [*jb, j]
                 j += 1
+            else:
+                return None
         runs.append((ia, jb))
     return runs
 
 
 def _reshape_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
-    """A Reshape's target shape follows the new sizes of its output axes."""
-    if node.op_type != "Reshape":
+    """A Reshape's target (an Expand's shape) follows the new sizes of its output axes.
+
+    A constant target changes where an output axis lost elements. A target
+    computed at run time is rewritten when the plan touches the node or any
+    size it reads: every static entry becomes the new size (a head count,
+    or ``size // heads``, would otherwise be computed from the old
+    structure) unless it reads no pruned size and keeps its value; dynamic
+    entries keep their run-time value.
+    """
+    if node.op_type not in ("Reshape", "Expand"):
         return Adjustment()
     y = node.outputs[0]
     shape = ctx.graph.shape(y) or ()
+    target = node.inputs[1]
+    if ctx.graph.const(target) is None:
+        return _computed_target(node, ctx, shape)
     override = {j: int(k.size) for j in range(len(shape)) if (k := ctx.kept_of(Axis(y, j))) is not None}
+    if node.op_type == "Expand":
+        const = ctx.graph.param(target).reshape(-1)
+        off = len(shape) - const.size
+        override = {j - off: n for j, n in override.items() if j >= off and int(const[j - off]) != 1}
     return Adjustment(shape_overrides={1: override}) if override else Adjustment()
+
+
+def _computed_target(node: OpNode, ctx: AdjustContext, shape: tuple[Dim, ...]) -> Adjustment:
+    entries = shape_values(ctx.graph).get(node.inputs[1])
+    if entries is None or len(entries) != len(shape):
+        # not followed: only the pruned output axes are set (the sizes it reads kept theirs: Shape froze them)
+        y = node.outputs[0]
+        pruned = {j: int(k.size) for j in range(len(shape)) if (k := ctx.kept_of(Axis(y, j))) is not None}
+        return Adjustment(shape_overrides={1: pruned}) if pruned else Adjustment()
+    touched = any(ctx.kept_of(Axis(t, a)) is not None for t in (node.inputs[0], node.outputs[0]) for a in range(len(shape)))
+    touched = touched or any(a in ctx.kept for e in entries for a in e.reads)
+    if not touched:
+        return Adjustment()
+    override: dict[int, int] = {}
+    for j, e in enumerate(entries):
+        if e.value is None or (node.op_type == "Expand" and e.value == 1):
+            continue
+        new = ctx.new_size(Axis(node.outputs[0], j))
+        unchanged = e.value == new and not any(a in ctx.kept for a in e.reads)  # computes the same size after pruning
+        if new is not None and not unchanged:
+            override[j] = int(new)
+    return Adjustment(shape_overrides={1: override}) if override else Adjustment()
+
+
+def _heads_part(whole: list[int], parts: list[int], whole_rank: int, parts_rank: int, node: OpNode) -> int | None:
+    """The head count (0) when the last (feature) axis splits into (heads, head size) or merges back from them.
+
+    Pruning whole heads keeps attention's structure (every head keeps its
+    size); the coupling prefers that factor over the head size in ONNX
+    graphs. A traced torch module's forward holds its head count as a
+    Python int no rewrite reaches, so there the head size stays preferred.
+    """
+    if node.origin is None and len(parts) == 2 and whole == [whole_rank - 1] and parts == [parts_rank - 2, parts_rank - 1]:
+        return 0
+    return None
 
 
 @register(
@@ -123,14 +216,35 @@ def reshape(node: OpNode, graph: ChannelGraph) -> Semantics:
     for ia, jb in runs:
         if len(ia) == 1 and len(jb) == 1:
             links.append(Link(Axis(x, ia[0]), Axis(y, jb[0])))
+        elif not all(isinstance(xs[i], int) for i in ia) or not all(isinstance(ys[j], int) for j in jb):
+            reason = f"{node.op_type} merges axes {ia} -> {jb} of dynamic size"
+            freezes += freeze_axes([*(Axis(x, i) for i in ia), *(Axis(y, j) for j in jb)], reason)
         elif len(ia) == 1 and len(jb) > 1:
-            factors.append(Factor(Axis(x, ia[0]), tuple(Axis(y, j) for j in jb), tuple(int(ys[j]) for j in jb)))  # type: ignore[arg-type]
+            prefer = _heads_part(ia, jb, len(xs), len(ys), node)
+            factors.append(Factor(Axis(x, ia[0]), tuple(Axis(y, j) for j in jb), tuple(int(ys[j]) for j in jb), prefer))  # type: ignore[arg-type]
         elif len(jb) == 1 and len(ia) > 1:
-            factors.append(Factor(Axis(y, jb[0]), tuple(Axis(x, i) for i in ia), tuple(int(xs[i]) for i in ia)))  # type: ignore[arg-type]
+            prefer = _heads_part(jb, ia, len(ys), len(xs), node)
+            factors.append(Factor(Axis(y, jb[0]), tuple(Axis(x, i) for i in ia), tuple(int(xs[i]) for i in ia), prefer))  # type: ignore[arg-type]
         elif ia and jb:
             reason = f"{node.op_type} regroups axes {ia} -> {jb}"
             freezes += freeze_axes([*(Axis(x, i) for i in ia), *(Axis(y, j) for j in jb)], reason)
     return Semantics(links=tuple(links), freezes=tuple(freezes), factors=tuple(factors))
+
+
+@register("Expand", adjust=_reshape_adjust)
+def expand(node: OpNode, graph: ChannelGraph) -> Semantics:
+    """Broadcast to a shape: axes that keep their size pass, broadcast ones start new channels.
+
+    The shape must be a constant or shape arithmetic the rewrite follows
+    (:mod:`graphprune.ops.shape_values`) of the output's rank; otherwise every axis freezes.
+    """
+    target, ys = node.inputs[1], graph.shape(node.outputs[0])
+    entries = shape_values(graph).get(target)
+    const = graph.const(target)
+    rank = const.size if const is not None else (len(entries) if entries is not None else None)
+    if ys is None or rank != len(ys):
+        return freeze_node(node, graph, "Expand: shape computed at run time in a way not followed, or of another rank")
+    return broadcast_links(node, graph, [node.inputs[0]])
 
 
 @register("Concat")
@@ -205,7 +319,21 @@ _SLICE_OPERANDS = ("starts", "ends", "axes", "steps")
 
 
 def _slice_params(node: OpNode, graph: ChannelGraph) -> list[np.ndarray | None]:
-    return [attr_or_input(node, graph, name, i + 1) for i, name in enumerate(_SLICE_OPERANDS)]
+    """Starts, ends, axes, steps: attributes, constants, or shape arithmetic with static results."""
+    out: list[np.ndarray | None] = []
+    for i, name in enumerate(_SLICE_OPERANDS):
+        if name in node.attrs:
+            out.append(np.asarray(node.attrs[name]))
+        elif i + 1 < len(node.inputs) and node.inputs[i + 1]:
+            out.append(static_value(graph, node.inputs[i + 1]))
+        else:
+            out.append(None)
+    return out
+
+
+def _computed_bounds(node: OpNode, graph: ChannelGraph) -> bool:
+    """Whether a bound is computed at run time (the rewrite then writes it as a constant)."""
+    return any(graph.const(n) is None for n in node.inputs[1:] if n)
 
 
 def _slice_ranges(node: OpNode, graph: ChannelGraph) -> dict[int, tuple[int, int, int]] | None:
@@ -234,7 +362,7 @@ def _slice_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
     """Starts and ends are recounted over the kept input elements."""
     ranges = _slice_ranges(node, ctx.graph)
     x = node.inputs[0]
-    if not ranges or all(ctx.kept_of(Axis(x, a)) is None for a in ranges):
+    if not ranges or (all(ctx.kept_of(Axis(x, a)) is None for a in ranges) and not _computed_bounds(node, ctx.graph)):
         return Adjustment()
     starts, ends = [], []
     for a, (start, stop, _step) in ranges.items():
@@ -300,53 +428,17 @@ def gather(node: OpNode, graph: ChannelGraph) -> Semantics:
 
 @register("Shape", "Size")
 def shape_of(node: OpNode, graph: ChannelGraph) -> Semantics:
-    """Sizes read at run time must not change: the axes read are frozen."""
+    """Sizes read at run time must not change, unless every use is rewritten with the plan.
+
+    The entries are followed through the shape arithmetic
+    (:mod:`graphprune.ops.shape_values`); a read that reaches only the
+    static entries of Reshape targets, Expand shapes or static Slice bounds
+    (which the rewrite replaces by the new sizes) leaves its axis free.
+    """
+    _, bad = rewritten_uses(graph, node.outputs[0])
     x = node.inputs[0]
-    axes = axes_of(graph, x)
-    if node.op_type == "Shape" and axes:
-        r = len(axes)
-        start = int(node.attrs.get("start", 0))
-        end = int(node.attrs.get("end", r))
-        read = range(r)[slice(start, end)]
-        axes = [Axis(x, i) for i in _gathered(node, graph, read)]
+    axes = sorted(a for a in bad if a.tensor == x)
     return Semantics(freezes=freeze_axes(axes, f"{node.op_type} reads this axis's size at run time"))
-
-
-def _gathered(node: OpNode, graph: ChannelGraph, read: range) -> list[int]:
-    """Axes whose sizes are used, following constant Gathers and Slices of the shape."""
-    return sorted(_read_axes(graph, node.outputs[0], list(read), depth=0))
-
-
-def _read_axes(graph: ChannelGraph, shape_tensor: str, axes: list[int], depth: int) -> set[int]:
-    uses = graph.consumers().get(shape_tensor, [])
-    if depth > 4 or not uses or graph.shape(shape_tensor) is None or len(graph.shape(shape_tensor) or ()) != 1:
-        return set(axes)
-    read: set[int] = set()
-    for use in uses:
-        picked = _picked(use, graph, axes)
-        if picked is None:
-            return set(axes)
-        if use.op_type == "Gather":
-            read.update(picked)
-        else:
-            read.update(_read_axes(graph, use.outputs[0], picked, depth + 1))
-    return read
-
-
-def _picked(use: OpNode, graph: ChannelGraph, axes: list[int]) -> list[int] | None:
-    """Entries of a shape vector that a constant Gather or unit-step Slice keeps."""
-    try:
-        if use.op_type == "Gather" and int(use.attrs.get("axis", 0)) == 0 and use.inputs[0]:
-            idx = graph.const(use.inputs[1])
-            return None if idx is None else [axes[int(i)] for i in idx.reshape(-1)]
-        if use.op_type == "Slice" and use.opset >= 10:
-            starts, ends, steps = (graph.const(use.inputs[i]) if len(use.inputs) > i and use.inputs[i] else None for i in (1, 2, 4))
-            if starts is None or ends is None or (steps is not None and int(steps.reshape(-1)[0]) != 1):
-                return None
-            return axes[int(starts.reshape(-1)[0]) : int(ends.reshape(-1)[0])] if starts.size == 1 else None
-    except (IndexError, ValueError):
-        return None
-    return None
 
 
 def _pads(node: OpNode, graph: ChannelGraph) -> np.ndarray | None:

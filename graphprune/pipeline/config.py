@@ -35,11 +35,12 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
+from graphprune.pipeline import limit as _limit  # noqa: F401  (registers the limit pass)
 from graphprune.pipeline.passes import PASSES
 from graphprune.pipeline.workspace import Pass, PassResult, Workspace, check_order
 from graphprune.planning.options import TARGETS
 
-__all__ = ["Pipeline", "apply_overrides", "load_pipeline", "parse_pipeline", "preset_names", "preset_path", "run_passes"]
+__all__ = ["Pipeline", "apply_overrides", "load_pipeline", "parse_pipeline", "preset_names", "preset_path", "run_passes", "with_hidden"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +171,19 @@ def preset_path(name: str | Path) -> Path:
     raise BadInputError(f"{name}: no such pipeline file or preset (presets: {', '.join(preset_names())})")
 
 
-def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
-    """Read and validate a pipeline TOML file, with optional ``PASS.KEY=VALUE`` overrides.
+def with_hidden(data: dict[str, Any], step: Mapping[str, Any]) -> dict[str, Any]:
+    """The pipeline with ``step`` as its hidden pass: replacing the one it has, else before its first finetune / validate / report pass."""
+    entries = [e for e in data.get("pass", []) if isinstance(e, dict)]
+    if any(e.get("name") == "hidden" for e in entries):
+        entries = [dict(step) if e.get("name") == "hidden" else e for e in entries]
+    else:
+        at = next((i for i, e in enumerate(entries) if e.get("name") in ("finetune", "validate", "report")), len(entries))
+        entries.insert(at, dict(step))
+    return {**data, "pass": entries}
+
+
+def load_pipeline(path: str | Path, overrides: Sequence[str] = (), hidden: Mapping[str, Any] | None = None) -> Pipeline:
+    """Read and validate a pipeline TOML file, with optional ``PASS.KEY=VALUE`` overrides and a hidden pass (see :func:`with_hidden`).
 
     Raises:
         BadInputError: Unreadable file, TOML syntax errors, invalid pipeline.
@@ -183,7 +195,8 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
         raise BadInputError(f"{p}: cannot read pipeline ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise BadInputError(f"{p}: invalid TOML ({exc})") from None
-    return parse_pipeline(apply_overrides(data, overrides), p.name)
+    data = apply_overrides(data, overrides)
+    return parse_pipeline(with_hidden(data, hidden) if hidden is not None else data, p.name)
 
 
 def run_passes(pipeline: Pipeline, ws: Workspace, on_result: Callable[[Pass, PassResult], None] | None = None) -> Workspace:

@@ -29,8 +29,9 @@ def run_demo(
 ) -> RunResult:
     """Train ``model`` on Fashion-MNIST (cached), export it to ONNX and run the hierarchical pipeline on it.
 
-    The pipeline prunes every group to its effective filters (the estimated
-    maximum rate), checks exactness, fine-tunes, validates on onnxruntime and
+    The pipeline calibrates the limit on held-out training images (a few
+    measured points), prunes every group to its effective filters at the
+    calibrated budget, checks exactness, fine-tunes, validates on onnxruntime and
     writes an HTML and a JSON report beside the pruned model.
 
     Raises:
@@ -41,6 +42,7 @@ def run_demo(
 
     fashion_mnist("test")  # fails early, with the install command, when the dataset is missing
     out_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"stage: training {model} on Fashion-MNIST ({epochs:g} epochs; cached in {out_dir / 'cache'})", highlight=False)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"training {model} on Fashion-MNIST ({epochs:g} epochs, cached)", total=None)
         net = trained(model, epochs, cache_dir=out_dir / "cache",
@@ -48,7 +50,11 @@ def run_demo(
     source = out_dir / f"{model}.onnx"
     models.export_onnx(net, source, bn="keep")
     console.print(f"trained and exported {source}")
-    steps = load_pipeline(pipeline or default_pipeline(), [f"finetune.epochs={finetune_epochs}"])
+    path = pipeline or default_pipeline()
+    overrides = [f"finetune.epochs={finetune_epochs}"]
+    if "limit" in load_pipeline(path).names:  # the fine-tuned limit is estimated for the fine-tune that follows
+        overrides.append(f"limit.finetune_epochs={finetune_epochs}")
+    steps = load_pipeline(path, overrides)
     output = out_dir / f"{model}.pruned.onnx"
     result = run_file(steps, source, output, "fashion-mnist", "fashion-mnist:test", force=True, console=console)
     if result is None:

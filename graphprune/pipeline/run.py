@@ -109,10 +109,12 @@ def run_file(
     eval_data: str | None = None,
     force: bool = False,
     console: Console | None = None,
+    seq_len: int | None = None,
 ) -> RunResult | None:
     """Run ``pipeline`` on a model file (ONNX or ``.pt2``) and write ``output`` only when every pass and check succeeded.
 
     Reports are staged with the model: all are moved in place together, or none.
+    MACs count symbolic sequence dims as ``seq_len``, else as the calibration data's length.
     Under ``torchrun`` every rank runs the passes (analysis and fine-tuning
     are data parallel) and only rank 0 validates, writes and reports; the
     other ranks return None.
@@ -120,6 +122,7 @@ def run_file(
     Raises:
         BadInputError, OverLimitError, ValidationError, UnsupportedOpError.
     """
+    from graphprune.analysis.cost import resolve_dims
     from graphprune.backends import load_model
     from graphprune.execution.distributed import is_main
     from graphprune.frontends.data import load_data
@@ -131,6 +134,7 @@ def run_file(
     source = load_model(model)
     train = load_data(data, source.graph) if data else None
     test = load_data(eval_data, source.graph) if eval_data else None
+    resolve_dims(source.graph, seq_len, train.inputs if train is not None else None)
     with staged_files() as staged:
         ws = Workspace(original=source, model=source, data=train, eval_data=test, source=model, output=output, staged=staged)
         ws = _execute(pipeline, ws, console)

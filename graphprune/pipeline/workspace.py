@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from rich.console import Console
@@ -28,6 +28,11 @@ from graphprune.io import StagedFiles
 from graphprune.ir.graph import Axis
 from graphprune.ir.model import PrunableModel
 from graphprune.ir.plan import Plan
+from graphprune.planning.limit import CalibratedLimit
+from graphprune.recovery.rotation import HiddenReport
+
+if TYPE_CHECKING:
+    from graphprune.backends.quantize import QuantCheck
 
 __all__ = [
     "FACTS",
@@ -35,6 +40,7 @@ __all__ = [
     "CompensationSummary",
     "Pass",
     "PassResult",
+    "Quantized",
     "Validation",
     "Workspace",
     "check_order",
@@ -43,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FACTS = ("data", "analysis", "latency", "plan", "compensated", "rewritten", "repaired", "finetuned", "validated", "reported")
+FACTS = ("data", "analysis", "limit", "latency", "plan", "compensated", "rewritten", "repaired", "rotated", "finetuned", "quantized", "validated", "reported")
 """What passes may require and ensure. ``data`` holds when the workspace has calibration data."""
 
 Status = Callable[[str], None]
@@ -70,14 +76,31 @@ class Validation:
     """The latency batch of ``latency_batch_ms`` in the figures (1: only batch 1 was measured)."""
     predicted_ms: float | None = None
     """The latency model's prediction for the plan at ``batch`` (when one was used)."""
+    fp32_pruned: Figures | None = None
+    """After a quantize pass: the pruned model before quantization (``after`` is then the int8 pruned model)."""
+    int8_original: Figures | None = None
+    """After a quantize pass: the original quantized with the same calibration."""
+    predicted_fp32: bool = False
+    """The prediction is of the fp32 pruned model (a float latency model before a quantize pass), not of ``after``."""
 
     @property
     def prediction_error(self) -> float | None:
         """(predicted - measured) / measured at the latency batch, when both are known."""
-        measured = self.after.latency_batch_ms if self.batch > 1 else self.after.latency_ms
+        of = self.fp32_pruned if self.predicted_fp32 and self.fp32_pruned is not None else self.after
+        measured = of.latency_batch_ms if self.batch > 1 else of.latency_ms
         if self.predicted_ms is None or not measured:
             return None
         return (self.predicted_ms - measured) / measured
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """What the quantize pass made: the fp32 model it quantized, the original quantized alike, and its check."""
+
+    fp32_pruned: PrunableModel
+    int8_original: PrunableModel
+    check: QuantCheck | None = None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _quiet(message: str) -> None:
@@ -95,11 +118,15 @@ class Workspace:
         eval_data: Labelled data for accuracy figures.
         coupling: Groups of ``original``.
         analysis: Effective filter analysis of ``original``.
+        limit: The calibrated limit (the limit pass): measured curve, limit and per-group floors.
         latency: Latency model of ``original`` on its runtime (the profile pass), an input to planning.
         plan: The plan applied (or to apply); ``target`` says what it aimed at.
         kept: Kept elements of the applied plan on the original's axes.
         exact_max_abs_error: Max abs error of the rewrite against the masked model (when verified).
+        rewrite_pair: The rewrite's source and its result, as rewritten (before repair and fine-tuning change weights).
+        quantized: What the quantize pass made (``model`` is then the int8 pruned model).
         compensation, repair: What the recovery passes did.
+        hidden: What the hidden pass did (rotation and slicing of the hidden size) and measured.
         validation: Figures of the original and the current model.
         source, output: The model file read, and where the model will be written (reports go beside it).
         pipeline_name, pass_names: The pipeline being run (for reports).
@@ -114,13 +141,17 @@ class Workspace:
     eval_data: Calibration | None = None
     coupling: Coupling | None = None
     analysis: Analysis | None = None
+    limit: CalibratedLimit | None = None
     latency: LatencyModel | None = None
     plan: Plan | None = None
     target: str | None = None
     kept: Mapping[Axis, np.ndarray] | None = None
     exact_max_abs_error: float | None = None
+    rewrite_pair: tuple[PrunableModel, PrunableModel] | None = None
+    quantized: Quantized | None = None
     compensation: CompensationSummary | None = None
     repair: str | None = None
+    hidden: HiddenReport | None = None
     validation: Validation | None = None
     source: Path | None = None
     output: Path | None = None
@@ -141,8 +172,8 @@ class Workspace:
     def facts(self) -> frozenset[str]:
         """The facts that hold now (for passes run one by one)."""
         held = {"data"} if self.data is not None else set()
-        for fact, value in (("analysis", self.analysis), ("latency", self.latency), ("plan", self.plan), ("rewritten", self.kept),
-                            ("compensated", self.compensation), ("validated", self.validation)):
+        for fact, value in (("analysis", self.analysis), ("limit", self.limit), ("latency", self.latency), ("plan", self.plan), ("rewritten", self.kept),
+                            ("compensated", self.compensation), ("quantized", self.quantized), ("rotated", self.hidden), ("validated", self.validation)):
             if value is not None:
                 held.add(fact)
         return frozenset(held)

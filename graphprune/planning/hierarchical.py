@@ -33,7 +33,7 @@ from graphprune.errors import BadInputError, OverLimitError
 from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.plan import Plan, plan_from_keep
 from graphprune.planning.criteria import score_group
-from graphprune.planning.latency import Saving, lower_fast, ms_saving, resolve_objective, snap_to_fast
+from graphprune.planning.latency import EPS_MS, Saving, higher_fast, lower_fast, ms_saving, resolve_objective, snap_to_fast
 from graphprune.planning.options import NEEDS_ANALYSIS, PlanOptions, Target
 from graphprune.planning.selection import greedy_drop_order, pivoted_cholesky_order
 from graphprune.planning.uniform import uniform_counts
@@ -241,7 +241,26 @@ def _snapped_to_goal(keep: Mapping[int, int], orders: Mapping[int, GroupOrder], 
 
         best = min(steps, key=price)
         keep[best] = steps[best]
-    return keep
+    return _given_back(keep, orders, goal, value, latency, floors)
+
+
+def _given_back(keep: dict[int, int], orders: Mapping[int, GroupOrder], goal: float, value: Value,
+                latency: LatencyModel, floors: Mapping[int, int]) -> dict[int, int]:
+    """Snapping and whole fast-count steps overshoot the goal: move groups back up a fast count at a time,
+    the most predicted loss restored per predicted ms added first, while the goal still holds."""
+    while True:
+        ups = {g: up for g in orders if (up := higher_fast(keep, latency, floors, g)) is not None
+               and value({**keep, g: up}) <= goal}
+        if not ups:
+            return keep
+
+        def gain(g: int, ups: Mapping[int, int] = ups) -> float:
+            o = orders[g]
+            restored = float(np.sum(o.step_cost[o.order.size - ups[g]:o.order.size - keep[g]]))
+            return restored / max(latency.change(keep, g, ups[g]), EPS_MS)
+
+        best = max(ups, key=gain)
+        keep[best] = ups[best]
 
 
 def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, analysis: Analysis | None = None,
@@ -291,7 +310,9 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
             keep, reached = _greedy(coupling, orders, goal, value, {g: 1 for g in orders}, True, keep, priced)
             meta["over_limit"] = True
         if not reached:
-            raise BadInputError(f"the target cannot be reached even keeping one channel per group ({kind})")
+            tables = (" as the latency tables predict it (they cover each group from its effective filters up "
+                      "unless profiled with below_floors, which --allow-over-limit sets)") if kind == "latency" else ""
+            raise BadInputError(f"the target cannot be reached even keeping one channel per group ({kind}){tables}")
         ones = {g: 1 for g in orders}
         used = ones if meta.get("over_limit") else floors
         if options.round_to == 1 and latency is not None:
@@ -310,6 +331,10 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
             keep = _rounded_to_goal(orders, keep, goal, value, options.round_to, per_unit, ones)
             if options.method == "hierarchical":
                 meta["over_limit"] = True
+            if value(keep) > goal:
+                raise BadInputError(f"the target cannot be reached with --round-to {options.round_to} ({kind}): "
+                                    f"counts at multiples of {options.round_to} keep {value(keep) / original:.3f} "
+                                    "of the original; lower --round-to")
     if latency is not None:
         meta["predicted_ms"] = latency.predict({g: k for g, k in keep.items() if g in latency.channels})
         meta["original_predicted_ms"] = latency.original_ms

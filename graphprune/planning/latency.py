@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 from graphprune.analysis.latency import LatencyModel
 
-__all__ = ["Saving", "fast_candidates", "lower_fast", "ms_saving", "resolve_objective", "snap_to_fast"]
+__all__ = ["Saving", "fast_candidates", "higher_fast", "lower_fast", "ms_saving", "resolve_objective", "snap_to_fast"]
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,7 @@ def ms_saving(latency: LatencyModel) -> Saving:
         step = k - (lower[-1] if lower else k - 1)
         if k - step < 1:
             return EPS_MS
-        trial = dict(keep)
-        trial[g] = k - step
-        return max((latency.predict(keep) - latency.predict(trial)) / step, EPS_MS)
+        return max(-latency.change(keep, g, k - step) / step, EPS_MS)
 
     return saving
 
@@ -77,3 +75,9 @@ def lower_fast(keep: Mapping[int, int], latency: LatencyModel, floors: Mapping[i
     """The next fast count below ``keep[g]`` (at or above the floor), or None."""
     below = [c for c in fast_candidates(latency, g, floors.get(g, 1)) if c < keep[g]]
     return below[-1] if below else None
+
+
+def higher_fast(keep: Mapping[int, int], latency: LatencyModel, floors: Mapping[int, int], g: int) -> int | None:
+    """The next fast count above ``keep[g]`` (at most the group's size), or None."""
+    above = [c for c in fast_candidates(latency, g, floors.get(g, 1)) if c > keep[g]]
+    return above[0] if above else None

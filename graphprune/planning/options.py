@@ -59,7 +59,8 @@ class PlanOptions:
             workspace has a latency model, else by the target's own unit (MACs, parameters, channels).
         allow_over_limit: Allow targets past the estimated maximum compression.
         seed: Seed of the random criterion.
-        latency_runs: Runtime runs per latency measurement (latency targets).
+        latency_runs: Runtime runs per latency measurement (latency targets, and the measured never-slower check of a
+            plan priced by a latency model; 0 skips that check).
         plan_file: A saved plan to apply instead of planning (``--plan``); the other options are then unused.
     """
 
@@ -113,5 +114,5 @@ class PlanOptions:
             raise BadInputError(f"unknown objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
         if self.round_to < 1:
             raise BadInputError(f"round_to must be at least 1, got {self.round_to}")
-        if self.latency_runs < 1:
-            raise BadInputError(f"latency_runs must be at least 1, got {self.latency_runs}")
+        if self.latency_runs < 0 or (self.latency_runs == 0 and self.latency is not None):
+            raise BadInputError(f"latency_runs must be at least 1 (0, no measured check, only without a latency target), got {self.latency_runs}")

@@ -20,7 +20,10 @@ C x C Grams (per position), else one pooled C x C Gram, else it is skipped
 with the reason. Consumers
 whose weight is not a constant (attention products, SE scales) or that are
 not Conv, Gemm or MatMul are skipped and reported; a MatMul's constant term
-goes into the bias of the Add that follows it, or is dropped when there is none.
+goes into the bias of the Add that follows it, a bias-free conv's into the
+running mean of the BatchNormalization after it (exact), or is dropped when
+there is neither. :mod:`graphprune.recovery.reconstruct` refits the consumers
+on the pruned network's own inputs instead (the compensate pass's default).
 """
 from __future__ import annotations
 
@@ -69,6 +72,8 @@ class _Target:
     in_axis: int
     bias: str | None
     groups: int = 1
+    bias_sign: float = 1.0
+    """+1: ``bias`` is the consumer's bias; -1: it is the running mean of the BatchNormalization after it."""
 
 
 def _target(node: OpNode, edge: GateEdge, graph: ChannelGraph) -> _Target | str:
@@ -76,8 +81,12 @@ def _target(node: OpNode, edge: GateEdge, graph: ChannelGraph) -> _Target | str:
         return f"{node.name}: the channels do not enter a constant weight"
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] and graph.const(node.inputs[2]) is not None else None
     if node.op_type == "Conv":
+        if edge.axis != 1:
+            return f"{node.name}: not the channel axis"
         groups = int(node.attrs.get("group", 1))
-        return _Target(edge, node.inputs[1], 1, bias, groups) if edge.axis == 1 else f"{node.name}: not the channel axis"
+        if bias is None and (mean := _mean_after(node, graph)) is not None:
+            return _Target(edge, node.inputs[1], 1, mean, groups, -1.0)
+        return _Target(edge, node.inputs[1], 1, bias, groups)
     if node.op_type == "Gemm" and not int(node.attrs.get("transA", 0)) and edge.axis == 1:
         return _Target(edge, node.inputs[1], 1 if int(node.attrs.get("transB", 0)) else 0, bias)
     if node.op_type == "MatMul":
@@ -86,6 +95,18 @@ def _target(node: OpNode, edge: GateEdge, graph: ChannelGraph) -> _Target | str:
         if len(w) == 2 and isinstance(w[1], int) and edge.axis == rank - 1:
             return _Target(edge, node.inputs[1], 0, _bias_after(node, graph, w[1]))
     return f"{node.name}: {node.op_type} consumer is not compensated"
+
+
+def _mean_after(node: OpNode, graph: ChannelGraph) -> str | None:
+    """The running mean of the BatchNormalization that alone consumes a bias-free conv's output, if any.
+
+    ``BN(y + c)`` with mean ``mu - c`` is ``BN(y)`` with mean ``mu``: the constant term folds there exactly.
+    """
+    users = graph.consumers().get(node.outputs[0], [])
+    if len(users) != 1 or users[0].op_type != "BatchNormalization" or users[0].inputs[0] != node.outputs[0]:
+        return None
+    mean = users[0].inputs[3] if len(users[0].inputs) > 3 else ""
+    return mean if mean and graph.const(mean) is not None else None
 
 
 def _bias_after(node: OpNode, graph: ChannelGraph, width: int) -> str | None:
@@ -251,7 +272,7 @@ def _fold(values: dict[str, np.ndarray], graph: ChannelGraph, t: _Target, block:
         view[rows_k] += np.tensordot(b, wd, axes=(1, 0))
     if bias is not None and wd.ndim >= 2:
         sums = wd.reshape(len(rows_d), wd.shape[1], -1).sum(-1)
-        bias[out_rows] += c @ sums
+        bias[out_rows] += t.bias_sign * (c @ sums)
         if t.bias is not None:
             values[t.bias] = bias
     values[t.weight] = w

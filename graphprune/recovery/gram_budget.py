@@ -114,25 +114,44 @@ def _forms(c: Consumer) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-    """Forms of every consumer (in the order given), the bound and the streaming chunk, all in bytes."""
+    """Forms of every consumer (in the order given), the bound and the streaming chunk, all in bytes.
+
+    ``waves``: for sequential reconstruction, the pass each consumer is fitted in (only one wave's
+    Grams are resident at a time); empty when all consumers are accumulated together. ``held_bytes``:
+    activations held besides (sequential reconstruction: every used sample's live tensors, both
+    models), for ``samples`` calibration samples (0: all).
+    """
 
     bound: int
     stream_bytes: int
     consumers: tuple[ConsumerMemory, ...]
+    waves: tuple[int, ...] = ()
+    held_bytes: int = 0
+    samples: int = 0
 
     @property
     def active(self) -> tuple[ConsumerMemory, ...]:
         return tuple(c for c in self.consumers if c.form != "skipped")
 
+    def _wave_costs(self) -> list[tuple[int, int]]:
+        """(resident Grams, largest solve) of every wave (one wave when not sequential)."""
+        waves = self.waves or (0,) * len(self.consumers)
+        out: dict[int, tuple[int, int]] = {}
+        for w, c in zip(waves, self.consumers):
+            if c.form != "skipped":
+                gram, solve = out.get(w, (0, 0))
+                out[w] = (gram + c.gram_bytes, max(solve, c.solve_bytes))
+        return list(out.values())
+
     @property
     def gram_bytes(self) -> int:
-        """All resident Gram matrices and means together."""
-        return sum(c.gram_bytes for c in self.active)
+        """The resident Gram matrices and means: all together, or the largest wave's."""
+        return max((g for g, _ in self._wave_costs()), default=0)
 
     @property
     def peak(self) -> int:
         """Resident Grams + the largest solve + one streamed chunk: the most compensation holds at once."""
-        return self.gram_bytes + max((c.solve_bytes for c in self.active), default=0) + self.stream_bytes
+        return max((g + s for g, s in self._wave_costs()), default=0) + self.stream_bytes + self.held_bytes
 
     @property
     def skipped(self) -> tuple[str, ...]:
@@ -141,19 +160,23 @@ class MemoryPlan:
     def line(self) -> str:
         """``'compensation: 14 consumers, Gram matrices 1.1 GB, 1.2 GB at most with solve and streaming (bound 6.0 GB)'``
         plus the forms changed for memory."""
-        text = (f"compensation: {len(self.active)} consumers, Gram matrices {format_bytes(self.gram_bytes)}, "
+        held = (f", activations of {self.samples} samples {format_bytes(self.held_bytes)}" if self.held_bytes else "")
+        text = (f"compensation: {len(self.active)} consumers, Gram matrices {format_bytes(self.gram_bytes)}"
+                f"{' (refitted one at a time)' if self.waves else ''}{held}, "
                 f"{format_bytes(self.peak)} at most with solve and streaming (bound {format_bytes(self.bound)})")
         counts = [(f, sum(c.form == f for c in self.consumers)) for f in ("per-position", "shared", "skipped")]
         changed = [f"{n} {'skipped' if f == 'skipped' else 'solved ' + f}" for f, n in counts if n]
         return text + (f"; for memory {', '.join(changed)}" if changed else "")
 
 
-def plan_memory(consumers: Sequence[Consumer], bound: int) -> MemoryPlan:
+def plan_memory(consumers: Sequence[Consumer], bound: int, waves: Sequence[int] = ()) -> MemoryPlan:
     """Choose each consumer's Gram form so that compensation holds at most ``bound`` bytes.
 
     Args:
         consumers: The compensated edges, by shape.
         bound: Bytes the compensation may hold at once (Grams, one solve, one streamed chunk).
+        waves: The pass each consumer is accumulated in (sequential reconstruction; only one
+            pass's Grams are resident at once); empty: all together.
 
     Returns:
         The plan; consumers that fit in no form beside the others are skipped with the reason.
@@ -166,19 +189,25 @@ def plan_memory(consumers: Sequence[Consumer], bound: int) -> MemoryPlan:
     choice = [0] * len(consumers)
     active = set(range(len(consumers)))
     reasons: dict[int, str] = {}
+    wave_of = list(waves) or [0] * len(consumers)
 
     def cost(i: int) -> tuple[int, int]:
         return _cost(consumers[i], _forms(consumers[i])[choice[i]])
 
-    def peak() -> int:
-        return sum(cost(i)[0] for i in active) + max((cost(i)[1] for i in active), default=0) + stream
+    def wave_peak(w: int) -> int:
+        members = [i for i in active if wave_of[i] == w]
+        return sum(cost(i)[0] for i in members) + max((cost(i)[1] for i in members), default=0) + stream
 
-    while active and peak() > bound:
-        down = [i for i in active if choice[i] + 1 < len(_forms(consumers[i]))]
+    while active:
+        worst = max({wave_of[i] for i in active}, key=wave_peak)
+        if wave_peak(worst) <= bound:
+            break
+        members = [i for i in active if wave_of[i] == worst]
+        down = [i for i in members if choice[i] + 1 < len(_forms(consumers[i]))]
         if down:
             choice[max(down, key=lambda i: sum(cost(i)))] += 1
             continue
-        i = max(active, key=lambda i: sum(cost(i)))
+        i = max(members, key=lambda i: sum(cost(i)))
         if len(active) == 1:
             c = consumers[i]
             raise BadInputError(
@@ -196,6 +225,6 @@ def plan_memory(consumers: Sequence[Consumer], bound: int) -> MemoryPlan:
             out.append(ConsumerMemory(c.node, c.group, _forms(c)[choice[i]], gram, solve))
         else:
             out.append(ConsumerMemory(c.node, c.group, "skipped", 0, 0, reasons[i]))
-    plan = MemoryPlan(bound, stream, tuple(out))
+    plan = MemoryPlan(bound, stream, tuple(out), tuple(waves))
     log.debug("%s", plan.line())
     return plan

@@ -10,16 +10,20 @@ from rich.table import Table
 
 from graphprune.analysis.effective import Analysis
 from graphprune.io import write_bytes_atomic, write_text_atomic
-from graphprune.report.plots import figure_png, fmt_count, plot_spectra, pyplot
+from graphprune.planning.limit import CalibratedLimit
+from graphprune.report.plots import figure_png, fmt_count, limit_png, plot_spectra, pyplot
 
-__all__ = ["analysis_plot_png", "analysis_table", "write_html", "write_plot"]
+__all__ = ["analysis_plot_png", "analysis_table", "limit_html", "write_html", "write_plot"]
 
 
-def analysis_table(analysis: Analysis, console: Console) -> None:
-    """One row per analysed group, then the network's maximum compression."""
+def analysis_table(analysis: Analysis, console: Console, limit: CalibratedLimit | None = None) -> None:
+    """One row per analysed group (with its effective filters at the calibrated budget), then the network's limits."""
     o = analysis.options
     table = Table(title=f"Effective filters ({analysis.samples} samples, loss={o.loss}, eps={o.eps:g})")
-    cols = ("group", "anchor", "channels", "effective", "redundancy", "elim.", "overlap", "lin. dep.", "halves", "pred. loss")
+    cols: tuple[str, ...] = ("group", "anchor", "channels", "effective", "redundancy", "elim.", "overlap", "lin. dep.", "halves",
+                             "pred. loss")
+    if limit is not None:
+        cols = (*cols, "calibrated")
     for col in cols:
         table.add_column(col, justify="left" if col == "anchor" else "right")
     for g in analysis.groups:
@@ -28,6 +32,7 @@ def analysis_table(analysis: Analysis, console: Console) -> None:
         table.add_row(
             str(g.group), g.anchor[:48], str(g.channels), str(g.effective), f"{g.redundancy:.0%}",
             str(s.elimination), str(s.overlap), str(s.linear_dependence), halves, f"{g.predicted_loss:.2e}",
+            *((str(limit.effective.get(g.group, g.channels)),) if limit is not None else ()),
         )
     console.print(table)
     for gid, reason in sorted(analysis.skipped.items()):
@@ -37,10 +42,12 @@ def analysis_table(analysis: Analysis, console: Console) -> None:
         console.print(f"[yellow]warning:[/] {warned[0].warning} (and {len(warned) - 1} more group(s))" if len(warned) > 1 else f"[yellow]warning:[/] {warned[0].warning}")
     lim = analysis.limit
     console.print(
-        f"maximum compression (every group at its effective filters): MACs {fmt_count(lim.original.macs)} -> "
+        f"maximum compression by the per-group energy rank (every group at its eps effective filters): MACs {fmt_count(lim.original.macs)} -> "
         f"{fmt_count(lim.at_limit.macs)} ({lim.macs_reduction:.2f}x), parameters {fmt_count(lim.original.params)} -> "
         f"{fmt_count(lim.at_limit.params)} ({lim.params_reduction:.2f}x)"
     )
+    for line in limit.lines() if limit is not None else ():
+        console.print(line, markup=False, highlight=False)
 
 
 def analysis_plot_png(analysis: Analysis) -> bytes:
@@ -60,12 +67,25 @@ def analysis_plot_png(analysis: Analysis) -> bytes:
     return figure_png(fig)
 
 
-def write_plot(analysis: Analysis, path: Path) -> None:
+def write_plot(analysis: Analysis, path: Path, limit: CalibratedLimit | None = None) -> None:
+    """The analysis plot; with a calibrated limit, its curve beside (``<stem>.limit.png``)."""
     write_bytes_atomic(path, analysis_plot_png(analysis))
+    if limit is not None:
+        write_bytes_atomic(path.with_name(path.stem + ".limit.png"), limit_png(limit))
 
 
-def write_html(analysis: Analysis, path: Path, title: str = "graphprune analysis") -> None:
-    """One self-contained page: summary, embedded plot, per-group table."""
+def limit_html(limit: CalibratedLimit | None) -> str:
+    """The calibrated limit's lines and its measured curve, as an HTML fragment ('' without one)."""
+    if limit is None:
+        return ""
+    png = base64.b64encode(limit_png(limit)).decode()
+    lines = "".join(f"<li>{html.escape(line)}</li>" for line in limit.lines())
+    return (f"<h2>Calibrated limit</h2><ul>{lines}</ul>"
+            f'<img alt="measured calibration points and the limit" src="data:image/png;base64,{png}" style="max-width:100%">')
+
+
+def write_html(analysis: Analysis, path: Path, title: str = "graphprune analysis", limit: CalibratedLimit | None = None) -> None:
+    """One self-contained page: summary, embedded plot, the calibrated limit's curve, per-group table."""
     png = base64.b64encode(analysis_plot_png(analysis)).decode()
     lim = analysis.limit
     rows = "".join(
@@ -86,10 +106,11 @@ def write_html(analysis: Analysis, path: Path, title: str = "graphprune analysis
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:nth-child(2){{text-align:left}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>{analysis.samples} samples, loss <b>{html.escape(o.loss)}</b>, eps {o.eps:g}.
-Estimated maximum compression: MACs {fmt_count(lim.original.macs)} &rarr; {fmt_count(lim.at_limit.macs)}
+Maximum compression by the per-group energy rank (eps): MACs {fmt_count(lim.original.macs)} &rarr; {fmt_count(lim.at_limit.macs)}
 (<b>{lim.macs_reduction:.2f}x</b>), parameters {fmt_count(lim.original.params)} &rarr; {fmt_count(lim.at_limit.params)}
 (<b>{lim.params_reduction:.2f}x</b>).</p>
 <img alt="channels, effective filters and spectra per group" src="data:image/png;base64,{png}" style="max-width:100%">
+{limit_html(limit)}
 <table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
 {"<h2>Not analysed</h2><ul>" + skipped + "</ul>" if skipped else ""}
 </body></html>

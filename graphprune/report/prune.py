@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from graphprune.analysis.cost import cost_label, sequence_dims
 from graphprune.errors import BadInputError
 from graphprune.report.plots import figure_png, fmt_count, plot_spectra, pyplot
 
 if TYPE_CHECKING:
+    from graphprune.execution.measure import Figures
     from graphprune.pipeline.workspace import Workspace
 
-__all__ = ["ReportOptions", "before_after_rows", "figures_json", "group_rows", "prune_figures_table", "report_json", "speed_change",
+__all__ = ["DEPLOY_COLUMNS", "ReportOptions", "before_after_rows", "deploy_json", "deploy_rows", "figures_json", "group_rows", "prune_figures_table", "report_json", "speed_change",
            "write_prune_html", "write_reports"]
 
 
@@ -47,7 +49,7 @@ def before_after_rows(ws: Workspace) -> list[tuple[str, str, str, str]]:
         if b.accuracy is not None and a.accuracy is not None:
             rows.append(("accuracy", f"{b.accuracy:.4f}", f"{a.accuracy:.4f}", f"{100 * (a.accuracy - b.accuracy):+.2f} pp"))
         rows.append(("parameters", fmt_count(b.params), fmt_count(a.params), f"{b.params / max(1, a.params):.2f}x smaller"))
-        rows.append(("MACs / sample", fmt_count(b.macs), fmt_count(a.macs), f"{b.macs / max(1, a.macs):.2f}x fewer"))
+        rows.append((cost_label(ws.original.graph), fmt_count(b.macs), fmt_count(a.macs), f"{b.macs / max(1, a.macs):.2f}x fewer"))
         if b.latency_ms and a.latency_ms:
             rows.append((f"latency, batch 1 ({v.runtime})", f"{b.latency_ms:.3f} ms", f"{a.latency_ms:.3f} ms",
                          speed_change(b.latency_ms, a.latency_ms)))
@@ -63,6 +65,15 @@ def before_after_rows(ws: Workspace) -> list[tuple[str, str, str, str]]:
     if ws.analysis is not None:
         limit = ws.analysis.limit
         rows.append(("estimated maximum compression", "", f"{limit.macs_reduction:.2f}x MACs", f"{limit.params_reduction:.2f}x params"))
+    if ws.limit is not None:
+        lim = ws.limit
+        rows.append(("spectral estimate (loss budget)", "", f"{lim.spectral_macs_reduction:.2f}x MACs", f"budget {lim.spectral_budget:.3g}"))
+        rows.append((f"calibrated limit ({lim.metric} within {100 * lim.tolerance:g} pp)", "", f"{lim.macs_reduction:.2f}x MACs",
+                     f"{len(lim.points)} points, {lim.seconds:.1f} s"))
+        if lim.finetuned is not None:
+            f = lim.finetuned
+            rows.append((f"estimated limit after {f.epochs:g} epoch(s) fine-tuning", "",
+                         f"{'>= ' if f.bounded else ''}{f.macs_reduction:.2f}x MACs", ""))
     if ws.exact_max_abs_error is not None:
         rows.append(("exact after rewrite (max abs error)", "", f"{ws.exact_max_abs_error:.2g}", ""))
     if ws.plan is not None and ws.coupling is not None:
@@ -71,7 +82,81 @@ def before_after_rows(ws: Workspace) -> list[tuple[str, str, str, str]]:
         rows.append(("groups pruned / frozen / total", "", f"{len(ws.plan.groups)} / {frozen} / {len(groups)}", ""))
     if ws.target is not None:
         rows.append(("target", "", ws.target, ""))
+    rows += _hidden_rows(ws)
     return rows
+
+
+def _hidden_rows(ws: Workspace) -> list[tuple[str, str, str, str]]:
+    """The hidden pass's rows: width kept, discarded energy, measured output error (or why the stream froze)."""
+    h = ws.hidden
+    if h is None:
+        return []
+    if h.frozen:
+        return [("hidden size (rotation)", str(h.width), "frozen", h.frozen)]
+    rows = [("hidden size (rotation)", str(h.width), str(h.kept), f"{h.discarded_energy:.4f} energy discarded")]
+    if h.relative_error is not None:
+        agree = f", top-1 agreement {h.agreement:.4f}" if h.agreement is not None else ""
+        rows.append(("hidden slicing output error", "", f"{h.relative_error:.3g} relative", f"max abs {h.max_abs_error:.3g}{agree}"))
+    return rows
+
+
+DEPLOY_COLUMNS = ("fp32 original", "fp32 pruned", "int8 original", "int8 pruned")
+"""The four models a quantize pass leaves to compare, in the order the report shows them."""
+
+
+def _deploy_figures(ws: Workspace) -> tuple[Figures, ...] | None:
+    v = ws.validation
+    if v is None or v.fp32_pruned is None or v.int8_original is None:
+        return None
+    return (v.before, v.fp32_pruned, v.int8_original, v.after)
+
+
+def _bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.3f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def deploy_rows(ws: Workspace) -> list[tuple[str, ...]]:
+    """After a quantize pass: (label, fp32 original, fp32 pruned, int8 original, int8 pruned) rows, and the check."""
+    figures = _deploy_figures(ws)
+    if figures is None:
+        return []
+    v = ws.validation
+    assert v is not None
+
+    def ms(x: float | None) -> str:
+        return "-" if not x else f"{x:.3f} ms"
+
+    rows: list[tuple[str, ...]] = []
+    if all(f.accuracy is not None for f in figures):
+        rows.append(("accuracy", *(f"{f.accuracy:.4f}" for f in figures)))
+    rows.append(("size (constants)", *(_bytes(f.size_bytes) for f in figures)))
+    rows.append(("MACs / sample", *(fmt_count(f.macs) for f in figures)))
+    rows.append((f"latency, batch 1 ({v.runtime})", *(ms(f.latency_ms) for f in figures)))
+    if v.batch > 1:
+        rows.append((f"latency, batch {v.batch} ({v.runtime})", *(ms(f.latency_batch_ms) for f in figures)))
+    q = ws.quantized
+    if q is not None and q.check is not None:
+        c = q.check
+        rows.append(("int8 pruned vs masked int8 original (QDQ semantics)", "", "", f"tolerance {c.tolerance_steps:g} steps",
+                     f"{c.max_steps:.2f} steps ({c.max_abs_error:.3g})"))
+        rows.append(("the same with onnxruntime's fused int8 kernels", "", "", "not checked", f"{c.fused_steps:.2f} steps"))
+    return rows
+
+
+def deploy_json(ws: Workspace) -> dict[str, Any] | None:
+    """The four columns and the quantization check, for the JSON report (None without a quantize pass)."""
+    figures = _deploy_figures(ws)
+    if figures is None:
+        return None
+    out: dict[str, Any] = {name.replace(" ", "_"): dataclasses.asdict(f) for name, f in zip(DEPLOY_COLUMNS, figures)}
+    q = ws.quantized
+    if q is not None:
+        out["quantization"] = dict(q.settings)
+        if q.check is not None:
+            out["check"] = {"max_steps": q.check.max_steps, "tolerance_steps": q.check.tolerance_steps,
+                            "max_abs_error": q.check.max_abs_error, "output_scales": dict(q.check.output_scales),
+                            "samples": q.check.samples, "fused_steps": q.check.fused_steps}
+    return out
 
 
 def prune_figures_table(ws: Workspace, console: Console) -> None:
@@ -81,6 +166,14 @@ def prune_figures_table(ws: Workspace, console: Console) -> None:
     for row in before_after_rows(ws):
         table.add_row(*row)
     console.print(table)
+    four_rows = deploy_rows(ws)
+    if four_rows:
+        four = Table(title="graphprune: fp32 and int8, original and pruned (measured in one process)")
+        for col in ("", *DEPLOY_COLUMNS):
+            four.add_column(col, justify="right")
+        for four_row in four_rows:
+            four.add_row(*four_row)
+        console.print(four)
 
 
 def figures_json(ws: Workspace) -> dict[str, Any]:
@@ -103,8 +196,13 @@ def figures_json(ws: Workspace) -> dict[str, Any]:
                                 "coverage": ws.latency.coverage}
     if ws.analysis is not None:
         out.update(max_macs_reduction=ws.analysis.limit.macs_reduction, max_params_reduction=ws.analysis.limit.params_reduction)
+    if ws.limit is not None:
+        out["limit"] = ws.limit.to_dict()
     if ws.target is not None:
         out["target"] = ws.target
+    if sequence_dims(ws.original.graph):
+        out["macs_counted"] = cost_label(ws.original.graph)
+        out["sequence_dims"] = dict(ws.original.graph.dims)
     if ws.exact_max_abs_error is not None:
         out["exact_max_abs_error"] = ws.exact_max_abs_error
     if ws.compensation is not None:
@@ -112,6 +210,11 @@ def figures_json(ws: Workspace) -> dict[str, Any]:
                    compensation_memory_bound=ws.compensation.memory_bound, compensation_memory_peak=ws.compensation.memory_peak)
     if ws.repair is not None:
         out["repair"] = ws.repair
+    deploy = deploy_json(ws)
+    if deploy is not None:
+        out["deploy"] = deploy
+    if ws.hidden is not None:
+        out["hidden"] = ws.hidden.to_dict()
     return out
 
 
@@ -208,7 +311,9 @@ def _plot(ws: Workspace) -> str:
 
 
 def write_prune_html(ws: Workspace, path: Path, title: str) -> None:
-    """One self-contained page: before/after table, per-group chart and spectra, per-group table."""
+    """One self-contained page: before/after table, per-group chart and spectra, the calibrated limit's curve, per-group table."""
+    from graphprune.report.analysis import limit_html
+
     esc = html.escape
     table = "".join(f"<tr><th>{esc(a)}</th><td>{esc(b)}</td><td>{esc(c)}</td><td>{esc(d)}</td></tr>" for a, b, c, d in before_after_rows(ws))
     groups = "".join(
@@ -216,13 +321,21 @@ def write_prune_html(ws: Workspace, path: Path, title: str) -> None:
         for r in group_rows(ws)
     )
     meta = esc(", ".join(f"{k}={v}" for k, v in (ws.plan.meta.items() if ws.plan else [])))
+    rows = deploy_rows(ws)
+    deploy = ""
+    if rows:
+        head = "".join(f"<th>{esc(c)}</th>" for c in ("", *DEPLOY_COLUMNS))
+        body = "".join("<tr><th>" + esc(r[0]) + "</th>" + "".join(f"<td>{esc(c)}</td>" for c in r[1:]) + "</tr>" for r in rows)
+        deploy = f"<h2>fp32 and int8, original and pruned</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head>
 <body><h1>{esc(title)}</h1><p>plan: {meta}</p>
 <table><thead><tr><th></th><th>before</th><th>after</th><th>change</th></tr></thead><tbody>{table}</tbody></table>
+{deploy}
 <img alt="channels per group and spectra" src="data:image/png;base64,{_plot(ws)}" style="max-width:100%">
+{limit_html(ws.limit)}
 <table><thead><tr><th>group</th><th>anchor</th><th>channels</th><th>effective</th><th>kept</th></tr></thead><tbody>{groups}</tbody></table>
 </body></html>
 """

@@ -1,0 +1,335 @@
+"""Does the calibrated limit hold? Accuracy vs MACs reduction, the limits marked, peers side by side.
+
+Run: nice -n 10 python benchmarks/limit.py [--models resnet20 mobilenetv2] [--finetune-epochs 0.25] [--json benchmarks/limit.json]
+
+Per model (trained on Fashion-MNIST, cached; exported to ONNX with BN kept):
+1. analyze (2,048 labelled training images) and the limit pass (tolerance 1 pp, compensation and repair, points
+   evaluated on 1,024 held-out *training* images; nothing from the test split), timed against the analysis;
+2. the curve on the **test split** (10,000 images): the same budget family the limit is defined on, at a grid of
+   MACs reductions plus the spectral estimate and the calibrated limit; each point compensated, rewritten,
+   repaired (no fine-tuning), then fine-tuned briefly (--finetune-epochs, labels) and measured again;
+3. the measured knee of each curve: the largest reduction whose test accuracy is within 1 pp of the base
+   (interpolated in log reduction between the last grid point within and the first beyond);
+4. peers at the same MACs before fine-tuning: Torch-Pruning 1.6 (L2 and Taylor, uniform, with BN re-estimation on
+   the same calibration images; the best is kept) and onnxsim 0.8.1 apply_structured_wanda_pruning (+ its
+   apply_pruning_finetune refit) on the BN-folded ONNX (its structured pruning does not cross BatchNormalization).
+Writes benchmarks/limit_<model>.png and the JSON. Needs: apt-get install -y dataset-fashion-mnist;
+pip install torch==2.13.0 torch-pruning==1.6.* onnxsim==0.8.1.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from graphprune import models
+from graphprune.analysis.cost import cost_with_keep, model_cost
+from graphprune.analysis.effective import budget_removals, removal_envelope
+from graphprune.backends.onnx_model import OnnxPrunable
+from graphprune.execution.measure import ort_accuracy
+from graphprune.execution.training import FitOptions
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import load_onnx
+from graphprune.ir.onnx import model_bytes
+from graphprune.ir.plan import plan_from_keep
+from graphprune.models.fashion import fashion_mnist, trained
+from graphprune.pipeline.limit import LimitPass, LimitPassOptions
+from graphprune.pipeline.passes import (
+    AnalyzePass,
+    AnalyzePassOptions,
+    CompensateOptions,
+    CompensatePass,
+    FineTunePass,
+    RepairPass,
+    RewriteOptions,
+    RewritePass,
+    Workspace,
+)
+from graphprune.planning.selection import greedy_drop_order
+
+GRID = (1.5, 2.0, 2.5, 3.0, 4.0)
+TOLERANCE = 0.01
+
+
+def log(*args: Any) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+class Family:
+    """The budget family of plans: counts at a budget, the budget of a MACs reduction."""
+
+    def __init__(self, ws: Workspace) -> None:
+        assert ws.analysis is not None
+        self.ws, self.coupling, self.graph = ws, ws.groups(), ws.original.graph
+        self.orders = {g.group: greedy_drop_order(ws.analysis.fisher[g.group].f) for g in ws.analysis.groups}
+        self.full = {g: self.coupling.by_id(g).channels for g in self.orders}
+        self.macs = model_cost(self.graph).macs
+        self.max_budget = sum(float(removal_envelope(o)[-1]) for o in self.orders.values()) * 1.01
+
+    def counts(self, budget: float) -> dict[int, int]:
+        removed = budget_removals(self.orders, budget)
+        return {g: c - removed[g] for g, c in self.full.items()}
+
+    def reduction(self, budget: float) -> float:
+        return self.macs / cost_with_keep(self.graph, self.coupling, self.counts(budget)).macs
+
+    def budget_for(self, red: float) -> float:
+        """The smallest budget reaching at least ``red`` (bisection in log budget)."""
+        lo, hi = 1e-9, self.max_budget
+        if self.reduction(hi) < red:
+            return hi
+        for _ in range(50):
+            mid = math.sqrt(lo * hi)
+            if self.reduction(mid) >= red:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+
+def graphprune_point(fam: Family, budget: float, test: Calibration, train: Calibration, finetune_epochs: float,
+                     seed: int = 0) -> dict[str, Any]:
+    ws = fam.ws
+    counts = fam.counts(budget)
+    plan = plan_from_keep(fam.coupling, {g: fam.orders[g].keep(k) for g, k in counts.items()}, {"budget": budget})
+    w = Workspace(original=ws.original, model=ws.original, data=ws.data, coupling=fam.coupling, plan=plan)
+    opts = CompensateOptions(samples=1024)
+    t = time.perf_counter()
+    w = CompensatePass(opts)(w).workspace
+    w = RewritePass(RewriteOptions(verify=False))(w).workspace
+    w = RepairPass(opts)(w).workspace
+    seconds = time.perf_counter() - t
+    before = w.model.accuracy(test)
+    after = None
+    if finetune_epochs > 0:
+        w.data = train  # the brief fine-tune reads the whole training split
+        w = FineTunePass(FitOptions(epochs=finetune_epochs, lr=0.01, seed=seed))(w).workspace
+        after = w.model.accuracy(test)
+    red = fam.macs / model_cost(w.model.graph).macs
+    return {"budget": budget, "macs_reduction": red, "accuracy": before, "accuracy_finetuned": after, "recovery_seconds": seconds}
+
+
+def knee(points: list[dict[str, Any]], key: str, base: float, tol: float) -> dict[str, Any]:
+    """Largest reduction within ``tol`` of ``base`` (interpolated in log reduction up to the first point beyond)."""
+    pts = sorted(((1.0, base), *((p["macs_reduction"], p[key]) for p in points if p[key] is not None)))
+    best = 1.0
+    for (x0, a0), (x1, a1) in itertools.pairwise(pts):
+        if a1 >= base - tol:
+            best = x1
+            continue
+        if a0 >= base - tol:
+            t = (a0 - (base - tol)) / max(a0 - a1, 1e-12)
+            best = math.exp(math.log(x0) + t * math.log(x1 / x0))
+        return {"knee": best, "bounded": False}
+    return {"knee": best, "bounded": True}
+
+
+def torch_pruning_best(module: Any, cal: Calibration, test: Calibration, red: float) -> dict[str, Any]:
+    from compensation import _torch_pruning  # benchmarks/compensation.py (same folder)
+
+    rows = {imp: _torch_pruning(module, cal, test, red, imp) for imp in ("l2", "taylor")}
+    best = max(rows, key=lambda k: rows[k]["repair"])
+    return {"criterion": best, "macs_reduction": rows[best]["macs_reduction"], "accuracy": rows[best]["repair"],
+            "all": {k: {"macs_reduction": v["macs_reduction"], "none": v["none"], "repair": v["repair"]} for k, v in rows.items()}}
+
+
+def onnxsim_point(folded: Path, cal: Calibration, test: Calibration, red: float) -> dict[str, Any]:
+    import onnx
+    import onnxsim
+
+    m = onnx.load(str(folded))
+    name = m.graph.input[0].name
+    batches = [{name: cal.inputs[0][i:i + 128]} for i in range(0, 1024, 128)]
+    base_macs = model_cost(load_onnx(folded).graph).macs
+
+    def at(sparsity: float) -> tuple[Any, float]:
+        p = onnxsim.apply_structured_wanda_pruning(m, calibration_data=batches, sparsity=sparsity)
+        path = Path(tempfile.mkdtemp()) / "p.onnx"
+        onnx.save(p, str(path))
+        return p, base_macs / model_cost(load_onnx(path).graph).macs
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(9):
+        mid = (lo + hi) / 2
+        p, r = at(mid)
+        if r >= red:
+            hi, best = mid, (p, r)
+        else:
+            lo = mid
+    if best is None:
+        return {"macs_reduction": at(hi)[1], "accuracy": None, "note": "target not reached"}
+    p, r = best
+    plain = ort_accuracy(p.SerializeToString(), test)
+    refit = onnxsim.apply_pruning_finetune(m, p, calibration_data=batches)
+    refit_acc = ort_accuracy(refit.SerializeToString(), test)
+    return {"sparsity": hi, "macs_reduction": r, "wanda": plain, "wanda_refit": refit_acc, "accuracy": max(plain, refit_acc)}
+
+
+def run_model(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    module = trained(name, args.epochs, cache_dir="benchmarks/.cache") if args.epochs > 0 else models.build(name).eval()  # 0: smoke run
+    log(name, "trained/loaded", f"{time.perf_counter() - t0:.0f} s")
+    tmp = Path(tempfile.mkdtemp())
+    path, folded = tmp / f"{name}.onnx", tmp / f"{name}.fold.onnx"
+    models.export_onnx(module, path, bn="keep")
+    models.export_onnx(module, folded, bn="fold")
+    om = load_onnx(path)
+    base = ort_accuracy(model_bytes(om.model), test)
+    cal = train.subset(4096, seed=0)
+    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=cal)
+    ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(ws).workspace
+    assert ws.analysis is not None
+    ws = LimitPass(LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs))(ws).workspace
+    lim = ws.limit
+    assert lim is not None
+    log(name, *lim.lines())
+    fam = Family(ws)
+    targets = sorted({*args.grid, round(lim.spectral_macs_reduction, 3), round(lim.macs_reduction, 3)})
+    points = []
+    for red in targets:
+        b = lim.budget if math.isclose(red, round(lim.macs_reduction, 3)) else (
+            lim.spectral_budget if math.isclose(red, round(lim.spectral_macs_reduction, 3)) else fam.budget_for(red))
+        p = graphprune_point(fam, b, test, train, args.finetune_epochs)
+        p["target"] = red
+        points.append(p)
+        log(name, "graphprune", p)
+    noft = knee(points, "accuracy", base, TOLERANCE)
+    ft = knee(points, "accuracy_finetuned", base, TOLERANCE) if args.finetune_epochs > 0 else None
+    peers = []
+    for red in sorted({*args.peers_at, *([round(lim.macs_reduction, 3)] if args.peers_at_limit else [])}):
+        if red <= 1.01:
+            continue
+        gp = min(points, key=lambda p: abs(p["macs_reduction"] - red))
+        row: dict[str, Any] = {"target": red, "graphprune": {"macs_reduction": gp["macs_reduction"], "accuracy": gp["accuracy"]}}
+        try:
+            row["torch_pruning"] = torch_pruning_best(copy.deepcopy(module), cal, test, red)
+        except Exception as exc:  # noqa: BLE001 - a peer failing is a result, not a crash
+            row["torch_pruning"] = {"error": f"{type(exc).__name__}: {exc}"}
+        try:
+            row["onnxsim"] = onnxsim_point(folded, cal, test, red)
+        except Exception as exc:  # noqa: BLE001
+            row["onnxsim"] = {"error": f"{type(exc).__name__}: {exc}"}
+        peers.append(row)
+        log(name, "peers", row)
+    out = {"model": name, "base": base, "limit": lim.to_dict(), "analysis_seconds": ws.analysis.meta.get("seconds"),
+           "limit_seconds": lim.seconds, "points": points, "knee": noft, "knee_finetuned": ft, "peers": peers,
+           "finetune_epochs": args.finetune_epochs, "train_epochs": args.epochs, "test_samples": len(test),
+           "seconds": time.perf_counter() - t0}
+    try:
+        plot(out, Path(f"benchmarks/limit_{name}.png"))
+    except Exception as exc:  # noqa: BLE001 - the figures are in the JSON; --replot draws again
+        log("plot failed:", exc)
+    return out
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    from graphprune.report.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    pts = sorted(r["points"], key=lambda p: p["macs_reduction"])
+    xs = [1.0, *(p["macs_reduction"] for p in pts)]
+    ax.plot(xs, [r["base"], *(p["accuracy"] for p in pts)], "o-", label="graphprune, no fine-tuning (test)")
+    if r["knee_finetuned"] is not None:
+        ax.plot(xs, [r["base"], *(p["accuracy_finetuned"] for p in pts)], "s-",
+                label=f"graphprune, {r['finetune_epochs']:g} epoch fine-tuning (test)")
+    lim = r["limit"]
+    cal = sorted(lim["points"], key=lambda p: p["macs_reduction"])
+    ax.plot([p["macs_reduction"] for p in cal], [p["quality"] for p in cal], "k+", ms=9, label="calibration points (held-out train)")
+    for row in r["peers"]:
+        for key, style, label in (("torch_pruning", "x", "Torch-Pruning best + BN re-est."), ("onnxsim", "d", "onnxsim Wanda (+refit)")):
+            v = row.get(key, {})
+            if v.get("accuracy") is not None:
+                ax.plot(v["macs_reduction"], v["accuracy"], style, color="#d63031" if key == "torch_pruning" else "#e17055",
+                        ms=8, label=label if row is r["peers"][0] else None)
+    ax.axhline(r["base"], color="k", lw=0.8, ls=":")
+    ax.axhspan(r["base"] - TOLERANCE, r["base"], color="#55efc4", alpha=0.2, lw=0, label="within 1 pp")
+    ax.axvline(lim["spectral_macs_reduction"], color="#e17055", ls="--", label=f"spectral estimate {lim['spectral_macs_reduction']:.2f}x")
+    ax.axvline(lim["macs_reduction"], color="#0984e3", label=f"calibrated limit {lim['macs_reduction']:.2f}x")
+    ax.axvline(r["knee"]["knee"], color="#2d3436", ls="-.", label=f"measured knee {r['knee']['knee']:.2f}x")
+    if lim.get("finetuned"):
+        ax.axvline(lim["finetuned"]["macs_reduction"], color="#6c5ce7", ls=":", lw=1.5,
+                   label=f"predicted fine-tuned limit {lim['finetuned']['macs_reduction']:.2f}x")
+    if r["knee_finetuned"] is not None:
+        ax.axvline(r["knee_finetuned"]["knee"], color="#6c5ce7", ls="-.", lw=1,
+                   label=f"measured fine-tuned knee {r['knee_finetuned']['knee']:.2f}x")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs reduction (x)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(max(0.0, min(r["base"] - 0.25, ax.get_ylim()[0])), r["base"] + 0.02)
+    ax.set_title(f"{r['model']} on Fashion-MNIST: accuracy vs MACs reduction", fontsize=9)
+    ax.legend(fontsize=6.5, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown: knee vs estimates per model, and the peers at the same MACs before fine-tuning."""
+    rows = ["| model | base | spectral estimate | calibrated limit (test acc. there) | measured knee, no FT | error | "
+            "predicted FT limit | measured FT knee | error | calibration cost |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lim, k, kf = r["limit"], r["knee"], r["knee_finetuned"]
+        at = next((p for p in r["points"] if math.isclose(p["budget"], lim["budget"])), None)
+        ft = lim.get("finetuned")
+        err = 100 * (lim["macs_reduction"] / k["knee"] - 1)
+        ft_cell = f"{'>= ' if ft and ft['bounded'] else ''}{ft['macs_reduction']:.2f}x" if ft else "-"
+        kf_cell = f"{'>= ' if kf['bounded'] else ''}{kf['knee']:.2f}x" if kf else "-"
+        ft_err = f"{100 * (ft['macs_reduction'] / kf['knee'] - 1):+.0f}%" if ft and kf else "-"
+        cost = f"{r['limit_seconds'] / r['analysis_seconds']:.1f}x the analysis ({len(lim['points'])} points)"
+        rows.append(f"| {r['model']} | {r['base']:.4f} | {lim['spectral_macs_reduction']:.2f}x | {lim['macs_reduction']:.2f}x "
+                    f"({at['accuracy']:.4f}) | {'>= ' if k['bounded'] else ''}{k['knee']:.2f}x | {err:+.0f}% | {ft_cell} | {kf_cell} | "
+                    f"{ft_err} | {cost} |" if at else "")
+    rows += ["", "| model | target | graphprune | Torch-Pruning best + BN re-est. | onnxsim Wanda (refit) |", "|---|---|---|---|---|"]
+    for r in results:
+        for row in r["peers"]:
+            g, tp, osim = row["graphprune"], row.get("torch_pruning", {}), row.get("onnxsim", {})
+
+            def cell(v: dict[str, Any], extra: str = "") -> str:
+                if v.get("accuracy") is None:
+                    return v.get("error", v.get("note", "-"))[:60]
+                return f"{v['accuracy']:.4f} at {v['macs_reduction']:.2f}x{extra}"
+
+            tp_extra = f" ({tp['criterion']})" if "criterion" in tp else ""
+            os_extra = f" (plain {osim['wanda']:.4f})" if "wanda" in osim else ""
+            rows.append(f"| {r['model']} | {row['target']:.2f}x | {cell(g)} | {cell(tp, tp_extra)} | {cell(osim, os_extra)} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    parser.add_argument("--epochs", type=float, default=3.0, help="training epochs (0: untrained, a smoke run of the script)")
+    parser.add_argument("--finetune-epochs", type=float, default=0.25)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/limit.json"))
+    parser.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="MACs reductions of the test curve")
+    parser.add_argument("--test-samples", type=int, default=10000, help="test images (a seeded subset when fewer than 10,000)")
+    parser.add_argument("--peers-at", type=float, nargs="*", default=[2.0], help="MACs reductions of the side-by-side")
+    parser.add_argument("--peers-at-limit", action=argparse.BooleanOptionalAction, default=True,
+                        help="also compare at the calibrated limit")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plots from --json and print the table")
+    args = parser.parse_args()
+    if args.replot:
+        results = json.loads(args.json.read_text())["models"]
+        for r in results:
+            plot(r, Path(f"benchmarks/limit_{r['model']}.png"))
+        print(table(results))
+        return
+    train, test = fashion_mnist("train"), fashion_mnist("test").subset(args.test_samples, seed=1)
+    done = json.loads(args.json.read_text())["models"] if args.json.exists() else []
+    for name in args.models:
+        done = [r for r in done if r["model"] != name] + [run_model(name, args, train, test)]
+        args.json.write_text(json.dumps({"models": done, "tolerance": TOLERANCE}, indent=1, default=float))
+    log("wrote", args.json)
+    print(table(done))
+
+
+if __name__ == "__main__":
+    main()

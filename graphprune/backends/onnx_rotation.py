@@ -1,0 +1,213 @@
+"""The hidden-size rotation on an ONNX model: stream moments on onnxruntime, the onnx-ir rewrite, the measured error.
+
+:func:`slice_hidden` finds the stream (:func:`graphprune.coupling.stream.find_stream`),
+measures its second moments at every norm input on calibration data, takes
+the PCA basis (:mod:`graphprune.recovery.rotation`), writes the rotated and
+sliced constants, replaces every norm by a unit-scale RMS norm that divides
+by the original width (``RMSNormalization`` from opset 23, else
+Mul/ReduceMean/Add/Sqrt/Div), and measures the output error against the
+input model. It also checks that the full-width rotation reproduces the
+input model; when it does not, nothing is returned.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from graphprune.coupling.stream import Norm, Stream, find_stream
+from graphprune.errors import ValidationError
+from graphprune.execution.exactness import compare_outputs
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import OnnxModel, prepare
+from graphprune.ir.onnx import clone_model, inline_proto, model_session, new_const, node_map
+from graphprune.recovery.rotation import (
+    HiddenOptions,
+    HiddenReport,
+    energy_rank,
+    global_moment,
+    kept_width,
+    pca,
+    point_reports,
+    rotated_constants,
+)
+
+__all__ = ["rotate_onnx", "slice_hidden", "stream_moments", "unshared"]
+
+log = logging.getLogger(__name__)
+
+Status = Callable[[str], None]
+
+
+def stream_moments(om: OnnxModel, names: Sequence[str], data: Calibration, batch_size: int, centre: bool = False) -> dict[str, np.ndarray]:
+    """Second moment (D x D, float64) of the unit-length tokens of each named tensor (hidden axis last) on ``data``.
+
+    ``centre``: subtract each token's mean first (what a LayerNorm sees, and the stream once its writers are mean-free).
+    """
+    from graphprune.execution.sessions import make_session
+
+    proto = inline_proto(om.model)
+    known = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    session = make_session(proto.SerializeToString())
+    feeds = [i.name for i in session.get_inputs()]
+    sums: dict[str, np.ndarray] = {}
+    for _, inputs, _ in data.batches(batch_size):
+        outs = session.run(list(names), dict(zip(feeds, inputs)))
+        for name, x in zip(names, outs):
+            t = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+            if centre:
+                t = t - t.mean(axis=1, keepdims=True)
+            t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+            sums[name] = sums.get(name, 0.0) + t.T @ t
+    return sums
+
+
+def _rms_nodes(norm: Norm, x: ir.Value, width: int, kept: int, opset: int, graph: ir.Graph, dtype: np.dtype) -> list[ir.Node]:
+    """Unit-scale RMS norm over the last axis of ``x`` (``kept`` wide) dividing by the original ``width``: x / sqrt(sum x^2 / width + eps)."""
+    if opset >= 23:  # RMSNormalization over kept entries, eps and scale adjusted to the original divisor
+        scale = new_const(graph, f"{norm.node}_rms_scale", np.full(kept, np.sqrt(width / kept), dtype=dtype))
+        eps = float(norm.epsilon * width / kept)
+        return [ir.node("RMSNormalization", [x, scale], {"axis": -1, "epsilon": eps}, name=f"{norm.node}_rms")]
+    sq = ir.node("Mul", [x, x], name=f"{norm.node}_sq")
+    if opset >= 18:
+        axes = new_const(graph, f"{norm.node}_axes", np.array([-1], dtype=np.int64))
+        mean = ir.node("ReduceMean", [sq.outputs[0], axes], {"keepdims": 1}, name=f"{norm.node}_mean")
+    else:
+        mean = ir.node("ReduceMean", [sq.outputs[0]], {"axes": [-1], "keepdims": 1}, name=f"{norm.node}_mean")
+    ratio = new_const(graph, f"{norm.node}_ratio", np.array(kept / width, dtype=dtype))
+    epsilon = new_const(graph, f"{norm.node}_eps", np.array(norm.epsilon, dtype=dtype))
+    scaled = ir.node("Mul", [mean.outputs[0], ratio], name=f"{norm.node}_scaled")
+    var = ir.node("Add", [scaled.outputs[0], epsilon], name=f"{norm.node}_var")
+    root = ir.node("Sqrt", [var.outputs[0]], name=f"{norm.node}_root")
+    out = ir.node("Div", [x, root.outputs[0]], name=f"{norm.node}_rms")
+    return [sq, mean, scaled, var, root, out]
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new: list[ir.Node]) -> None:
+    ir.convenience.replace_nodes_and_values(graph, old, [old], new, [old.outputs[0]], [new[-1].outputs[0]])
+
+
+def rotate_onnx(om: OnnxModel, stream: Stream, basis: np.ndarray) -> OnnxModel:
+    """A copy of ``om`` with the stream rotated into ``basis`` (D x k) and its norms made unit-scale RMS norms."""
+    model = clone_model(om.model)
+    graph = model.graph
+    values, added = rotated_constants(stream, om.graph.param, basis)
+    for name, arr in values.items():
+        value = graph.initializers[name]
+        value.const_value = ir.tensor(arr, name=name)
+        value.shape = ir.Shape(arr.shape)
+    nodes = node_map(graph)
+    opset = model.opset_imports.get("", 17)
+    kept = basis.shape[1]
+    for norm in stream.norms:
+        node = nodes[norm.node]
+        x = node.inputs[0]
+        assert x is not None  # the walk found the norm's input
+        dtype = np.dtype(x.dtype.numpy()) if x.dtype is not None else np.dtype(np.float32)
+        _replace(graph, node, _rms_nodes(norm, x, stream.width, kept, opset, graph, dtype))
+    for reader, shift in added.items():
+        node = nodes[reader]
+        bias = new_const(graph, f"{reader}_shift", shift)
+        if node.op_type == "Gemm":
+            node.resize_inputs(3)
+            node.replace_input_with(2, bias)
+            continue
+        product = ir.node(node.op_type, list(node.inputs), node.attributes, name=f"{reader}_rotated")
+        add = ir.node("Add", [product.outputs[0], bias], name=f"{reader}_shift")
+        _replace(graph, node, [product, add])
+    for name in stream.widths:  # the width read at run time for tensors off the stream stays the original one
+        node = nodes[name]
+        width = new_const(graph, f"{name}_width", np.array(stream.width, dtype=np.int64))
+        ir.convenience.replace_all_uses_with(node.outputs[0], width)
+    RemoveUnusedNodesPass()(model)
+    graph_outputs = set(id(v) for v in graph.outputs)
+    for node in graph:  # shapes inferred for the old width are stale; prepare infers them again
+        for value in node.outputs:
+            if id(value) not in graph_outputs:
+                value.shape = None
+    return prepare(model, om.path)
+
+
+def unshared(om: OnnxModel) -> OnnxModel:
+    """``om`` with every initializer read by several ops copied once per op (exporters share equal constants, such as
+    the zero biases of several layers or a Reshape target; the rotation rewrites each use on its own), or ``om`` when none is."""
+    model = clone_model(om.model)
+    graph = model.graph
+    changed = False
+    for name, value in list(graph.initializers.items()):
+        users = [(node, i) for node, i in value.uses()]
+        if len(users) < 2 or value.const_value is None:
+            continue
+        arr = value.const_value.numpy()
+        for node, i in users[1:]:
+            node.replace_input_with(i, new_const(graph, name, arr.copy()))
+        changed = True
+    return prepare(model, om.path) if changed else om
+
+
+def _outputs(om: OnnxModel, data: Calibration, batch_size: int) -> list[np.ndarray]:
+    """The first output of ``om`` on every sample of ``data``."""
+    with model_session(om.model) as session:
+        feeds = [i.name for i in session.get_inputs()]
+        parts = [session.run(None, dict(zip(feeds, inputs)))[0] for _, inputs, _ in data.batches(batch_size)]
+    return [np.concatenate(parts)]
+
+
+def slice_hidden(om: OnnxModel, data: Calibration, eval_data: Calibration | None, options: HiddenOptions,
+                 status: Status | None = None) -> tuple[OnnxModel, HiddenReport]:
+    """Rotate and slice the hidden stream of ``om`` (the input is not modified).
+
+    Returns:
+        (the new model, or ``om`` itself when the stream is frozen; the report).
+
+    Raises:
+        BadInputError: No norm over a hidden axis in the model.
+        ValidationError: The full-width rotation does not reproduce the model (a bug or an op the walk misread).
+    """
+    say = status or (lambda _: None)
+    find_stream(om.graph)  # a model with no norm is bad input before any copy is made
+    om = unshared(om)
+    stream = find_stream(om.graph)
+    if stream.frozen:
+        return om, HiddenReport(stream.width, frozen=stream.frozen)
+    say(f"measuring the hidden stream ({len(stream.norms)} norms, width {stream.width})")
+    calib = data.subset(options.samples, options.seed)
+    moments = stream_moments(om, [n.input for n in stream.norms], calib, options.batch_size, stream.centred)
+    vals, vecs = pca(global_moment(stream, moments))
+    kept = kept_width(stream.width, vals, options)
+    energy = options.energy if options.keep == 0 else 0.99
+    held = eval_data if eval_data is not None else data
+    check = held.subset(options.eval_samples, options.seed + 1)
+    before = _outputs(om, check, options.batch_size)
+    say("checking the full-width rotation reproduces the model")
+    full = rotate_onnx(om, stream, vecs)
+    full_error = compare_outputs(before, _outputs(full, check, options.batch_size), what="the full-width rotated model",
+                                 hint="the rotation is not an identity here; the hidden pass cannot run on this model")
+    say(f"slicing the hidden size {stream.width} -> {kept}")
+    sliced = rotate_onnx(om, stream, vecs[:, :kept]) if kept < stream.width else full
+    after = _outputs(sliced, check, options.batch_size)
+    diff = np.abs(after[0].astype(np.float64) - before[0])
+    if not np.all(np.isfinite(diff)):
+        raise ValidationError("the sliced model's outputs are not finite: keep more of the hidden size")
+    scale = float(np.max(np.abs(before[0]))) or 1.0
+    agreement = acc_before = acc_after = None
+    if before[0].ndim == 2 and before[0].shape[1] > 1:
+        pb, pa = before[0].argmax(1), after[0].argmax(1)
+        agreement = float(np.mean(pb == pa))
+        if check.labels is not None:
+            acc_before, acc_after = float(np.mean(pb == check.labels)), float(np.mean(pa == check.labels))
+    total = float(np.clip(vals, 0, None).sum()) or 1.0
+    report = HiddenReport(
+        width=stream.width, kept=kept, energy=energy, effective=energy_rank(vals, energy),
+        discarded_energy=float(np.clip(vals[kept:], 0, None).sum()) / total,
+        points=point_reports(stream, moments, vecs[:, :kept], energy),
+        norms=len(stream.norms), writers=len(stream.writers), readers=len(stream.readers),
+        max_abs_error=float(diff.max()), relative_error=float(diff.max()) / scale, agreement=agreement,
+        accuracy_before=acc_before, accuracy_after=acc_after, measured_on=f"{len(check)} samples of {check.source}",
+        full_rotation_error=full_error)
+    return sliced, report

@@ -1,0 +1,212 @@
+"""The limit pass: measure a few points of quality vs MACs reduction and calibrate the network's limit.
+
+Each point is one budget's plan (every group at its effective filters under
+that predicted-loss budget), compensated, rewritten, repaired and evaluated on
+held-out calibration samples (the data's samples past those the analysis and
+compensation use), with no fine-tuning: the meaning the limit states
+(:mod:`graphprune.planning.limit`). The result's per-group counts become the
+hierarchical plan's floors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from graphprune.analysis.cost import cost_with_keep
+from graphprune.analysis.effective import budget_removals, removal_envelope
+from graphprune.errors import BadInputError
+from graphprune.frontends.data import Calibration
+from graphprune.ir.model import PrunableModel
+from graphprune.ir.plan import Plan, plan_from_keep
+from graphprune.pipeline.passes import CompensateOptions, CompensatePass, RepairPass, RewriteOptions, RewritePass
+from graphprune.pipeline.workspace import Pass, PassResult, Workspace, register_pass
+from graphprune.planning.limit import (
+    EXTRA_FINETUNE_POINTS,
+    SPECTRAL_NATS_PER_TOLERANCE,
+    STEP,
+    CalibratedLimit,
+    CalibrationPoint,
+    FineTunedLimit,
+    LimitOptions,
+    finetuned_limit,
+    measured_curve,
+    search,
+)
+from graphprune.planning.selection import DropOrder, greedy_drop_order
+
+__all__ = ["LimitPass", "LimitPassOptions", "held_out", "predictions"]
+
+log = logging.getLogger(__name__)
+
+MIN_HOLDOUT = 256
+"""Fewer unused samples than this (and than ``holdout``): no calibration, said in a status line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitPassOptions(LimitOptions):
+    """The limit's meaning and cost, plus the recovery each point gets (the pipeline's compensate and repair).
+
+    Attributes:
+        compensate, repair: Recovery applied at each point (match the pipeline's passes).
+        budget: The spectral budget; 0: ``SPECTRAL_NATS_PER_TOLERANCE * tolerance``.
+        samples, batch_size, seed, memory_bytes: As the compensate pass's.
+    """
+
+    compensate: bool = True
+    repair: bool = True
+    budget: float = 0.0
+    samples: int = 1024
+    batch_size: int = 64
+    seed: int = 0
+    memory_bytes: int = 0
+
+    def check(self) -> None:
+        super().check()
+        self.recovery().check()
+        if self.budget < 0:
+            raise BadInputError(f"limit budget must be >= 0 (0: from the tolerance), got {self.budget}")
+
+    def recovery(self) -> CompensateOptions:
+        return CompensateOptions(samples=self.samples, batch_size=self.batch_size, seed=self.seed, memory_bytes=self.memory_bytes)
+
+
+def held_out(data: Calibration, used: int, n: int, seed: int) -> Calibration:
+    """Up to ``n`` samples past the first ``used`` of the seeded permutation the analysis and compensation subsets take."""
+    perm = np.random.default_rng(seed).permutation(len(data))
+    pick = np.sort(perm[used:used + n])
+    labels = None if data.labels is None else data.labels[pick]
+    return Calibration(tuple(a[pick] for a in data.inputs), labels, f"{data.source} (held out)")
+
+
+def predictions(model: PrunableModel, data: Calibration, batch_size: int) -> np.ndarray:
+    """Top-1 class of the model's first output on every sample (through the torch interpreter).
+
+    Raises:
+        BadInputError: When the first output is not (batch, classes).
+    """
+    from graphprune.execution.interpreter import GraphInterpreter
+
+    interp = GraphInterpreter(model.graph).eval()
+    out = []
+    with torch.no_grad():
+        for _, inputs, _ in data.batches(batch_size):
+            y = interp(*(torch.from_numpy(a) for a in inputs))[0]
+            if y.dim() != 2:
+                raise BadInputError(f"output agreement needs a (batch, classes) first output, got shape {tuple(y.shape)}: "
+                                    "give labelled data or --no-calibrate")
+            out.append(y.argmax(1).numpy())
+    return np.concatenate(out)
+
+
+def _plan(ws: Workspace, orders: Mapping[int, DropOrder], counts: Mapping[int, int], budget: float) -> Plan:
+    keep = {g: orders[g].keep(k) for g, k in counts.items()}
+    return plan_from_keep(ws.groups(), keep, {"method": "hierarchical", "criterion": "effective", "target": "limit point",
+                                              "budget": budget})
+
+
+def _quality(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration) -> float:
+    """Compensate, rewrite, repair (as the pipeline would) and evaluate on the held-out samples."""
+    assert ws.data is not None
+    w = Workspace(original=ws.original, model=ws.original, data=ws.data, coupling=ws.groups(), plan=plan)
+    recovery = options.recovery()
+    if options.compensate:
+        w = CompensatePass(recovery)(w).workspace
+    w = RewritePass(RewriteOptions(verify=False))(w).workspace
+    if options.repair:
+        w = RepairPass(recovery)(w).workspace
+    return w.model.accuracy(held)
+
+
+def _finetuned(o: LimitPassOptions, measured: list[CalibrationPoint], base_q: float,
+               evaluate: Callable[[float], CalibrationPoint], max_budget: float) -> tuple[FineTunedLimit, list[CalibrationPoint]]:
+    """The fine-tuned estimate; measures up to ``EXTRA_FINETUNE_POINTS`` larger budgets while the curve has not dropped far enough."""
+    ft = finetuned_limit(measured_curve(base_q, measured), base_q, o.tolerance, o.finetune_epochs)
+    budget = max((p.budget for p in measured), default=o.budget or SPECTRAL_NATS_PER_TOLERANCE * o.tolerance)
+    for _ in range(EXTRA_FINETUNE_POINTS):
+        if not ft.bounded or budget >= max_budget:
+            break
+        budget = min(budget * STEP, max_budget)
+        measured = [*measured, evaluate(budget)]
+        ft = finetuned_limit(measured_curve(base_q, measured), base_q, o.tolerance, o.finetune_epochs)
+    return ft, measured
+
+
+@register_pass
+class LimitPass(Pass):
+    """Calibrate the limit on held-out calibration data (a few measured points); its floors become the plan's."""
+
+    name = "limit"
+    Options = LimitPassOptions
+    requires = frozenset({"data", "analysis"})
+    ensures = frozenset({"limit"})
+    forbids = frozenset({"plan"})
+
+    def run(self, ws: Workspace) -> PassResult:
+        assert ws.data is not None and ws.analysis is not None
+        o: LimitPassOptions = self.options
+        t0 = time.perf_counter()
+        analysis, coupling, graph = ws.analysis, ws.groups(), ws.original.graph
+        orders = {g.group: greedy_drop_order(analysis.fisher[g.group].f) for g in analysis.groups if g.group in analysis.fisher}
+        if not orders:
+            raise BadInputError("the limit pass needs the analysis's F matrices (an analysis saved without its .fisher.npz?)")
+        full = {g: coupling.by_id(g).channels for g in orders}
+        original = cost_with_keep(graph, coupling, full)
+        used = max(analysis.samples, o.samples)
+        held = held_out(ws.data, used, o.holdout, o.seed)
+        if len(held) < min(o.holdout, MIN_HOLDOUT):
+            ws.status(f"limit: not calibrated: {len(held)} calibration samples are left after the {used} the analysis and "
+                      f"compensation use (at least {min(o.holdout, MIN_HOLDOUT)} needed); the plan's floors are the analysis's")
+            return PassResult(ws, False)
+        if 2.0 / len(held) > o.tolerance:
+            ws.status(f"limit: {len(held)} held-out samples measure quality in steps of {100 / len(held):.2g} pp, "
+                      f"too coarse for a {100 * o.tolerance:g} pp tolerance: give more data")
+        metric = "accuracy" if held.labels is not None else "agreement"
+        if metric == "agreement":
+            held = dataclasses.replace(held, labels=predictions(ws.original, held, o.batch_size))
+        base_q = ws.original.accuracy(held)
+
+        cache: dict[float, dict[int, int]] = {}
+
+        def counts(budget: float) -> dict[int, int]:
+            if budget not in cache:
+                removed = budget_removals(orders, budget) if budget > 0 else {}
+                cache[budget] = {g: c - removed.get(g, 0) for g, c in full.items()}
+            return cache[budget]
+
+        def evaluate(budget: float) -> CalibrationPoint:
+            start = time.perf_counter()
+            c = counts(budget)
+            cost = cost_with_keep(graph, coupling, c)
+            loss = float(sum(orders[g].cost[full[g] - k] for g, k in c.items()))
+            ws.status(f"limit: measuring budget {budget:.3g} ({original.macs / max(1, cost.macs):.2f}x fewer MACs)")
+            q = _quality(ws, _plan(ws, orders, c, budget), o, held)
+            point = CalibrationPoint(budget, original.macs / max(1, cost.macs), original.params / max(1, cost.params), loss, q,
+                                     time.perf_counter() - start)
+            log.info("limit point: %s", point)
+            return point
+
+        spectral = o.budget or SPECTRAL_NATS_PER_TOLERANCE * o.tolerance
+        spectral_cost = cost_with_keep(graph, coupling, counts(spectral))
+        max_budget = float(sum(float(removal_envelope(d)[-1]) for d in orders.values())) * 1.01 + 1e-12
+        threshold = base_q - o.tolerance
+        base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, base_q)
+        lo, _hi, measured = search(evaluate, counts, spectral, max_budget, threshold, base, o.points)
+        finetuned = None
+        if o.finetune_epochs > 0:
+            finetuned, measured = _finetuned(o, measured, base_q, evaluate, max_budget)
+        limit = CalibratedLimit(
+            metric=metric, tolerance=o.tolerance, base_quality=base_q, holdout=len(held), spectral_budget=spectral,
+            spectral_macs_reduction=original.macs / max(1, spectral_cost.macs), budget=lo.budget,
+            macs_reduction=lo.macs_reduction, params_reduction=lo.params_reduction, quality=lo.quality,
+            effective=counts(lo.budget), points=tuple(measured), finetuned=finetuned, seconds=time.perf_counter() - t0,
+            analysis_seconds=float(analysis.meta.get("seconds", 0.0)),
+        )
+        ws.limit = limit
+        for line in limit.lines():
+            ws.status(line)
+        return PassResult(ws, False)

@@ -1,0 +1,335 @@
+"""The calibrated limit: the largest MACs reduction whose quality stays within a tolerance of the original's.
+
+Meaning (issue 16): with **no fine-tuning**, after compensation and statistics
+repair, the quality (accuracy with labels, else top-1 agreement with the
+original) on **held-out calibration data** stays within ``tolerance`` of the
+original's. Channels are removed across all groups, cheapest predicted loss
+increase first, under one network-wide predicted-loss budget
+(:func:`graphprune.analysis.effective.budget_removals`); the per-group counts
+at a budget are the effective filters at that budget.
+
+- The **spectral estimate** is the reduction at the budget the spectra alone
+  predict: ``SPECTRAL_NATS_PER_TOLERANCE * tolerance`` nats of predicted loss.
+- The **calibrated limit** comes from a few measured points (each one plan,
+  compensation, rewrite, repair and evaluation): the budget is bracketed by
+  steps of ``STEP`` from the spectral budget, then bisected geometrically.
+- The **fine-tuned limit** is estimated from the same curve: a brief
+  fine-tune of E epochs is modelled as leaving ``remaining(E)`` of the
+  accuracy drop, so quality holds where the no-fine-tune drop is at most
+  ``tolerance / remaining(E)``.
+
+This module is plain data and the search; the measuring lives in
+:mod:`graphprune.pipeline.limit` (it runs the recovery passes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from graphprune.analysis.cost import cost_with_keep
+from graphprune.analysis.effective import Analysis, NetworkLimit
+from graphprune.coupling.groups import Coupling
+from graphprune.errors import BadInputError
+from graphprune.ir.graph import ChannelGraph
+
+__all__ = [
+    "FINETUNE_REMAINING_AT_ONE_EPOCH",
+    "FINETUNE_REMAINING_EXPONENT",
+    "SPECTRAL_NATS_PER_TOLERANCE",
+    "CalibratedLimit",
+    "CalibrationPoint",
+    "FineTunedLimit",
+    "LimitOptions",
+    "expected_line",
+    "finetuned_limit",
+    "floored",
+    "measured_curve",
+    "remaining_after",
+    "search",
+]
+
+SPECTRAL_NATS_PER_TOLERANCE = 1.0
+"""The spectral budget in nats of predicted loss per unit of tolerance: 1 pp of accuracy ~ 0.01 nats
+(benchmarks/calibration.json: ResNet-20, budget 0.01 cost 1.0 pp with no compensation nor repair)."""
+FINETUNE_REMAINING_AT_ONE_EPOCH = 0.09
+"""Fraction of the no-fine-tune accuracy drop left after one epoch of fine-tuning (ResNet-20 at 2x and 3x,
+benchmarks/README.md: -1.97 -> -0.17 pp and -5.94 -> -0.58 pp)."""
+FINETUNE_REMAINING_EXPONENT = 0.79
+"""remaining(E) = 0.09 E^-0.79, so that a quarter epoch leaves 0.27 of the drop (ResNet-20 and MobileNetV2 at 2x,
+benchmarks/compare_*.json: 0.29 and 0.25)."""
+STEP = 4.0
+"""Factor between two budgets while bracketing the limit."""
+RESOLUTION = 1.05
+"""Bisection stops when the failing and passing reductions are within this factor."""
+EXTRA_FINETUNE_POINTS = 2
+"""Points measured beyond ``points`` to reach the drop the fine-tuned estimate needs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitOptions:
+    """What the limit means and what measuring it may cost.
+
+    Attributes:
+        tolerance: Quality may drop by at most this (0.01: 1 pp of accuracy or agreement).
+        points: Most measured points of the no-fine-tune search.
+        holdout: Held-out calibration samples each point is evaluated on.
+        finetune_epochs: When > 0, also estimate the limit after this brief fine-tune.
+    """
+
+    tolerance: float = 0.01
+    points: int = 6
+    holdout: int = 1024
+    finetune_epochs: float = 0.0
+
+    def check(self) -> None:
+        """Raises BadInputError on out-of-range values."""
+        if not 0.0 < self.tolerance < 1.0:
+            raise BadInputError(f"--tolerance must be in (0, 1) (a fraction: 0.01 is 1 pp), got {self.tolerance}")
+        if self.points < 2:
+            raise BadInputError(f"limit points must be at least 2, got {self.points}")
+        if self.holdout < 16:
+            raise BadInputError(f"limit holdout must be at least 16 samples, got {self.holdout}")
+        if self.finetune_epochs < 0:
+            raise BadInputError(f"limit finetune_epochs must be >= 0, got {self.finetune_epochs}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationPoint:
+    """One measured point of the curve: a budget, what it removes, and the quality after recovery."""
+
+    budget: float
+    macs_reduction: float
+    params_reduction: float
+    predicted_loss: float
+    quality: float
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTunedLimit:
+    """The limit after a brief fine-tune, estimated from the no-fine-tune curve.
+
+    ``bounded``: the curve never dropped far enough, so the value is a lower bound (the largest measured reduction).
+    """
+
+    epochs: float
+    remaining: float
+    macs_reduction: float
+    bounded: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibratedLimit:
+    """The calibrated limit, the spectral estimate it corrects, and the measured curve behind it.
+
+    Attributes:
+        metric: ``accuracy`` (labels) or ``agreement`` (top-1 agreement with the original).
+        tolerance: The allowed drop.
+        base_quality: The original's quality on the held-out samples.
+        holdout: How many held-out samples.
+        spectral_budget, spectral_macs_reduction: The spectra's prediction.
+        budget, macs_reduction, params_reduction, quality: The calibrated limit (quality measured there).
+        effective: Per-group effective filters at the calibrated budget (the plan's floors).
+        points: Every measured point, in measuring order.
+        finetuned: The limit after a brief fine-tune, or None.
+        seconds: Time spent measuring.
+        analysis_seconds: Time the effective filter analysis took (0: unknown), for the cost ratio.
+    """
+
+    metric: str
+    tolerance: float
+    base_quality: float
+    holdout: int
+    spectral_budget: float
+    spectral_macs_reduction: float
+    budget: float
+    macs_reduction: float
+    params_reduction: float
+    quality: float
+    effective: Mapping[int, int]
+    points: tuple[CalibrationPoint, ...]
+    finetuned: FineTunedLimit | None = None
+    seconds: float = 0.0
+    analysis_seconds: float = 0.0
+
+    @property
+    def threshold(self) -> float:
+        return self.base_quality - self.tolerance
+
+    @property
+    def gap(self) -> float:
+        """Calibrated over spectral reduction (2.0: the spectra predicted half the reduction)."""
+        return self.macs_reduction / max(self.spectral_macs_reduction, 1e-12)
+
+    def curve(self) -> list[tuple[float, float]]:
+        """(MACs reduction, quality) from the original (1.0, base) on: see :func:`measured_curve`."""
+        return measured_curve(self.base_quality, self.points)
+
+    def expected_quality(self, macs_reduction: float) -> tuple[float, bool]:
+        """Quality the measured curve expects at ``macs_reduction`` (interpolated in log reduction).
+
+        Returns (value, beyond): ``beyond`` when the reduction is past every measured point (the value is then
+        the last measured quality, an upper bound).
+        """
+        curve = self.curve()
+        if macs_reduction <= curve[0][0]:
+            return curve[0][1], False
+        for (x0, q0), (x1, q1) in itertools.pairwise(curve):
+            if macs_reduction <= x1:
+                t = math.log(macs_reduction / x0) / max(math.log(x1 / x0), 1e-12)
+                return q0 + t * (q1 - q0), False
+        return curve[-1][1], True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["effective"] = {str(k): int(v) for k, v in sorted(self.effective.items())}
+        d["gap"] = self.gap
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CalibratedLimit:
+        ft = d.get("finetuned")
+        return cls(
+            metric=str(d["metric"]), tolerance=float(d["tolerance"]), base_quality=float(d["base_quality"]),
+            holdout=int(d["holdout"]), spectral_budget=float(d["spectral_budget"]),
+            spectral_macs_reduction=float(d["spectral_macs_reduction"]), budget=float(d["budget"]),
+            macs_reduction=float(d["macs_reduction"]), params_reduction=float(d["params_reduction"]),
+            quality=float(d["quality"]), effective={int(k): int(v) for k, v in d["effective"].items()},
+            points=tuple(CalibrationPoint(**p) for p in d["points"]),
+            finetuned=FineTunedLimit(**ft) if ft else None, seconds=float(d.get("seconds", 0.0)),
+            analysis_seconds=float(d.get("analysis_seconds", 0.0)),
+        )
+
+    def lines(self) -> list[str]:
+        """What a person reads: both numbers, how far apart, how they were measured."""
+        pp = 100 * self.tolerance
+        out = [
+            f"spectral estimate (predicted loss budget {self.spectral_budget:.3g}): {self.spectral_macs_reduction:.2f}x fewer MACs",
+            f"calibrated limit ({self.metric} within {pp:g} pp, no fine-tuning, after compensation and repair): "
+            f"{self.macs_reduction:.2f}x fewer MACs, {self.params_reduction:.2f}x fewer parameters "
+            f"(budget {self.budget:.3g}; {self.metric} {self.quality:.4f} against {self.base_quality:.4f}); "
+            f"{self.gap:.2f}x the spectral estimate",
+            f"measured {len(self.points)} points on {self.holdout} held-out calibration samples in {self.seconds:.1f} s"
+            + (f" ({self.seconds / self.analysis_seconds:.1f}x the analysis)" if self.analysis_seconds > 0 else ""),
+        ]
+        if self.finetuned is not None:
+            f = self.finetuned
+            out.append(f"estimated limit after {f.epochs:g} epoch(s) of fine-tuning: {'at least ' if f.bounded else ''}"
+                       f"{f.macs_reduction:.2f}x fewer MACs (modelled: fine-tuning leaves {f.remaining:.2f} of the drop)")
+        return out
+
+
+def measured_curve(base_quality: float, points: Sequence[CalibrationPoint]) -> list[tuple[float, float]]:
+    """(MACs reduction, quality) from the original (1.0, base) on, by reduction, quality made non-increasing."""
+    out: list[tuple[float, float]] = []
+    for x, measured in sorted([(1.0, base_quality), *((p.macs_reduction, p.quality) for p in points)]):
+        q = min(measured, out[-1][1]) if out else measured
+        if out and math.isclose(x, out[-1][0]):
+            out[-1] = (x, q)
+        else:
+            out.append((x, q))
+    return out
+
+
+def floored(analysis: Analysis, effective: Mapping[int, int], graph: ChannelGraph, coupling: Coupling) -> Analysis:
+    """``analysis`` with its groups' effective filters replaced by ``effective`` (the hierarchical plan's floors)."""
+    groups = tuple(
+        dataclasses.replace(g, effective=(r := int(effective.get(g.group, g.effective))), redundancy=1.0 - r / g.channels)
+        for g in analysis.groups
+    )
+    at = cost_with_keep(graph, coupling, {g.group: max(1, g.effective) for g in groups})
+    return dataclasses.replace(analysis, groups=groups, limit=NetworkLimit(analysis.limit.original, at))
+
+
+Evaluate = Callable[[float], CalibrationPoint]
+Counts = Callable[[float], Mapping[int, int]]
+
+
+def _same(a: Mapping[int, int], b: Mapping[int, int]) -> bool:
+    return dict(a) == dict(b)
+
+
+def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budget: float, threshold: float,
+           base: CalibrationPoint, points: int) -> tuple[CalibrationPoint, CalibrationPoint | None, list[CalibrationPoint]]:
+    """Bracket, then bisect, the largest budget whose measured quality is at least ``threshold``.
+
+    Args:
+        evaluate: Measures one budget.
+        counts: The per-group counts of a budget (cheap; ``counts(0)`` is the original's). Two budgets with the
+            same counts are one point: the bracket moves without measuring.
+        spectral_budget: Where to start.
+        max_budget: A budget at which every group keeps one channel.
+        threshold: The least quality that passes.
+        base: The original as a point (budget 0, reduction 1, the base quality): passing by definition.
+        points: Most points to measure.
+
+    Returns:
+        (the passing point with the largest budget, the failing point with the smallest or None, every measured point).
+    """
+    measured: list[CalibrationPoint] = []
+    lo: CalibrationPoint = base
+    hi: CalibrationPoint | None = None
+
+    def step(b: float) -> bool:
+        """Move the bracket to budget ``b`` (measuring unless its counts are a bracket's); True when ``b`` passed."""
+        nonlocal lo, hi
+        c = counts(b)
+        if _same(c, counts(lo.budget)):
+            lo = dataclasses.replace(lo, budget=b) if b > lo.budget else lo
+            return True
+        if hi is not None and _same(c, counts(hi.budget)):
+            hi = dataclasses.replace(hi, budget=b) if b < hi.budget else hi
+            return False
+        p = evaluate(b)
+        measured.append(p)
+        if p.quality >= threshold:
+            lo = p
+            return True
+        hi = p
+        return False
+
+    b = min(max(spectral_budget, 1e-12), max_budget)
+    step(b)
+    while hi is None and b < max_budget and len(measured) < points:  # bracket: up by STEP until a point fails
+        b = min(b * STEP, max_budget)
+        step(b)
+    for _ in range(64):  # bisection in log budget
+        if hi is None or len(measured) >= points or hi.macs_reduction / lo.macs_reduction <= RESOLUTION:
+            break
+        step(math.sqrt(lo.budget * hi.budget) if lo.budget > 0 else hi.budget / STEP)
+    return lo, hi, measured
+
+
+def remaining_after(epochs: float) -> float:
+    """Modelled fraction of the no-fine-tune drop left after ``epochs`` of fine-tuning (1.0 at 0 epochs)."""
+    if epochs <= 0:
+        return 1.0
+    return min(1.0, FINETUNE_REMAINING_AT_ONE_EPOCH * epochs ** -FINETUNE_REMAINING_EXPONENT)
+
+
+def finetuned_limit(curve: Sequence[tuple[float, float]], base: float, tolerance: float, epochs: float) -> FineTunedLimit:
+    """The largest reduction on ``curve`` (non-increasing quality) whose drop, times ``remaining_after(epochs)``,
+    is within ``tolerance``; interpolated in log reduction, a lower bound when the curve never drops that far."""
+    rho = remaining_after(epochs)
+    allowed = tolerance / rho
+    for (x0, q0), (x1, q1) in itertools.pairwise(curve):
+        d0, d1 = base - q0, base - q1
+        if d1 > allowed:
+            t = (allowed - d0) / max(d1 - d0, 1e-12)
+            return FineTunedLimit(epochs, rho, float(math.exp(math.log(x0) + min(max(t, 0.0), 1.0) * math.log(x1 / x0))), False)
+    return FineTunedLimit(epochs, rho, float(curve[-1][0]), True)
+
+
+def expected_line(limit: CalibratedLimit, macs_reduction: float) -> str:
+    """'accuracy expected at 3.00x fewer MACs (...): 0.8421 against 0.9120 (-6.99 pp)' from the measured curve."""
+    q, beyond = limit.expected_quality(macs_reduction)
+    where = f"{limit.metric} expected at {macs_reduction:.2f}x fewer MACs (measured curve, {limit.holdout} held-out calibration samples, no fine-tuning)"
+    if beyond:
+        top = limit.curve()[-1][0]
+        value = f"at most {q:.4f} (the last measured point, {top:.2f}x)"
+    else:
+        value = f"{q:.4f}"
+    return f"{where}: {value} against {limit.base_quality:.4f} ({100 * (q - limit.base_quality):+.2f} pp)"

@@ -1,0 +1,178 @@
+"""The calibrated limit: a planted knee, the search on its own, CLI options and the exit-4 message."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from graphprune.analysis.cost import cost_with_keep, model_cost
+from graphprune.backends.onnx_model import OnnxPrunable
+from graphprune.cli import main
+from graphprune.coupling.groups import build_groups
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import load_onnx
+from graphprune.pipeline.config import parse_pipeline
+from graphprune.pipeline.run import run_model
+from graphprune.planning.limit import CalibratedLimit, CalibrationPoint, finetuned_limit, measured_curve, search
+
+REAL, COPIES, DEAD = 4, 4, 4
+"""The planted conv: 4 real filters, a copy of each (the pair shares the real filter's head weights) and 4 dead ones."""
+
+
+class Planted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, REAL + COPIES + DEAD, 3, padding=1)
+        self.fc = nn.Linear(REAL + COPIES + DEAD, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _planted() -> Planted:
+    torch.manual_seed(0)
+    m = Planted().eval()
+    real = torch.linalg.qr(torch.randn(9, REAL))[0].T.reshape(REAL, 1, 3, 3) * 3.0  # orthogonal, equal norms
+    head = 4.0 * torch.eye(4)[:, :REAL]  # feature j votes for class j
+    with torch.no_grad():
+        m.conv.weight.zero_()
+        m.conv.bias.zero_()
+        m.conv.weight[:REAL] = real
+        m.conv.weight[REAL:REAL + COPIES] = real
+        m.fc.weight.zero_()
+        m.fc.weight[:, :REAL] = head / 2
+        m.fc.weight[:, REAL:REAL + COPIES] = head / 2
+        m.fc.bias.zero_()
+    return m
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("limit") / "planted.onnx"
+    torch.onnx.export(_planted(), (torch.zeros(2, 1, 8, 8),), str(path), input_names=["input"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}})
+    x = np.random.default_rng(0).standard_normal((2048, 1, 8, 8)).astype(np.float32)
+    return path, x
+
+
+def _knee_reduction(path) -> float:
+    om = load_onnx(path)
+    coupling = build_groups(om.graph)
+    (group,) = coupling.prunable
+    return model_cost(om.graph).macs / cost_with_keep(om.graph, coupling, {group.id: REAL}).macs
+
+
+def test_calibrated_limit_lands_at_the_planted_knee(planted):
+    path, x = planted
+    model = OnnxPrunable(load_onnx(path))
+    pipeline = parse_pipeline({"pass": [{"name": "analyze", "samples": 512, "loss": "fisher"},
+                                        {"name": "limit", "samples": 512, "holdout": 1024, "points": 8}]})
+    ws = run_model(pipeline, model, Calibration((x,), None, "planted"))
+    limit = ws.limit
+    assert limit is not None and limit.metric == "agreement" and limit.base_quality == 1.0
+    (count,) = limit.effective.values()
+    assert count == REAL  # dead and copied filters go for free (compensation folds the copies); the next one costs
+    assert limit.macs_reduction == pytest.approx(_knee_reduction(path))
+    assert limit.quality >= 1.0 - limit.tolerance
+    failing = [p for p in limit.points if p.quality < limit.threshold]
+    assert failing and min(p.macs_reduction for p in failing) > limit.macs_reduction
+    assert len(limit.points) <= 8
+    assert CalibratedLimit.from_dict(json.loads(json.dumps(limit.to_dict()))) == limit
+
+
+def _fake(threshold_reduction: float):
+    """A curve with a knee at ``threshold_reduction``: budget b removes up to reduction 1 + b."""
+    calls: list[float] = []
+
+    def counts(b: float) -> dict[int, int]:
+        return {0: round(1000 * (1 + b))}
+
+    def evaluate(b: float) -> CalibrationPoint:
+        calls.append(b)
+        red = 1 + b
+        return CalibrationPoint(b, red, red, b, 0.9 if red <= threshold_reduction else 0.5)
+
+    return counts, evaluate, calls
+
+
+@pytest.mark.parametrize("knee", [1.3, 2.5, 9.0])
+def test_search_brackets_and_bisects_from_either_side(knee):
+    counts, evaluate, calls = _fake(knee)
+    base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, 0.9)
+    lo, hi, measured = search(evaluate, counts, 1.0, 100.0, 0.89, base, points=12)
+    assert hi is not None and lo.macs_reduction <= knee < hi.macs_reduction
+    assert hi.macs_reduction / lo.macs_reduction <= 1.05 and len(measured) == len(calls) <= 12
+
+
+def test_search_stops_at_the_point_budget():
+    counts, evaluate, calls = _fake(2.5)
+    base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, 0.9)
+    _, _, measured = search(evaluate, counts, 1.0, 100.0, 0.89, base, points=3)
+    assert len(measured) == len(calls) == 3
+
+
+def test_finetuned_estimate_reads_the_same_curve():
+    pts = [CalibrationPoint(0.1, 2.0, 2.0, 0, 0.89), CalibrationPoint(0.4, 4.0, 4.0, 0, 0.70)]
+    curve = measured_curve(0.90, pts)
+    one = finetuned_limit(curve, 0.90, 0.01, 1.0)  # one epoch leaves 0.09 of the drop: drops up to 0.111 hold
+    quarter = finetuned_limit(curve, 0.90, 0.01, 0.25)  # a quarter epoch leaves 0.27: up to 0.037
+    assert not one.bounded and not quarter.bounded
+    assert 2.0 < quarter.macs_reduction < one.macs_reduction < 4.0
+    assert one.macs_reduction == pytest.approx(2.0 * 2.0 ** ((0.01 / 0.09 - 0.01) / 0.19), rel=1e-6)
+    assert finetuned_limit(measured_curve(0.9, pts[:1]), 0.90, 0.01, 1.0).bounded  # never dropped far enough
+
+
+@pytest.mark.parametrize("value", ["1", "0", "-0.1", "x"])
+def test_tolerance_must_be_a_fraction(planted, capsys, value):
+    path, _ = planted
+    with pytest.raises(SystemExit) as info:
+        main(["analyze", str(path), "--data", "fashion-mnist", "--tolerance", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tolerance" in err and err.count("\n") == 1
+
+
+def test_target_beyond_the_limit_exits_4_with_the_expected_accuracy(planted, tmp_path, capsys):
+    path, x = planted
+    data = tmp_path / "cal.npz"
+    np.savez(data, input=x)
+    out = tmp_path / "small.onnx"
+    code = main(["prune", str(path), "-o", str(out), "--data", str(data), "--samples", "512", "--macs", "0.2",
+                 "--no-profile", "--latency-runs", "0", "--limit-points", "8"])
+    err = capsys.readouterr().err
+    assert code == 4 and not out.exists()
+    assert "agreement expected at " in err and "fewer MACs" in err and "the calibrated limit: 3.00x fewer MACs" in err
+    assert err.count("\n") == 1
+
+
+def test_analyze_reports_both_numbers(planted, tmp_path, capsys):
+    path, x = planted
+    data = tmp_path / "cal.npz"
+    np.savez(data, input=x)
+    report = tmp_path / "a.json"
+    assert main(["analyze", str(path), "--data", str(data), "--samples", "512", "--limit-points", "8", "-o", str(report),
+                 "--html", str(tmp_path / "a.html")]) == 0
+    text = capsys.readouterr().out
+    assert "spectral estimate" in text and "calibrated limit" in text and "calibrated" in text
+    saved = json.loads(report.read_text())["limit"]
+    assert list(saved["effective"].values()) == [REAL] and saved["spectral_macs_reduction"] > 0
+    assert "Calibrated limit" in (tmp_path / "a.html").read_text()
+
+
+def test_prune_plans_down_to_the_calibrated_floors_and_reports_the_curve(planted, tmp_path):
+    path, x = planted
+    data = tmp_path / "cal.npz"
+    np.savez(data, input=x)
+    out = tmp_path / "small.onnx"
+    assert main(["prune", str(path), "-o", str(out), "--data", str(data), "--samples", "512", "--macs", "0.34",
+                 "--no-profile", "--latency-runs", "0", "--limit-points", "8"]) == 0
+    report = json.loads((tmp_path / "small.report.json").read_text())
+    limit = report["figures"]["limit"]
+    assert list(limit["effective"].values()) == [REAL]
+    kept = model_cost(load_onnx(out).graph).macs / model_cost(load_onnx(path).graph).macs
+    assert kept <= 0.34 and kept == pytest.approx(1 / _knee_reduction(path))  # the planted knee is the floor it stops at
+    page = (tmp_path / "small.report.html").read_text()
+    assert "Calibrated limit" in page and page.count("data:image/png;base64,") >= 2
