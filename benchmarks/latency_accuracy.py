@@ -9,9 +9,10 @@ Per model (trained on Fashion-MNIST for --epochs, cached in benchmarks/.cache):
    channel up) and measured once (repaired when slower), then compensation, rewrite, BN re-estimation and
    --finetune-epochs of fine-tuning (lr 0.01).
 2. Torch-Pruning 1.6 with each criterion of benchmarks/compare_torch_pruning.py (L2 uniform and global, group-norm,
-   Taylor; the classifier ignored): its pruning ratio is bisected until its exported ONNX (BN folded) runs, at
-   --batch, in at most the latency graphprune's pruned model measured, relative to the original (both measured
-   interleaved with the original in one process), then fine-tuned the same way in torch.
+   Taylor; the classifier ignored): its pruning ratio is scanned upwards in --scan-step steps until its exported
+   ONNX (BN folded) runs, at --batch, in at most the latency graphprune's pruned model measured, relative to the
+   original (both measured interleaved with the original in one process), then fine-tuned the same way in torch.
+   A scan, because Torch-Pruning's latency is not monotone in its ratio.
 3. Every model, the original included, measured once more in one interleaved run at batch 1 and --batch (medians of
    --runs rounds), and its accuracy on the 10,000 test images.
 Goal (issue 15): at equal measured latency, graphprune's accuracy is at least the best peer's + 0.5 pp.
@@ -104,25 +105,29 @@ def graphprune_variant(module: nn.Module, cal: Calibration, train: Calibration, 
 
 def tp_at_latency(module: nn.Module, kind: str, global_: bool, goal: float, original: bytes, cal: Calibration,
                   args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
-    """Torch-Pruning at the smallest ratio whose measured latency ratio is at most ``goal`` (bisection)."""
+    """Torch-Pruning at the smallest ratio on a grid whose measured latency ratio is at most ``goal``.
+
+    An ascending scan, not a bisection: Torch-Pruning's latency is not monotone in its ratio (counts that cross
+    onnxruntime's 8-channel blocking run slower than larger ones), so a bisection can settle far below the goal.
+    The scan stops at the first ratio that meets the goal, so its cost is bounded by the grid (every step is logged).
+    """
     example = torch.from_numpy(cal.inputs[0][:2])
-    lo, hi, best, tried = 0.0, 0.95, None, []
-    for _ in range(args.bisect):
-        mid = (lo + hi) / 2
+    tried: list[dict[str, float]] = []
+    ratio = args.scan_step
+    while ratio < 0.95 + 1e-9:
         try:
-            m = _tp_prune(module, mid, kind, global_, example, cal)
-            r = ratio_to_original(_onnx_of(m), original, args.batch, args.bisect_runs, args.threads)
-        except Exception:  # noqa: BLE001 - a ratio that empties a layer
-            hi = mid
-            continue
-        tried.append({"ratio": mid, "latency_ratio": r})
+            m = _tp_prune(module, ratio, kind, global_, example, cal)
+            r = ratio_to_original(_onnx_of(m), original, args.batch, args.scan_runs, args.threads)
+        except Exception as exc:  # noqa: BLE001 - a ratio that empties a layer ends the scan
+            log(kind, f"ratio {ratio:.3f} failed: {exc}")
+            break
+        tried.append({"ratio": round(ratio, 4), "latency_ratio": r})
+        log(kind, "global" if global_ else "uniform", f"ratio {ratio:.3f}: latency ratio {r:.3f} (goal {goal:.3f})")
         if r <= goal:
-            hi, best = mid, m
-        else:
-            lo = mid
-    if best is None:
-        best = _tp_prune(module, hi, kind, global_, example, cal)
-    return best, {"ratio": hi, "bisection": tried}
+            return m, {"ratio": ratio, "scan": tried}
+        ratio += args.scan_step
+    best = min(tried, key=lambda t: t["latency_ratio"])  # never reached: the fastest ratio tried
+    return _tp_prune(module, best["ratio"], kind, global_, example, cal), {"ratio": best["ratio"], "scan": tried, "goal_missed": True}
 
 
 def bench_model(name: str, args: argparse.Namespace, train: Calibration) -> dict[str, Any]:
@@ -173,8 +178,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=float, default=0.25)
     parser.add_argument("--runs", type=int, default=20, help="interleaved rounds of the final measurement")
-    parser.add_argument("--bisect", type=int, default=7, help="bisection steps of Torch-Pruning's ratio")
-    parser.add_argument("--bisect-runs", type=int, default=10, help="interleaved rounds per bisection step")
+    parser.add_argument("--scan-step", type=float, default=0.025, help="step of the ascending scan of Torch-Pruning's ratio")
+    parser.add_argument("--scan-runs", type=int, default=10, help="interleaved rounds per scanned ratio")
     parser.add_argument("--test-samples", type=int, default=10000)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/latency_accuracy.json"))
     args = parser.parse_args()
