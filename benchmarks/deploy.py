@@ -69,7 +69,11 @@ def _deploy(om, train, test, macs: float, finetune_epochs: float, runs: int, sam
                   "latency_ms_batch_1": f.latency_ms, f"latency_ms_batch_{v.batch}": f.latency_batch_ms}
            for name, f in figures.items()}
     check = q.check
+    assert ws.plan is not None
+    plan_meta = {k: ws.plan.meta.get(k) for k in ("objective", "predicted_ms", "original_predicted_ms", "measured_at", "repaired",
+                                                   "measured_slower", "fast_counts")}
     return {"columns": out, "blobs": blobs, "batch": v.batch, "seconds": time.perf_counter() - t, "exact_max_abs_error": ws.exact_max_abs_error,
+            "plan_meta": plan_meta,
             "check": None if check is None else {"max_steps": check.max_steps, "fused_steps": check.fused_steps,
                                                   "tolerance_steps": check.tolerance_steps, "samples": check.samples}}
 
