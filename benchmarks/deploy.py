@@ -5,7 +5,7 @@ Run: nice -n 10 python benchmarks/deploy.py [--models resnet20 mobilenetv2] [--e
 Part 1, the four columns. A reference CNN trained on Fashion-MNIST (cached),
 exported with BatchNorm folded (the usual deployed form), goes through
 passes/deploy.toml (analyze -> hierarchical plan -> compensate -> rewrite ->
-repair -> fine-tune -> quantize -> validate) with --target MACs; the validate
+repair -> fine-tune -> quantize -> validate) with --macs (or --latency, a fraction of the int8 original at batch 32); the validate
 pass measures fp32 original, fp32 pruned, int8 original and int8 pruned in one
 process (accuracy on the test set, size of the constants, onnxruntime latency
 at batch 1 and 32).
@@ -53,9 +53,9 @@ BATCHES = (1, 32)
 log = logging.getLogger("deploy")
 
 
-def _deploy(om, train, test, macs: float, finetune_epochs: float, runs: int, samples: int) -> dict[str, Any]:
-    """passes/deploy.toml at ``macs`` on one model: the four columns and the quantization check."""
-    overrides = [f"analyze.samples={samples}", f"compensate.samples={samples}", f"repair.samples={samples}", f"plan.macs={macs}", f"finetune.epochs={finetune_epochs}", f"validate.latency_runs={runs}", "report.json=false",
+def _deploy(om, train, test, target: str, finetune_epochs: float, runs: int, samples: int) -> dict[str, Any]:
+    """passes/deploy.toml at ``target`` (``plan.macs=0.5``, ``plan.latency=0.8``) on one model: the four columns and the quantization check."""
+    overrides = [f"analyze.samples={samples}", f"compensate.samples={samples}", f"repair.samples={samples}", target, f"finetune.epochs={finetune_epochs}", f"validate.latency_runs={runs}", "report.json=false",
                  "report.html=false", "report.table=false"]
     pipeline = load_pipeline("deploy", overrides)
     ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train, eval_data=test)
@@ -225,6 +225,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
     parser.add_argument("--epochs", type=float, default=1.0, help="training epochs of the reference models (cached)")
     parser.add_argument("--macs", type=float, default=0.5, help="deploy preset's MACs target (fraction kept)")
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="part 1 plans to this latency of the int8 original at batch 32 instead of --macs (0: --macs)")
     parser.add_argument("--finetune-epochs", type=float, default=1.0, help="fine-tuning epochs over --train-samples")
     parser.add_argument("--train-samples", type=int, default=8192)
     parser.add_argument("--samples", type=int, default=1024, help="analysis, compensation and repair samples")
@@ -243,7 +245,8 @@ def main() -> None:
             path = Path(tmp) / f"{name}.onnx"
             models.export_onnx(module, path, bn="fold")
             om = load_onnx(path)
-        deploy = _deploy(om, train, test, args.macs, args.finetune_epochs, args.runs, args.samples)
+        target = f"plan.latency={args.latency}" if args.latency else f"plan.macs={args.macs}"
+        deploy = _deploy(om, train, test, target, args.finetune_epochs, args.runs, args.samples)
         for column, ms in _interleaved(deploy.pop("blobs"), args.runs).items():
             deploy["columns"][column]["interleaved_ms"] = ms
         qdq, blobs = _qdq(om, train, test, args.sparsity, args.runs, args.samples, args.macs)
