@@ -14,7 +14,8 @@ Part 2, QDQ input. The int8 original (onnxruntime quantize_static, QDQ,
 per-channel, the same calibration) is pruned without retraining by
 onnxsim.apply_structured_pruning_qdq (L2 norm, at --sparsity) and by graphprune
 at the MACs onnxsim reached, or at --macs when onnxsim removed nothing (global L2
-magnitude, and hierarchical: effective filter analysis of the QDQ model itself). Each output is checked (onnx.checker,
+magnitude, and hierarchical: effective filter analysis and latency tables of the QDQ model itself at batch 32,
+the plan measured against the original as `prune --data` does). Each output is checked (onnx.checker,
 an onnxruntime run with the original's signature) and measured alike.
 
 Latency: besides the validate pass's own figures, every model of a part (the four columns; the QDQ rows) is timed
@@ -172,14 +173,23 @@ def _graphprune_qdq(int8: OnnxPrunable, train: Any, test: Any, plan: dict[str, s
                     base: int) -> tuple[dict[str, Any], bytes | None]:
     import onnx_ir as ir
 
-    from graphprune.pipeline.passes import AnalyzePass, AnalyzePassOptions, PlanPass, RewriteOptions, RewritePass
+    from graphprune.pipeline.passes import (
+        AnalyzePass,
+        AnalyzePassOptions,
+        PlanPass,
+        ProfileOptions,
+        ProfilePass,
+        RewriteOptions,
+        RewritePass,
+    )
     from graphprune.planning.options import PlanOptions
 
     t = time.perf_counter()
     ws = Workspace(original=int8, model=int8, data=train)
     try:
-        if plan["method"] == "hierarchical":
+        if plan["method"] == "hierarchical":  # the default path with data: analysis, latency tables of the QDQ model itself
             ws = AnalyzePass(AnalyzePassOptions(samples=samples))(ws).workspace
+            ws = ProfilePass(ProfileOptions(batch=32, threads=2, runs=5, below_floors=True))(ws).workspace
         ws = PlanPass(PlanOptions(**plan, macs=target, allow_over_limit=True))(ws).workspace  # type: ignore[arg-type]
         ws = RewritePass(RewriteOptions(verify=True))(ws).workspace
     except Exception as exc:  # noqa: BLE001 - a failed configuration is a result

@@ -59,11 +59,20 @@ def test_beyond_the_limit_is_refused_unless_allowed(analysed):
     with pytest.raises(OverLimitError, match="maximum compression") as info:
         make_plan(om.graph, coupling, PlanOptions().with_target(target), analysis)
     assert info.value.exit_code == 4
+    assert "of the original macs (" in str(info.value) and "x fewer)" in str(info.value)
     plan = make_plan(om.graph, coupling, PlanOptions(allow_over_limit=True).with_target(target), analysis)
     keep = _keep(plan, coupling)
     assert plan.meta["over_limit"] is True
     assert any(keep[g.group] < g.effective for g in analysis.groups)
     assert cost_with_keep(om.graph, coupling, keep).macs <= target.value * analysis.limit.original.macs
+
+
+def test_the_limit_in_the_refusal_is_worded_as_a_change():
+    from graphprune.planning.hierarchical import _change
+
+    assert _change("macs", 0.5) == "2.00x fewer"
+    assert _change("latency", 0.8) == "1.25x faster"
+    assert _change("latency", 1.104) == "1.10x slower"  # never "0.91x"
 
 
 def test_limit_plan_keeps_exactly_the_effective_filters(analysed):

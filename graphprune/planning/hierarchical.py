@@ -263,6 +263,13 @@ def _given_back(keep: dict[int, int], orders: Mapping[int, GroupOrder], goal: fl
         keep[best] = ups[best]
 
 
+def _change(kind: str, fraction: float) -> str:
+    """``fraction`` of the original as a change: '2.00x fewer' MACs or params, '1.10x faster' or '1.10x slower'."""
+    if kind != "latency":
+        return f"{1 / fraction:.2f}x fewer"
+    return f"{1 / fraction:.2f}x faster" if fraction <= 1.0 else f"{fraction:.2f}x slower"
+
+
 def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, analysis: Analysis | None = None,
               latency: LatencyModel | None = None) -> Plan:
     """Plan to reach ``options.target``.
@@ -301,7 +308,7 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
         keep, reached = _greedy(coupling, orders, goal, value, floors, per_unit, priced=priced)
         if not reached and options.method == "hierarchical":
             best = value(keep) / original
-            limit = f"{1 - best:.3f} of the channels removed" if kind == "ratio" else f"{best:.3f} of the original {kind} ({1 / best:.2f}x)"
+            limit = f"{1 - best:.3f} of the channels removed" if kind == "ratio" else f"{best:.3f} of the original {kind} ({_change(kind, best)})"
             if not options.allow_over_limit:
                 raise OverLimitError(
                     f"the target is beyond the estimated maximum compression: at most {limit} without pruning past "
