@@ -400,3 +400,27 @@ def test_no_measured_check_with_zero_runs(profiled):
     assert calls == [] and "measured_ms" not in plan.meta
     with pytest.raises(BadInputError):
         PlanOptions(latency=0.5, latency_runs=0).check()
+
+
+def _first_at(planned: dict, ms: float):
+    """``planned`` counts take ``ms``, any other 0.4 (one argument: the same at every batch)."""
+    return lambda counts: ms if counts == planned else 0.4
+
+
+def test_a_faster_plan_is_not_traded_for_a_re_plan_that_removes_more_than_asked(profiled):
+    """The multiples-of-8 re-plan keeps 10% less of the target: measured only when the plan itself is slower."""
+    from graphprune.planning.targets import OVERSHOOT, never_slower
+
+    ws, lm = profiled, profiled.latency
+    assert lm is not None
+    plan = make_plan(ws.original.graph, ws.groups(), PlanOptions(macs=0.6, allow_over_limit=True), ws.analysis, lm)
+    other = make_plan(ws.original.graph, ws.groups(), PlanOptions(macs=0.6, allow_over_limit=True, round_to=8), ws.analysis, lm)
+    planned = {g.group: len(g.keep) for g in plan.groups}
+    assert {g.group: len(g.keep) for g in other.groups} != planned and 0 < plan.meta["target_kept"] <= 0.6
+    deeper = dataclasses.replace(other, meta={**other.meta, "target_kept": plan.meta["target_kept"] * (1 - 2 * OVERSHOOT)})
+    for first_ms, kept in ((0.8, planned), (2.0, {g.group: len(g.keep) for g in deeper.groups})):
+        calls: list = []
+        model = _Planted(ws.original, _first_at(planned, first_ms), calls)
+        checked = never_slower(model, ws.groups(), plan, lm, lambda multiple: deeper, runs=2)
+        assert {g.group: len(g.keep) for g in checked.groups} == kept
+        assert checked.meta["measurements"] == len(calls) == (2 if first_ms < 1.0 else 3)  # original, plan (, re-plan)

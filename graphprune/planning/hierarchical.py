@@ -342,6 +342,7 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
                 raise BadInputError(f"the target cannot be reached with --round-to {options.round_to} ({kind}): "
                                     f"counts at multiples of {options.round_to} keep {value(keep) / original:.3f} "
                                     "of the original; lower --round-to")
+    meta["target_kept"] = value(keep) / original
     if latency is not None:
         meta["predicted_ms"] = latency.predict({g: k for g, k in keep.items() if g in latency.channels})
         meta["original_predicted_ms"] = latency.original_ms

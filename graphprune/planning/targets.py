@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 LATENCY_STEPS = 6
 REPAIR_MULTIPLES = (8, 16)
+OVERSHOOT = 0.05
+"""A re-plan keeping less than (1 - this) of what the plan keeps of its target (MACs, params, predicted ms) only
+repairs a plan measured slower: when the plan is already faster, removing more than asked is not kept for speed."""
 """Re-plans with counts multiples of these are measured against the plan (see :func:`never_slower`)."""
 LIMIT_TARGET = "estimated maximum rate"
 """How a plan without a target (every group at its effective filters) names its target."""
@@ -115,7 +118,8 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
     as fast as the compensated, repaired or fine-tuned one written later (quantized first when the latency model
     was built on int8 QDQ, its setting ``quantized``). The re-plan with counts multiples of the first of
     :data:`REPAIR_MULTIPLES` above ``round_to`` is always measured too (isolated probes can favour counts that break
-    onnxruntime's channel blocking in the whole model); the next ones only while the best measured is still slower
+    onnxruntime's channel blocking in the whole model), unless the plan is measured faster and the re-plan removes
+    more than :data:`OVERSHOOT` beyond it of the target; the next ones only while the best measured is still slower
     than the original at one of the batches. Kept: the fastest at the latency model's batch among those no slower at
     any batch, else the one whose worst ratio to the original is lowest. One measurement per plan and batch.
 
@@ -153,6 +157,10 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
             continue
         if _counts(other) in seen:
             continue
+        if worst(first_ms) <= 1.0 and _overshoots(other, plan):
+            log.info("re-plan with multiples of %d not measured: it keeps %.3f of the target against the plan's %.3f",
+                     multiple, other.meta["target_kept"], plan.meta["target_kept"])
+            continue
         seen.append(_counts(other))
         ms = timed(model.pruned(coupling, other))
         measurements += len(batches)
@@ -170,6 +178,14 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
         meta["measured_slower"] = True
     log.info("plan measured: %s against %s (predicted %s at batch %d)", _ms_line(best_ms), _ms_line(before), best.meta.get("predicted_ms"), batch)
     return dataclasses.replace(best, meta=meta)
+
+
+def _overshoots(other: Plan, plan: Plan) -> bool:
+    """``other`` removes more than :data:`OVERSHOOT` beyond ``plan`` of their target (False when either does not say)."""
+    mine, theirs = plan.meta.get("target_kept"), other.meta.get("target_kept")
+    if not isinstance(mine, float) or not isinstance(theirs, float):
+        return False
+    return theirs < mine * (1.0 - OVERSHOOT)
 
 
 def _ms_line(ms: dict[int, float]) -> str:
