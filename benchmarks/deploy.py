@@ -14,8 +14,9 @@ Part 2, QDQ input. The int8 original (onnxruntime quantize_static, QDQ,
 per-channel, the same calibration) is pruned without retraining by
 onnxsim.apply_structured_pruning_qdq (L2 norm, at --sparsity) and by graphprune
 at the MACs onnxsim reached, or at --macs when onnxsim removed nothing (global L2
-magnitude, and hierarchical: effective filter analysis and latency tables of the QDQ model itself at batch 32,
-the plan measured against the original as `prune --data` does). Each output is checked (onnx.checker,
+magnitude; hierarchical by MACs: effective filter analysis of the QDQ model itself; hierarchical latency-aware:
+the same plus latency tables of the QDQ model at batch 32 and the plan measured against the original, as
+`prune --data` does). Each output is checked (onnx.checker,
 an onnxruntime run with the original's signature) and measured alike.
 
 Latency: besides the validate pass's own figures, every model of a part (the four columns; the QDQ rows) is timed
@@ -145,9 +146,10 @@ def _qdq(om, train, test, sparsity: float, runs: int, samples: int, macs: float)
         _onnxsim_row(rows, blobs, pruned, int8, test, runs, base, seconds)
     reached = rows.get("onnxsim", {}).get("macs_ratio", 1.0)
     target = reached if reached < 0.999 else macs
-    for label, plan in (("graphprune global L2", {"method": "global", "criterion": "l2"}),
-                        ("graphprune hierarchical", {"method": "hierarchical", "criterion": "effective"})):
-        row, blob = _graphprune_qdq(int8, train, test, plan, target, runs, samples, base)
+    for label, plan, profile in (("graphprune global L2", {"method": "global", "criterion": "l2"}, False),
+                                 ("graphprune hierarchical (by MACs)", {"method": "hierarchical", "criterion": "effective"}, False),
+                                 ("graphprune hierarchical, latency-aware", {"method": "hierarchical", "criterion": "effective"}, True)):
+        row, blob = _graphprune_qdq(int8, train, test, plan, target, runs, samples, base, profile)
         rows[label] = row
         if blob is not None:
             blobs[label] = blob
@@ -170,7 +172,7 @@ def _onnxsim_row(rows: dict[str, Any], blobs: dict[str, bytes], pruned: onnx.Mod
 
 
 def _graphprune_qdq(int8: OnnxPrunable, train: Any, test: Any, plan: dict[str, str], target: float, runs: int, samples: int,
-                    base: int) -> tuple[dict[str, Any], bytes | None]:
+                    base: int, profile: bool) -> tuple[dict[str, Any], bytes | None]:
     import onnx_ir as ir
 
     from graphprune.pipeline.passes import (
@@ -187,8 +189,9 @@ def _graphprune_qdq(int8: OnnxPrunable, train: Any, test: Any, plan: dict[str, s
     t = time.perf_counter()
     ws = Workspace(original=int8, model=int8, data=train)
     try:
-        if plan["method"] == "hierarchical":  # the default path with data: analysis, latency tables of the QDQ model itself
+        if plan["method"] == "hierarchical":
             ws = AnalyzePass(AnalyzePassOptions(samples=samples))(ws).workspace
+        if profile:  # the default path with data: latency tables of the QDQ model itself, the plan measured
             ws = ProfilePass(ProfileOptions(batch=32, threads=2, runs=5, below_floors=True))(ws).workspace
         ws = PlanPass(PlanOptions(**plan, macs=target, allow_over_limit=True))(ws).workspace  # type: ignore[arg-type]
         ws = RewritePass(RewriteOptions(verify=True))(ws).workspace
