@@ -19,16 +19,16 @@ from graphprune.planning.hierarchical import keep_sets, make_plan, removal_order
 from graphprune.planning.latency import fast_candidates
 from graphprune.planning.options import MAGNITUDE_CRITERIA, PlanOptions, Target
 
-__all__ = ["LIMIT_TARGET", "REPAIR_MULTIPLES", "latency_plan", "limit_plan", "never_slower", "plan_for"]
+__all__ = ["LIMIT_TARGET", "OVERSHOOT", "REPAIR_MULTIPLES", "latency_plan", "limit_plan", "never_slower", "plan_for"]
 
 log = logging.getLogger(__name__)
 
 LATENCY_STEPS = 6
 REPAIR_MULTIPLES = (8, 16)
+"""Re-plans with counts multiples of these are measured against the plan (see :func:`never_slower`)."""
 OVERSHOOT = 0.05
 """A re-plan keeping less than (1 - this) of what the plan keeps of its target (MACs, params, predicted ms) only
 repairs a plan measured slower: when the plan is already faster, removing more than asked is not kept for speed."""
-"""Re-plans with counts multiples of these are measured against the plan (see :func:`never_slower`)."""
 LIMIT_TARGET = "estimated maximum rate"
 """How a plan without a target (every group at its effective filters) names its target."""
 
