@@ -408,16 +408,18 @@ def _first_at(planned: dict, ms: float):
 
 
 def test_a_faster_plan_is_not_traded_for_a_re_plan_that_removes_more_than_asked(profiled):
-    """The multiples-of-8 re-plan keeps 10% less of the target: measured only when the plan itself is slower."""
+    """A re-plan keeping 10% less of the target is measured only when the plan itself is measured slower."""
     from graphprune.planning.targets import OVERSHOOT, never_slower
 
     ws, lm = profiled, profiled.latency
     assert lm is not None
     plan = make_plan(ws.original.graph, ws.groups(), PlanOptions(macs=0.6, allow_over_limit=True), ws.analysis, lm)
-    other = make_plan(ws.original.graph, ws.groups(), PlanOptions(macs=0.6, allow_over_limit=True, round_to=8), ws.analysis, lm)
     planned = {g.group: len(g.keep) for g in plan.groups}
-    assert {g.group: len(g.keep) for g in other.groups} != planned and 0 < plan.meta["target_kept"] <= 0.6
-    deeper = dataclasses.replace(other, meta={**other.meta, "target_kept": plan.meta["target_kept"] * (1 - 2 * OVERSHOOT)})
+    assert 0 < plan.meta["target_kept"] <= 0.6
+    # the re-plan: one channel fewer in every group that has more than one, said to keep 10% less of the target
+    fewer = tuple(dataclasses.replace(g, keep=g.keep[:-1]) if len(g.keep) > 1 else g for g in plan.groups)
+    deeper = dataclasses.replace(plan, groups=fewer, meta={**plan.meta, "target_kept": plan.meta["target_kept"] * (1 - 2 * OVERSHOOT)})
+    assert {g.group: len(g.keep) for g in deeper.groups} != planned
     for first_ms, kept in ((0.8, planned), (2.0, {g.group: len(g.keep) for g in deeper.groups})):
         calls: list = []
         model = _Planted(ws.original, _first_at(planned, first_ms), calls)
