@@ -32,7 +32,10 @@ from graphprune.frontends.onnx import OnnxModel, load_onnx
 
 
 def fast_options(tmp_path: Path, **kw: object) -> LatencyOptions:
-    base: dict[str, object] = {"batch": 1, "threads": 1, "runs": 1, "warmup": 0, "model_runs": 1, "max_counts": 4, "cache_dir": str(tmp_path / "cache")}
+    # cache_check 0: these tests count cache hits exactly; one-run spot checks would re-measure noisy tables
+    # (the check itself: tests/test_latency_planning.py::test_a_stale_cache_is_spot_checked_and_measured_again)
+    base: dict[str, object] = {"batch": 1, "threads": 1, "runs": 1, "warmup": 0, "model_runs": 1, "max_counts": 4,
+                               "cache_dir": str(tmp_path / "cache"), "cache_check": 0.0}
     base.update(kw)
     return LatencyOptions(**base)  # type: ignore[arg-type]
 

@@ -72,8 +72,8 @@ def test_profile_pass_stores_the_model_and_says_what_it_cost(exported, profiled,
     lines: list[str] = []
     om = OnnxPrunable(load_onnx(exported("vgg")))
     again = Workspace(original=om, model=om, data=_data(), status=lines.append)
-    cache = lm.setting  # a fresh cache: measured; then the second build is all cache hits
-    pipeline = parse_pipeline({"pass": [{**PROFILE, "cache_dir": str(tmp_path)}]})
+    cache = lm.setting  # a fresh cache: measured; then the second build is all cache hits (trusted: no spot checks)
+    pipeline = parse_pipeline({"pass": [{**PROFILE, "cache_dir": str(tmp_path), "cache_check": 0}]})
     first = run_passes(pipeline, again).latency
     second = run_passes(pipeline, Workspace(original=om, model=om, status=lines.append)).latency
     assert first is not None and second is not None and cache["provider"] == second.setting["provider"]
@@ -82,6 +82,31 @@ def test_profile_pass_stores_the_model_and_says_what_it_cost(exported, profiled,
     cost = [line for line in lines if line.startswith("latency model:")]
     assert len(cost) == 2 and "0 measurements" in cost[1] and "cache hits" in cost[1] and " s on " in cost[1]
 
+
+
+def test_a_stale_cache_is_spot_checked_and_measured_again(exported, tmp_path):
+    """Cached points planted 10x too slow: each cached table's full-size point is timed again, found stale, re-measured."""
+    om = OnnxPrunable(load_onnx(exported("vgg")))
+    fresh = run_passes(parse_pipeline({"pass": [{**PROFILE, "cache_dir": str(tmp_path)}]}), Workspace(original=om, model=om)).latency
+    assert fresh is not None and fresh.stats.measurements > 0 and fresh.stats.spot_checks == 0
+    for f in tmp_path.glob("*.json"):
+        data = json.loads(f.read_text())
+        data["points"] = [[p, 10.0 * v] for p, v in data["points"]]
+        f.write_text(json.dumps(data))
+    trusted = run_passes(parse_pipeline({"pass": [{**PROFILE, "cache_dir": str(tmp_path), "cache_check": 0}]}),
+                         Workspace(original=om, model=om)).latency
+    assert trusted is not None and trusted.stats.measurements == 0 and trusted.stats.spot_checks == 0
+    lines: list[str] = []
+    checked = run_passes(parse_pipeline({"pass": [{**PROFILE, "cache_dir": str(tmp_path)}]}),
+                         Workspace(original=om, model=om, status=lines.append)).latency
+    assert checked is not None and checked.stats.spot_checks == checked.stats.stale_tables == fresh.stats.tables
+    assert checked.stats.tables_cached == 0 and checked.stats.measurements == fresh.stats.measurements - fresh.stats.tables
+    assert any("stale and measured again" in line for line in lines)
+    again = run_passes(parse_pipeline({"pass": [{**PROFILE, "cache_dir": str(tmp_path), "cache_check": 0}]}),
+                       Workspace(original=om, model=om)).latency
+    assert again is not None and again.stats.measurements == 0  # the re-measured points were written back
+    total = {name: sum(v for t in lm.tables for _, v in t.points) for name, lm in (("again", again), ("fresh", fresh))}
+    assert total["again"] < 5 * total["fresh"]  # measured anew, not the planted 10x (one-run points are noisy: summed)
 
 
 def test_profile_below_floors_tabulates_from_one_channel_and_the_cli_sets_it_past_the_limit(deep, tmp_path):

@@ -118,8 +118,9 @@ class OpTable:
 
 @dataclasses.dataclass(frozen=True)
 class BuildStats:
-    """What a build cost: new table measurements, cache hits (points), tables, seconds (all, and measuring), and the
-    whole-model timings (the original and its calibration, measured by every build)."""
+    """What a build cost: new table measurements, cache hits (points), tables, seconds (all, and measuring), the
+    whole-model timings (the original and its calibration, measured by every build), and the cached tables whose
+    full-size point was timed again to check the cache (``spot_checks``) and found stale, so measured again."""
 
     measurements: int = 0
     cache_hits: int = 0
@@ -128,6 +129,8 @@ class BuildStats:
     seconds: float = 0.0
     measure_seconds: float = 0.0
     model_timings: int = 0
+    spot_checks: int = 0
+    stale_tables: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

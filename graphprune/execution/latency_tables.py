@@ -88,6 +88,8 @@ class LatencyOptions:
         quantized: Time every probe and whole model quantized to int8 QDQ first (as the ``quantize`` pass does,
             ranges from the timing inputs): tables of the int8 model that ships.
         cache_dir: Table cache; None: ``$GRAPHPRUNE_CACHE/latency`` or ``~/.cache/graphprune/latency``.
+        cache_check: A cached table's full-size point is timed again; more than this relative difference and
+            the table is measured again (the cache was written under other conditions). 0: trust the cache.
     """
 
     batch: int = 1
@@ -103,6 +105,7 @@ class LatencyOptions:
     calibrate: bool = True
     quantized: bool = False
     cache_dir: str | None = None
+    cache_check: float = 0.25
 
     def __post_init__(self) -> None:
         ints = {"batch": 1, "threads": 0, "runs": 1, "warmup": 0, "model_runs": 1, "max_counts": 2, "max_measurements": 0}
@@ -113,6 +116,8 @@ class LatencyOptions:
             raise BadInputError(f"latency option statistic must be 'min' or 'median', got {self.statistic!r}")
         if not self.multiples or min(self.multiples) < 1:
             raise BadInputError(f"latency option multiples must be positive integers, got {self.multiples}")
+        if self.cache_check < 0:
+            raise BadInputError(f"latency option cache_check must be >= 0 (0: trust the cache), got {self.cache_check}")
 
     def resolved_provider(self) -> str:
         """The provider used: the given one (checked) or the best available."""
@@ -357,6 +362,8 @@ class _Meter:
     cache_hits: int = 0
     seconds: float = 0.0
     model_timings: int = 0
+    spot_checks: int = 0
+    stale_tables: int = 0
 
     def time(self, model: ir.Model, feeds: Mapping[str, np.ndarray] | None = None, runs: int | None = None,
              statistic: str | None = None) -> float:
@@ -411,21 +418,35 @@ def _build_table(om: OnnxModel, coupling: Coupling, sub: SubGraph, axes: tuple[A
     cands = [_axis_candidates(a, counts, meter.options.max_counts) for a in axes]
     todo = _grid(cands, min(meter.options.multiples))
     tensors = set(sub.om.graph.tensors)
+
+    def timed(p: tuple[int, ...]) -> float:
+        keep = {g: np.arange(k) for s, c in zip(p, cands) for g, k in c[s].items()}
+        kept = kept_elements(plan_from_keep(coupling, keep), coupling, om.graph)
+        return meter.time(apply_kept(sub.om, {a: i for a, i in kept.items() if a.tensor in tensors}))
+
+    full = tuple(max(c) for c in cands)
+    stale = False
+    if meter.options.cache_check > 0 and full in cache.points:
+        now = timed(full)  # the cache holds another time's timings: check one point before trusting the rest
+        meter.measurements -= 1
+        meter.spot_checks += 1
+        if abs(now / max(cache.points[full], 1e-9) - 1.0) > meter.options.cache_check:
+            log.info("latency cache %s: the full-size point measures %.3f ms against %.3f cached: measuring the table again",
+                     cache.path.name, now, cache.points[full])
+            meter.stale_tables += 1
+            cache.points, stale = {full: now}, True
     missing = [p for p in todo if p not in cache.points]
-    meter.cache_hits += len(todo) - len(missing)
+    meter.cache_hits += len(todo) - len(missing) - (1 if stale else 0)
     try:
         for p in missing:
             if meter.measurements >= meter.options.max_measurements:
                 raise _BudgetSpent
-            keep = {g: np.arange(k) for s, c in zip(p, cands) for g, k in c[s].items()}
-            kept = kept_elements(plan_from_keep(coupling, keep), coupling, om.graph)
-            pruned = apply_kept(sub.om, {a: i for a, i in kept.items() if a.tensor in tensors})
-            cache.points[p] = meter.time(pruned)
+            cache.points[p] = timed(p)
     finally:
-        if missing:
+        if missing or stale:
             cache.save()
     points = tuple((p, cache.points[p]) for p in todo)
-    return OpTable(sub.nodes[0].name, sub.op_types, axes, points, cache.hash), not missing
+    return OpTable(sub.nodes[0].name, sub.op_types, axes, points, cache.hash), not missing and not stale
 
 
 class _BudgetSpent(GraphpruneError):
@@ -498,7 +519,7 @@ def build_latency_model(om: OnnxModel, coupling: Coupling, options: LatencyOptio
     if options.calibrate:
         lm = _calibrate(om, coupling, lm, whole, meter, feeds)
     stats = BuildStats(meter.measurements, meter.cache_hits, len(tables), cached, time.perf_counter() - start, meter.seconds,
-                       meter.model_timings)
+                       meter.model_timings, meter.spot_checks, meter.stale_tables)
     log.info("latency model: %d tables (%d cached), %d measurements in %.1f s, %d cache hits, scale %s",
              stats.tables, cached, stats.measurements, stats.measure_seconds, stats.cache_hits, lm.scale)
     return dataclasses.replace(lm, stats=stats)

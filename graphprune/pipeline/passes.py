@@ -123,6 +123,8 @@ class ProfileOptions:
             allowed past the limit: ``--allow-over-limit``).
         quantized: Time the probes, the whole models and the never-slower check quantized to int8 QDQ (for a
             pipeline that quantizes after pruning: the plan is then fast as the int8 model that ships).
+        cache_check: Relative difference above which a cached table, its full-size point timed again, is
+            measured again (0: trust the cache).
     """
 
     batch: int = 1
@@ -133,13 +135,15 @@ class ProfileOptions:
     cache_dir: str = ""
     below_floors: bool = False
     quantized: bool = False
+    cache_check: float = 0.25
 
     def latency_options(self) -> Any:
         """The :class:`~graphprune.execution.latency_tables.LatencyOptions` of this setting (checked)."""
         from graphprune.execution.latency_tables import LatencyOptions
 
         return LatencyOptions(batch=self.batch, threads=self.threads, runs=self.runs, model_runs=self.model_runs,
-                              max_measurements=self.max_measurements, quantized=self.quantized, cache_dir=self.cache_dir or None)
+                              max_measurements=self.max_measurements, quantized=self.quantized, cache_dir=self.cache_dir or None,
+                              cache_check=self.cache_check)
 
     def check(self) -> None:
         self.latency_options()
@@ -150,8 +154,9 @@ def build_cost(latency: LatencyModel) -> str:
     at batch 1, 2 threads'."""
     st, s = latency.stats, latency.setting
     threads = f"{s['threads']} threads" if s.get("threads") else "default threads"
-    return (f"{st.tables} tables ({st.tables_cached} from the cache), {st.measurements} measurements, {st.cache_hits} cache hits, "
-            f"{st.model_timings} whole-model timings, {st.seconds:.1f} s on {s['provider']} at batch {s['batch']}, {threads}"
+    checks = f" ({st.spot_checks} cached tables spot-checked, {st.stale_tables} stale and measured again)" if st.spot_checks else ""
+    return (f"{st.tables} tables ({st.tables_cached} from the cache), {st.measurements} measurements, {st.cache_hits} cache hits"
+            f"{checks}, {st.model_timings} whole-model timings, {st.seconds:.1f} s on {s['provider']} at batch {s['batch']}, {threads}"
             + (f", {s['quantized']}" if s.get("quantized") else ""))
 
 
