@@ -359,6 +359,24 @@ def _measured_plan(profiled, ms_of, setting=None, **options):
     return plan, calls
 
 
+def _first_at(planned: dict, ms: float):
+    """``planned`` counts take ``ms``, any other 0.4 (one argument: the same at every batch)."""
+    return lambda counts: ms if counts == planned else 0.4
+
+
+def _plan_and_fewer(profiled, kept: float):
+    """A plan at macs 0.6, its counts, and a re-plan with one channel fewer in every group of more than one,
+    said to keep ``kept`` x the plan's fraction of the target (no machine's fast counts decide the test)."""
+    ws, lm = profiled, profiled.latency
+    plan = make_plan(ws.original.graph, ws.groups(), PlanOptions(macs=0.6, allow_over_limit=True), ws.analysis, lm)
+    planned = {g.group: len(g.keep) for g in plan.groups}
+    assert 0 < plan.meta["target_kept"] <= 0.6
+    fewer = tuple(dataclasses.replace(g, keep=g.keep[:-1]) if len(g.keep) > 1 else g for g in plan.groups)
+    other = dataclasses.replace(plan, groups=fewer, meta={**plan.meta, "target_kept": plan.meta["target_kept"] * kept})
+    assert {g.group: len(g.keep) for g in other.groups} != planned
+    return plan, planned, other
+
+
 def test_the_plan_is_checked_at_batch_1_and_the_latency_batch_and_repaired_when_slower_at_either(profiled):
     """Planted: at batch 4 every plan is 2x faster; at batch 1 the first plan is 1.25x slower, the re-plans faster."""
     first, _ = _measured_plan(profiled, lambda counts: 0.5, {"batch": 4})
@@ -396,11 +414,15 @@ def test_a_plan_measured_slower_is_repaired_by_measurement(profiled):
 
 
 def test_multiples_of_8_measured_faster_than_a_fast_plan_are_kept(profiled):
-    first, _ = _measured_plan(profiled, lambda counts: 0.5)
-    planned = {g.group: len(g.keep) for g in first.groups}
-    plan, calls = _measured_plan(profiled, lambda counts: 0.8 if counts == planned else 0.4)
-    assert plan.meta["measured_ms"] == 0.4 and "measured_slower" not in plan.meta
-    assert plan.meta["repaired"] == "kept with counts multiples of 8, measured faster than the planned counts"
+    """The re-plan keeps as much of the target as the plan (within OVERSHOOT) and measures faster: kept."""
+    from graphprune.planning.targets import never_slower
+
+    plan, planned, other = _plan_and_fewer(profiled, 1.0)
+    calls: list = []
+    model = _Planted(profiled.original, _first_at(planned, 0.8), calls)
+    checked = never_slower(model, profiled.groups(), plan, profiled.latency, lambda multiple: other, runs=2)
+    assert checked.meta["measured_ms"] == 0.4 and "measured_slower" not in checked.meta
+    assert checked.meta["repaired"] == "kept with counts multiples of 8, measured faster than the planned counts"
     assert len(calls) == 3
 
 
@@ -427,24 +449,12 @@ def test_no_measured_check_with_zero_runs(profiled):
         PlanOptions(latency=0.5, latency_runs=0).check()
 
 
-def _first_at(planned: dict, ms: float):
-    """``planned`` counts take ``ms``, any other 0.4 (one argument: the same at every batch)."""
-    return lambda counts: ms if counts == planned else 0.4
-
-
 def test_a_faster_plan_is_not_traded_for_a_re_plan_that_removes_more_than_asked(profiled):
     """A re-plan keeping 10% less of the target is measured only when the plan itself is measured slower."""
     from graphprune.planning.targets import OVERSHOOT, never_slower
 
     ws, lm = profiled, profiled.latency
-    assert lm is not None
-    plan = make_plan(ws.original.graph, ws.groups(), PlanOptions(macs=0.6, allow_over_limit=True), ws.analysis, lm)
-    planned = {g.group: len(g.keep) for g in plan.groups}
-    assert 0 < plan.meta["target_kept"] <= 0.6
-    # the re-plan: one channel fewer in every group that has more than one, said to keep 10% less of the target
-    fewer = tuple(dataclasses.replace(g, keep=g.keep[:-1]) if len(g.keep) > 1 else g for g in plan.groups)
-    deeper = dataclasses.replace(plan, groups=fewer, meta={**plan.meta, "target_kept": plan.meta["target_kept"] * (1 - 2 * OVERSHOOT)})
-    assert {g.group: len(g.keep) for g in deeper.groups} != planned
+    plan, planned, deeper = _plan_and_fewer(profiled, 1 - 2 * OVERSHOOT)
     for first_ms, kept in ((0.8, planned), (2.0, {g.group: len(g.keep) for g in deeper.groups})):
         calls: list = []
         model = _Planted(ws.original, _first_at(planned, first_ms), calls)
