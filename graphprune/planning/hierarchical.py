@@ -267,7 +267,9 @@ def _change(kind: str, fraction: float) -> str:
     """``fraction`` of the original as a change: '2.00x fewer' MACs or params, '1.10x faster' or '1.10x slower'."""
     if kind != "latency":
         return f"{1 / fraction:.2f}x fewer"
-    return f"{1 / fraction:.2f}x faster" if fraction <= 1.0 else f"{fraction:.2f}x slower"
+    from graphprune.report.prune import speed_change  # the one wording of speed changes (lazy: report sits above planning)
+
+    return speed_change(1.0, fraction)
 
 
 def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, analysis: Analysis | None = None,
