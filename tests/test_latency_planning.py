@@ -461,3 +461,14 @@ def test_a_faster_plan_is_not_traded_for_a_re_plan_that_removes_more_than_asked(
         checked = never_slower(model, ws.groups(), plan, lm, lambda multiple: deeper, runs=2)
         assert {g.group: len(g.keep) for g in checked.groups} == kept
         assert checked.meta["measurements"] == len(calls) == (2 if first_ms < 1.0 else 3)  # original, plan (, re-plan)
+
+
+def test_the_limit_plan_says_how_it_was_planned(profiled):
+    """No target: every group at its effective filters; the status line names the limit (it printed 'planned by None')."""
+    from graphprune.pipeline.passes import PlanPass
+
+    lines: list[str] = []
+    ws = dataclasses.replace(profiled, status=lines.append)
+    PlanPass(PlanOptions(latency_runs=0))(ws)
+    planned = [line for line in lines if line.startswith("planned")]
+    assert planned and planned[0].startswith("planned at the limit: predicted ") and "None" not in planned[0]

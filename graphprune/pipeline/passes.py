@@ -237,7 +237,8 @@ class PlanPass(Pass):
         ws.plan, ws.target = planned(ws, self.options)
         meta = ws.plan.meta
         if "predicted_ms" in meta and ws.latency is not None:
-            ws.status(f"planned by {meta.get('objective')}: predicted {meta['predicted_ms']:.3f} ms "
+            how = f"planned by {meta['objective']}" if meta.get("objective") else f"planned at the {meta.get('target', 'target')}"
+            ws.status(f"{how}: predicted {meta['predicted_ms']:.3f} ms "
                       f"against {ws.latency.original_ms:.3f} ms at batch {ws.latency.setting['batch']}")
         if "measured_ms" in meta and ws.latency is not None:
             ws.status(measured_line(meta, int(ws.latency.setting["batch"])))
