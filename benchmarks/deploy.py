@@ -16,7 +16,9 @@ onnxsim.apply_structured_pruning_qdq (L2 norm, at --sparsity) and by graphprune
 at the MACs onnxsim reached, or at --macs when onnxsim removed nothing (global L2
 magnitude; hierarchical by MACs: effective filter analysis of the QDQ model itself; hierarchical latency-aware:
 the same plus latency tables of the QDQ model at batch 32 and the plan measured against the original, as
-`prune --data` does). Each output is checked (onnx.checker,
+`prune --data` does; "+ int8 refit": the same plans, then the compensate pass (sequential least squares, the
+int8 weights and int32 biases refitted through their DequantizeLinear and requantized) and the repair pass
+(bias correction), on --samples calibration images, still no retraining). Each output is checked (onnx.checker,
 an onnxruntime run with the original's signature) and measured alike.
 
 Latency: besides the validate pass's own figures, every model of a part (the four columns; the QDQ rows) is timed
@@ -146,10 +148,13 @@ def _qdq(om, train, test, sparsity: float, runs: int, samples: int, macs: float)
         _onnxsim_row(rows, blobs, pruned, int8, test, runs, base, seconds)
     reached = rows.get("onnxsim", {}).get("macs_ratio", 1.0)
     target = reached if reached < 0.999 else macs
-    for label, plan, profile in (("graphprune global L2", {"method": "global", "criterion": "l2"}, False),
-                                 ("graphprune hierarchical (by MACs)", {"method": "hierarchical", "criterion": "effective"}, False),
-                                 ("graphprune hierarchical, latency-aware", {"method": "hierarchical", "criterion": "effective"}, True)):
-        row, blob = _graphprune_qdq(int8, train, test, plan, target, runs, samples, base, profile)
+    hierarchical = {"method": "hierarchical", "criterion": "effective"}
+    for label, plan, profile, recover in (("graphprune global L2", {"method": "global", "criterion": "l2"}, False, False),
+                                          ("graphprune hierarchical (by MACs)", hierarchical, False, False),
+                                          ("graphprune hierarchical, latency-aware", hierarchical, True, False),
+                                          ("graphprune hierarchical + int8 refit", hierarchical, False, True),
+                                          ("graphprune latency-aware + int8 refit", hierarchical, True, True)):
+        row, blob = _graphprune_qdq(int8, train, test, plan, target, runs, samples, base, profile, recover)
         rows[label] = row
         if blob is not None:
             blobs[label] = blob
@@ -172,15 +177,18 @@ def _onnxsim_row(rows: dict[str, Any], blobs: dict[str, bytes], pruned: onnx.Mod
 
 
 def _graphprune_qdq(int8: OnnxPrunable, train: Any, test: Any, plan: dict[str, str], target: float, runs: int, samples: int,
-                    base: int, profile: bool) -> tuple[dict[str, Any], bytes | None]:
+                    base: int, profile: bool, recover: bool) -> tuple[dict[str, Any], bytes | None]:
     import onnx_ir as ir
 
     from graphprune.pipeline.passes import (
         AnalyzePass,
         AnalyzePassOptions,
+        CompensateOptions,
+        CompensatePass,
         PlanPass,
         ProfileOptions,
         ProfilePass,
+        RepairPass,
         RewriteOptions,
         RewritePass,
     )
@@ -194,7 +202,12 @@ def _graphprune_qdq(int8: OnnxPrunable, train: Any, test: Any, plan: dict[str, s
         if profile:  # the default path with data: latency tables of the QDQ model itself, the plan measured
             ws = ProfilePass(ProfileOptions(batch=32, threads=2, runs=5, below_floors=True))(ws).workspace
         ws = PlanPass(PlanOptions(**plan, macs=target, allow_over_limit=True))(ws).workspace  # type: ignore[arg-type]
+        recovery = CompensateOptions(samples=samples)
+        if recover:  # sequential refit of the int8 weights and biases through their DequantizeLinear
+            ws = CompensatePass(recovery)(ws).workspace
         ws = RewritePass(RewriteOptions(verify=True))(ws).workspace
+        if recover:  # bias correction (BN is folded)
+            ws = RepairPass(recovery)(ws).workspace
     except Exception as exc:  # noqa: BLE001 - a failed configuration is a result
         return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}, None
     seconds = time.perf_counter() - t

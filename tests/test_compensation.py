@@ -240,3 +240,84 @@ def test_torch_module_compensation_and_bn_repair():
         want = bn.features[0](torch.from_numpy(cal.inputs[0])).mean((0, 2, 3))
     np.testing.assert_allclose(first.running_mean.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
     assert not bn.training
+
+
+def _quantized_planted(tmp_path):
+    """The planted model as onnxruntime's static QDQ int8 (per-channel weight scales, int32 biases)."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    _export(_planted(), tmp_path / "p.onnx")
+    x = np.random.default_rng(0).standard_normal((64, *SHAPE)).astype(np.float32)
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter([{"input": x[i:i + 16]} for i in range(0, 64, 16)])
+
+        def get_next(self) -> dict | None:
+            return next(self._it, None)
+
+    out = tmp_path / "p.qdq.onnx"
+    quantization.quantize_static(str(tmp_path / "p.onnx"), str(out), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True, activation_type=quantization.QuantType.QInt8,
+                                 weight_type=quantization.QuantType.QInt8)
+    return load_onnx(out), x
+
+
+@pytest.mark.parametrize("method", ["edges", "sequential"])
+def test_qdq_weights_are_refitted_and_stay_int8(tmp_path, method):
+    """On a QDQ model the consumer's int8 weight and int32 bias are refitted through their DequantizeLinear."""
+    from graphprune.recovery.reconstruct import reconstruct
+    from graphprune.recovery.stored import quantized_source
+
+    om, x = _quantized_planted(tmp_path)
+    coupling = build_groups(om.graph)
+    (g,) = [g for g in coupling.groups if g.anchor.startswith("conv1.") and g.channels == 6]
+    plan = Plan((GroupPlan(g.id, g.anchor, g.channels, (0, 1, 2, 3, 4)),))
+    data = Calibration((x,), None, "cal")
+    comp = (compensate if method == "edges" else reconstruct)(om.graph, coupling, plan, data)
+    assert comp.edges >= 1
+    conv2 = next(n for n in om.graph.nodes if n.op_type == "Conv" and quantized_source(om.graph, n.inputs[1])
+                 and om.graph.shape(n.inputs[1])[1] == 6)
+    weight, bias = quantized_source(om.graph, conv2.inputs[1]), quantized_source(om.graph, conv2.inputs[2])
+    assert weight is not None and bias is not None
+    assert weight.q in comp.values and comp.values[weight.q].dtype == np.int8
+    assert comp.values[bias.q].dtype == np.int32
+    # a tied int32 bias keeps scale = x_scale * w_scale (what onnxruntime's fused QLinearConv assumes)
+    x_scale = float(om.graph.param(next(n for n in om.graph.nodes if n.outputs[0] == conv2.inputs[0]).inputs[1]))
+    w_scale = comp.values.get(weight.scale, om.graph.param(weight.scale))
+    b_scale = comp.values.get(bias.scale, om.graph.param(bias.scale))
+    np.testing.assert_allclose(b_scale, x_scale * w_scale, rtol=1e-5)
+    kept = kept_elements(plan, coupling, om.graph)
+    pruned = prepare(apply_kept(with_constants(om, comp.values), kept))
+    plain = prepare(apply_kept(om, kept))
+    test = np.random.default_rng(1).standard_normal((64, *SHAPE)).astype(np.float32)
+    want = _run(om, test)
+    err, err_plain = np.abs(_run(pruned, test) - want).max(), np.abs(_run(plain, test) - want).max()
+    assert err < 0.25 * err_plain, (err, err_plain)
+
+
+def test_requantized_values_grow_the_scale_only_where_they_do_not_fit(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphprune.recovery.stored import float_const, stored_values
+
+    q = np.array([[100, -20], [5, 127]], np.int8)
+    scale = np.array([0.5, 0.1], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=1), helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.zeros(2, np.int8), "z")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "dq.onnx"))
+    g = load_onnx(tmp_path / "dq.onnx").graph
+    w = float_const(g, "w")
+    np.testing.assert_allclose(w, q * scale, rtol=1e-6)  # per-axis scale along axis 1 (columns)
+    same = stored_values(g, {"w": w})
+    np.testing.assert_array_equal(same["q"], q)  # unchanged values come back bit-identical
+    np.testing.assert_array_equal(same["s"], scale)
+    w2 = w.copy()
+    w2[0, 1] = -25.6  # twice column 1's range
+    grown = stored_values(g, {"w": w2})
+    assert grown["s"][0] == scale[0] and grown["s"][1] == pytest.approx(0.2)
+    np.testing.assert_array_equal(grown["q"][:, 0], q[:, 0])
+    assert grown["q"][0, 1] == -128

@@ -373,6 +373,7 @@ class RepairPass(Pass):
     def run(self, ws: Workspace) -> PassResult:
         from graphprune.analysis.gates import plan_gates
         from graphprune.recovery.repair import correct_biases, has_batch_norm, reestimate_batch_norm
+        from graphprune.recovery.stored import constant_names
 
         assert ws.data is not None and ws.plan is not None and ws.kept is not None
         ws.status("repairing statistics")
@@ -384,7 +385,10 @@ class RepairPass(Pass):
             gates = plan_gates(ws.groups(), ws.original.graph)
             consumers = sorted({e.node for g in ws.plan.groups for e in gates.edges.get(g.group, ())})
             values = correct_biases(ws.original.graph, ws.model.graph, consumers, ws.kept, data, self.options.batch_size)
-            ws.repair = f"bias correction of {len(values)} consumers"
+            graph = ws.model.graph
+            corrected = sum(1 for n in graph.nodes if n.name in set(consumers) and len(n.inputs) > 2
+                            and constant_names(graph, n.inputs[2])[0] in values)
+            ws.repair = f"bias correction of {corrected} consumers"
         ws.model = ws.model.with_values(values)
         return PassResult(ws, bool(values))
 

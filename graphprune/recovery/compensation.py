@@ -41,8 +41,9 @@ from graphprune.frontends.data import Calibration
 from graphprune.ir.graph import ChannelGraph, OpNode
 from graphprune.ir.plan import Plan
 from graphprune.recovery.gram_budget import Consumer, MemoryPlan, default_memory_bytes, plan_memory
+from graphprune.recovery.stored import float_const, is_stored, stored_values
 
-__all__ = ["Compensation", "compensate", "compensation_memory"]
+__all__ = ["Compensation", "compensate", "compensation_memory", "weight_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,9 @@ class _Target:
 
 
 def _target(node: OpNode, edge: GateEdge, graph: ChannelGraph) -> _Target | str:
-    if edge.input_index != 0 or len(node.inputs) < 2 or graph.const(node.inputs[1]) is None:
+    if edge.input_index != 0 or len(node.inputs) < 2 or not is_stored(graph, node.inputs[1]):
         return f"{node.name}: the channels do not enter a constant weight"
-    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] and graph.const(node.inputs[2]) is not None else None
+    bias = node.inputs[2] if len(node.inputs) > 2 and is_stored(graph, node.inputs[2]) else None
     if node.op_type == "Conv":
         if edge.axis != 1:
             return f"{node.name}: not the channel axis"
@@ -95,6 +96,13 @@ def _target(node: OpNode, edge: GateEdge, graph: ChannelGraph) -> _Target | str:
         if len(w) == 2 and isinstance(w[1], int) and edge.axis == rank - 1:
             return _Target(edge, node.inputs[1], 0, _bias_after(node, graph, w[1]))
     return f"{node.name}: {node.op_type} consumer is not compensated"
+
+
+def weight_shape(graph: ChannelGraph, name: str) -> tuple[int, ...]:
+    """Shape of a consumer's stored weight (a float constant or a dequantized one)."""
+    value = float_const(graph, name)
+    assert value is not None, name
+    return tuple(value.shape)
 
 
 def _mean_after(node: OpNode, graph: ChannelGraph) -> str | None:
@@ -115,7 +123,7 @@ def _bias_after(node: OpNode, graph: ChannelGraph, width: int) -> str | None:
     if len(users) != 1 or users[0].op_type != "Add":
         return None
     for name in users[0].inputs:
-        if name != node.outputs[0] and graph.const(name) is not None and graph.shape(name) == (width,):
+        if name != node.outputs[0] and is_stored(graph, name) and graph.shape(name) == (width,):
             return name
     return None
 
@@ -252,12 +260,12 @@ def _fold(values: dict[str, np.ndarray], graph: ChannelGraph, t: _Target, block:
     """``W[:, k] += sum_d B[k, d] W[:, d]`` and ``bias += c . sum(W[:, D])`` on the block's filters."""
     w = values.get(t.weight)
     if w is None:
-        w = np.array(graph.const(t.weight), dtype=np.float64)
+        w = np.array(float_const(graph, t.weight), dtype=np.float64)
     bias = None
     if t.bias is not None:
         bias = values.get(t.bias)
         if bias is None:
-            bias = np.array(graph.const(t.bias), dtype=np.float64)
+            bias = np.array(float_const(graph, t.bias), dtype=np.float64)
     el = t.edge.index.ravel()
     if t.groups == 1:
         view, out_rows = np.moveaxis(w, t.in_axis, 0), slice(None)  # (C_in, ...): row e is input element e
@@ -298,7 +306,7 @@ def _targets(graph: ChannelGraph, coupling: Coupling, plan: Plan) -> tuple[list[
             if isinstance(t, str):
                 skipped.append(t)
                 continue
-            blocks = _blocks(t, graph.param(t.weight).shape, keep, drop)
+            blocks = _blocks(t, weight_shape(graph, t.weight), keep, drop)
             big = max(blocks, key=lambda b: b.keep.size * (b.keep.size + b.drop.size), default=_Block(keep, keep[:0], 0))
             c, m = edge.index.shape
             targets.append(t)
@@ -360,6 +368,6 @@ def compensate(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calibr
         pos = np.arange(c.channels * c.positions).reshape(c.channels, c.positions)
         for p, (b, const) in enumerate(_channel_coefficients(st, keep, drop)):
             _fold(values, graph, t, _Block(pos[keep, p], pos[drop, p], 0), b, const)
-    dtypes = {name: graph.param(name).dtype for name in values}
     gram = sum(st.nbytes for st in stats)
-    return Compensation({k: v.astype(dtypes[k]) for k, v in values.items()}, len(chosen), tuple(skipped), memory, gram)
+    pairs = [(t.weight, t.bias) for t, *_ in chosen]
+    return Compensation(stored_values(graph, values, pairs), len(chosen), tuple(skipped), memory, gram)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -56,8 +56,10 @@ from graphprune.recovery.compensation import (
     _Stats,
     _Target,
     _target,
+    weight_shape,
 )
 from graphprune.recovery.gram_budget import Consumer, MemoryPlan, default_memory_bytes, format_bytes, plan_memory
+from graphprune.recovery.stored import float_const, stored_values
 
 __all__ = ["reconstruct", "reconstruction_memory"]
 
@@ -152,7 +154,7 @@ def _fits(r: _Refit, weight_shape: tuple[int, ...]) -> list[_Fit]:
 
 def _consumer(r: _Refit, graph: ChannelGraph) -> Consumer:
     c, m = r.target.edge.index.shape
-    fits = _fits(r, graph.param(r.target.weight).shape)
+    fits = _fits(r, weight_shape(graph, r.target.weight))
     big = max(fits, key=lambda f: f.regressors.size * (f.regressors.size + f.targets.size))
     return Consumer(r.target.edge.node, r.group, r.keep.size + c, m, r.keep.size, c, big.regressors.size, big.targets.size)
 
@@ -196,11 +198,23 @@ class _Sweep:
         self.gates = [gates(b[0].shape[0]) for b in batches]
         self.envs = [[dict(zip(graph.inputs, b)) for b in batches] for _ in range(2)]
         self.last = _last_use(graph)
+        self.producers = {o: n for n in graph.nodes for o in n.outputs if o}
 
     def inputs(self, node: OpNode) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(original, current) data input of ``node``, per batch."""
         name = node.inputs[0]
         return list(zip((env[name] for env in self.envs[0]), (env[name] for env in self.envs[1])))
+
+    def update(self, constants: Mapping[str, np.ndarray], reads: Sequence[str | None]) -> None:
+        """Write refitted constants into the current model; ``reads`` computed from them already (a QDQ weight's
+        DequantizeLinear ran earlier in graph order) are computed again on every batch."""
+        with torch.no_grad():
+            for name, value in constants.items():
+                self.cur.constant(name).copy_(torch.from_numpy(value))
+            for node in (self.producers[name] for name in reads if name in self.producers):
+                for env in self.envs[1]:
+                    args = [env[n] if n in env else (self.cur.constant(n) if n else None) for n in node.inputs]
+                    env.update((o, v) for o, v in zip(node.outputs, self.cur.run_node(node, args)) if o)
 
     def step(self, k: int, node: OpNode) -> None:
         """Run node ``k`` on every batch of both models (the plan's gates on the current one) and free dead tensors."""
@@ -245,9 +259,9 @@ def _held_bytes_per_sample(graph: ChannelGraph) -> int:
 
 def _weights(values: dict[str, np.ndarray], graph: ChannelGraph, t: _Target) -> tuple[np.ndarray, np.ndarray | None]:
     if t.weight not in values:
-        values[t.weight] = np.array(graph.const(t.weight), dtype=np.float64)
+        values[t.weight] = np.array(float_const(graph, t.weight), dtype=np.float64)
     if t.bias is not None and t.bias not in values:
-        values[t.bias] = np.array(graph.const(t.bias), dtype=np.float64)
+        values[t.bias] = np.array(float_const(graph, t.bias), dtype=np.float64)
     return values[t.weight], values.get(t.bias) if t.bias is not None else None
 
 
@@ -334,10 +348,8 @@ def reconstruct(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calib
                 st.add(joint, edge.axis, np.arange(joint.shape[edge.axis]), memory.stream_bytes)
             gram = max(gram, st.nbytes)
             _solve(r, st, form, values, graph)
-            with torch.no_grad():
-                for name in (r.target.weight, r.target.bias):
-                    if name is not None:
-                        sweep.cur.constant(name).copy_(torch.from_numpy(values[name]))
+            sweep.update(stored_values(graph, {n: values[n] for n in (r.target.weight, r.target.bias) if n is not None},
+                                       [(r.target.weight, r.target.bias)]), (r.target.weight, r.target.bias))
         sweep.step(k, node)
-    dtypes = {name: graph.param(name).dtype for name in values}
-    return Compensation({k: v.astype(dtypes[k]) for k, v in values.items()}, len(chosen), tuple(skipped), memory, gram)
+    pairs = [(r.target.weight, r.target.bias) for r, _ in chosen.values()]
+    return Compensation(stored_values(graph, values, pairs), len(chosen), tuple(skipped), memory, gram)

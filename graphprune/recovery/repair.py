@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.frontends.data import Calibration
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
+from graphprune.recovery.stored import float_const, is_stored, stored_values
 
 __all__ = ["correct_biases", "has_batch_norm", "output_means", "reestimate_batch_norm"]
 
@@ -101,23 +102,28 @@ def correct_biases(
     data: Calibration,
     batch_size: int = 128,
 ) -> dict[str, np.ndarray]:
-    """Bias values of ``pruned`` (by constant name) that restore the consumers' output means.
+    """Bias values of ``pruned`` (by constant name) that restore the consumers' output means (a QDQ bias requantized).
 
     Consumers are corrected one at a time in graph order, each measured with
     the corrections before it applied, so corrections do not compound.
     """
     chosen = [n for n in pruned.nodes if n.name in set(consumers) and n.op_type in ("Conv", "Gemm")
-              and len(n.inputs) > 2 and pruned.const(n.inputs[2]) is not None]
+              and len(n.inputs) > 2 and is_stored(pruned, n.inputs[2])]
     if not chosen:
         return {}
     want = output_means(original, [n.outputs[0] for n in chosen], data, batch_size)
     interp = GraphInterpreter(pruned).eval()
+    out: dict[str, np.ndarray] = {}
     for node in chosen:
-        out = node.outputs[0]
-        got = _means(interp, [out], data, batch_size)[out]
-        idx = kept.get(Axis(out, 1))
-        ref = want[out] if idx is None else want[out][idx]
+        y, bias = node.outputs[0], node.inputs[2]
+        got = _means(interp, [y], data, batch_size)[y]
+        idx = kept.get(Axis(y, 1))
+        ref = want[y] if idx is None else want[y][idx]
+        value = float_const(pruned, bias)
+        assert value is not None
+        new = stored_values(pruned, {bias: value.astype(np.float64) + (ref - got)}, [(node.inputs[1], bias)])
         with torch.no_grad():
-            bias = interp.constant(node.inputs[2])
-            bias.add_(torch.from_numpy(ref - got).to(bias.dtype))
-    return {n.inputs[2]: interp.constant(n.inputs[2]).detach().numpy().copy() for n in chosen}
+            for name, v in new.items():
+                interp.constant(name).copy_(torch.from_numpy(v))
+        out.update(new)
+    return out
