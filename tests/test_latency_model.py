@@ -324,3 +324,24 @@ def test_int8_tables_time_every_probe_and_whole_model_quantized(vgg: tuple[OnnxM
     weighted = [ops for ops in quantized if ops & {"Conv", "Gemm"}]  # a lone MaxPool probe has nothing to quantize
     assert weighted and all({"QuantizeLinear", "DequantizeLinear"} <= ops for ops in weighted)
     assert math.isfinite(int8.predict({g: max(1, c // 2) for g, c in int8.channels.items()}))
+
+
+def test_a_model_timed_int8_is_quantized_once_for_every_batch(vgg: tuple[OnnxModel, Coupling],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The never-slower check times one pruned model at batch 1 and at the latency batch: one quantization."""
+    from graphprune.backends import quantize
+    from graphprune.backends.onnx_model import OnnxPrunable
+
+    calls: list[int] = []
+    real = quantize.quantized_for_timing
+
+    def spy(model, feeds, options=None):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(model, feeds, options)
+
+    monkeypatch.setattr(quantize, "quantized_for_timing", spy)
+    model = OnnxPrunable(vgg[0])
+    ms = [model.latency_ms(b, 2, threads=1, quantized=True) for b in (1, 4, 1)]
+    assert len(calls) == 1 and all(math.isfinite(m) and m > 0 for m in ms)
+    model.latency_ms(1, 2, threads=1)  # fp32 timing does not quantize
+    assert len(calls) == 1

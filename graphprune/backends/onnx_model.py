@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from graphprune.coupling.groups import Coupling
@@ -87,13 +89,16 @@ class OnnxPrunable:
         from graphprune.ir.onnx import model_session
 
         feeds = sample_inputs(self.om.graph, batch=batch)
-        model = self.om.model
-        if quantized:
-            from graphprune.backends.quantize import quantized_for_timing
-
-            model = quantized_for_timing(model, feeds)
-        with model_session(model, threads=threads) as session:
+        with model_session(self.timing_int8 if quantized else self.om.model, threads=threads) as session:
             return measure_latency(session, feeds, runs=runs)
+
+    @functools.cached_property
+    def timing_int8(self) -> ir.Model:
+        """The model quantized once for latency timing at any batch (ranges from batch-1 sample inputs: timing
+        depends on the ops and shapes only)."""
+        from graphprune.backends.quantize import quantized_for_timing
+
+        return quantized_for_timing(self.om.model, sample_inputs(self.om.graph, batch=1))
 
     def latency_model(self, coupling: Coupling, options: LatencyOptions, floors: Mapping[int, int]) -> LatencyModel:
         from graphprune.execution.latency_tables import build_latency_model
