@@ -32,6 +32,10 @@ export by graphprune's cost model), measured before fine-tuning and after the sa
   (sparsity bisected), and ``apply_attention_head_pruning`` on the onnxruntime-fused model (its ``Attention`` ops; heads
   only, so at the parameter count that reaches). Fine-tuned by ``FineTunePass`` on their ONNX when it loads and runs
   in the interpreter, else the row says why ("no fine-tuning path"). A failure is an error row.
+At equal measured latency (``--equal-latency``, on by default): for each peer row that removed something,
+graphprune heads + feed-forward with its params target bisected so that, ORT-optimized and timed interleaved with
+that peer's model at every step, it is no slower; then compensated, repaired, scored and fine-tuned like the other
+rows, and the pair timed once more in one interleaved run (``interleaved_ms``).
 Each model is also run through ``onnxruntime.transformers.optimizer`` (model type vit / gpt2, the original's heads and
 hidden size given; the optimizer uses the values it detects where they differ) and timed against the original the same way (median ms, batch ``LAT_BATCH``, on a shared machine); and the
 coupling groups (prunable / frozen) of the exports are counted with ``benchmarks/transformer_groups.py``'s ``count``.
@@ -217,8 +221,8 @@ def cleaned(model: bytes) -> bytes:
     return m.SerializeToString()
 
 
-def ort_optimized_ms(model: bytes, task: Task, runs: int) -> dict[str, Any]:
-    """Median latency (one thread, batch ``LAT_BATCH``) after ``onnxruntime.transformers.optimizer``, and its fused attention ops."""
+def ort_optimized(model: bytes, task: Task) -> tuple[bytes, int]:
+    """The model after ``onnxruntime.transformers.optimizer``, and its count of fused attention ops."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,9 +231,28 @@ def ort_optimized_ms(model: bytes, task: Task, runs: int) -> dict[str, Any]:
         opt = optimize_model(str(src), **ort_settings(task))
         opt.save_model_to_file(str(dst))
         fused = sum(n.op_type in ("Attention", "MultiHeadAttention") for n in opt.model.graph.node)
-        feeds = {make_session(dst.read_bytes()).get_inputs()[0].name: task.test.inputs[0][:LAT_BATCH]}
-        ms = measure_latency(make_session(dst.read_bytes(), threads=1), feeds, runs=runs)
-    return {"ort_optimized_ms": ms, "fused_attention": fused}
+        return dst.read_bytes(), fused
+
+
+def _ms(optimized: bytes, task: Task, runs: int) -> float:
+    session = make_session(optimized, threads=1)
+    return measure_latency(session, {session.get_inputs()[0].name: task.test.inputs[0][:LAT_BATCH]}, runs=runs)
+
+
+def ort_optimized_ms(model: bytes, task: Task, runs: int) -> dict[str, Any]:
+    """Median latency (one thread, batch ``LAT_BATCH``) after ``onnxruntime.transformers.optimizer``, and its fused attention ops."""
+    optimized, fused = ort_optimized(model, task)
+    return {"ort_optimized_ms": _ms(optimized, task, runs), "fused_attention": fused}
+
+
+def interleaved_ms(models: dict[str, bytes], task: Task, runs: int, rounds: int = 5) -> dict[str, float]:
+    """Median ORT-optimized latency of each model over ``rounds`` alternating rounds (one session alive at a time)."""
+    optimized = {name: ort_optimized(m, task)[0] for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, m in optimized.items():
+            times[name].append(_ms(m, task, max(1, runs // rounds)))
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def finetune_bytes(model: bytes, task: Task, epochs: float) -> bytes:
@@ -340,7 +363,7 @@ def tp_model(task: Task, goal: float, steps: int, tmp: Path, heads_too: bool) ->
     return export(task, m, tmp / "tp.onnx").read_bytes(), m
 
 
-def tp_row(task: Task, args: argparse.Namespace, tmp: Path, base_params: int) -> dict[str, Any]:
+def tp_row(task: Task, args: argparse.Namespace, tmp: Path, base_params: int, store: dict[str, bytes] | None = None) -> dict[str, Any]:
     """Torch-Pruning's row: heads, feed-forward and hidden size; without heads (the error noted) when its head pruning fails."""
     held: dict[str, nn.Module] = {}
     notes: dict[str, Any] = {}
@@ -357,9 +380,11 @@ def tp_row(task: Task, args: argparse.Namespace, tmp: Path, base_params: int) ->
         fit(held["m"], task.train, FitOptions(epochs=args.finetune_epochs, lr=FT_LR, seed=0))
         return export(task, held["m"].eval(), tmp / "tp-ft.onnx").read_bytes()
 
-    row = measured("torch-pruning heads+ffn+hidden", make, task, base_params, args, finetune)
+    row = measured("torch-pruning heads+ffn+hidden", make, task, base_params, args, finetune, store)
     if notes:
         row.update(notes, method="torch-pruning ffn+hidden (heads failed)")
+        if store is not None and "torch-pruning heads+ffn+hidden" in store:
+            store[row["method"]] = store.pop("torch-pruning heads+ffn+hidden")
     return row
 
 
@@ -404,13 +429,18 @@ def onnxsim_variants(task: Task, path: Path, ort_path: Path, base_params: int, a
 # ---------------------------------------------------------------- one model
 
 def measured(name: str, make: Callable[[], bytes], task: Task, base_params: int, args: argparse.Namespace,
-             finetune: Callable[[bytes], bytes] | None) -> dict[str, Any]:
-    """One method's row: params kept, score before and after fine-tuning, ORT-optimized latency; errors as a row."""
+             finetune: Callable[[bytes], bytes] | None, store: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """One method's row: params kept, score before and after fine-tuning, ORT-optimized latency; errors as a row.
+
+    ``store``: the pruned model (before fine-tuning: latency depends on shapes only) is kept there by method name.
+    """
     t = time.perf_counter()
     try:
         model = make()
     except Exception as exc:  # noqa: BLE001 - a peer's failure is a result to report
         return {"method": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    if store is not None:
+        store[name] = model
     row: dict[str, Any] = {"method": name, "params": params_of(model), "prune_s": time.perf_counter() - t}
     row["params_kept"] = row["params"] / base_params
     if row["params_kept"] > args.params + 0.02 and name != "original":
@@ -462,13 +492,49 @@ def run_task(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     def ft_onnx(model: bytes) -> bytes:
         return finetune_bytes(model, task, args.finetune_epochs)
 
+    store: dict[str, bytes] = {}
     for name, make in graphprune_variants(ws, base_params, args).items():
         doc["rows"].append(measured(name, make, task, base_params, args, ft_onnx))
-    doc["rows"].append(tp_row(task, args, tmp, base_params))
+    doc["rows"].append(tp_row(task, args, tmp, base_params, store))
     for name, make in onnxsim_variants(task, path, tmp / "base-ort.onnx", base_params, args).items():
-        doc["rows"].append(measured(name, make, task, base_params, args, ft_onnx))
+        doc["rows"].append(measured(name, make, task, base_params, args, ft_onnx, store))
+    if args.equal_latency:
+        doc["equal_latency"] = equal_latency_rows(ws, task, doc, store, base_params, args, ft_onnx)
     doc["goals"] = goals(task, doc, args.params)
     return doc
+
+
+def at_latency(ws: Workspace, task: Task, peer: bytes, args: argparse.Namespace) -> Callable[[], bytes]:
+    """graphprune heads + feed-forward with the params target bisected so that, ORT-optimized and timed interleaved
+    with the ``peer`` model at each step, it is no slower than the peer."""
+    def make() -> bytes:
+        def at(removed: float) -> tuple[float, float]:
+            model = graphprune_model(ws, 1.0 - removed, 1.0, 64, recover=False)  # latency depends on shapes only
+            ms = interleaved_ms({"ours": model, "peer": peer}, task, args.latency_runs)
+            return removed, ms["ours"] / ms["peer"]
+        removed, _ = bisect(at, 1.0, 0.0, 0.9, args.bisect_steps)
+        return graphprune_model(ws, 1.0 - removed, 1.0, args.samples)
+    return make
+
+
+def equal_latency_rows(ws: Workspace, task: Task, doc: dict[str, Any], store: dict[str, bytes], base_params: int,
+                       args: argparse.Namespace, finetune: Callable[[bytes], bytes]) -> list[dict[str, Any]]:
+    """For each peer that removed something: graphprune planned to that peer's measured latency, then both timed
+    again in one interleaved run (ORT-optimized, alternating rounds) and scored before and after the same fine-tuning."""
+    out = []
+    for peer in doc["rows"]:
+        name = peer["method"]
+        if "error" in peer or "ort_optimized_ms" not in peer or peer["params_kept"] > 0.99 or name not in store:
+            continue
+        ours: dict[str, bytes] = {}
+        label = f"graphprune heads+ffn at {name}'s latency"
+        row = measured(label, at_latency(ws, task, store[name], args), task, base_params,
+                       argparse.Namespace(**{**vars(args), "params": 1.0}), finetune, ours)
+        if "error" not in row:
+            row["interleaved_ms"] = interleaved_ms({label: ours[label], name: store[name]}, task, args.latency_runs)
+        out.append({"peer": name, "peer_row": {k: peer.get(k) for k in ("params_kept", "before", "after", "ort_optimized_ms")},
+                    "graphprune": row})
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -497,7 +563,33 @@ def goals(task: Task, doc: dict[str, Any], target: float) -> dict[str, Any]:
         out["goal_within_1pp_after"] = out.get("loss_from_base_after", 1.0) <= 0.01
         out["goal_ahead_0.5pp_before_and_after"] = all(out.get(f"margin_over_best_peer_{w}", -1.0) >= 0.005 for w in ("before", "after"))
     out["faster_on_ort_optimized"] = {r["method"]: r["ort_optimized_ms"] < base["ort_optimized_ms"] for r in rows if "ort_optimized_ms" in r}
+    for e in doc.get("equal_latency", []):  # margins at the peer's latency (positive: graphprune better)
+        g, p = e["graphprune"], e["peer_row"]
+        if "error" in g:
+            continue
+        ms = g.get("interleaved_ms", {})
+        out.setdefault("equal_latency", {})[e["peer"]] = {
+            **{f"margin_{w}": sign * (g[w] - p[w]) for w in ("before", "after") if w in g and p.get(w) is not None},
+            "graphprune_over_peer_ms": ms.get(g["method"], math.nan) / ms.get(e["peer"], math.nan) if ms else math.nan}
     return out
+
+
+def equal_latency_table(task: Task, doc: dict[str, Any]) -> Table:
+    t = Table(title=f"{task.name}: {task.metric} at each peer's measured latency (ORT-optimized, batch {LAT_BATCH}; "
+                    "the pair timed again interleaved)")
+    for col in ("peer", "params kept (peer / ours)", f"{task.metric} before FT (peer / ours)", "after FT (peer / ours)",
+                "interleaved ms (peer / ours)"):
+        t.add_column(col, justify="left" if col == "peer" else "right")
+    for e in doc.get("equal_latency", []):
+        g, p = e["graphprune"], e["peer_row"]
+        if "error" in g:
+            t.add_row(e["peer"], "-", "-", "-", f"error: {g['error'][:60]}")
+            continue
+        ms = g.get("interleaved_ms", {})
+        t.add_row(e["peer"], f"{p['params_kept']:.3f} / {g['params_kept']:.3f}", f"{p['before']:.4f} / {g['before']:.4f}",
+                  f"{p['after']:.4f} / {g['after']:.4f}" if p.get("after") is not None and "after" in g else "-",
+                  f"{ms.get(e['peer'], math.nan):.3f} / {ms.get(g['method'], math.nan):.3f}")
+    return t
 
 
 def table(task: Task, doc: dict[str, Any], target: float) -> Table:
@@ -529,6 +621,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=512, help="calibration samples (analysis, compensation, rotation)")
     ap.add_argument("--bisect-steps", type=int, default=7)
     ap.add_argument("--latency-runs", type=int, default=200)
+    ap.add_argument("--equal-latency", action=argparse.BooleanOptionalAction, default=True,
+                    help="also compare at each peer's measured latency (graphprune's params target bisected to it)")
     ap.add_argument("--json", type=Path, default=HERE / "transformers.json")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: checks the script end to end in a few minutes")
     args = ap.parse_args(argv)
@@ -553,6 +647,8 @@ def main(argv: list[str] | None = None) -> None:
         out["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         doc["models"][name] = out
         console.print(table(task, out, args.params))
+        if out.get("equal_latency"):
+            console.print(equal_latency_table(task, out))
         console.print(f"goals: {out['goals']}")
         args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     console.print(f"wrote {args.json}")
