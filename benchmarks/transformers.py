@@ -33,8 +33,8 @@ export by graphprune's cost model), measured before fine-tuning and after the sa
   only, so at the parameter count that reaches). Fine-tuned by ``FineTunePass`` on their ONNX when it loads and runs
   in the interpreter, else the row says why ("no fine-tuning path"). A failure is an error row.
 At equal measured latency (``--equal-latency``, on by default): for each peer row that removed something,
-graphprune heads + feed-forward with its params target bisected so that, ORT-optimized and timed interleaved with
-that peer's model at every step, it is no slower; then compensated, repaired, scored and fine-tuned like the other
+graphprune heads + feed-forward, and the same with the hidden size at ``--hidden``, each with its params target
+bisected so that, ORT-optimized and timed interleaved with that peer's model at every step, it is no slower; then compensated, repaired, scored and fine-tuned like the other
 rows, and the pair timed once more in one interleaved run (``interleaved_ms``).
 Each model is also run through ``onnxruntime.transformers.optimizer`` (model type vit / gpt2, the original's heads and
 hidden size given; the optimizer uses the values it detects where they differ) and timed against the original the same way (median ms, batch ``LAT_BATCH``, on a shared machine); and the
@@ -504,16 +504,16 @@ def run_task(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return doc
 
 
-def at_latency(ws: Workspace, task: Task, peer: bytes, args: argparse.Namespace) -> Callable[[], bytes]:
-    """graphprune heads + feed-forward with the params target bisected so that, ORT-optimized and timed interleaved
-    with the ``peer`` model at each step, it is no slower than the peer."""
+def at_latency(ws: Workspace, task: Task, peer: bytes, hidden: float, args: argparse.Namespace) -> Callable[[], bytes]:
+    """graphprune heads + feed-forward (+ the hidden size at ``hidden``) with the params target bisected so that,
+    ORT-optimized and timed interleaved with the ``peer`` model at each step, it is no slower than the peer."""
     def make() -> bytes:
         def at(removed: float) -> tuple[float, float]:
-            model = graphprune_model(ws, 1.0 - removed, 1.0, 64, recover=False)  # latency depends on shapes only
+            model = graphprune_model(ws, 1.0 - removed, hidden, 64, recover=False)  # latency depends on shapes only
             ms = interleaved_ms({"ours": model, "peer": peer}, task, args.latency_runs)
             return removed, ms["ours"] / ms["peer"]
         removed, _ = bisect(at, 1.0, 0.0, 0.9, args.bisect_steps)
-        return graphprune_model(ws, 1.0 - removed, 1.0, args.samples)
+        return graphprune_model(ws, 1.0 - removed, hidden, args.samples)
     return make
 
 
@@ -526,14 +526,15 @@ def equal_latency_rows(ws: Workspace, task: Task, doc: dict[str, Any], store: di
         name = peer["method"]
         if "error" in peer or "ort_optimized_ms" not in peer or peer["params_kept"] > 0.99 or name not in store:
             continue
-        ours: dict[str, bytes] = {}
-        label = f"graphprune heads+ffn at {name}'s latency"
-        row = measured(label, at_latency(ws, task, store[name], args), task, base_params,
-                       argparse.Namespace(**{**vars(args), "params": 1.0}), finetune, ours)
-        if "error" not in row:
-            row["interleaved_ms"] = interleaved_ms({label: ours[label], name: store[name]}, task, args.latency_runs)
-        out.append({"peer": name, "peer_row": {k: peer.get(k) for k in ("params_kept", "before", "after", "ort_optimized_ms")},
-                    "graphprune": row})
+        for hidden in (1.0, args.hidden):
+            ours: dict[str, bytes] = {}
+            label = f"graphprune heads+ffn{f'+hidden {hidden:g}' if hidden < 1.0 else ''} at {name}'s latency"
+            row = measured(label, at_latency(ws, task, store[name], hidden, args), task, base_params,
+                           argparse.Namespace(**{**vars(args), "params": 1.0}), finetune, ours)
+            if "error" not in row:
+                row["interleaved_ms"] = interleaved_ms({label: ours[label], name: store[name]}, task, args.latency_runs)
+            out.append({"peer": name, "peer_row": {k: peer.get(k) for k in ("params_kept", "before", "after", "ort_optimized_ms")},
+                        "graphprune": row})
     return out
 
 
@@ -568,7 +569,7 @@ def goals(task: Task, doc: dict[str, Any], target: float) -> dict[str, Any]:
         if "error" in g:
             continue
         ms = g.get("interleaved_ms", {})
-        out.setdefault("equal_latency", {})[e["peer"]] = {
+        out.setdefault("equal_latency", {})[g["method"]] = {
             **{f"margin_{w}": sign * (g[w] - p[w]) for w in ("before", "after") if w in g and p.get(w) is not None},
             "graphprune_over_peer_ms": ms.get(g["method"], math.nan) / ms.get(e["peer"], math.nan) if ms else math.nan}
     return out
@@ -577,16 +578,16 @@ def goals(task: Task, doc: dict[str, Any], target: float) -> dict[str, Any]:
 def equal_latency_table(task: Task, doc: dict[str, Any]) -> Table:
     t = Table(title=f"{task.name}: {task.metric} at each peer's measured latency (ORT-optimized, batch {LAT_BATCH}; "
                     "the pair timed again interleaved)")
-    for col in ("peer", "params kept (peer / ours)", f"{task.metric} before FT (peer / ours)", "after FT (peer / ours)",
+    for col in ("graphprune, at the peer's latency", "params kept (peer / ours)", f"{task.metric} before FT (peer / ours)", "after FT (peer / ours)",
                 "interleaved ms (peer / ours)"):
-        t.add_column(col, justify="left" if col == "peer" else "right")
+        t.add_column(col, justify="right" if "/" in col else "left")
     for e in doc.get("equal_latency", []):
         g, p = e["graphprune"], e["peer_row"]
         if "error" in g:
-            t.add_row(e["peer"], "-", "-", "-", f"error: {g['error'][:60]}")
+            t.add_row(g["method"], "-", "-", "-", f"error: {g['error'][:60]}")
             continue
         ms = g.get("interleaved_ms", {})
-        t.add_row(e["peer"], f"{p['params_kept']:.3f} / {g['params_kept']:.3f}", f"{p['before']:.4f} / {g['before']:.4f}",
+        t.add_row(g["method"], f"{p['params_kept']:.3f} / {g['params_kept']:.3f}", f"{p['before']:.4f} / {g['before']:.4f}",
                   f"{p['after']:.4f} / {g['after']:.4f}" if p.get("after") is not None and "after" in g else "-",
                   f"{ms.get(e['peer'], math.nan):.3f} / {ms.get(g['method'], math.nan):.3f}")
     return t
