@@ -34,8 +34,9 @@ export by graphprune's cost model), measured before fine-tuning and after the sa
   in the interpreter, else the row says why ("no fine-tuning path"). A failure is an error row.
 At equal measured latency (``--equal-latency``, on by default): for each peer row that removed something,
 graphprune heads + feed-forward, and the same with the hidden size at ``--hidden``, each with its params target
-bisected so that, ORT-optimized and timed interleaved with that peer's model at every step, it is no slower; then compensated, repaired, scored and fine-tuned like the other
-rows, and the pair timed once more in one interleaved run (``interleaved_ms``).
+bisected so that, ORT-optimized and timed interleaved with that peer's model at every step, it is no slower; then
+compensated, repaired, scored and fine-tuned like the other rows, and the pair timed once more in one interleaved
+run (``interleaved_ms``).
 Each model is also run through ``onnxruntime.transformers.optimizer`` (model type vit / gpt2, the original's heads and
 hidden size given; the optimizer uses the values it detects where they differ) and timed against the original the same way (median ms, batch ``LAT_BATCH``, on a shared machine); and the
 coupling groups (prunable / frozen) of the exports are counted with ``benchmarks/transformer_groups.py``'s ``count``.
