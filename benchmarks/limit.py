@@ -185,7 +185,7 @@ def run_model(name: str, args: argparse.Namespace, train: Calibration, test: Cal
     ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=cal)
     ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(ws).workspace
     assert ws.analysis is not None
-    ws = LimitPass(LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs))(ws).workspace
+    ws = LimitPass(LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs, holdout=args.holdout))(ws).workspace
     lim = ws.limit
     assert lim is not None
     log(name, *lim.lines())
@@ -309,6 +309,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=3.0, help="training epochs (0: untrained, a smoke run of the script)")
     parser.add_argument("--finetune-epochs", type=float, default=0.25)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/limit.json"))
+    parser.add_argument("--holdout", type=int, default=LimitPassOptions.holdout,
+                        help="held-out training images each calibration point is evaluated on")
     parser.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="MACs reductions of the test curve")
     parser.add_argument("--test-samples", type=int, default=10000, help="test images (a seeded subset when fewer than 10,000)")
     parser.add_argument("--peers-at", type=float, nargs="*", default=[2.0], help="MACs reductions of the side-by-side")
