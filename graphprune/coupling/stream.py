@@ -117,7 +117,7 @@ class _Walk:
 
     def __init__(self, graph: ChannelGraph, width: int) -> None:
         self.g, self.width = graph, width
-        self.producer = {o: n for n in graph.nodes for o in n.outputs if o}
+        self.producer = graph.producers()
         self.consumers = graph.consumers()
         self.tensors: dict[str, tuple[int, str]] = {}
         self.done: set[str] = set()

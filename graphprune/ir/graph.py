@@ -180,6 +180,13 @@ class ChannelGraph:
         info = self.info(name)
         return None if info is None else info.shape
 
+    def producers(self) -> dict[str, OpNode]:
+        """Map tensor name -> the op that writes it (computed once)."""
+        found = self.memo.get("producers")
+        if found is None:
+            found = self.memo["producers"] = {o: n for n in self.nodes for o in n.outputs if o}
+        return found
+
     def consumers(self) -> dict[str, list[OpNode]]:
         """Map tensor name -> ops that read it (computed once)."""
         if self._consumers is None:

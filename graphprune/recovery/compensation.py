@@ -41,9 +41,9 @@ from graphprune.frontends.data import Calibration
 from graphprune.ir.graph import ChannelGraph, OpNode
 from graphprune.ir.plan import Plan
 from graphprune.recovery.gram_budget import Consumer, MemoryPlan, default_memory_bytes, plan_memory
-from graphprune.recovery.stored import float_const, is_stored, stored_values
+from graphprune.recovery.stored import float_const, is_stored, stored_values, weight_shape
 
-__all__ = ["Compensation", "compensate", "compensation_memory", "weight_shape"]
+__all__ = ["Compensation", "compensate", "compensation_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,6 @@ def _target(node: OpNode, edge: GateEdge, graph: ChannelGraph) -> _Target | str:
         if len(w) == 2 and isinstance(w[1], int) and edge.axis == rank - 1:
             return _Target(edge, node.inputs[1], 0, _bias_after(node, graph, w[1]))
     return f"{node.name}: {node.op_type} consumer is not compensated"
-
-
-def weight_shape(graph: ChannelGraph, name: str) -> tuple[int, ...]:
-    """Shape of a consumer's stored weight (a float constant or a dequantized one)."""
-    value = float_const(graph, name)
-    assert value is not None, name
-    return tuple(value.shape)
 
 
 def _mean_after(node: OpNode, graph: ChannelGraph) -> str | None:

@@ -56,10 +56,9 @@ from graphprune.recovery.compensation import (
     _Stats,
     _Target,
     _target,
-    weight_shape,
 )
 from graphprune.recovery.gram_budget import Consumer, MemoryPlan, default_memory_bytes, format_bytes, plan_memory
-from graphprune.recovery.stored import float_const, stored_values
+from graphprune.recovery.stored import float_const, stored_values, weight_shape
 
 __all__ = ["reconstruct", "reconstruction_memory"]
 
@@ -198,7 +197,6 @@ class _Sweep:
         self.gates = [gates(b[0].shape[0]) for b in batches]
         self.envs = [[dict(zip(graph.inputs, b)) for b in batches] for _ in range(2)]
         self.last = _last_use(graph)
-        self.producers = {o: n for n in graph.nodes for o in n.outputs if o}
 
     def inputs(self, node: OpNode) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(original, current) data input of ``node``, per batch."""
@@ -211,7 +209,8 @@ class _Sweep:
         with torch.no_grad():
             for name, value in constants.items():
                 self.cur.constant(name).copy_(torch.from_numpy(value))
-            for node in (self.producers[name] for name in reads if name in self.producers):
+            producers = self.graph.producers()
+            for node in (producers[name] for name in reads if name in producers):
                 for env in self.envs[1]:
                     args = [env[n] if n in env else (self.cur.constant(n) if n else None) for n in node.inputs]
                     env.update((o, v) for o, v in zip(node.outputs, self.cur.run_node(node, args)) if o)

@@ -24,9 +24,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from graphprune.ir.graph import ChannelGraph, OpNode
+from graphprune.ir.graph import ChannelGraph
 
-__all__ = ["Quantized", "constant_names", "float_const", "is_stored", "quantized_source", "stored_values"]
+__all__ = ["Quantized", "constant_names", "float_const", "is_stored", "quantized_source", "stored_values", "weight_shape"]
 
 _RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int16): (-32768, 32767),
           np.dtype(np.uint16): (0, 65535), np.dtype(np.int32): (-2**31, 2**31 - 1)}
@@ -43,13 +43,10 @@ class Quantized:
     axis: int | None
 
 
-def _producer(graph: ChannelGraph, name: str) -> OpNode | None:
-    return next((n for n in graph.nodes if name in n.outputs), None)
-
-
 def quantized_source(graph: ChannelGraph, name: str) -> Quantized | None:
     """The DequantizeLinear of integer constants that produces ``name`` (per-tensor or per-axis), else None."""
-    node = _producer(graph, name) if graph.const(name) is None and name in graph.tensors else None
+    info = graph.info(name)
+    node = graph.producers().get(name) if info is not None and info.kind != "param" else None
     if node is None or node.op_type != "DequantizeLinear" or int(node.attrs.get("block_size", 0)):
         return None
     q, scale = node.inputs[0], node.inputs[1]
@@ -94,6 +91,15 @@ def constant_names(graph: ChannelGraph, name: str) -> tuple[str, ...]:
     """The constants holding ``name``: itself, or a :func:`quantized_source`'s integer constant and scale."""
     qz = quantized_source(graph, name)
     return (name,) if qz is None else (qz.q, qz.scale)
+
+
+def weight_shape(graph: ChannelGraph, name: str) -> tuple[int, ...]:
+    """Shape of a stored weight (a float constant, or the integer constant a dequantized one is read from)."""
+    shape = graph.shape(constant_names(graph, name)[0])
+    assert shape is not None, name
+    dims = tuple(d for d in shape if isinstance(d, int))
+    assert len(dims) == len(shape), name  # constants have static shapes
+    return dims
 
 
 def is_stored(graph: ChannelGraph, name: str) -> bool:
