@@ -152,8 +152,9 @@ def test_macs_count_the_sequence_length_and_the_table_names_it(tmp_path):
     assert "seq = 32" in (tmp_path / "r.json").read_text()
 
 
-def _hf_export(kind: str, path: Path, dynamo: bool = False) -> Path:
-    """A Hugging Face model from a tiny config (random weights, eager attention): BERT / ViT by the legacy exporter, GPT-2 by dynamo."""
+def _hf_export(kind: str, path: Path, dynamo: bool = False, mask: bool = False) -> Path:
+    """A Hugging Face model from a tiny config (random weights, eager attention): BERT / ViT by the legacy exporter, GPT-2 by
+    dynamo; ``mask``: BERT takes ``attention_mask`` as a second input (as exported for serving)."""
     hf = pytest.importorskip("transformers")
     import torch
 
@@ -173,14 +174,20 @@ def _hf_export(kind: str, path: Path, dynamo: bool = False) -> Path:
             super().__init__()
             self.inner = inner.eval()
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, *attention_mask: torch.Tensor) -> torch.Tensor:
             if kind == "vit":
                 return self.inner(pixel_values=x).last_hidden_state
-            out = self.inner(input_ids=x, use_cache=False) if kind == "gpt2" else self.inner(input_ids=x)
-            return out.logits if kind == "gpt2" else out.last_hidden_state
+            if kind == "gpt2":
+                return self.inner(input_ids=x, use_cache=False).logits
+            return self.inner(input_ids=x, attention_mask=attention_mask[0] if attention_mask else None).last_hidden_state
 
     x = torch.randn(2, 1, 8, 8) if kind == "vit" else torch.randint(0, 50, (2, 8))
     axes = {0: "batch"} if kind == "vit" else {0: "batch", 1: "seq"}
+    if mask:
+        names = ["input", "attention_mask"]
+        torch.onnx.export(Wrapped().eval(), (x, torch.ones_like(x)), str(path), input_names=names, output_names=["out"],
+                          opset_version=17, dynamic_axes={n: axes for n in names}, dynamo=False)
+        return path
     with torch.no_grad():
         if dynamo:
             dims = {k: torch.export.Dim(v, min=2, max=16) for k, v in axes.items()}
@@ -257,8 +264,8 @@ def test_reshape_matches_symbolic_products_and_freezes_static_axes_merged_with_d
     assert factorize(["N", 6, 2], ["N", 4, 3]) == [([0], [0]), ([1, 2], [1, 2])]  # static runs of non-dividing sizes
 
 
-def _ort_hf(tmp_path: Path, kind: str) -> Path:
-    src = _hf_export(kind, tmp_path / f"hf-{kind}.onnx")
+def _ort_hf(tmp_path: Path, kind: str, mask: bool = False) -> Path:
+    src = _hf_export(kind, tmp_path / f"hf-{kind}.onnx", mask=mask)
     cmd = [sys.executable, "-m", "onnxruntime.transformers.optimizer", "--input", str(src), "--output", str(tmp_path / "ort.onnx"),
            "--model_type", kind, "--num_heads", "4", "--hidden_size", "32"]
     subprocess.run(cmd, check=True, capture_output=True)
@@ -282,6 +289,23 @@ def test_hugging_face_model_after_the_ort_optimizer_prunes_heads_exactly_and_kee
     fused = {k for k in (*before, *after) if k.startswith("com.microsoft:")}
     assert {k: after[k] for k in fused} == {k: before[k] for k in fused}, "onnxruntime fuses the pruned graph as it did the original"
     assert all(after[k] <= before[k] for k in after), "(equal shape vectors of the rewritten reshapes may merge)"
+
+
+def test_hugging_face_bert_with_its_attention_mask_fuses_attention_and_the_fused_op_loses_whole_heads(tmp_path):
+    """With ``attention_mask`` an input, onnxruntime's optimizer fuses each layer into one ``com.microsoft`` Attention
+    (packed QKV weight, ``num_heads``) and the embeddings into EmbedLayerNormalization: heads prune through the fused op."""
+    src = _ort_hf(tmp_path, "bert", mask=True)
+    ops = Counter(n.op_type for n in onnx.load(str(src)).graph.node)
+    assert ops["Attention"] == 2 and ops["EmbedLayerNormalization"] == 1 and ops["Softmax"] == 0
+    assert len(_head_groups(src, 4)) == 2
+    out = tmp_path / "small.onnx"
+    _prunes_exactly(src, out)
+    pruned = onnx.load(str(out)).graph
+    assert Counter(n.op_type for n in pruned.node) == ops, "no op added or lost: the fusions stay"
+    heads = [a.i for n in pruned.node if n.op_type == "Attention" for a in n.attribute if a.name == "num_heads"]
+    assert heads == [2, 2]
+    packed = [list(t.dims) for t in pruned.initializer if t.name.endswith("qkv_weight")]
+    assert packed == [[32, 48], [32, 48]], "q, k and v keep 2 heads of 4 each, sliced inside the packed weight"
 
 
 @pytest.mark.slow
