@@ -269,6 +269,27 @@ def test_calibration_fits_the_scale_to_the_measured_point() -> None:
     assert lm.calibrated(point, 2.0 - 1000).predict(point) == pytest.approx(0.1)
 
 
+def test_anchors_correct_the_prediction_at_their_depth_and_stay_monotone() -> None:
+    """Deep cuts measured at half the tables' saving, shallow ones at all of it: one scale cannot hold both."""
+    point = {0: 8, 1: 8}
+    cal = planted_model().calibrated(point, 1.4)  # tables -1.2 ms, measured -0.6 (scale 0.5)
+    shallow = {0: 12, 1: 12}  # tables -0.2 ms
+    assert cal.predict(shallow) == pytest.approx(1.9)
+    anchored = cal.anchored(shallow, 0.9)  # measured 1.8 ms: what the tables said there
+    assert anchored.predict(shallow) == pytest.approx(1.8)
+    assert anchored.predict(point) == pytest.approx(1.4), "the calibration point still holds"
+    assert anchored.predict({0: 8}) == pytest.approx(2.0 - (0.2 + 0.4 * 0.4))  # tables -0.6: between the two points
+    assert anchored.predict({}) == 2.0
+    assert LatencyModel.from_json(anchored.to_json()) == anchored
+    assert anchored.anchors == ((((0, 12), (1, 12)), 0.9),)
+    # a shallow point measured faster than the deep one raises the deeper saving (noise never makes deeper cuts slower)
+    noisy = cal.anchored({0: 12}, 0.6)
+    assert noisy.predict({0: 12}) == pytest.approx(1.2) and noisy.predict(point) == pytest.approx(1.2)
+    # a point measured slower than the original, or where the tables see no saving, changes nothing
+    assert cal.anchored(shallow, 1.1).predict({0: 8}) == pytest.approx(cal.predict({0: 8}))
+    assert cal.anchored({}, 0.5).predict(point) == pytest.approx(1.4)
+
+
 def test_blocked_point_keeps_whole_blocks_of_channels() -> None:
     lm = planted_model()  # counts (8, 12, 16) of 16
     assert blocked_point(lm, 8) == {0: 8, 1: 8}

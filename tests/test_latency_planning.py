@@ -382,7 +382,8 @@ def test_the_plan_is_checked_at_batch_1_and_the_latency_batch_and_repaired_when_
     first, _ = _measured_plan(profiled, lambda counts: 0.5, {"batch": 4})
     slow = {g.group: len(g.keep) for g in first.groups}
     plan, calls = _measured_plan(profiled, lambda counts, b: 1.25 if counts == slow and b == 1 else 0.5, {"batch": 4})
-    assert {b for b, *_ in calls} == {1, 4} and len(calls) == plan.meta["measurements"] == 6  # original, plan, 8s at both
+    # the first plan and the original at batch 4 (the anchor), then original, plan, 8s at both batches
+    assert {b for b, *_ in calls} == {1, 4} and len(calls) == plan.meta["measurements"] == 8
     assert plan.meta["repaired"] == "re-planned with counts multiples of 8" and "measured_slower" not in plan.meta
     assert plan.meta["measured_at"] == {"1": [0.5, 1.0], "4": [0.5, 1.0]}
     line = measured_line(plan.meta, 4)
@@ -390,6 +391,18 @@ def test_the_plan_is_checked_at_batch_1_and_the_latency_batch_and_repaired_when_
     # slower at batch 1 whatever is tried: kept as the least slower, and said
     plan, _ = _measured_plan(profiled, lambda counts, b: 1.25 if b == 1 else 0.5, {"batch": 4})
     assert plan.meta["measured_slower"] is True and "at batch 1: 1.250 ms against 1.000 ms (1.25x slower)" in measured_line(plan.meta, 4)
+
+
+def test_the_first_plan_is_measured_and_anchors_the_latency_model_before_the_plan_is_made(profiled):
+    """Planted: every pruned model runs at 0.7 of the original; the kept plan is predicted from the anchored model."""
+    plan, calls = _measured_plan(profiled, lambda counts: 0.7)
+    assert calls[0][2] is None and calls[1][2] is not None, "the original, then the first plan"
+    assert plan.meta["anchor_measured"] == pytest.approx(0.7)
+    first = make_plan(profiled.original.graph, profiled.groups(), PlanOptions(macs=0.6, allow_over_limit=True), profiled.analysis,
+                      profiled.latency)
+    assert plan.meta["anchor_predicted"] == pytest.approx(first.meta["predicted_ms"] / profiled.latency.original_ms)
+    anchored = profiled.latency.anchored({g.group: len(g.keep) for g in first.groups}, 0.7)
+    assert plan.meta["predicted_ms"] == pytest.approx(anchored.predict({g.group: len(g.keep) for g in plan.groups}))
 
 
 def test_a_latency_model_of_the_int8_model_times_the_check_quantized(profiled):
@@ -401,14 +414,14 @@ def test_a_plan_measured_slower_is_repaired_by_measurement(profiled):
     """Planted: the first plan measures 2x slower than the original, any other 2x faster: the re-plan at multiples of 8 is kept."""
     first, _ = _measured_plan(profiled, lambda counts: 0.5)
     # the plan and its multiples-of-8 re-plan are both measured; equal times keep the plan
-    assert first.meta["measured_ms"] == 0.5 and first.meta["measurements"] in (2, 3) and "repaired" not in first.meta
+    assert first.meta["measured_ms"] == 0.5 and first.meta["measurements"] in (4, 5) and "repaired" not in first.meta
     slow = {g.group: len(g.keep) for g in first.groups}
     plan, calls = _measured_plan(profiled, lambda counts: 2.0 if counts == slow else 0.5)
     counts = {g.group: len(g.keep) for g in plan.groups}
     assert plan.meta["repaired"] == "re-planned with counts multiples of 8"
     assert counts != slow and all(k % 8 == 0 or k == profiled.groups().by_id(g).channels for g, k in counts.items())
     assert plan.meta["measured_ms"] == 0.5 and plan.meta["measured_original_ms"] == 1.0
-    assert len(calls) == plan.meta["measurements"] == 3  # original, plan, multiples of 8 (16 not needed)
+    assert len(calls) == plan.meta["measurements"] == 5  # anchor (2), original, plan, multiples of 8 (16 not needed)
     assert "measured_slower" not in plan.meta
     assert "re-planned with counts multiples of 8" in measured_line(plan.meta, 1)
 
@@ -429,7 +442,7 @@ def test_multiples_of_8_measured_faster_than_a_fast_plan_are_kept(profiled):
 def test_a_plan_still_slower_after_repair_is_kept_and_said_in_one_line(profiled):
     plan, calls = _measured_plan(profiled, lambda counts: 1.5)
     assert plan.meta["measured_slower"] is True and "repaired" not in plan.meta
-    assert plan.meta["measurements"] == len(calls) <= 2 + 2
+    assert plan.meta["measurements"] == len(calls) <= 2 + 2 + 2
     line = measured_line(plan.meta, 1)
     assert "1.50x slower" in line and "still slower" in line and "\n" not in line
     v = Validation("CPUExecutionProvider", Figures(1, 1, 1.0, None), Figures(1, 1, 1.5, None))

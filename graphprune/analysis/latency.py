@@ -18,6 +18,15 @@ prediction equals one whole-model measurement of the model pruned at a
 calibration point (every group at a fast count near half its channels).
 Without a calibration (``scale`` None) the differences are scaled down by the
 tables' coverage when it is above 1, so no plan predicts below zero.
+
+One factor does not hold at every depth: deep cuts save less in the whole model
+than their probes say (on MobileNetV2 at 224 a group cut to 7 of 96 channels
+saves a third of what its tables predict, a group at half saves about what they
+predict). So a model can carry more measured points (``anchors``, each a plan
+and its measured ratio to the original: the planner adds the first plan it
+makes, measured at its batch): the correction of the tables' sum is then
+piecewise linear in that sum, through zero, the calibration point and the
+anchors (monotone), proportional beyond the deepest.
 :func:`graphprune.execution.latency_tables.measure_plan_error` checks it.
 
 Example:
@@ -148,6 +157,8 @@ class LatencyModel:
         scale: Factor on the tables' differences fitted to a measured calibration point (None: not calibrated).
         calibration: The calibration point: ``(group id, kept count)`` pairs.
         calibration_ms: Measured latency of the model pruned at the calibration point (same statistic as ``original_ms``).
+        anchors: Further measured points: ``(group id, kept count)`` pairs and the measured latency there as a
+            ratio to the original measured alongside it (see :meth:`anchored`).
     """
 
     original_ms: float
@@ -160,6 +171,7 @@ class LatencyModel:
     scale: float | None = None
     calibration: tuple[tuple[int, int], ...] = ()
     calibration_ms: float | None = None
+    anchors: tuple[tuple[tuple[tuple[int, int], ...], float], ...] = ()
 
     def predict(self, keep: Mapping[int, int]) -> float:
         """Predicted latency (ms) when group ``g`` keeps ``keep[g]`` channels (others keep all): additive, see the module.
@@ -170,7 +182,47 @@ class LatencyModel:
         for g, k in keep.items():
             if g not in self.channels or not 1 <= k <= self.channels[g]:
                 raise BadInputError(f"keep: group {g} with {k} channels is not in this latency model's range")
-        return max(self.original_ms + self.table_delta(keep) * self.factor, MIN_FRACTION * self.original_ms)
+        return max(self.original_ms + self.corrected(self.table_delta(keep)), MIN_FRACTION * self.original_ms)
+
+    def corrected(self, delta: float) -> float:
+        """The tables' summed difference ``delta`` (ms) as a whole-model difference: ``factor`` x ``delta`` without
+        anchors; with them piecewise linear through (0, 0) and the measured points, monotone (see the module)."""
+        curve = self._curve
+        if delta >= 0 or not curve:
+            return delta * self.factor
+        x = -delta
+        xs, ys = [0.0, *(p[0] for p in curve)], [0.0, *(p[1] for p in curve)]
+        if x >= xs[-1]:
+            return -x * ys[-1] / xs[-1]
+        return -float(np.interp(x, xs, ys))
+
+    @functools.cached_property
+    def _curve(self) -> tuple[tuple[float, float], ...]:
+        """(tables' saving, measured saving) in ms at the calibration point and the anchors, by saving; savings
+        that measure no larger than a shallower point's are raised to it (noise must not make deeper cuts slower)."""
+        if not self.anchors:
+            return ()
+        points = []
+        if self.scale is not None and self.calibration:
+            x = -self.table_delta(dict(self.calibration))
+            points.append((x, self.scale * x))
+        for keep, ratio in self.anchors:
+            x, y = -self.table_delta(dict(keep)), (1.0 - ratio) * self.original_ms
+            if x > 1e-3 * self.original_ms and y > 0:
+                points.append((x, y))
+        out: list[tuple[float, float]] = []
+        for x, y in sorted(points):
+            if out and x - out[-1][0] < 1e-9:
+                out[-1] = (x, max(out[-1][1], y))
+            else:
+                out.append((x, max(y, out[-1][1] if out else 0.0)))
+        return tuple(out)
+
+    def anchored(self, keep: Mapping[int, int], measured_ratio: float) -> LatencyModel:
+        """A copy with one more measured point: the model pruned to ``keep`` ran at ``measured_ratio`` x the original
+        (both measured alike). A point the tables see no saving at, or that measured no faster, is kept but unused."""
+        point = (tuple(sorted((int(g), int(k)) for g, k in keep.items() if k < self.channels.get(g, k + 1))), float(measured_ratio))
+        return dataclasses.replace(self, anchors=(*self.anchors, point))
 
     def table_delta(self, keep: Mapping[int, int]) -> float:
         """Sum over the tables of table(new sizes) - table(full sizes), uncorrected (ms)."""
@@ -242,6 +294,7 @@ class LatencyModel:
         data["counts"] = {str(g): list(c) for g, c in self.counts.items()}
         data["channels"] = {str(g): c for g, c in self.channels.items()}
         data["calibration"] = [list(p) for p in self.calibration]
+        data["anchors"] = [[[list(p) for p in keep], ratio] for keep, ratio in self.anchors]
         return json.dumps({"format": FORMAT, **data}, indent=1)
 
     @classmethod
@@ -265,7 +318,8 @@ class LatencyModel:
                        dict(d["setting"]), BuildStats(**d["stats"]),
                        None if d.get("scale") is None else float(d["scale"]),
                        tuple((int(g), int(k)) for g, k in d.get("calibration", ())),
-                       None if d.get("calibration_ms") is None else float(d["calibration_ms"]))
+                       None if d.get("calibration_ms") is None else float(d["calibration_ms"]),
+                       tuple((tuple((int(g), int(k)) for g, k in keep), float(r)) for keep, r in d.get("anchors", ())))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BadInputError(f"not a graphprune latency model ({exc})") from None
 

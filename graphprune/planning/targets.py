@@ -19,7 +19,7 @@ from graphprune.planning.hierarchical import keep_sets, make_plan, removal_order
 from graphprune.planning.latency import fast_candidates
 from graphprune.planning.options import MAGNITUDE_CRITERIA, PlanOptions, Target
 
-__all__ = ["LIMIT_TARGET", "OVERSHOOT", "REPAIR_MULTIPLES", "latency_plan", "limit_plan", "never_slower", "plan_for"]
+__all__ = ["LIMIT_TARGET", "OVERSHOOT", "REPAIR_MULTIPLES", "at_operating_point", "latency_plan", "limit_plan", "never_slower", "plan_for"]
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,9 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
 
     With a latency model, level 1 prices by predicted ms, counts snap to fast ones, a latency target is
     planned in one pass, and the plan is measured once against the original and repaired when it is slower
-    (:func:`never_slower`).
+    (:func:`never_slower`). When measuring is allowed (``latency_runs``), the first plan is measured first and
+    anchors the latency model at its depth (:func:`at_operating_point`); the plan kept is made again with it.
+    Its meta says the first plan's predicted and measured ratios (``anchor_predicted``, ``anchor_measured``).
 
     Raises:
         BadInputError: No target without a hierarchical analysis, or bad options.
@@ -236,5 +238,34 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
         described = f"{target.kind} {target.value:g}"
     plan = replan(options.round_to)
     if latency is not None and options.latency_runs > 0:
+        first, anchored = plan, at_operating_point(model, coupling, plan, latency, options.latency_runs)
+        anchor: dict[str, object] = {}
+        if anchored is not latency:
+            latency = anchored  # the re-plans read the anchored model (the closures above see this name)
+            plan, anchor = replan(options.round_to), _first_plan_meta(first, latency)
         plan = never_slower(model, coupling, plan, latency, replan, options.latency_runs, options.round_to)
+        if anchor:
+            measurements = int(str(plan.meta["measurements"])) + 2
+            plan = dataclasses.replace(plan, meta={**plan.meta, **anchor, "measurements": measurements})
     return plan, described
+
+
+def at_operating_point(model: PrunableModel, coupling: Coupling, plan: Plan, latency: LatencyModel, runs: int) -> LatencyModel:
+    """``latency`` anchored at ``plan`` (a first plan at the target): the plan and the original measured once each at
+    the latency model's batch (:meth:`LatencyModel.anchored`). Unchanged when the plan has no prediction or keeps all."""
+    keep = {g: k for g, k in _counts(plan).items() if g in latency.channels}
+    if "predicted_ms" not in plan.meta or all(k == latency.channels[g] for g, k in keep.items()):
+        return latency
+    batch, threads = int(latency.setting["batch"]), int(latency.setting.get("threads", 0))
+    quantized = bool(latency.setting.get("quantized"))
+    original = model.latency_ms(batch, runs, threads, quantized=quantized)
+    pruned = model.pruned(coupling, plan).latency_ms(batch, runs, threads, quantized=quantized)
+    log.info("latency model anchored at the first plan: measured %.3f of the original, predicted %.3f",
+             pruned / original, float(plan.meta["predicted_ms"]) / latency.original_ms)
+    return latency.anchored(keep, pruned / original)
+
+
+def _first_plan_meta(first: Plan, latency: LatencyModel) -> dict[str, object]:
+    """What the plan's meta says about the anchor: the first plan's prediction and measurement (as ratios)."""
+    _, ratio = latency.anchors[-1]
+    return {"anchor_predicted": float(first.meta["predicted_ms"]) / latency.original_ms, "anchor_measured": ratio}
