@@ -97,6 +97,19 @@ def test_round_to(analysed):
         make_plan(om.graph, coupling, PlanOptions(round_to=smallest, allow_over_limit=True).with_target(Target("macs", 0.05)), analysis)
 
 
+@pytest.mark.parametrize("value", [0.5, 0.33])
+def test_rounded_counts_give_back_what_whole_steps_overshoot(analysed, value):
+    """No group can take 8 channels (or the rest of its size) back without the plan missing its MACs target."""
+    om, coupling, analysis = analysed
+    plan = make_plan(om.graph, coupling, PlanOptions(round_to=8, allow_over_limit=True).with_target(Target("macs", value)), analysis)
+    keep, orig = _keep(plan, coupling), model_cost(om.graph).macs
+    assert cost_with_keep(om.graph, coupling, keep).macs <= value * orig
+    for g in coupling.prunable:
+        if keep[g.id] < g.channels:
+            up = {**keep, g.id: min(keep[g.id] + 8, g.channels)}
+            assert cost_with_keep(om.graph, coupling, up).macs > value * orig, (g.id, keep[g.id])
+
+
 def test_uniform_prunes_every_group_alike(analysed):
     om, coupling, _ = analysed
     plan = make_plan(om.graph, coupling, PlanOptions(method="uniform", criterion="l1").with_target(Target("macs", 0.5)))

@@ -205,6 +205,33 @@ def _rounded_to_goal(orders: Mapping[int, GroupOrder], keep: Mapping[int, int], 
     raise AssertionError("unreachable")
 
 
+def _rounded_given_back(orders: Mapping[int, GroupOrder], keep: Mapping[int, int], goal: float, value: Value, n: int,
+                        per_unit: bool) -> dict[int, int]:
+    """Whole steps of ``n`` overshoot the goal (a step of 8 in a 16-channel group is half of it): move groups back up
+    ``n`` channels at a time (to at most their size), the most predicted loss restored per unit of the target added
+    first, while the goal still holds."""
+    keep = dict(keep)
+    if n <= 1:
+        return keep
+    while True:
+        now = value(keep)
+        ups: dict[int, tuple[int, float]] = {}
+        for g, o in orders.items():
+            up = min(keep[g] + n, o.order.size)
+            if up > keep[g] and (v := value({**keep, g: up})) <= goal:
+                ups[g] = (up, max(v - now, 1e-12))
+
+        def gain(g: int, ups: Mapping[int, tuple[int, float]] = ups) -> float:
+            o, (up, added) = orders[g], ups[g]
+            restored = float(np.sum(o.step_cost[o.order.size - up:o.order.size - keep[g]]))
+            return restored / added if per_unit else restored
+
+        if not ups:
+            return keep
+        best = max(ups, key=gain)
+        keep[best] = ups[best][0]
+
+
 def _uniform(coupling: Coupling, orders: Mapping[int, GroupOrder], goal: float, value: Value, round_to: int) -> dict[int, int]:
     def keep_at(ratio: float) -> dict[int, int]:
         return uniform_counts(coupling, orders, ratio, round_to)
@@ -330,6 +357,8 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
             keep = snapped if snapped is not None else keep
         keep = round_counts(keep, orders, options.round_to)
         keep = _rounded_to_goal(orders, keep, goal, value, options.round_to, per_unit, used)
+        if value(keep) <= goal:
+            keep = _rounded_given_back(orders, keep, goal, value, options.round_to, per_unit)
         if value(keep) > goal:
             if options.method == "hierarchical" and not options.allow_over_limit:
                 raise OverLimitError(
