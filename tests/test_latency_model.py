@@ -19,6 +19,7 @@ from graphprune.analysis.latency import AxisSpec, BuildStats, LatencyModel, OpTa
 from graphprune.coupling.groups import Coupling, build_groups
 from graphprune.errors import BadInputError
 from graphprune.execution.latency_tables import (
+    QUANTIZED_SETTING,
     LatencyOptions,
     blocked_point,
     build_latency_model,
@@ -333,17 +334,17 @@ def test_int8_tables_time_every_probe_and_whole_model_quantized(vgg: tuple[OnnxM
     quantized: list[set[str]] = []
     real = quantize.quantized_for_timing
 
-    def spy(model, feeds, options=None):  # type: ignore[no-untyped-def]
-        out = real(model, feeds, options)
+    def spy(model, feeds, options=None, probe=False):  # type: ignore[no-untyped-def]
+        out = real(model, feeds, options, probe)
         quantized.append({n.op_type for n in out.graph})
         return out
 
     monkeypatch.setattr(quantize, "quantized_for_timing", spy)
     int8 = build_latency_model(om, coupling, fast_options(tmp_path, quantized=True))
-    assert int8.setting["quantized"] == "int8 QDQ" and int8.stats.cache_hits == 0  # the fp32 tables are not reused
+    assert int8.setting["quantized"] == QUANTIZED_SETTING and int8.stats.cache_hits == 0  # the fp32 tables are not reused
     assert len(quantized) == int8.stats.measurements + int8.stats.model_timings
-    weighted = [ops for ops in quantized if ops & {"Conv", "Gemm"}]  # a lone MaxPool probe has nothing to quantize
-    assert weighted and all({"QuantizeLinear", "DequantizeLinear"} <= ops for ops in weighted)
+    assert any(ops & {"MaxPool"} and not ops & {"Conv", "Gemm"} for ops in quantized), "VGG's lone MaxPool probes"
+    assert all({"QuantizeLinear", "DequantizeLinear"} <= ops for ops in quantized), "MaxPool probes quantized too"
     assert math.isfinite(int8.predict({g: max(1, c // 2) for g, c in int8.channels.items()}))
 
 

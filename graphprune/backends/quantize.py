@@ -139,9 +139,14 @@ def quantize_onnx(om: OnnxModel, data: Calibration, options: QuantizeOptions, ra
     return prepare(_quantized(om.model, reader, options, ranges), om.path)
 
 
-def quantized_for_timing(model: ir.Model, feeds: Mapping[str, np.ndarray], options: QuantizeOptions | None = None) -> ir.Model:
+def quantized_for_timing(model: ir.Model, feeds: Mapping[str, np.ndarray], options: QuantizeOptions | None = None,
+                         probe: bool = False) -> ir.Model:
     """``model`` quantized as the quantize pass does (static QDQ int8, per-channel weights by default), its ranges
     calibrated on ``feeds`` alone: for latency measurements, where only the graph's ops and shapes matter.
+
+    ``probe``: ``model`` is a sub-graph cut from a whole model; ops that onnxruntime's quantizer quantizes only
+    behind a quantized input (MaxPool, Transpose, ...) are quantized anyway (``ForceQuantizeNoInputCheck``), as
+    they are inside the whole quantized model, where their producer is.
 
     Raises:
         BadInputError: When onnxruntime cannot quantize the model.
@@ -149,10 +154,11 @@ def quantized_for_timing(model: ir.Model, feeds: Mapping[str, np.ndarray], optio
     names = list(feeds)
     batch = int(next(iter(feeds.values())).shape[0])
     reader = _reader(Calibration(tuple(feeds[n] for n in names), None, "timing inputs"), names, batch)
-    return _quantized(model, reader, options or QuantizeOptions())
+    return _quantized(model, reader, options or QuantizeOptions(), force=probe)
 
 
-def _quantized(model: ir.Model, reader: object, options: QuantizeOptions, ranges: Path | None = None) -> ir.Model:
+def _quantized(model: ir.Model, reader: object, options: QuantizeOptions, ranges: Path | None = None,
+               force: bool = False) -> ir.Model:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -166,7 +172,8 @@ def _quantized(model: ir.Model, reader: object, options: QuantizeOptions, ranges
                             per_channel=options.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=method, use_external_data_format=external,
                             calibration_cache_path=str(ranges) if ranges is not None else None,
-                            extra_options={"QDQOpTypePerChannelSupportToAxis": _PER_CHANNEL_AXES})
+                            extra_options={"QDQOpTypePerChannelSupportToAxis": _PER_CHANNEL_AXES,
+                                           "ForceQuantizeNoInputCheck": force})
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; all mean this model cannot be quantized
             raise BadInputError(f"onnxruntime cannot quantize the model: {short_message(exc)}") from None
         quantized = ir.load(out)

@@ -54,7 +54,7 @@ from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ir.onnx import model_bytes, node_map, value_map
 from graphprune.ir.plan import kept_elements, plan_from_keep
 
-__all__ = ["LatencyOptions", "SubGraph", "blocked_point", "build_latency_model", "cache_setting", "calibration_point",
+__all__ = ["QUANTIZED_SETTING", "LatencyOptions", "SubGraph", "blocked_point", "build_latency_model", "cache_setting", "calibration_point",
            "candidate_counts", "cut_subgraph", "measure_plan_error"]
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ FREE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Sha
 """Ops that are views or metadata in onnxruntime: not measured (no latency change assumed)."""
 MAX_FOLLOWERS = 4
 MODEL_STATISTIC = "median"
+QUANTIZED_SETTING = "int8 QDQ, probe inputs quantized"
+"""The cache setting of int8 tables (probes quantized as inside the whole model: MaxPool behind its producer's QDQ)."""
 """How whole models are timed: the median of their runs, as validation measures them."""
 
 
@@ -366,7 +368,9 @@ class _Meter:
     stale_tables: int = 0
 
     def time(self, model: ir.Model, feeds: Mapping[str, np.ndarray] | None = None, runs: int | None = None,
-             statistic: str | None = None) -> float:
+             statistic: str | None = None, probe: bool = True) -> float:
+        """Milliseconds of ``model`` (a cut probe unless ``probe`` is False: quantized as a probe, see
+        :func:`graphprune.backends.quantize.quantized_for_timing`)."""
         import onnxruntime as ort
 
         start = time.perf_counter()
@@ -377,7 +381,7 @@ class _Meter:
         if self.options.quantized:
             from graphprune.backends.quantize import quantized_for_timing
 
-            model = quantized_for_timing(model, feeds)
+            model = quantized_for_timing(model, feeds, probe=probe)
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         if self.options.threads:
@@ -397,7 +401,7 @@ class _Meter:
 
     def time_model(self, model: ir.Model, feeds: Mapping[str, np.ndarray]) -> float:
         """A whole model, timed like validation (counted apart from the table points)."""
-        ms = self.time(model, feeds, runs=self.options.model_runs, statistic=MODEL_STATISTIC)
+        ms = self.time(model, feeds, runs=self.options.model_runs, statistic=MODEL_STATISTIC, probe=False)
         self.measurements -= 1
         self.model_timings += 1
         return ms
@@ -534,7 +538,7 @@ def cache_setting(options: LatencyOptions, provider: str, ort_version: str) -> d
     """What every cache key holds: machine, onnxruntime version, provider, threads, batch and both statistics."""
     setting = {"format": FORMAT, "machine": _machine(provider), "onnxruntime": ort_version, "provider": provider,
                "threads": options.threads, "batch": options.batch, "statistic": options.statistic, "model_statistic": MODEL_STATISTIC}
-    return {**setting, "quantized": "int8 QDQ"} if options.quantized else setting
+    return {**setting, "quantized": QUANTIZED_SETTING} if options.quantized else setting
 
 
 def calibration_point(lm: LatencyModel) -> dict[int, int]:
@@ -612,6 +616,6 @@ def measure_plan_error(om: OnnxModel, coupling: Coupling, latency: LatencyModel,
                                          statistic=str(s["statistic"]), quantized=bool(s.get("quantized")))
     predicted = latency.predict(keep)
     meter = _Meter(options, options.resolved_provider())
-    measured = meter.time(_pruned(om, coupling, keep), sample_inputs(om.graph, batch=options.batch), runs=options.model_runs,
+    measured = meter.time(_pruned(om, coupling, keep), sample_inputs(om.graph, batch=options.batch), runs=options.model_runs, probe=False,
                           statistic=MODEL_STATISTIC)
     return predicted, measured, (predicted - measured) / measured
