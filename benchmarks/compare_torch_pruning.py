@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import analyzed_workspace, load_onnx_bytes  # benchmarks/ (same folder)
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -53,8 +54,6 @@ from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
 from graphprune.models.fashion import fashion_mnist, trained
 from graphprune.pipeline.passes import (
-    AnalyzePass,
-    AnalyzePassOptions,
     CompensateOptions,
     CompensatePass,
     FineTunePass,
@@ -99,13 +98,6 @@ def _figures(blob: bytes, test, runs: int) -> dict[str, float]:
     om = load_onnx_bytes(blob)
     cost = model_cost(om.graph)
     return {"acc": ort_accuracy(blob, test), "params": cost.params, "macs": cost.macs, **_latency(blob, runs)}
-
-
-def load_onnx_bytes(blob: bytes):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        path.write_bytes(blob)
-        return load_onnx(path)
 
 
 # --- part 1: accuracy at equal MACs -----------------------------------------------------------------------------------
@@ -195,7 +187,7 @@ def accuracy_part(names: list[str], targets_of, seeds: list[int], ft_epochs: flo
             om = load_onnx(path)
         blob = _onnx_of(module)
         base = _figures(blob, test, runs)
-        ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=calib)).workspace
+        ws = analyzed_workspace(om, calib)
         limit = ws.analysis.limit.macs_reduction
         rows.append({"model": name, "target": "base", "tool": "-", "method": "unpruned", "seed": 0, "red_target": 1.0, **base})
         rows[-1].update(_kept(blob, save_dir, rows[-1]))

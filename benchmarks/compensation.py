@@ -18,26 +18,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import analyzed_workspace, bisect_ratio, trained_onnx  # benchmarks/ (same folder)
 from rich.console import Console
 from rich.table import Table
 
-from graphprune import models
 from graphprune.backends.onnx_model import OnnxPrunable
 from graphprune.backends.torch_module import reestimate_module_batch_norm
 from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.training import accuracy
-from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
-from graphprune.models.fashion import fashion_mnist, trained
+from graphprune.models.fashion import fashion_mnist
 from graphprune.pipeline.passes import (
-    AnalyzePass,
-    AnalyzePassOptions,
     CompensateOptions,
     CompensatePass,
     PlanPass,
@@ -87,15 +83,7 @@ def _torch_pruning(module, cal, test, macs_goal: float, importance: str) -> dict
         macs, _ = tp.utils.count_ops_and_params(m, example)
         return m, base_macs / macs
 
-    lo, hi = 0.0, 0.95
-    best = None
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        m, red = pruned_at(mid)
-        if red >= macs_goal:
-            hi, best = mid, (m, red)
-        else:
-            lo = mid
+    hi, best = bisect_ratio(pruned_at, macs_goal, 12)
     m, red = best if best is not None else pruned_at(hi)
     out = {"macs_reduction": red, "none": accuracy(m, test)}
     reestimate_module_batch_norm(m, cal, batch_size=128)
@@ -124,12 +112,9 @@ def main() -> None:
     t0 = time.time()
     train, test = fashion_mnist("train"), fashion_mnist("test")
     cal = train.subset(max(args.samples, 2048), seed=0)
-    module = trained(args.model, args.epochs, cache_dir="benchmarks/.cache")
-    path = Path(tempfile.mkdtemp()) / "m.onnx"
-    models.export_onnx(module, path, bn=args.bn)
-    om = load_onnx(path)
+    module, om = trained_onnx(args.model, args.epochs, args.bn)
     base = ort_accuracy(model_bytes(om.model), test)
-    ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=cal)).workspace
+    ws = analyzed_workspace(om, cal)
     limit = ws.analysis.limit.macs_reduction
     targets = [("1.5x", 1.5), ("2x", 2.0), ("3x", 3.0), (f"max {limit:.2f}x", limit)]
     rows = []

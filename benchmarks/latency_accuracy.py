@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import load_onnx_bytes, log  # benchmarks/ (same folder)
 from compare_torch_pruning import TP_METHODS, _onnx_of, _tp_prune  # benchmarks/ (same folder)
 from latency import interleaved, speed
 from rich.console import Console
@@ -63,15 +64,8 @@ from graphprune.planning.options import PlanOptions
 console = Console(width=160)
 
 
-def log(*args: Any) -> None:
-    print(time.strftime("%H:%M:%S"), *args, flush=True)
-
-
 def macs_of(blob: bytes) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        path.write_bytes(blob)
-        return model_cost(load_onnx(path).graph).macs
+    return model_cost(load_onnx_bytes(blob).graph).macs
 
 
 def against(blob: bytes, reference: bytes, original: bytes, batch: int, runs: int, threads: int) -> tuple[float, float]:

@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import analyzed_workspace, bisect_ratio, log  # benchmarks/ (same folder)
+
 from graphprune import models
 from graphprune.analysis.cost import cost_with_keep, model_cost
 from graphprune.analysis.effective import budget_removals, removal_envelope
-from graphprune.backends.onnx_model import OnnxPrunable
 from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.training import FitOptions
 from graphprune.frontends.data import Calibration
@@ -41,8 +42,6 @@ from graphprune.ir.plan import plan_from_keep
 from graphprune.models.fashion import fashion_mnist, trained
 from graphprune.pipeline.limit import LimitPass, LimitPassOptions
 from graphprune.pipeline.passes import (
-    AnalyzePass,
-    AnalyzePassOptions,
     CompensateOptions,
     CompensatePass,
     FineTunePass,
@@ -55,10 +54,6 @@ from graphprune.planning.selection import greedy_drop_order
 
 GRID = (1.5, 2.0, 2.5, 3.0, 4.0)
 TOLERANCE = 0.01
-
-
-def log(*args: Any) -> None:
-    print(time.strftime("%H:%M:%S"), *args, flush=True)
 
 
 class Family:
@@ -154,14 +149,7 @@ def onnxsim_point(folded: Path, cal: Calibration, test: Calibration, red: float)
         onnx.save(p, str(path))
         return p, base_macs / model_cost(load_onnx(path).graph).macs
 
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(9):
-        mid = (lo + hi) / 2
-        p, r = at(mid)
-        if r >= red:
-            hi, best = mid, (p, r)
-        else:
-            lo = mid
+    hi, best = bisect_ratio(at, red, 9)
     if best is None:
         return {"macs_reduction": at(hi)[1], "accuracy": None, "note": "target not reached"}
     p, r = best
@@ -182,8 +170,7 @@ def run_model(name: str, args: argparse.Namespace, train: Calibration, test: Cal
     om = load_onnx(path)
     base = ort_accuracy(model_bytes(om.model), test)
     cal = train.subset(4096, seed=0)
-    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=cal)
-    ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(ws).workspace
+    ws = analyzed_workspace(om, cal)
     assert ws.analysis is not None
     ws = LimitPass(LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs, holdout=args.holdout))(ws).workspace
     lim = ws.limit

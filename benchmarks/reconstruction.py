@@ -24,24 +24,19 @@ import copy
 import dataclasses
 import hashlib
 import json
-import tempfile
 import time
 from pathlib import Path
 
+from common import analyzed_workspace, trained_onnx  # benchmarks/ (same folder)
 from rich.console import Console
 from rich.table import Table
 
-from graphprune import models
 from graphprune.analysis.cost import model_cost
-from graphprune.backends.onnx_model import OnnxPrunable
 from graphprune.execution.measure import ort_accuracy
 from graphprune.frontends.data import Calibration
-from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
-from graphprune.models.fashion import fashion_mnist, trained
+from graphprune.models.fashion import fashion_mnist
 from graphprune.pipeline.passes import (
-    AnalyzePass,
-    AnalyzePassOptions,
     CompensateOptions,
     CompensatePass,
     PlanPass,
@@ -92,13 +87,9 @@ def main() -> None:
     train, test = fashion_mnist("train"), fashion_mnist("test")
     test = Calibration(tuple(a[:args.test] for a in test.inputs), None if test.labels is None else test.labels[:args.test], test.source)
     cal = train.subset(max(args.samples, 2048), seed=0)
-    module = trained(args.model, args.epochs, cache_dir="benchmarks/.cache")
-    path = Path(tempfile.mkdtemp()) / "m.onnx"
-    models.export_onnx(module, path, bn=args.bn)
-    om = load_onnx(path)
+    _, om = trained_onnx(args.model, args.epochs, args.bn)
     base = ort_accuracy(model_bytes(om.model), test)
-    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=cal)
-    ws = AnalyzePass(AnalyzePassOptions(samples=2048, loss="labels"))(ws).workspace
+    ws = analyzed_workspace(om, cal)
     methods = METHODS if _has_methods() else ("edges",)
     rows = []
     for red in (float(t) for t in args.targets.split(",")):

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from common import analyzed_workspace, load_onnx_bytes  # benchmarks/ (same folder)
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -79,8 +80,6 @@ from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
 from graphprune.models.fashion import fashion_mnist, trained
 from graphprune.pipeline.passes import (
-    AnalyzePass,
-    AnalyzePassOptions,
     CompensateOptions,
     CompensatePass,
     FineTunePass,
@@ -199,10 +198,7 @@ def score(model: bytes, task: Task) -> float:
 
 
 def params_of(model: bytes) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        path.write_bytes(model)
-        return model_cost(load_onnx(path).graph).params
+    return model_cost(load_onnx_bytes(model).graph).params
 
 
 def ort_settings(task: Task) -> dict[str, Any]:
@@ -258,10 +254,7 @@ def interleaved_ms(models: dict[str, bytes], task: Task, runs: int, rounds: int 
 
 def finetune_bytes(model: bytes, task: Task, epochs: float) -> bytes:
     """``FineTunePass`` on an ONNX model (labels, through the interpreter)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        path.write_bytes(model)
-        om = load_onnx(path)
+    om = load_onnx_bytes(model)
     ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=task.train)
     ws = FineTunePass(FitOptions(epochs=epochs, lr=FT_LR, seed=0))(ws).workspace
     assert isinstance(ws.model, OnnxPrunable)
@@ -284,10 +277,7 @@ def bisect(value: Callable[[float], tuple[Any, float]], goal: float, lo: float, 
 # ---------------------------------------------------------------- graphprune
 
 def analyzed(task: Task, path: Path, samples: int) -> Workspace:
-    om = load_onnx(path)
-    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=task.calib)
-    loss = "projection" if task.lm else "labels"
-    return AnalyzePass(AnalyzePassOptions(samples=samples, loss=loss))(ws).workspace
+    return analyzed_workspace(load_onnx(path), task.calib, samples, loss="projection" if task.lm else "labels")
 
 
 def graphprune_model(ws: Workspace, params: float, hidden: float, samples: int, recover: bool = True) -> bytes:
