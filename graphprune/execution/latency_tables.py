@@ -65,9 +65,9 @@ FREE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Sha
 """Ops that are views or metadata in onnxruntime: not measured (no latency change assumed)."""
 MAX_FOLLOWERS = 4
 MODEL_STATISTIC = "median"
+"""How whole models are timed: the median of their runs, as validation measures them."""
 QUANTIZED_SETTING = "int8 QDQ, probe inputs quantized"
 """The cache setting of int8 tables (probes quantized as inside the whole model: MaxPool behind its producer's QDQ)."""
-"""How whole models are timed: the median of their runs, as validation measures them."""
 
 
 @dataclasses.dataclass(frozen=True)
