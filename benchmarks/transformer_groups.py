@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).with_name("transformer_groups.json")
-ORT_TYPES = {"bert": "bert", "gpt2": "gpt2", "vit": "vit", "hf-bert": "bert", "hf-gpt2": "gpt2", "hf-vit": "vit"}
+ORT_TYPES = {"bert": "bert", "gpt2": "gpt2", "vit": "vit", "hf-bert": "bert", "hf-bert-mask": "bert", "hf-gpt2": "gpt2", "hf-vit": "vit"}
 
 
 def export_all(root: Path) -> None:
@@ -54,7 +54,8 @@ def export_all(root: Path) -> None:
 
 
 def _export_hf(root: Path) -> None:
-    """BERT / GPT-2 / ViT from Hugging Face configs (random weights), legacy exporter, eager attention."""
+    """BERT / GPT-2 / ViT from Hugging Face configs (random weights), legacy exporter, eager attention; ``hf-bert-mask``
+    is BERT with ``attention_mask`` as a second input (onnxruntime's optimizer then fuses its attention)."""
     try:
         import torch
         import transformers as hf
@@ -64,6 +65,7 @@ def _export_hf(root: Path) -> None:
     small = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 128}
     builders = {
         "hf-bert": (lambda: hf.BertModel(hf.BertConfig(vocab_size=100, **small), add_pooling_layer=True), "ids"),
+        "hf-bert-mask": (lambda: hf.BertModel(hf.BertConfig(vocab_size=100, **small), add_pooling_layer=True), "ids+mask"),
         "hf-gpt2": (lambda: hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=128)), "ids"),
         "hf-vit": (lambda: hf.ViTForImageClassification(hf.ViTConfig(image_size=28, patch_size=7, num_channels=1, num_labels=10, **small)), "image"),
     }
@@ -72,9 +74,11 @@ def _export_hf(root: Path) -> None:
             super().__init__()
             self.inner, self.kind = inner, kind
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
             if self.kind == "image":
                 return self.inner(pixel_values=x).logits
+            if mask:
+                return self.inner(input_ids=x, attention_mask=mask[0]).last_hidden_state
             out = self.inner(input_ids=x, use_cache=False) if "GPT2" in type(self.inner).__name__ else self.inner(input_ids=x)
             return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
@@ -84,8 +88,9 @@ def _export_hf(root: Path) -> None:
         inner = build()
         inner.config._attn_implementation = "eager"
         model = Wrapped(inner.eval(), kind).eval()
-        x = torch.randint(0, 100, (2, 16)) if kind == "ids" else torch.randn(2, 1, 28, 28)
-        axes = {0: "batch", 1: "seq"} if kind == "ids" else {0: "batch"}
+        x = torch.randn(2, 1, 28, 28) if kind == "image" else torch.randint(0, 100, (2, 16))
+        axes = {0: "batch"} if kind == "image" else {0: "batch", 1: "seq"}
+        args, names = ((x, torch.ones_like(x)), ["input", "attention_mask"]) if kind == "ids+mask" else ((x,), ["input"])
         errors = []
         for dynamo in (False, True):
             path = root / f"{name}-{'dynamo' if dynamo else 'legacy'}.onnx"
@@ -94,11 +99,11 @@ def _export_hf(root: Path) -> None:
                 try:
                     if dynamo:
                         dims = {k: torch.export.Dim(v, min=2, max=64) for k, v in axes.items()}
-                        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["out"],
-                                          opset_version=18, dynamic_shapes=(dims,), dynamo=True, verbose=False)
+                        torch.onnx.export(model, args, str(path), input_names=names, output_names=["out"],
+                                          opset_version=18, dynamic_shapes=tuple(dims for _ in args), dynamo=True, verbose=False)
                     else:
-                        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["out"],
-                                          opset_version=17, dynamic_axes={"input": axes}, dynamo=False)
+                        torch.onnx.export(model, args, str(path), input_names=names, output_names=["out"],
+                                          opset_version=17, dynamic_axes={n: axes for n in names}, dynamo=False)
                     break
                 except Exception as exc:  # noqa: BLE001 - a failed export is a result to report
                     errors.append(f"{'dynamo' if dynamo else 'legacy'}: {str(exc).splitlines()[0][:300]}")
