@@ -153,4 +153,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # benchmarks/transformers.py would shadow Hugging Face ``transformers``: this folder leaves the import path.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     main()
