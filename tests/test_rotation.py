@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from graphprune.backends.onnx_rotation import rotate_onnx, slice_hidden, stream_moments, unshared
+from graphprune.backends.onnx_rotation import rotate_onnx, slice_hidden, stream_moments, unshared, with_sums
 from graphprune.cli import main
 from graphprune.coupling.stream import find_stream
 from graphprune.errors import BadInputError
 from graphprune.execution.exactness import compare_outputs
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import OnnxModel, load_onnx
-from graphprune.ir.onnx import model_session
+from graphprune.ir.onnx import model_bytes, model_session
 from graphprune.models.transformer import ViT
 from graphprune.pipeline.config import parse_pipeline, with_hidden
 from graphprune.recovery.rotation import HiddenOptions, energy_rank, global_moment, kept_width, pca
@@ -348,3 +349,72 @@ def test_hidden_pass_refuses_a_torch_model() -> None:
     ws = Workspace(original=model, model=model, data=_data((1, 28, 28), n=8))
     with pytest.raises(BadInputError, match="rotates ONNX models"):
         HiddenPass(HiddenOptions(keep=0.5))(ws)
+
+
+def _ort_pair(tmp_path: Path, name: str) -> tuple[Path, Path, Calibration]:
+    """A reference model with norms away from 1 / 0, its legacy export and that export after onnxruntime's optimizer."""
+    from test_transformers import _ort_optimize
+
+    from graphprune import models
+
+    torch.manual_seed(0)
+    model = _randomise_norms(models.build(name))
+    src = tmp_path / f"{name}.onnx"
+    rng = np.random.default_rng(0)
+    if name == "vit":
+        models.export_onnx(model, src)
+        data = Calibration((rng.standard_normal((64, 1, 28, 28)).astype(np.float32),), None, "random")
+    else:
+        models.export_tokens(model, src)
+        data = Calibration((rng.integers(0, 64, (64, 8)).astype(np.int64),), None, "tokens")
+    return src, _ort_optimize(src, tmp_path / f"{name}.ort.onnx", name), data
+
+
+@pytest.mark.parametrize("name", ["vit", pytest.param("gpt2", marks=pytest.mark.slow)])
+def test_ort_optimized_pre_ln_model_rotates_like_its_export_and_keeps_the_fused_norms(tmp_path: Path, name: str) -> None:
+    """SkipLayerNormalization (residual Add + LayerNorm, the bias of the writer before it folded in) is a stream point:
+    the ORT-optimized model slices with the error of the plain export, and stays one fused norm per norm."""
+    from test_fusions import ALL, optimized_ops
+
+    src, fused, data = _ort_pair(tmp_path, name)
+    ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
+    assert ops.count("SkipLayerNormalization") == 4 and ops.count("LayerNormalization") == 1
+    options = HiddenOptions(keep=0.75, samples=64, eval_samples=64)
+    plain, plain_rep = slice_hidden(load_onnx(src), data, None, options)
+    om = load_onnx(fused)
+    sliced, rep = slice_hidden(om, data, None, options)
+    assert rep.frozen == "" and rep.norms == 5 and rep.kept == 24 and rep.full_rotation_error < 1e-4
+    assert 0.0 < rep.relative_error < 1.0, "sliced: not exact, bounded"
+    assert rep.relative_error == pytest.approx(plain_rep.relative_error, rel=1e-3)
+    assert rep.discarded_energy == pytest.approx(plain_rep.discarded_energy, rel=1e-6)
+    assert np.allclose(_run(sliced, data), _run(plain, data), atol=1e-4 * float(np.abs(_run(plain, data)).max()))
+    new_ops = [n.op_type for n in sliced.model.graph]
+    assert new_ops.count("SkipSimplifiedLayerNormalization") == 4 and "SkipLayerNormalization" not in new_ops
+    out = tmp_path / "sliced.onnx"
+    out.write_bytes(model_bytes(sliced.model))
+    before, after = optimized_ops(fused, tmp_path / "a.opt.onnx", ALL), optimized_ops(out, tmp_path / "b.opt.onnx", ALL)
+    renamed = {"com.microsoft:SkipLayerNormalization": "com.microsoft:SkipSimplifiedLayerNormalization",
+               ":LayerNormalization": ":SimplifiedLayerNormalization"}
+    expected = Counter({renamed.get(k, k): v for k, v in before.items()})
+    if name == "gpt2":
+        expected[":Add"] += 1  # the tied LM head has no bias: the last norm's shift needs one Add
+    assert after == expected, "onnxruntime runs as many ops as before, each norm one fused op"
+
+
+def test_ort_optimized_post_ln_model_freezes_with_the_reason(tmp_path: Path) -> None:
+    _, fused, data = _ort_pair(tmp_path, "bert")
+    om = load_onnx(fused)
+    same, rep = slice_hidden(om, data, None, HiddenOptions(keep=0.75, samples=16, eval_samples=16))
+    assert "post-LN" in rep.frozen and rep.kept == 0 and same.model.graph.num_nodes() == om.model.graph.num_nodes()
+
+
+def test_fused_norm_without_its_sum_output_gets_one(tmp_path: Path) -> None:
+    _, fused, _ = _ort_pair(tmp_path, "vit")
+    om = load_onnx(fused)
+    last = [n for n in om.model.graph if n.op_type == "SkipLayerNormalization"][-1]
+    assert len(last.outputs) < 4, "the optimizer leaves the last fused norm without its sum"
+    stream = find_stream(om.graph)
+    assert "does not output its sum" in stream.frozen
+    summed = with_sums(om)
+    assert find_stream(summed.graph).frozen == "" and om.model.graph.node(last.name).outputs == last.outputs
+    assert with_sums(summed) is summed

@@ -5,7 +5,8 @@ measures its second moments at every norm input on calibration data, takes
 the PCA basis (:mod:`graphprune.recovery.rotation`), writes the rotated and
 sliced constants, replaces every norm by a unit-scale RMS norm that divides
 by the original width (``RMSNormalization`` from opset 23, else
-Mul/ReduceMean/Add/Sqrt/Div), and measures the output error against the
+Mul/ReduceMean/Add/Sqrt/Div; onnxruntime's fused ``SkipLayerNormalization``
+becomes a fused ``SkipSimplifiedLayerNormalization``), and measures the output error against the
 input model. It also checks that the full-width rotation reproduces the
 input model; when it does not, nothing is returned.
 """
@@ -19,7 +20,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from graphprune.coupling.stream import Norm, Stream, find_stream
+from graphprune.coupling.stream import SKIP_NORMS, Norm, Stream, find_stream
 from graphprune.errors import ValidationError
 from graphprune.execution.exactness import compare_outputs
 from graphprune.frontends.data import Calibration
@@ -36,7 +37,7 @@ from graphprune.recovery.rotation import (
     rotated_constants,
 )
 
-__all__ = ["rotate_onnx", "slice_hidden", "stream_moments", "unshared"]
+__all__ = ["rotate_onnx", "slice_hidden", "stream_moments", "unshared", "with_sums"]
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +69,84 @@ def stream_moments(om: OnnxModel, names: Sequence[str], data: Calibration, batch
 
 
 def _rms_nodes(norm: Norm, x: ir.Value, width: int, kept: int, opset: int, graph: ir.Graph, dtype: np.dtype) -> list[ir.Node]:
-    """Unit-scale RMS norm over the last axis of ``x`` (``kept`` wide) dividing by the original ``width``: x / sqrt(sum x^2 / width + eps)."""
-    if opset >= 23:  # RMSNormalization over kept entries, eps and scale adjusted to the original divisor
-        scale = new_const(graph, f"{norm.node}_rms_scale", np.full(kept, np.sqrt(width / kept), dtype=dtype))
-        eps = float(norm.epsilon * width / kept)
+    """Unit-scale RMS norm over the last axis of ``x`` (``kept`` wide) dividing by the original ``width``: x / sqrt(sum x^2 / width + eps).
+
+    Over ``kept`` entries that is ``x * s / sqrt(mean x^2 + eps * width / kept)`` with ``s = sqrt(width / kept)``:
+    ``RMSNormalization`` from opset 23, else Pow/ReduceMean/Add/Sqrt/Div/Mul, the pattern onnxruntime fuses into
+    one ``SimplifiedLayerNormalization`` when it loads the model."""
+    scale = new_const(graph, f"{norm.node}_rms_scale", np.full(kept, np.sqrt(width / kept), dtype=dtype))
+    eps = float(norm.epsilon * width / kept)
+    if opset >= 23:
         return [ir.node("RMSNormalization", [x, scale], {"axis": -1, "epsilon": eps}, name=f"{norm.node}_rms")]
-    sq = ir.node("Mul", [x, x], name=f"{norm.node}_sq")
+    two = new_const(graph, f"{norm.node}_two", np.array(2.0, dtype=dtype))
+    sq = ir.node("Pow", [x, two], name=f"{norm.node}_sq")
     if opset >= 18:
         axes = new_const(graph, f"{norm.node}_axes", np.array([-1], dtype=np.int64))
         mean = ir.node("ReduceMean", [sq.outputs[0], axes], {"keepdims": 1}, name=f"{norm.node}_mean")
     else:
         mean = ir.node("ReduceMean", [sq.outputs[0]], {"axes": [-1], "keepdims": 1}, name=f"{norm.node}_mean")
-    ratio = new_const(graph, f"{norm.node}_ratio", np.array(kept / width, dtype=dtype))
-    epsilon = new_const(graph, f"{norm.node}_eps", np.array(norm.epsilon, dtype=dtype))
-    scaled = ir.node("Mul", [mean.outputs[0], ratio], name=f"{norm.node}_scaled")
-    var = ir.node("Add", [scaled.outputs[0], epsilon], name=f"{norm.node}_var")
+    epsilon = new_const(graph, f"{norm.node}_eps", np.array(eps, dtype=dtype))
+    var = ir.node("Add", [mean.outputs[0], epsilon], name=f"{norm.node}_var")
     root = ir.node("Sqrt", [var.outputs[0]], name=f"{norm.node}_root")
-    out = ir.node("Div", [x, root.outputs[0]], name=f"{norm.node}_rms")
-    return [sq, mean, scaled, var, root, out]
+    div = ir.node("Div", [x, root.outputs[0]], name=f"{norm.node}_div")
+    out = ir.node("Mul", [div.outputs[0], scale], name=f"{norm.node}_rms")
+    return [sq, mean, var, root, div, out]
+
+
+def _skip_rms_node(norm: Norm, node: ir.Node, width: int, kept: int, graph: ir.Graph, dtype: np.dtype) -> ir.Node:
+    """onnxruntime's fused residual Add + norm as a unit-scale ``SkipSimplifiedLayerNormalization`` over ``kept`` entries
+    dividing by the original ``width`` (the fusion stays one op; its bias, already rotated, moves to input 3).
+
+    Without a bias of its own it takes one from a bias ``Add`` that feeds only it (onnxruntime folds such an Add into
+    ``SkipLayerNormalization`` when it loads the model, not into the simplified op: left alone it would add an op)."""
+    index = SKIP_NORMS[node.op_type][2]
+    bias = node.inputs[index] if len(node.inputs) > index else None
+    inputs = [node.inputs[0], node.inputs[1]]
+    if bias is None:
+        for i, value in enumerate(inputs):
+            folded = _bias_add(value, kept)
+            if folded is not None:
+                inputs[i], bias = folded
+                break
+    scale = new_const(graph, f"{norm.node}_rms_scale", np.full(kept, np.sqrt(width / kept), dtype=dtype))
+    new = ir.node("SkipSimplifiedLayerNormalization", [*inputs, scale] + ([bias] if bias is not None else []),
+                  {"epsilon": float(norm.epsilon * width / kept)}, domain="com.microsoft", num_outputs=4, name=f"{norm.node}_rms")
+    for value in new.outputs[1:3]:
+        value.name = ""
+    return new
+
+
+def _bias_add(value: ir.Value | None, kept: int) -> tuple[ir.Value, ir.Value] | None:
+    """(the other addend, the bias) when ``value`` is ``Add(y, bias)`` with a constant ``bias`` of ``kept`` entries used
+    once, ``y`` not a constant, and ``value`` read by one op only."""
+    add = value.producer() if value is not None else None
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(value.uses()) != 1:  # type: ignore[union-attr]
+        return None
+    a, b = add.inputs[0], add.inputs[1]
+    for y, bias in ((a, b), (b, a)):
+        if (y is not None and bias is not None and y.const_value is None and bias.const_value is not None
+                and tuple(bias.const_value.shape) == (kept,) and len(bias.uses()) == 1):
+            return y, bias
+    return None
+
+
+def with_sums(om: OnnxModel) -> OnnxModel:
+    """``om`` with every fused ``Skip(Simplified)LayerNormalization`` giving its sum as output 3 (the stream point the
+    hidden pass measures and rotates), or ``om`` when all do."""
+    model = clone_model(om.model)
+    changed = False
+    for node in model.graph:
+        if node.domain != "com.microsoft" or node.op_type not in SKIP_NORMS:
+            continue
+        if len(node.outputs) > 3 and node.outputs[3].name:
+            continue
+        count = len(node.outputs)
+        node.resize_outputs(4)
+        for value in node.outputs[count:3]:
+            value.name = ""
+        node.outputs[3].name = f"{node.name}_sum"
+        changed = True
+    return prepare(model, om.path) if changed else om
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: list[ir.Node]) -> None:
@@ -109,6 +170,11 @@ def rotate_onnx(om: OnnxModel, stream: Stream, basis: np.ndarray) -> OnnxModel:
         x = node.inputs[0]
         assert x is not None  # the walk found the norm's input
         dtype = np.dtype(x.dtype.numpy()) if x.dtype is not None else np.dtype(np.float32)
+        if norm.skip:
+            fused = _skip_rms_node(norm, node, stream.width, kept, graph, dtype)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [fused], [node.outputs[0], node.outputs[3]],
+                                                    [fused.outputs[0], fused.outputs[3]])
+            continue
         _replace(graph, node, _rms_nodes(norm, x, stream.width, kept, opset, graph, dtype))
     for reader, shift in added.items():
         node = nodes[reader]
@@ -171,7 +237,7 @@ def slice_hidden(om: OnnxModel, data: Calibration, eval_data: Calibration | None
     """
     say = status or (lambda _: None)
     find_stream(om.graph)  # a model with no norm is bad input before any copy is made
-    om = unshared(om)
+    om = with_sums(unshared(om))
     stream = find_stream(om.graph)
     if stream.frozen:
         return om, HiddenReport(stream.width, frozen=stream.frozen)

@@ -2,7 +2,9 @@
 
 A pre-norm transformer adds every sub-layer's output to one residual stream
 and reads the stream only through norms over its last axis
-(``LayerNormalization``, ``RMSNormalization``, ``SimplifiedLayerNormalization``).
+(``LayerNormalization``, ``RMSNormalization``, ``SimplifiedLayerNormalization``,
+and onnxruntime's fused residual Add + norm ``Skip(Simplified)LayerNormalization``,
+whose addends and sum output lie on the stream).
 :func:`find_stream` walks the graph from those norms and classifies every op
 that touches the stream:
 
@@ -34,13 +36,21 @@ import numpy as np
 from graphprune.errors import BadInputError
 from graphprune.ir.graph import ChannelGraph, OpNode
 
-__all__ = ["NORM_OPS", "Norm", "Reader", "Side", "Stream", "find_stream"]
+__all__ = ["BIASED_ACTIVATIONS", "NORM_OPS", "SKIP_NORMS", "Norm", "Reader", "Side", "Stream", "find_stream"]
 
 log = logging.getLogger(__name__)
 
 NORM_OPS = {("", "LayerNormalization"): True, ("", "RMSNormalization"): False,
-            ("", "SimplifiedLayerNormalization"): False, ("com.microsoft", "SimplifiedLayerNormalization"): False}
+            ("", "SimplifiedLayerNormalization"): False, ("com.microsoft", "SimplifiedLayerNormalization"): False,
+            ("com.microsoft", "SkipLayerNormalization"): True, ("com.microsoft", "SkipSimplifiedLayerNormalization"): False}
 """Norms the stream is read through, and whether each subtracts the mean (LayerNorm) or not (RMS)."""
+
+SKIP_NORMS = {"SkipLayerNormalization": (2, 3, 4), "SkipSimplifiedLayerNormalization": (2, -1, 3)}
+"""onnxruntime's fused residual Add + norm: input indices of (scale, shift, bias); -1: none. Output 3 is the sum
+(``input + skip + bias``), the stream that goes on; output 0 is the normalised sum."""
+
+BIASED_ACTIVATIONS = {"BiasGelu", "FastGelu", "BiasAdd"}
+"""com.microsoft ops that add their input 1 (a constant bias) to input 0: a reader's bias when they follow it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +72,8 @@ class Norm:
     bias: str
     epsilon: float
     centred: bool
+    skip: bool = False
+    """onnxruntime's ``Skip(Simplified)LayerNormalization``: ``input`` is its sum output (output 3)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +122,11 @@ class _Frozen(Exception):
 
 def _pos(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
+
+
+def _input(node: OpNode, index: int) -> str:
+    """Input ``index`` of ``node``, "" when absent (or index -1)."""
+    return node.inputs[index] if 0 <= index < len(node.inputs) else ""
 
 
 class _Walk:
@@ -210,19 +227,23 @@ class _Walk:
 
     # -- ops ---------------------------------------------------------------------------------------------
     def _norm(self, node: OpNode) -> None:
+        skip = SKIP_NORMS.get(node.op_type) if node.domain == "com.microsoft" else None
         x, out = node.inputs[0], node.outputs[0]
         rank = self.rank(x)
         axis = _pos(int(node.attrs.get("axis", -1)), rank)
         if axis != rank - 1:
             raise _Frozen(f"{node.op_type} '{node.name}' normalises from axis {axis}, not over the last axis only")
-        if any(o and self.consumers.get(o) for o in node.outputs[1:]) or (node.op_type == "LayerNormalization" and node.attrs.get("stash_type", 1) != 1):
+        kept_outputs = node.outputs[1:3] if skip else node.outputs[1:]
+        if any(o and self.consumers.get(o) for o in kept_outputs) or (node.op_type == "LayerNormalization" and node.attrs.get("stash_type", 1) != 1):
             raise _Frozen(f"{node.op_type} '{node.name}' has outputs or settings the rotation cannot keep")
         seen_out = self.on(out)
         if seen_out is not None and seen_out[1] != "normed":
             raise _Frozen(f"the output of {node.op_type} '{node.name}' is added to the residual stream (a post-LN model: "
                           "its scale cannot be folded into the readers)")
-        scale = node.inputs[1] if len(node.inputs) > 1 else ""
-        bias = node.inputs[2] if len(node.inputs) > 2 else ""
+        if skip:
+            x = self._skip_inputs(node, skip[2])
+        scale = _input(node, skip[0] if skip else 1)
+        bias = _input(node, skip[1] if skip else 2)
         for name in (scale, bias):  # read only (the norm is replaced), so they may be shared
             if name:
                 value = self.g.const(name)
@@ -230,10 +251,31 @@ class _Walk:
                     raise _Frozen(f"{node.op_type} '{node.name}': '{name}' is not a constant")
                 if value.shape != (self.width,):
                     raise _Frozen(f"{node.op_type} '{node.name}': '{name}' has shape {value.shape}, not ({self.width},)")
-        eps = float(node.attrs.get("epsilon", 1e-5))
-        self.norms[node.name] = Norm(node.name, x, out, scale, bias, eps, NORM_OPS[(node.domain, node.op_type)])
+        eps = float(node.attrs.get("epsilon", 1e-12 if skip else 1e-5))
+        self.norms[node.name] = Norm(node.name, x, out, scale, bias, eps, NORM_OPS[(node.domain, node.op_type)], skip is not None)
         self.mark(x, -1, "stream")
         self.mark(out, -1, "normed", node.name)
+
+    def _skip_inputs(self, node: OpNode, bias_index: int) -> str:
+        """A fused residual Add + norm: both addends and the sum lie on the stream, a constant bias writes it.
+
+        Returns the sum (output 3), the tensor the norm normalises."""
+        total = node.outputs[3] if len(node.outputs) > 3 else ""
+        if not total:
+            raise _Frozen(f"{node.op_type} '{node.name}' does not output its sum (output 3; the hidden pass adds it)")
+        for name in node.inputs[:2]:
+            seen = self.on(name)
+            if seen is not None and seen[1] == "normed":
+                raise _Frozen(f"{node.op_type} '{node.name}' adds a norm's output to the residual stream (a post-LN model: "
+                              "its scale cannot be folded into the readers)")
+            if self.g.const(name) is not None:
+                self.writer(name, -1, node)
+            else:
+                self.mark(name, -1, "stream")
+        bias = _input(node, bias_index)
+        if bias:
+            self.writer(bias, -1, node)
+        return total
 
     def _op_Add(self, node: OpNode) -> None:
         sides = [self.on(n) for n in (*node.inputs, node.outputs[0])]
@@ -294,6 +336,11 @@ class _Walk:
                 value = self.g.const(other[0]) if len(other) == 1 else None
                 if value is not None and value.shape == (w.shape[1],) and len(self.consumers.get(other[0], [])) == 1:
                     bias = other[0]
+            elif len(users) == 1 and users[0].domain == "com.microsoft" and users[0].op_type in BIASED_ACTIVATIONS:
+                fused = _input(users[0], 1)  # BiasGelu / FastGelu / BiasAdd add it before their activation
+                value = self.g.const(fused) if fused and users[0].inputs[0] == out else None
+                if value is not None and value.shape == (w.shape[1],) and len(self.consumers.get(fused, [])) == 1:
+                    bias = fused
         if bias and self.const(bias, node).size != w.shape[1 - weight.axis]:
             raise _Frozen(f"{node.op_type} '{node.name}': bias '{bias}' does not match its outputs")
         norm = self.readers_of[node.inputs[0]]
