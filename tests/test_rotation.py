@@ -367,7 +367,7 @@ def _ort_pair(tmp_path: Path, name: str) -> tuple[Path, Path, Calibration]:
     else:
         models.export_tokens(model, src)
         data = Calibration((rng.integers(0, 64, (64, 8)).astype(np.int64),), None, "tokens")
-    return src, _ort_optimize(src, tmp_path / f"{name}.ort.onnx", name), data
+    return src, _ort_optimize(src, tmp_path / f"{name}.ort.onnx", "gpt2" if name == "llama" else name), data
 
 
 @pytest.mark.parametrize("name", ["vit", pytest.param("gpt2", marks=pytest.mark.slow)])
@@ -418,3 +418,15 @@ def test_fused_norm_without_its_sum_output_gets_one(tmp_path: Path) -> None:
     summed = with_sums(om)
     assert find_stream(summed.graph).frozen == "" and om.model.graph.node(last.name).outputs == last.outputs
     assert with_sums(summed) is summed
+
+
+def test_ort_optimized_llama_style_model_rotates_its_rms_stream(tmp_path: Path) -> None:
+    """SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization (RMS: writers are not centred) are stream points."""
+    _, fused, data = _ort_pair(tmp_path, "llama")
+    om = load_onnx(fused)
+    stream = find_stream(with_sums(unshared(om)).graph)
+    assert stream.frozen == "" and not stream.centred and len(stream.norms) == 5
+    sliced, rep = slice_hidden(om, data, None, HiddenOptions(keep=0.75, samples=64, eval_samples=64))
+    assert rep.kept == 24 and rep.full_rotation_error < 1e-4 and 0.0 < rep.relative_error < 1.0
+    assert 0.0 < rep.discarded_energy < 0.25
+    assert _run(sliced, data).shape == _run(om, data).shape

@@ -78,6 +78,43 @@ def test_ort_optimized_prunes_heads_and_feed_forward_and_keeps_fusions(tmp_path,
     assert optimized_ops(out, tmp_path / "b.opt.onnx", ALL) == optimized_ops(src, tmp_path / "a.opt.onnx", ALL)
 
 
+def test_ort_optimized_llama_style_model_loads_and_prunes_key_value_groups_and_swiglu_exactly(tmp_path):
+    """The optimizer writes RMS norms as SimplifiedLayerNormalization in the default domain (onnxruntime's, not ONNX's):
+    checked as a contrib op, loaded, pruned (whole key/value groups with their query heads, SwiGLU channels) and
+    validated."""
+    from graphprune.frontends.onnx import check_onnx
+
+    src = _ort_optimize(_export("llama", tmp_path / "llama.onnx"), tmp_path / "llama.ort.onnx", "gpt2")
+    ops = Counter((n.domain, n.op_type) for n in onnx.load(str(src)).graph.node)
+    assert ops[("", "SimplifiedLayerNormalization")] == 1 and ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 4
+    with pytest.raises(Exception, match="No Op registered for SimplifiedLayerNormalization"):
+        onnx.checker.check_model(str(src))
+    check_onnx(src)
+    coupling = build_groups(load_onnx(src).graph)
+    assert len([g for g in coupling.prunable if g.channels == 64]) == 2, "SwiGLU gate and up with down"
+    assert len(_head_groups(src, HEADS["llama"])) == 2
+    out = tmp_path / "small.onnx"
+    _prunes_exactly(src, out)
+    before, after = optimized_ops(src, tmp_path / "a.opt.onnx", ALL), optimized_ops(out, tmp_path / "b.opt.onnx", ALL)
+    fused = {k: v for k, v in before.items() if "Normalization" in k or k.startswith("com.microsoft:")}
+    assert {k: after[k] for k in fused} == fused, "every fused norm and contrib op kept"
+    # the repeat of the key/value groups (an Expand to a run-time shape) gets its new head counts as a Mul + Add,
+    # which replaces more shape arithmetic than it adds
+    assert sum(after.values()) <= sum(before.values())
+
+
+def test_a_model_invalid_for_other_reasons_is_still_refused(tmp_path):
+    from graphprune.errors import BadInputError
+
+    src = _ort_optimize(_export("llama", tmp_path / "llama.onnx"), tmp_path / "llama.ort.onnx", "gpt2")
+    model = onnx.load(str(src))
+    model.graph.node[0].input[0] = "nowhere"
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(BadInputError, match="invalid ONNX model"):
+        load_onnx(bad)
+
+
 def _attention_model(path: Path, op: str) -> Path:
     """X (B, S, 16) -> com.microsoft attention op with 4 heads of 4 (GQA: of 8, onnxruntime's minimum, in 2 groups) -> Linear."""
     rng = np.random.default_rng(0)

@@ -6,13 +6,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from graphprune.errors import ValidationError
 from graphprune.execution.exactness import compare_outputs
 from graphprune.execution.sessions import make_session, providers
-from graphprune.frontends.onnx import OnnxModel
+from graphprune.frontends.onnx import OnnxModel, check_onnx
 from graphprune.ir.graph import Axis, ChannelGraph
 from graphprune.ir.masks import keep_masks
 from graphprune.ir.onnx import clone_model, model_session, new_const, value_map
@@ -52,7 +51,7 @@ def validate_pruned(
         ValidationError: On any failed check.
     """
     try:
-        onnx.checker.check_model(str(pruned_path), full_check=True)
+        check_onnx(pruned_path, full_check=True)
     except Exception as exc:  # noqa: BLE001
         raise ValidationError(f"pruned model fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
     try:

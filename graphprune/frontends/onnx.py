@@ -27,7 +27,7 @@ from graphprune.ir.dtypes import WEIGHT_TYPES
 from graphprune.ir.graph import ChannelGraph, Dim, OpNode, TensorInfo, TensorKind
 from graphprune.ir.onnx import inline_proto, node_name
 
-__all__ = ["COPY_OF", "OnnxModel", "load_onnx", "prepare", "to_channel_graph", "unshare_constants"]
+__all__ = ["COPY_OF", "ORT_DEFAULT_DOMAIN_OPS", "OnnxModel", "check_onnx", "load_onnx", "prepare", "to_channel_graph", "unshare_constants"]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,37 @@ def load_onnx(path: str | os.PathLike[str]) -> OnnxModel:
         raise BadInputError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
     _check_external_paths(model, p)
     try:
-        onnx.checker.check_model(str(p))
+        check_onnx(p)
     except Exception as exc:  # noqa: BLE001 - the checker raises several unrelated types, all meaning bad input
         raise BadInputError(f"{p}: invalid ONNX model ({_short(exc)})") from None
     return prepare(model, p)
+
+
+ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+"""Ops onnxruntime registers in the default domain that the ONNX standard does not define (its transformer optimizer
+writes RMS norms as ``SimplifiedLayerNormalization``): a model holding them is checked with them as contrib ops."""
+
+
+def check_onnx(path: Path, full_check: bool = False) -> None:
+    """``onnx.checker.check_model`` on the file, with :data:`ORT_DEFAULT_DOMAIN_OPS` checked as contrib ops (moved to
+    a contrib domain in a copy; the file is not changed) when they are what the check fails on.
+
+    Raises:
+        Exception: The checker's error (several types) on any other failure.
+    """
+    try:
+        onnx.checker.check_model(str(path), full_check=full_check)
+        return
+    except Exception as exc:  # re-raised unless only the onnxruntime ops failed
+        if not any(f"No Op registered for {op} " in str(exc) for op in ORT_DEFAULT_DOMAIN_OPS):
+            raise
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in ORT_DEFAULT_DOMAIN_OPS:
+            node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.checker.check_model(proto)  # no full check: shape inference does not know the moved ops
 
 
 def prepare(model: ir.Model, path: Path | None = None) -> OnnxModel:
