@@ -134,23 +134,23 @@ def test_untraceable_model_gives_a_clear_error():
     assert "cannot trace _DataDependent" in msg and "prune the ONNX file instead" in msg
 
 
-class _WithSilu(nn.Module):
+class _WithMish(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
         self.c = nn.Conv2d(8, 4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.nn.functional.silu(self.b(torch.relu(self.a(x)))))
+        return self.c(torch.nn.functional.mish(self.b(torch.relu(self.a(x)))))
 
 
 def test_unknown_functions_freeze_their_channels():
-    tm = load_module(_WithSilu(), [_x(2)])
+    tm = load_module(_WithMish(), [_x(2)])
     coupling = build_groups(tm.graph)
     by_anchor = {g.anchor: g for g in coupling.groups}
     assert by_anchor["a.weight[0]"].prunable
     frozen = by_anchor["b.weight[0]"]
-    assert not frozen.prunable and any("silu" in r for r in frozen.frozen)
+    assert not frozen.prunable and any("mish" in r for r in frozen.frozen)
 
 
 def test_saved_exported_program_loads(tmp_path):
@@ -395,3 +395,40 @@ def test_dead_ops_neither_freeze_channels_nor_break_a_pruned_program(tmp_path):
     assert {g.anchor: g for g in coupling.groups}["a.weight[0]"].prunable
     plan = uniform_plan(tm.graph, coupling, 0.5)
     verify_program(tm, coupling, plan, prune_program(tm, coupling, plan))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_token_embeddings_and_silu_are_in_the_op_table_and_feed_forward_groups_are_found(name):
+    """aten.embedding is a table lookup (its columns follow the output's last axis, frozen here by the norms) and
+    aten.silu an element-wise op: the Llama-style SwiGLU and GPT-2-style feed-forward channels are groups."""
+    from graphprune import models
+    from graphprune.coupling.groups import build_groups
+    from graphprune.frontends.torch.trace import load_module
+
+    torch.manual_seed(0)
+    tm = load_module(models.build(name).eval(), [torch.randint(0, 64, (2, 8))])
+    coupling = build_groups(tm.graph)
+    reasons = [r for g in coupling.groups for r in g.frozen]
+    assert not any("aten.embedding" in r or "aten.silu" in r for r in reasons)
+    assert len([g for g in coupling.prunable if g.channels == 64]) == 2
+
+
+def test_gpt2_style_feed_forward_prunes_exactly_on_the_torch_path():
+    import dataclasses
+
+    from graphprune import models
+    from graphprune.backends.torch_module import prune_module, verify_module
+    from graphprune.coupling.groups import build_groups
+    from graphprune.frontends.torch.trace import load_module
+    from graphprune.planning.uniform import uniform_plan
+
+    torch.manual_seed(0)
+    module = models.build("gpt2").eval()
+    tm = load_module(module, [torch.randint(0, 64, (2, 8))])
+    coupling = build_groups(tm.graph)
+    ffn = {g.id for g in coupling.prunable if g.channels == 64}
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    plan = dataclasses.replace(plan, groups=tuple(g for g in plan.groups if g.group in ffn))
+    pruned = prune_module(tm, coupling, plan)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in module.parameters())
+    assert verify_module(tm, coupling, plan, pruned, [torch.randint(0, 64, (3, 8))]) < 1e-5

@@ -146,6 +146,20 @@ for _target, _op in _UNARY.items():
     converts(f"aten.{_target}.default", emits=(_op,))(_unary(_op))
 
 
+@converts("aten.silu.default", "aten.silu_.default", emits=("Sigmoid", "Mul"))
+def _silu(b: Builder, node: Node, out: str) -> None:
+    x = b.name(node.args[0])
+    b.tensor(f"{out}.sig", b.tensors[out].shape, b.tensors[out].dtype, "activation")
+    b.add(f"{out}.sigmoid", "Sigmoid", [x], [f"{out}.sig"])
+    b.add(out, "Mul", [x, f"{out}.sig"], [out])
+
+
+@converts("aten.embedding.default", emits=("Gather",))
+def _embedding(b: Builder, node: Node, out: str) -> None:
+    """A table lookup: the table's rows are gathered, its columns are the output's last axis."""
+    b.add(out, "Gather", [b.name(node.args[0]), b.name(node.args[1])], [out], axis=0)
+
+
 @converts("aten.gelu.default", emits=("Gelu",))
 def _gelu(b: Builder, node: Node, out: str) -> None:
     b.add(out, "Gelu", [b.name(node.args[0])], [out], approximate=str(node.kwargs.get("approximate", "none")))
