@@ -5,9 +5,9 @@ measures its second moments at every norm input on calibration data, takes
 the PCA basis (:mod:`graphprune.recovery.rotation`), writes the rotated and
 sliced constants, replaces every norm by a unit-scale RMS norm that divides
 by the original width (``RMSNormalization`` from opset 23, else
-Mul/ReduceMean/Add/Sqrt/Div; onnxruntime's fused ``SkipLayerNormalization``
-becomes a fused ``SkipSimplifiedLayerNormalization``), and measures the output error against the
-input model. It also checks that the full-width rotation reproduces the
+Pow/ReduceMean/Add/Sqrt/Div/Mul, which onnxruntime fuses; onnxruntime's
+fused ``SkipLayerNormalization`` becomes one ``SkipSimplifiedLayerNormalization``),
+and measures the output error against the input model. It also checks that the full-width rotation reproduces the
 input model; when it does not, nothing is returned.
 """
 from __future__ import annotations
