@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).with_name("transformer_groups.json")
-ORT_TYPES = {"bert": "bert", "gpt2": "gpt2", "vit": "vit", "hf-bert": "bert", "hf-bert-mask": "bert", "hf-gpt2": "gpt2", "hf-vit": "vit"}
+ORT_TYPES = {"bert": "bert", "gpt2": "gpt2", "vit": "vit", "llama": "gpt2", "hf-bert": "bert", "hf-bert-mask": "bert", "hf-gpt2": "gpt2", "hf-vit": "vit"}
 
 
 def export_all(root: Path) -> None:
