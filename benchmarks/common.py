@@ -12,8 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import numpy as np
+
 from graphprune import models
 from graphprune.backends.onnx_model import OnnxPrunable
+from graphprune.execution.sessions import make_session, measure_latency
 from graphprune.frontends.onnx import load_onnx
 from graphprune.models.fashion import trained
 from graphprune.pipeline.passes import AnalyzePass, AnalyzePassOptions, Workspace
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
     from graphprune.frontends.data import Calibration
     from graphprune.frontends.onnx import OnnxModel
 
-__all__ = ["CACHE_DIR", "analyzed_workspace", "bisect_ratio", "load_onnx_bytes", "log", "trained_onnx"]
+__all__ = ["CACHE_DIR", "analyzed_workspace", "bisect_ratio", "interleaved_ms", "load_onnx_bytes", "log", "trained_onnx"]
 
 CACHE_DIR = "benchmarks/.cache"  # trained reference models, relative to the repository root the scripts run from
 T = TypeVar("T")
@@ -98,3 +101,15 @@ def bisect_ratio(at: Callable[[float], tuple[T, float]], goal: float, steps: int
         else:
             lo = mid
     return hi, best
+
+
+def interleaved_ms(models_: dict[str, bytes], x: np.ndarray, rounds: int = 5, runs: int = 40) -> dict[str, float]:
+    """Median latency (ms, one thread) of each model on input ``x`` over ``rounds`` alternating rounds of ``runs``
+    runs, one session alive at a time."""
+    times: dict[str, list[float]] = {name: [] for name in models_}
+    for _ in range(rounds):
+        for name, blob in models_.items():
+            session = make_session(blob, threads=1)
+            times[name].append(measure_latency(session, {session.get_inputs()[0].name: x}, runs=runs))
+            del session
+    return {name: float(np.median(t)) for name, t in times.items()}

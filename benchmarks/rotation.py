@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import interleaved_ms  # benchmarks/ (same folder)
 from rich.console import Console
 from rich.table import Table
 
@@ -31,7 +32,6 @@ from graphprune.backends.onnx_rotation import rotate_onnx, slice_hidden, unshare
 from graphprune.coupling.stream import find_stream
 from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.onnx_finetune import finetune_onnx
-from graphprune.execution.sessions import make_session, measure_latency
 from graphprune.execution.training import FitOptions
 from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
@@ -49,17 +49,6 @@ def ort_optimized(path: Path) -> Path:
     out = path.with_suffix(".ort.onnx")
     optimize_model(str(path), model_type="vit", num_heads=4, hidden_size=32).save_model_to_file(str(out))
     return out
-
-
-def interleaved_ms(models: dict[str, bytes], x: np.ndarray, rounds: int = 5, runs: int = 40) -> dict[str, float]:
-    """Median latency of each model (one thread) over alternating rounds, one session alive at a time."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, blob in models.items():
-            session = make_session(blob, threads=1)
-            times[name].append(measure_latency(session, {session.get_inputs()[0].name: x}, runs=runs))
-            del session
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:

@@ -65,6 +65,7 @@ import numpy as np
 import onnx
 import torch
 from common import analyzed_workspace, load_onnx_bytes  # benchmarks/ (same folder)
+from common import interleaved_ms as common_interleaved_ms
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -245,11 +246,7 @@ def ort_optimized_ms(model: bytes, task: Task, runs: int) -> dict[str, Any]:
 def interleaved_ms(models: dict[str, bytes], task: Task, runs: int, rounds: int = 5) -> dict[str, float]:
     """Median ORT-optimized latency of each model over ``rounds`` alternating rounds (one session alive at a time)."""
     optimized = {name: ort_optimized(m, task)[0] for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, m in optimized.items():
-            times[name].append(_ms(m, task, max(1, runs // rounds)))
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return common_interleaved_ms(optimized, task.test.inputs[0][:LAT_BATCH], rounds, max(1, runs // rounds))
 
 
 def finetune_bytes(model: bytes, task: Task, epochs: float) -> bytes:

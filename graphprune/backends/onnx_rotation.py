@@ -20,12 +20,13 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from graphprune.coupling.stream import SKIP_NORMS, Norm, Stream, find_stream
+from graphprune.coupling.stream import Norm, Stream, find_stream
 from graphprune.errors import ValidationError
 from graphprune.execution.exactness import compare_outputs
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import OnnxModel, prepare
 from graphprune.ir.onnx import clone_model, inline_proto, model_session, new_const, node_map
+from graphprune.ops.contrib import SKIP_NORMS
 from graphprune.recovery.rotation import (
     HiddenOptions,
     HiddenReport,
@@ -68,14 +69,20 @@ def stream_moments(om: OnnxModel, names: Sequence[str], data: Calibration, batch
     return sums
 
 
+def _unit_rms(norm: Norm, width: int, kept: int, graph: ir.Graph, dtype: np.dtype) -> tuple[ir.Value, float]:
+    """The scale constant ``sqrt(width / kept)`` and the epsilon ``eps * width / kept`` that make an RMS norm over
+    ``kept`` entries divide by the original ``width``."""
+    scale = new_const(graph, f"{norm.node}_rms_scale", np.full(kept, np.sqrt(width / kept), dtype=dtype))
+    return scale, float(norm.epsilon * width / kept)
+
+
 def _rms_nodes(norm: Norm, x: ir.Value, width: int, kept: int, opset: int, graph: ir.Graph, dtype: np.dtype) -> list[ir.Node]:
     """Unit-scale RMS norm over the last axis of ``x`` (``kept`` wide) dividing by the original ``width``: x / sqrt(sum x^2 / width + eps).
 
     Over ``kept`` entries that is ``x * s / sqrt(mean x^2 + eps * width / kept)`` with ``s = sqrt(width / kept)``:
     ``RMSNormalization`` from opset 23, else Pow/ReduceMean/Add/Sqrt/Div/Mul, the pattern onnxruntime fuses into
     one ``SimplifiedLayerNormalization`` when it loads the model."""
-    scale = new_const(graph, f"{norm.node}_rms_scale", np.full(kept, np.sqrt(width / kept), dtype=dtype))
-    eps = float(norm.epsilon * width / kept)
+    scale, eps = _unit_rms(norm, width, kept, graph, dtype)
     if opset >= 23:
         return [ir.node("RMSNormalization", [x, scale], {"axis": -1, "epsilon": eps}, name=f"{norm.node}_rms")]
     two = new_const(graph, f"{norm.node}_two", np.array(2.0, dtype=dtype))
@@ -108,9 +115,9 @@ def _skip_rms_node(norm: Norm, node: ir.Node, width: int, kept: int, graph: ir.G
             if folded is not None:
                 inputs[i], bias = folded
                 break
-    scale = new_const(graph, f"{norm.node}_rms_scale", np.full(kept, np.sqrt(width / kept), dtype=dtype))
+    scale, eps = _unit_rms(norm, width, kept, graph, dtype)
     new = ir.node("SkipSimplifiedLayerNormalization", [*inputs, scale] + ([bias] if bias is not None else []),
-                  {"epsilon": float(norm.epsilon * width / kept)}, domain="com.microsoft", num_outputs=4, name=f"{norm.node}_rms")
+                  {"epsilon": eps}, domain="com.microsoft", num_outputs=4, name=f"{norm.node}_rms")
     for value in new.outputs[1:3]:
         value.name = ""
     return new

@@ -35,8 +35,9 @@ import numpy as np
 
 from graphprune.errors import BadInputError
 from graphprune.ir.graph import ChannelGraph, OpNode
+from graphprune.ops.contrib import SKIP_NORMS
 
-__all__ = ["BIASED_ACTIVATIONS", "NORM_OPS", "SKIP_NORMS", "Norm", "Reader", "Side", "Stream", "find_stream"]
+__all__ = ["BIASED_ACTIVATIONS", "NORM_OPS", "Norm", "Reader", "Side", "Stream", "find_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ NORM_OPS = {("", "LayerNormalization"): True, ("", "RMSNormalization"): False,
             ("", "SimplifiedLayerNormalization"): False, ("com.microsoft", "SimplifiedLayerNormalization"): False,
             ("com.microsoft", "SkipLayerNormalization"): True, ("com.microsoft", "SkipSimplifiedLayerNormalization"): False}
 """Norms the stream is read through, and whether each subtracts the mean (LayerNorm) or not (RMS)."""
-
-SKIP_NORMS = {"SkipLayerNormalization": (2, 3, 4), "SkipSimplifiedLayerNormalization": (2, -1, 3)}
-"""onnxruntime's fused residual Add + norm: input indices of (scale, shift, bias); -1: none. Output 3 is the sum
-(``input + skip + bias``), the stream that goes on; output 0 is the normalised sum."""
 
 BIASED_ACTIVATIONS = {"BiasGelu", "FastGelu", "BiasAdd"}
 """com.microsoft ops that add their input 1 (a constant bias) to input 0: a reader's bias when they follow it."""

@@ -23,10 +23,14 @@ from graphprune.ir.graph import Axis, ChannelGraph, OpNode
 from graphprune.ops._common import broadcast_links, freeze_axes, freeze_node, identity_links, needs_shapes
 from graphprune.ops.registry import AdjustContext, Adjustment, Link, Semantics, register, register_run
 
-__all__ = ["MS"]
+__all__ = ["MS", "SKIP_NORMS"]
 
 MS = "com.microsoft"
 Args = list[Any]
+
+SKIP_NORMS = {"SkipLayerNormalization": (2, 3, 4), "SkipSimplifiedLayerNormalization": (2, -1, 3)}
+"""onnxruntime's fused residual Add + norm: input indices of (scale, shift, bias); -1: none. Output 3 is the sum
+(``input + skip + bias``), the stream that goes on; output 0 is the normalised sum."""
 
 
 def _rank(graph: ChannelGraph, name: str) -> int:
@@ -310,7 +314,8 @@ def _simplified_ln(node: OpNode, args: Args) -> tuple[Any, ...]:
 @register_run("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=MS)
 def _skip_ln(node: OpNode, args: Args) -> tuple[Any, ...]:
     simplified = node.op_type == "SkipSimplifiedLayerNormalization"
-    bias = args[3 if simplified else 4] if len(args) > (3 if simplified else 4) else None
+    at = SKIP_NORMS[node.op_type][2]
+    bias = args[at] if len(args) > at else None
     s = args[0] + args[1] + (bias if bias is not None else 0)
     eps = float(node.attrs.get("epsilon", 1e-12))
     if simplified:
