@@ -254,3 +254,60 @@ def test_activations_beyond_the_bound_use_fewer_samples_or_are_refused(flat):
 def test_unknown_compensation_method_is_refused():
     with pytest.raises(BadInputError, match="method must be one of"):
         CompensateOptions(method="magic").check()
+
+
+class SquareBN(nn.Module):
+    """conv1 (2 -> 6) -> relu -> conv2 (6 -> 4) -> x * x -> BatchNorm -> pool -> fc: the BN reads a changed value that
+    no refit produces (the product), and the BN after a refitted conv would be conv2's own output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return self.fc(self.bn(y * y).mean((2, 3)))
+
+
+def _bn_input_moments(om, data: Calibration) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance of the BN's input, normalised by its running statistics (eval mode)."""
+    (bn,) = [n for n in om.graph.nodes if n.op_type == "BatchNormalization"]
+    x = torch.from_numpy(data.inputs[0])
+    from graphprune.execution.interpreter import GraphInterpreter
+
+    got = []
+    interp = GraphInterpreter(om.graph).eval()
+    with torch.no_grad():
+        interp(x, taps={bn.inputs[0]: lambda t: got.append(t) or t})
+    t = got[0].double()
+    mean = np.asarray(om.graph.const(bn.inputs[3]), np.float64)
+    var = np.asarray(om.graph.const(bn.inputs[4]), np.float64)
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    z = (t - torch.from_numpy(mean)[None, :, None, None]) / torch.from_numpy(np.sqrt(var + eps))[None, :, None, None]
+    return z.mean((0, 2, 3)).numpy(), z.var((0, 2, 3), unbiased=False).numpy()
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_sequential_refit_corrects_the_batchnorm_no_refit_feeds(tmp_path, correct):
+    """Dropping independent channels changes the product the BN reads; the refit moves the BN's running statistics by
+    what pruning changed (its normalised input has the original's mean and variance on the calibration data), and
+    only with the correction on."""
+    torch.manual_seed(0)
+    m = SquareBN()
+    path = tmp_path / "sq.onnx"
+    torch.onnx.export(m.eval(), (torch.zeros(2, *SHAPE),), str(path), input_names=["input"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}}, training=torch.onnx.TrainingMode.PRESERVE,
+                      do_constant_folding=False)
+    om = load_onnx(path)
+    coupling = build_groups(om.graph)
+    plan = _plan(coupling, "conv1.weight[0]", (0, 2, 4))
+    cal = _cal(128)
+    comp = reconstruct(om.graph, coupling, plan, cal, batch_norm=correct)
+    assert comp.batch_norms == int(correct)
+    want = _bn_input_moments(om, cal)
+    got = _bn_input_moments(_pruned(om, coupling, plan, comp.values), cal)
+    close = all(np.allclose(g, w, rtol=1e-3, atol=1e-4) for g, w in zip(got, want))
+    assert close == correct, (got, want)

@@ -322,7 +322,8 @@ class CompensatePass(Pass):
             ws.status(memory.line())
             ws.status("compensating dropped channels")
             result = compensate(graph, ws.groups(), ws.plan, data, self.options.batch_size, memory)
-        ws.compensation = CompensationSummary(result.edges, tuple(result.skipped), memory.bound, memory.peak)
+        ws.compensation = CompensationSummary(result.edges, tuple(result.skipped), memory.bound, memory.peak,
+                                              self.options.method, result.batch_norms)
         ws.model = ws.model.with_values(result.values)
         return PassResult(ws, bool(result.values))
 
@@ -359,6 +360,20 @@ class RewritePass(Pass):
         return PassResult(ws, bool(ws.plan.groups))
 
 
+def _repaired_by_refit(ws: Workspace) -> str | None:
+    """Why the sequential refit already did the repair's work (None: it did not).
+
+    The refit matches every changed consumer's output to the original's, constant term included (bias
+    correction's job), and corrects the BatchNormalization statistics no refit feeds; repairing again afterwards
+    shifts what the refits downstream were fitted to (benchmarks/README.md).
+    """
+    c = ws.compensation
+    if c is None or c.method != "sequential" or not c.edges:
+        return None
+    norms = f", and corrected {c.batch_norms} BatchNormalization nodes no refit feeds" if c.batch_norms else ""
+    return f"the sequential refit matched {c.edges} consumers' outputs to the original's{norms}"
+
+
 @register_pass
 class RepairPass(Pass):
     """Statistics repair after rewrite: BN re-estimation, else bias correction of the pruned groups' consumers."""
@@ -376,6 +391,10 @@ class RepairPass(Pass):
         from graphprune.recovery.stored import constant_names
 
         assert ws.data is not None and ws.plan is not None and ws.kept is not None
+        if (done := _repaired_by_refit(ws)) is not None:
+            ws.status(f"repair: not needed: {done}")
+            ws.repair = f"none ({done})"
+            return PassResult(ws, False)
         ws.status("repairing statistics")
         data = ws.data.subset(self.options.samples, self.options.seed)
         if has_batch_norm(ws.model.graph):

@@ -57,12 +57,15 @@ Status = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class CompensationSummary:
-    """What the compensate pass folded: exit edges compensated, consumers skipped (with reasons), its memory bound and plan's peak (bytes)."""
+    """What the compensate pass folded: exit edges compensated, consumers skipped (with reasons), its memory bound and
+    plan's peak (bytes), its method, and the BatchNormalization nodes it re-estimated (the sequential refit)."""
 
     edges: int
     skipped: tuple[str, ...]
     memory_bound: int = 0
     memory_peak: int = 0
+    method: str = "sequential"
+    batch_norms: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,9 @@ at a budget are the effective filters at that budget.
   predict: ``SPECTRAL_NATS_PER_TOLERANCE * tolerance`` nats of predicted loss.
 - The **calibrated limit** comes from a few measured points (each one plan,
   compensation, rewrite, repair and evaluation): the budget is bracketed by
-  steps of ``STEP`` from the spectral budget, then bisected geometrically.
+  steps of ``STEP`` from the spectral budget, then narrowed where the quality,
+  interpolated in log budget between the bracket's points, crosses the
+  threshold (safeguarded: always inside the bracket's middle half).
 - The **fine-tuned limit** is estimated from the same curve: a brief
   fine-tune of E epochs is modelled as leaving ``remaining(E)`` of the
   accuracy drop, so quality holds where the no-fine-tune drop is at most
@@ -63,7 +65,9 @@ benchmarks/compare_*.json: 0.29 and 0.25)."""
 STEP = 4.0
 """Factor between two budgets while bracketing the limit."""
 RESOLUTION = 1.05
-"""Bisection stops when the failing and passing reductions are within this factor."""
+"""The search stops when the failing and passing reductions are within this factor."""
+INTERPOLATION_CLAMP = 0.25
+"""Each interpolated budget lies at least this fraction of the bracket (in log budget) from either end."""
 EXTRA_FINETUNE_POINTS = 2
 """Points measured beyond ``points`` to reach the drop the fine-tuned estimate needs."""
 
@@ -254,7 +258,7 @@ def _same(a: Mapping[int, int], b: Mapping[int, int]) -> bool:
 
 def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budget: float, threshold: float,
            base: CalibrationPoint, points: int) -> tuple[CalibrationPoint, CalibrationPoint | None, list[CalibrationPoint]]:
-    """Bracket, then bisect, the largest budget whose measured quality is at least ``threshold``.
+    """Bracket, then narrow by interpolation, the largest budget whose measured quality is at least ``threshold``.
 
     Args:
         evaluate: Measures one budget.
@@ -296,11 +300,22 @@ def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budge
     while hi is None and b < max_budget and len(measured) < points:  # bracket: up by STEP until a point fails
         b = min(b * STEP, max_budget)
         step(b)
-    for _ in range(64):  # bisection in log budget
+    for _ in range(64):  # safeguarded interpolation in log budget
         if hi is None or len(measured) >= points or hi.macs_reduction / lo.macs_reduction <= RESOLUTION:
             break
-        step(math.sqrt(lo.budget * hi.budget) if lo.budget > 0 else hi.budget / STEP)
+        step(_between(lo, hi, threshold))
     return lo, hi, measured
+
+
+def _between(lo: CalibrationPoint, hi: CalibrationPoint, threshold: float) -> float:
+    """The next budget inside the bracket: where the quality, linear in log budget between the two points, crosses
+    ``threshold``, kept within the middle half of the bracket (a cliff or noise cannot stall it: each point shrinks the
+    bracket to at most three quarters)."""
+    if lo.budget <= 0:
+        return hi.budget / STEP
+    t = (lo.quality - threshold) / max(lo.quality - hi.quality, 1e-12)
+    t = min(max(t, INTERPOLATION_CLAMP), 1.0 - INTERPOLATION_CLAMP)
+    return float(math.exp(math.log(lo.budget) + t * math.log(hi.budget / lo.budget)))
 
 
 def remaining_after(epochs: float) -> float:

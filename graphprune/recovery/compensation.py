@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 RIDGE = 1e-6
 """Ridge added to the kept channels' covariance, relative to its mean diagonal."""
+CHUNK_ROWS = 8192
+"""Most rows one float32 product of the streamed sums covers before it is added to the float64 totals
+(bounds the float32 rounding, about 1e-7 * sqrt(rows) relative, well under the ridge's effect)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Compensation:
     """The Gram form of every consumer and the bound they were planned in."""
     gram_bytes: int = 0
     """Bytes of the Gram matrices and means actually allocated (at most ``memory.gram_bytes``)."""
+    batch_norms: int = 0
+    """BatchNormalization nodes whose running statistics the sequential refit corrected (no refit fed them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,22 +152,24 @@ class _Stats:
         parts = x.split(max(1, chunk_bytes // per_sample), 0) if axis != 0 and x.dim() > 1 else (x,)
         for part in parts:
             flat = part.index_select(axis, index).movedim(axis, -1).reshape(-1, width)
-            for rows in flat.split(max(1, chunk_bytes // (width * 24)), 0):
-                self._accumulate(rows.double().cpu())
+            step = max(1, min(CHUNK_ROWS, chunk_bytes // (width * 12)))
+            for rows in flat.split(step, 0):
+                self._accumulate(rows.float().cpu())
 
     def _accumulate(self, flat: torch.Tensor) -> None:
-        self.s1 += flat.sum(0)
+        """Add one chunk's sums: products in float32 (at most ``CHUNK_ROWS`` rows), accumulated in float64."""
+        self.s1 += flat.sum(0, dtype=torch.float64)
         self.n += flat.shape[0]
         if self.form == "dense":
-            self.s2.addmm_(flat.T, flat)
+            self.s2 += (flat.T @ flat).double()
             return
         v = flat.view(-1, self.c, self.m)
         if self.form == "per-position":
             v = v.permute(2, 0, 1)  # (m, rows, C)
-            self.s2.baddbmm_(v.transpose(1, 2), v)
+            self.s2 += torch.bmm(v.transpose(1, 2), v).double()
         else:
             v = v.transpose(1, 2).reshape(-1, self.c)  # (rows m, C)
-            self.s2.addmm_(v.T, v)
+            self.s2 += (v.T @ v).double()
 
 
 def _collect(graph: ChannelGraph, targets: list[_Target], stats: list[_Stats], data: Calibration,
