@@ -58,7 +58,7 @@ Status = Callable[[str], None]
 @dataclasses.dataclass(frozen=True)
 class CompensationSummary:
     """What the compensate pass folded: exit edges compensated, consumers skipped (with reasons), its memory bound and
-    plan's peak (bytes), its method, and the BatchNormalization nodes it re-estimated (the sequential refit)."""
+    plan's peak (bytes), its method, and the BatchNormalization nodes whose statistics the sequential refit corrected."""
 
     edges: int
     skipped: tuple[str, ...]

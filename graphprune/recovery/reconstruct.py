@@ -318,8 +318,9 @@ def _moments(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (axis 1) mean and variance over every batch, in float64."""
     dims = [d for d in range(xs[0].dim()) if d != 1]
     n = sum(x.numel() // x.shape[1] for x in xs)
-    mean = sum(x.double().sum(dims) for x in xs) / n
-    return mean, torch.clamp(sum((x.double() ** 2).sum(dims) for x in xs) / n - mean**2, min=0.0)
+    mean = torch.stack([x.double().sum(dims) for x in xs]).sum(0) / n
+    square = torch.stack([(x.double() ** 2).sum(dims) for x in xs]).sum(0) / n
+    return mean, torch.clamp(square - mean**2, min=0.0)
 
 
 def _batch_statistics(node: OpNode, sweep: _Sweep, graph: ChannelGraph) -> dict[str, np.ndarray]:
