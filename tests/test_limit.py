@@ -117,11 +117,12 @@ def test_search_stops_at_the_point_budget():
 def test_finetuned_estimate_reads_the_same_curve():
     pts = [CalibrationPoint(0.1, 2.0, 2.0, 0, 0.89), CalibrationPoint(0.4, 4.0, 4.0, 0, 0.70)]
     curve = measured_curve(0.90, pts)
-    one = finetuned_limit(curve, 0.90, 0.01, 1.0)  # one epoch leaves 0.09 of the drop: drops up to 0.111 hold
-    quarter = finetuned_limit(curve, 0.90, 0.01, 0.25)  # a quarter epoch leaves 0.27: up to 0.037
+    one = finetuned_limit(curve, 0.90, 0.01, 1.0)  # one epoch leaves 0.274 of the drop: drops up to 0.0365 hold
+    quarter = finetuned_limit(curve, 0.90, 0.01, 0.25)  # a quarter epoch leaves 0.82: up to 0.0122
     assert not one.bounded and not quarter.bounded
     assert 2.0 < quarter.macs_reduction < one.macs_reduction < 4.0
-    assert one.macs_reduction == pytest.approx(2.0 * 2.0 ** ((0.01 / 0.09 - 0.01) / 0.19), rel=1e-6)
+    assert quarter.remaining == pytest.approx(0.82, abs=0.005)
+    assert one.macs_reduction == pytest.approx(2.0 * 2.0 ** ((0.01 / 0.274 - 0.01) / 0.19), rel=1e-6)
     assert finetuned_limit(measured_curve(0.9, pts[:1]), 0.90, 0.01, 1.0).bounded  # never dropped far enough
 
 
