@@ -311,3 +311,23 @@ def test_sequential_refit_corrects_the_batchnorm_no_refit_feeds(tmp_path, correc
     got = _bn_input_moments(_pruned(om, coupling, plan, comp.values), cal)
     close = all(np.allclose(g, w, rtol=1e-3, atol=1e-4) for g, w in zip(got, want))
     assert close == correct, (got, want)
+
+
+def test_shared_original_activations_give_the_same_refit(tmp_path):
+    """The limit's points share the original's reads: replaying them gives the very values a full sweep gives, and
+    reads made on other batches are ignored rather than misused."""
+    from graphprune.recovery.reconstruct import original_activation_bytes, original_activations
+
+    torch.manual_seed(0)
+    om = _export(SquareBN(), tmp_path / "sq.onnx")
+    coupling = build_groups(om.graph)
+    plan = _plan(coupling, "conv1.weight[0]", (0, 2, 4))
+    cal = _cal(96)
+    shared = original_activations(om.graph, cal, 32)
+    assert shared.sizes == (32, 32, 32) and shared.nbytes == original_activation_bytes(om.graph, 96)
+    want = reconstruct(om.graph, coupling, plan, cal, 32)
+    for original in (shared, original_activations(om.graph, cal, 48)):  # the second: other batches, not used
+        got = reconstruct(om.graph, coupling, plan, cal, 32, original=original)
+        assert got.values.keys() == want.values.keys()
+        for name, value in want.values.items():
+            np.testing.assert_allclose(got.values[name], value, rtol=1e-6, atol=1e-7)

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from graphprune.planning.limit import (
     search,
 )
 from graphprune.planning.selection import DropOrder, greedy_drop_order
+
+if TYPE_CHECKING:
+    from graphprune.recovery.reconstruct import OriginalActivations
 
 __all__ = ["LimitPass", "LimitPassOptions", "held_out", "predictions"]
 
@@ -109,13 +113,36 @@ def _plan(ws: Workspace, orders: Mapping[int, DropOrder], counts: Mapping[int, i
                                               "budget": budget})
 
 
-def _quality(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration) -> float:
+def _shared_original(ws: Workspace, options: LimitPassOptions) -> OriginalActivations | None:
+    """The original's reads on the compensation samples, computed once for every point, when they fit in a quarter
+    of the memory bound (else each point runs the original again, said in a status line)."""
+    from graphprune.recovery.gram_budget import default_memory_bytes, format_bytes
+    from graphprune.recovery.reconstruct import original_activation_bytes, original_activations, refit_samples
+
+    assert ws.data is not None
+    recovery = options.recovery()
+    if not options.compensate or recovery.method != "sequential":
+        return None
+    bound = recovery.memory_bytes or default_memory_bytes()
+    data = ws.data.subset(recovery.samples, recovery.seed)
+    n = max(2, refit_samples(ws.original.graph, bound, len(data)))
+    need = original_activation_bytes(ws.original.graph, n)
+    if need > bound // 4:
+        ws.status(f"limit: the original's activations on {n} samples ({format_bytes(need)}) exceed a quarter of the "
+                  f"{format_bytes(bound)} bound: every point runs the original again")
+        return None
+    data = Calibration(tuple(a[:n] for a in data.inputs), None, data.source)
+    return original_activations(ws.original.graph, data, recovery.batch_size)
+
+
+def _quality(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration,
+             original: OriginalActivations | None = None) -> float:
     """Compensate, rewrite, repair (as the pipeline would) and evaluate on the held-out samples."""
     assert ws.data is not None
     w = Workspace(original=ws.original, model=ws.original, data=ws.data, coupling=ws.groups(), plan=plan)
     recovery = options.recovery()
     if options.compensate:
-        w = CompensatePass(recovery)(w).workspace
+        w = CompensatePass(recovery, original)(w).workspace
     w = RewritePass(RewriteOptions(verify=False))(w).workspace
     if options.repair:
         w = RepairPass(recovery)(w).workspace
@@ -171,6 +198,7 @@ class LimitPass(Pass):
         base_q = ws.original.accuracy(held)
 
         cache: dict[float, dict[int, int]] = {}
+        shared = _shared_original(ws, o)
 
         def counts(budget: float) -> dict[int, int]:
             if budget not in cache:
@@ -184,7 +212,7 @@ class LimitPass(Pass):
             cost = cost_with_keep(graph, coupling, c)
             loss = float(sum(orders[g].cost[full[g] - k] for g, k in c.items()))
             ws.status(f"limit: measuring budget {budget:.3g} ({original.macs / max(1, cost.macs):.2f}x fewer MACs)")
-            q = _quality(ws, _plan(ws, orders, c, budget), o, held)
+            q = _quality(ws, _plan(ws, orders, c, budget), o, held, shared)
             point = CalibrationPoint(budget, original.macs / max(1, cost.macs), original.params / max(1, cost.params), loss, q,
                                      time.perf_counter() - start)
             log.info("limit point: %s", point)

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphprune.analysis.cost import cost_with_keep, model_cost, param_bytes
 from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
@@ -40,6 +40,9 @@ from graphprune.pipeline.workspace import (
 from graphprune.planning.options import PlanOptions
 from graphprune.recovery.rotation import HiddenOptions
 from graphprune.report.prune import ReportOptions, write_reports
+
+if TYPE_CHECKING:
+    from graphprune.recovery.reconstruct import OriginalActivations
 
 __all__ = [
     "PASSES",
@@ -305,6 +308,12 @@ class CompensatePass(Pass):
     forbids = frozenset({"rewritten", "rotated"})
     mutates = True
 
+    def __init__(self, options: CompensateOptions | None = None, original: OriginalActivations | None = None) -> None:
+        """``original``: the original model's reads on this pass's samples, shared by repeated refits (the limit's
+        points), so that only the pruned model runs."""
+        super().__init__(options)
+        self.original = original
+
     def run(self, ws: Workspace) -> PassResult:
         from graphprune.recovery.compensation import compensate, compensation_memory
         from graphprune.recovery.reconstruct import reconstruct, reconstruction_memory
@@ -316,7 +325,7 @@ class CompensatePass(Pass):
             memory = reconstruction_memory(graph, ws.groups(), ws.plan, bound, len(data))
             ws.status(memory.line())
             ws.status("refitting the consumers in graph order")
-            result = reconstruct(graph, ws.groups(), ws.plan, data, self.options.batch_size, memory)
+            result = reconstruct(graph, ws.groups(), ws.plan, data, self.options.batch_size, memory, original=self.original)
         else:
             memory = compensation_memory(graph, ws.groups(), ws.plan, bound)
             ws.status(memory.line())

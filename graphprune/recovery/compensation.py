@@ -126,6 +126,11 @@ def _bias_after(node: OpNode, graph: ChannelGraph, width: int) -> str | None:
     return None
 
 
+def _whole(idx: np.ndarray, size: int) -> bool:
+    """``idx`` picks every element of an axis of ``size``, in order (no copy needed)."""
+    return idx.size == size and bool(np.array_equal(idx, np.arange(size)))
+
+
 class _Stats:
     """Streamed sums of x and x x^T over samples and positions for one edge's ``C x m`` elements, in one Gram form.
 
@@ -147,18 +152,19 @@ class _Stats:
     def add(self, x: torch.Tensor, axis: int, idx: np.ndarray, chunk_bytes: int) -> None:
         """Accumulate ``x``'s elements ``idx`` on ``axis``, a chunk of about ``chunk_bytes`` at a time."""
         x, width = x.detach(), idx.size
-        index = torch.as_tensor(idx, device=x.device)
+        index = None if _whole(idx, x.shape[axis]) else torch.as_tensor(idx, device=x.device)
         per_sample = max(1, x[:1].numel() // max(x.shape[axis], 1) * width * 12)
         parts = x.split(max(1, chunk_bytes // per_sample), 0) if axis != 0 and x.dim() > 1 else (x,)
         for part in parts:
-            flat = part.index_select(axis, index).movedim(axis, -1).reshape(-1, width)
+            picked = part if index is None else part.index_select(axis, index)
+            flat = picked.movedim(axis, -1).reshape(-1, width)
             step = max(1, min(CHUNK_ROWS, chunk_bytes // (width * 12)))
             for rows in flat.split(step, 0):
                 self._accumulate(rows.float().cpu())
 
     def _accumulate(self, flat: torch.Tensor) -> None:
         """Add one chunk's sums: products in float32 (at most ``CHUNK_ROWS`` rows), accumulated in float64."""
-        self.s1 += flat.sum(0, dtype=torch.float64)
+        self.s1 += flat.sum(0).double()
         self.n += flat.shape[0]
         if self.form == "dense":
             self.s2 += (flat.T @ flat).double()

@@ -66,11 +66,13 @@ from graphprune.recovery.compensation import (
     _Stats,
     _Target,
     _target,
+    _whole,
 )
 from graphprune.recovery.gram_budget import Consumer, MemoryPlan, default_memory_bytes, format_bytes, plan_memory
 from graphprune.recovery.stored import float_const, stored_values, weight_shape
 
-__all__ = ["reconstruct", "reconstruction_memory"]
+__all__ = ["OriginalActivations", "original_activation_bytes", "original_activations", "reconstruct",
+           "reconstruction_memory", "refit_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,11 @@ def _consumer(r: _Refit, graph: ChannelGraph) -> Consumer:
     return Consumer(r.target.edge.node, r.group, r.keep.size + c, m, r.keep.size, c, big.regressors.size, big.targets.size)
 
 
+def refit_samples(graph: ChannelGraph, bound: int, samples: int) -> int:
+    """How many of ``samples`` the sweep holds within half of ``bound`` (the same for every plan of ``graph``)."""
+    return min(samples, bound // 2 // max(_held_bytes_per_sample(graph), 1))
+
+
 def reconstruction_memory(graph: ChannelGraph, coupling: Coupling, plan: Plan, bound: int | None = None,
                           samples: int = 1024) -> MemoryPlan:
     """The Gram form of every consumer :func:`reconstruct` refits (one at a time) within ``bound`` bytes.
@@ -181,7 +188,7 @@ def reconstruction_memory(graph: ChannelGraph, coupling: Coupling, plan: Plan, b
     bound = default_memory_bytes() if bound is None else bound
     refits, _ = _refits(graph, coupling, plan)
     per_sample = max(_held_bytes_per_sample(graph), 1)
-    fit = min(samples, bound // 2 // per_sample)
+    fit = refit_samples(graph, bound, samples)
     if fit < 2:
         raise BadInputError(f"compensation cannot fit in {format_bytes(bound)}: 2 samples' activations need "
                             f"{format_bytes(4 * per_sample)}; raise the compensate pass's memory_bytes (--compensate-memory)")
@@ -189,6 +196,54 @@ def reconstruction_memory(graph: ChannelGraph, coupling: Coupling, plan: Plan, b
     shapes = [_consumer(r, graph) for r in refits]
     planned = plan_memory(shapes, bound - held, list(range(len(refits))))
     return dataclasses.replace(planned, bound=bound, held_bytes=held, samples=fit)
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginalActivations:
+    """What every sequential refit on the same samples reads from the original model, computed once: the data input
+    of every Conv / Gemm / MatMul and BatchNormalization, per calibration batch (the limit pass's points share it)."""
+
+    sizes: tuple[int, ...]
+    """Samples in each batch."""
+    tensors: Mapping[str, tuple[torch.Tensor, ...]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts)
+
+
+def _read_names(graph: ChannelGraph) -> list[str]:
+    return sorted({n.inputs[0] for n in graph.nodes if n.op_type in (*_LINEAR, "BatchNormalization") and n.inputs
+                   and n.inputs[0] and graph.const(n.inputs[0]) is None})
+
+
+def original_activation_bytes(graph: ChannelGraph, samples: int) -> int:
+    """Bytes :func:`original_activations` holds for ``samples`` samples (4 bytes an element; dynamic dims count 1)."""
+    def numel(name: str) -> int:
+        shape = graph.tensors[name].shape or ()
+        return int(np.prod([d if isinstance(d, int) else 1 for d in shape[1:]]))
+
+    return 4 * samples * sum(numel(n) for n in _read_names(graph))
+
+
+def original_activations(graph: ChannelGraph, data: Calibration, batch_size: int) -> OriginalActivations:
+    """Run the original once over ``data`` and keep what the refits read (see :class:`OriginalActivations`)."""
+    names = _read_names(graph)
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def tap(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            kept[name].append(t.detach())
+            return t
+        return fn
+
+    interp = GraphInterpreter(graph).eval()
+    sizes = []
+    with torch.no_grad():
+        for _, arrays, _ in data.batches(batch_size):
+            sizes.append(int(arrays[0].shape[0]))
+            interp(*(torch.from_numpy(a) for a in arrays), taps={n: tap(n) for n in names})
+    return OriginalActivations(tuple(sizes), {n: tuple(v) for n, v in kept.items()})
 
 
 class _Sweep:
@@ -200,12 +255,17 @@ class _Sweep:
     forward pass of each model.
     """
 
-    def __init__(self, graph: ChannelGraph, data: Calibration, batch_size: int, gates: Callable[[int], dict]) -> None:
+    def __init__(self, graph: ChannelGraph, data: Calibration, batch_size: int, gates: Callable[[int], dict],
+                 original: OriginalActivations | None = None) -> None:
         self.graph = graph
         self.orig, self.cur = GraphInterpreter(graph).eval(), GraphInterpreter(graph).eval()
         batches = [tuple(torch.from_numpy(a) for a in arrays) for _, arrays, _ in data.batches(batch_size)]
         self.gates = [gates(b[0].shape[0]) for b in batches]
         self.envs = [[dict(zip(graph.inputs, b)) for b in batches] for _ in range(2)]
+        self.replayed = original is not None and original.sizes == tuple(b[0].shape[0] for b in batches)
+        if self.replayed:
+            assert original is not None
+            self.envs[0] = [{n: ts[i] for n, ts in original.tensors.items()} for i in range(len(batches))]
         self.last = _last_use(graph)
 
     def inputs(self, node: OpNode) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -229,6 +289,8 @@ class _Sweep:
         """Run node ``k`` on every batch of both models (the plan's gates on the current one) and free dead tensors."""
         with torch.no_grad():
             for which, interp in enumerate((self.orig, self.cur)):
+                if which == 0 and self.replayed:  # the original's reads come from OriginalActivations
+                    continue
                 for b, env in enumerate(self.envs[which]):
                     args = [env[n] if n in env else (interp.constant(n) if n else None) for n in node.inputs]
                     if which:
@@ -340,7 +402,8 @@ def _batch_statistics(node: OpNode, sweep: _Sweep, graph: ChannelGraph) -> dict[
 
 
 def reconstruct(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calibration, batch_size: int = 64,
-                memory: MemoryPlan | None = None, batch_norm: bool = True) -> Compensation:
+                memory: MemoryPlan | None = None, batch_norm: bool = True,
+                original: OriginalActivations | None = None) -> Compensation:
     """Weights and biases that refit every consumer ``plan`` changes, in graph order (original names, full shapes).
 
     Apply the values to the unpruned model, then rewrite with the same plan.
@@ -354,6 +417,8 @@ def reconstruct(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calib
         memory: The memory plan (:func:`reconstruction_memory`); default: planned within a quarter of the memory.
         batch_norm: Correct the running statistics of every BatchNormalization no refitted consumer feeds by how
             pruning moved its input (see the module's docstring), as the sweep reaches it.
+        original: The original's reads on the same samples and batches (:func:`original_activations`), so that only
+            the pruned model runs; ignored when its batches differ.
 
     Returns:
         New values (BN statistics included), the number of consumers refitted, what was skipped (with reasons), the
@@ -378,7 +443,7 @@ def reconstruct(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calib
     sub = dataclasses.replace(gplan, edges={g: gplan.edges[g] for g in keep})
     if memory.samples and memory.samples < len(data):
         data = Calibration(tuple(a[:memory.samples] for a in data.inputs), None, data.source)
-    sweep = _Sweep(graph, data, batch_size, lambda n: gate_taps(sub, keep_gates(keep, channels, n)))
+    sweep = _Sweep(graph, data, batch_size, lambda n: gate_taps(sub, keep_gates(keep, channels, n)), original)
     gram = norms = 0
     fitted: set[str] = set()  # outputs of refitted consumers: least-squares matches of the original's
     for k, node in enumerate(graph.nodes):
@@ -387,8 +452,10 @@ def reconstruct(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calib
             edge = r.target.edge
             st = _Stats(r.keep.size + edge.index.shape[0], edge.index.shape[1], form)
             kept_idx, all_idx = torch.as_tensor(edge.index[r.keep].ravel()), torch.as_tensor(edge.index.ravel())
+            whole = _whole(edge.index.ravel(), graph.tensors[node.inputs[0]].size(edge.axis) or -1)
             for want, got in sweep.inputs(node):
-                joint = torch.cat([got.index_select(edge.axis, kept_idx), want.index_select(edge.axis, all_idx)], edge.axis)
+                target = want if whole else want.index_select(edge.axis, all_idx)
+                joint = torch.cat([got.index_select(edge.axis, kept_idx), target], edge.axis)
                 st.add(joint, edge.axis, np.arange(joint.shape[edge.axis]), memory.stream_bytes)
             gram = max(gram, st.nbytes)
             _solve(r, st, form, values, graph)
