@@ -1,6 +1,7 @@
 """Does the calibrated limit hold? Accuracy vs MACs reduction, the limits marked, peers side by side.
 
 Run: nice -n 10 python benchmarks/limit.py [--models resnet20 mobilenetv2] [--finetune-epochs 0.25] [--json benchmarks/limit.json]
+     [--limit-only: the analysis and the limit pass alone, their lines and cost]
 
 Per model (trained on Fashion-MNIST, cached; exported to ONNX with BN kept):
 1. analyze (2,048 labelled training images) and the limit pass (tolerance 1 pp, compensation and repair, points
@@ -159,6 +160,20 @@ def onnxsim_point(folded: Path, cal: Calibration, test: Calibration, red: float)
     return {"sparsity": hi, "macs_reduction": r, "wanda": plain, "wanda_refit": refit_acc, "accuracy": max(plain, refit_acc)}
 
 
+def limit_only(name: str, args: argparse.Namespace, train: Calibration) -> None:
+    """The analysis and the limit pass as :func:`run_model` runs them; prints the limit's lines and its points."""
+    module = trained(name, args.epochs, cache_dir="benchmarks/.cache") if args.epochs > 0 else models.build(name).eval()
+    path = Path(tempfile.mkdtemp()) / f"{name}.onnx"
+    models.export_onnx(module, path, bn="keep")
+    ws = analyzed_workspace(load_onnx(path), train.subset(4096, seed=0))
+    opts = LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs, holdout=args.holdout)
+    lim = LimitPass(opts)(ws).workspace.limit
+    assert lim is not None
+    log(name, *lim.lines())
+    for p in lim.points:
+        log(name, f"point {p.macs_reduction:.3f}x quality {p.quality:.4f} in {p.seconds:.1f} s")
+
+
 def run_model(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> dict[str, Any]:
     t0 = time.perf_counter()
     module = trained(name, args.epochs, cache_dir="benchmarks/.cache") if args.epochs > 0 else models.build(name).eval()  # 0: smoke run
@@ -304,7 +319,13 @@ def main() -> None:
     parser.add_argument("--peers-at-limit", action=argparse.BooleanOptionalAction, default=True,
                         help="also compare at the calibrated limit")
     parser.add_argument("--replot", action="store_true", help="only redraw the plots from --json and print the table")
+    parser.add_argument("--limit-only", action="store_true",
+                        help="only the analysis and the limit pass (their lines and cost), no curve, peers or JSON")
     args = parser.parse_args()
+    if args.limit_only:
+        for name in args.models:
+            limit_only(name, args, fashion_mnist("train"))
+        return
     if args.replot:
         results = json.loads(args.json.read_text())["models"]
         for r in results:
