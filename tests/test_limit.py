@@ -1,11 +1,13 @@
 """The calibrated limit: a planted knee, the search on its own, CLI options and the exit-4 message."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 from graphprune.analysis.cost import cost_with_keep, model_cost
@@ -96,6 +98,27 @@ def _fake(threshold_reduction: float):
         return CalibrationPoint(b, red, red, b, 0.9 if red <= threshold_reduction else 0.5)
 
     return counts, evaluate, calls
+
+
+def test_points_sharing_the_originals_activations_measure_what_unshared_points_do(planted, monkeypatch):
+    """Sharing the original's reads across points (the default when they fit a quarter of the bound) changes only
+    the cost: when they do not fit, every point runs the original again, measures the same, and says why."""
+    import graphprune.recovery.reconstruct as reconstruct
+
+    path, x = planted
+    model = OnnxPrunable(load_onnx(path))
+    pipeline = parse_pipeline({"pass": [{"name": "analyze", "samples": 512, "loss": "fisher"},
+                                        {"name": "limit", "samples": 512, "holdout": 1024, "points": 8}]})
+    points = []
+    for huge in (False, True):
+        if huge:
+            monkeypatch.setattr(reconstruct, "original_activation_bytes", lambda graph, samples: 1 << 62)
+        lines = io.StringIO()
+        limit = run_model(pipeline, model, Calibration((x,), None, "planted"), console=Console(file=lines, width=400)).limit
+        assert limit is not None
+        points.append([(p.budget, p.macs_reduction, p.quality) for p in limit.points])
+        assert ("exceed a quarter of the" in lines.getvalue()) == huge
+    assert points[0] == points[1]
 
 
 @pytest.mark.parametrize("knee", [1.3, 2.5, 9.0])

@@ -113,16 +113,17 @@ def _plan(ws: Workspace, orders: Mapping[int, DropOrder], counts: Mapping[int, i
                                               "budget": budget})
 
 
-def _shared_original(ws: Workspace, options: LimitPassOptions) -> OriginalActivations | None:
+def _shared_original(ws: Workspace, options: LimitPassOptions) -> tuple[OriginalActivations | None, int]:
     """The original's reads on the compensation samples, computed once for every point, when they fit in a quarter
-    of the memory bound (else each point runs the original again, said in a status line)."""
+    of the memory bound (else each point runs the original again, said in a status line), and the bound left to
+    each point's refit (the whole bound when nothing is shared; 0: the default)."""
     from graphprune.recovery.gram_budget import default_memory_bytes, format_bytes
     from graphprune.recovery.reconstruct import original_activation_bytes, original_activations, refit_samples
 
     assert ws.data is not None
     recovery = options.recovery()
     if not options.compensate or recovery.method != "sequential":
-        return None
+        return None, recovery.memory_bytes
     bound = recovery.memory_bytes or default_memory_bytes()
     data = ws.data.subset(recovery.samples, recovery.seed)
     n = max(2, refit_samples(ws.original.graph, bound, len(data)))
@@ -130,17 +131,20 @@ def _shared_original(ws: Workspace, options: LimitPassOptions) -> OriginalActiva
     if need > bound // 4:
         ws.status(f"limit: the original's activations on {n} samples ({format_bytes(need)}) exceed a quarter of the "
                   f"{format_bytes(bound)} bound: every point runs the original again")
-        return None
+        return None, recovery.memory_bytes
     data = Calibration(tuple(a[:n] for a in data.inputs), None, data.source)
-    return original_activations(ws.original.graph, data, recovery.batch_size)
+    return original_activations(ws.original.graph, data, recovery.batch_size), bound - need
 
 
 def _quality(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration,
-             original: OriginalActivations | None = None) -> float:
-    """Compensate, rewrite, repair (as the pipeline would) and evaluate on the held-out samples."""
+             original: OriginalActivations | None = None, memory_bytes: int = 0) -> float:
+    """Compensate, rewrite, repair (as the pipeline would) and evaluate on the held-out samples; ``memory_bytes``
+    bounds the refit (0: the options' bound)."""
     assert ws.data is not None
     w = Workspace(original=ws.original, model=ws.original, data=ws.data, coupling=ws.groups(), plan=plan)
     recovery = options.recovery()
+    if memory_bytes:
+        recovery = dataclasses.replace(recovery, memory_bytes=memory_bytes)
     if options.compensate:
         w = CompensatePass(recovery, original)(w).workspace
     w = RewritePass(RewriteOptions(verify=False))(w).workspace
@@ -198,7 +202,7 @@ class LimitPass(Pass):
         base_q = ws.original.accuracy(held)
 
         cache: dict[float, dict[int, int]] = {}
-        shared = _shared_original(ws, o)
+        shared, point_bytes = _shared_original(ws, o)
 
         def counts(budget: float) -> dict[int, int]:
             if budget not in cache:
@@ -212,7 +216,7 @@ class LimitPass(Pass):
             cost = cost_with_keep(graph, coupling, c)
             loss = float(sum(orders[g].cost[full[g] - k] for g, k in c.items()))
             ws.status(f"limit: measuring budget {budget:.3g} ({original.macs / max(1, cost.macs):.2f}x fewer MACs)")
-            q = _quality(ws, _plan(ws, orders, c, budget), o, held, shared)
+            q = _quality(ws, _plan(ws, orders, c, budget), o, held, shared, point_bytes)
             point = CalibrationPoint(budget, original.macs / max(1, cost.macs), original.params / max(1, cost.params), loss, q,
                                      time.perf_counter() - start)
             log.info("limit point: %s", point)
