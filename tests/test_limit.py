@@ -122,7 +122,7 @@ def test_points_sharing_the_originals_activations_measure_what_unshared_points_d
 
 
 @pytest.mark.parametrize("knee", [1.3, 2.5, 9.0])
-def test_search_brackets_and_bisects_from_either_side(knee):
+def test_search_brackets_and_narrows_from_either_side(knee):
     counts, evaluate, calls = _fake(knee)
     base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, 0.9)
     lo, hi, measured = search(evaluate, counts, 1.0, 100.0, 0.89, base, points=12)

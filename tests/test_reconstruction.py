@@ -257,8 +257,8 @@ def test_unknown_compensation_method_is_refused():
 
 
 class SquareBN(nn.Module):
-    """conv1 (2 -> 6) -> relu -> conv2 (6 -> 4) -> x * x -> BatchNorm -> pool -> fc: the BN reads a changed value that
-    no refit produces (the product), and the BN after a refitted conv would be conv2's own output."""
+    """conv1 (2 -> 6) -> relu -> conv2 (6 -> 4) -> x * x -> BatchNorm -> pool -> fc: the BN reads a value pruning
+    changes (the product) that no refitted consumer outputs."""
 
     def __init__(self) -> None:
         super().__init__()
