@@ -7,7 +7,10 @@ METHOD.md section 2, step 5:
   saved (MACs, parameters or channels), never below a group's effective
   filters r_g; a target beyond the estimated maximum is an
   :class:`~graphprune.errors.OverLimitError` unless over-limit is allowed, and
-  then the excess is spread by the same curvature cost.
+  then the excess goes past the floors by predicted loss alone, cheapest
+  first (the calibrated limit's budget family): priced per unit saved there,
+  it cut the groups whose channels save the most at any loss (MobileNetV2 at
+  2x fewer MACs before fine-tuning: 0.752 that way against 0.878).
 - ``uniform``: the same fraction of every group (bisection on that fraction).
 - ``global``: greedy across groups by the criterion's score alone, no limit.
 
@@ -343,7 +346,8 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
                     f"the target is beyond the estimated maximum compression: at most {limit} without pruning past "
                     "any group's effective filters; lower the target, raise --eps when analysing, or pass --allow-over-limit"
                 )
-            keep, reached = _greedy(coupling, orders, goal, value, {g: 1 for g in orders}, True, keep, priced)
+            # past the floors, cheapest predicted loss first (not per MAC): the limit's budget family
+            keep, reached = _greedy(coupling, orders, goal, value, {g: 1 for g in orders}, False, keep, priced)
             meta["over_limit"] = True
         if not reached:
             tables = (" as the latency tables predict it (they cover each group from its effective filters up "
