@@ -13,6 +13,7 @@ correction with BN folded).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -23,23 +24,25 @@ from common import analyzed_workspace, log  # benchmarks/ (same folder)
 from limit import Family  # benchmarks/limit.py: the budget family of plans
 
 from graphprune import models
-from graphprune.analysis.gates import plan_gates
 from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.plan import plan_from_keep
 from graphprune.models.fashion import fashion_mnist, trained
-from graphprune.pipeline.passes import CompensateOptions, CompensatePass, RewriteOptions, RewritePass, Workspace
-from graphprune.recovery.repair import correct_biases, has_batch_norm, reestimate_batch_norm
+from graphprune.pipeline.passes import (
+    CompensateOptions,
+    CompensatePass,
+    RepairPass,
+    RewriteOptions,
+    RewritePass,
+    Workspace,
+)
 
 
 def repaired(w: Workspace, samples: int) -> Any:
-    """The rewritten model with the old repair applied (BN re-estimation, else bias correction)."""
-    assert w.data is not None and w.plan is not None and w.kept is not None
-    data = w.data.subset(samples, 0)
-    if has_batch_norm(w.model.graph):
-        return w.model.with_values(reestimate_batch_norm(w.model.graph, data, 64))
-    gates = plan_gates(w.groups(), w.original.graph)
-    consumers = sorted({e.node for g in w.plan.groups for e in gates.edges.get(g.group, ())})
-    return w.model.with_values(correct_biases(w.original.graph, w.model.graph, consumers, w.kept, data, 64))
+    """The rewritten model with the repair the pipeline ran after the refit before (the repair pass itself, told
+    nothing about the refit: BN re-estimation, else bias correction)."""
+    before = copy.copy(w)
+    before.compensation = None
+    return RepairPass(CompensateOptions(samples=samples))(before).workspace.model
 
 
 def run_model(name: str, bn: str, grid: list[float], train: Any, test: Any) -> dict[str, Any]:

@@ -219,11 +219,7 @@ def _read_names(graph: ChannelGraph) -> list[str]:
 
 def original_activation_bytes(graph: ChannelGraph, samples: int) -> int:
     """Bytes :func:`original_activations` holds for ``samples`` samples (4 bytes an element; dynamic dims count 1)."""
-    def numel(name: str) -> int:
-        shape = graph.tensors[name].shape or ()
-        return int(np.prod([d if isinstance(d, int) else 1 for d in shape[1:]]))
-
-    return 4 * samples * sum(numel(n) for n in _read_names(graph))
+    return 4 * samples * sum(_sample_numel(graph, n) for n in _read_names(graph))
 
 
 def original_activations(graph: ChannelGraph, data: Calibration, batch_size: int) -> OriginalActivations:
@@ -310,17 +306,18 @@ def _last_use(graph: ChannelGraph) -> dict[str, int]:
     return {**last, **{name: len(graph.nodes) for name in graph.outputs}}
 
 
+def _sample_numel(graph: ChannelGraph, name: str) -> int:
+    """Elements of one sample of tensor ``name`` (the batch axis dropped; dynamic dims count 1)."""
+    shape = graph.tensors[name].shape or ()
+    return int(np.prod([d if isinstance(d, int) else 1 for d in shape[1:]]))
+
+
 def _held_bytes_per_sample(graph: ChannelGraph) -> int:
     """Most bytes one sample's live activations take during the sweep, both models (4 bytes an element)."""
-    last, live, peak = _last_use(graph), dict.fromkeys(graph.inputs, 0), 0
-
-    def numel(name: str) -> int:
-        shape = graph.tensors[name].shape or ()
-        return int(np.prod([d if isinstance(d, int) else 1 for d in shape[1:]]))
-
-    live = {name: numel(name) for name in graph.inputs}
+    last, peak = _last_use(graph), 0
+    live = {name: _sample_numel(graph, name) for name in graph.inputs}
     for k, node in enumerate(graph.nodes):
-        live.update({o: numel(o) for o in node.outputs if o and o in graph.tensors})
+        live.update({o: _sample_numel(graph, o) for o in node.outputs if o and o in graph.tensors})
         peak = max(peak, sum(live.values()))
         for name in node.inputs:
             if last.get(name) == k:
