@@ -37,6 +37,7 @@ def test_deploy_preset_order():
         ({"pass": [{"name": "quantize"}, {"name": "finetune"}]}, "must come before a quantize pass"),
         ({"pass": [{"name": "quantize", "calibration": "kl"}]}, "calibration must be one of"),
         ({"pass": [{"name": "quantize", "tolerance_steps": -1.0}]}, "tolerance_steps must be >= 0"),
+        ({"pass": [{"name": "quantize", "activations": "int4"}]}, "activations must be one of"),
         ({"pass": [{"name": "validate"}, {"name": "quantize"}]}, "must come before a validate pass"),
     ],
 )
@@ -115,3 +116,31 @@ def test_quantize_pass_refuses_a_quantized_model(exported, tmp_path):
     q = OnnxPrunable(quantize_onnx(om, data, QuantizeOptions(samples=4)))
     with pytest.raises(BadInputError, match="quantized already"):
         QuantizePass(QuantizeOptions())(Workspace(original=q, model=q, data=data))
+
+
+def _float_convs(model: onnx.ModelProto, tmp_path: Path) -> int:
+    """Convolutions onnxruntime's CPU provider leaves in float (not fused into QLinearConv) in a QDQ model."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # no hardware-specific layouts
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == "Conv" for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("activations,fused", [("uint8", True), ("int8", False)])
+def test_uint8_activations_fuse_every_convolution_of_a_residual_model(exported, tmp_path, activations, fused):
+    """The default (U8S8) fuses ResNet-20's convolutions beside residual Adds into QLinearConv; int8 activations do not."""
+    import onnx_ir as ir
+
+    from graphprune.backends.quantize import QuantizeOptions, quantize_onnx
+    from graphprune.frontends.data import Calibration
+    from graphprune.frontends.onnx import load_onnx
+
+    om = load_onnx(exported("resnet20", bn="fold"))
+    x = np.random.default_rng(0).standard_normal((8, *models.INPUT_SHAPE)).astype(np.float32)
+    q = quantize_onnx(om, Calibration((x,), None, "random"), QuantizeOptions(samples=8, activations=activations))
+    left = _float_convs(ir.to_proto(q.model), tmp_path)
+    assert (left == 0) is fused, f"{left} float Conv left with {activations} activations"

@@ -463,6 +463,34 @@ def test_a_plan_still_slower_after_repair_is_kept_and_said_in_one_line(profiled)
     assert why is not None and "no re-plan with counts multiples of 8 or 16 measured faster" in why
 
 
+def test_a_slow_plan_at_the_limit_names_the_faster_counts_within_it(profiled):
+    """Planted: the plan measures 1.5x slower and its re-plans at multiples go past the effective filters. The
+    within-limit plan at multiples measures faster: reported with the target share it keeps, never kept."""
+    from graphprune.errors import OverLimitError
+    from graphprune.planning.targets import never_slower
+
+    plan, planned, other = _plan_and_fewer(profiled, 1.2)
+    calls: list = []
+    model = _Planted(profiled.original, _first_at(planned, 1.5), calls)
+
+    def beyond(multiple):
+        raise OverLimitError(f"with --round-to {multiple} the target is beyond the estimated maximum compression")
+
+    checked = never_slower(model, profiled.groups(), plan, profiled.latency, beyond, runs=2, within=lambda multiple: other)
+    assert {g.group: len(g.keep) for g in checked.groups} == planned, "the slow plan at the target is kept"
+    found = checked.meta["faster_within"]
+    assert checked.meta["measured_slower"] is True and found["multiple"] == 8
+    assert found["target_kept"] == pytest.approx(other.meta["target_kept"]) and found["measured_at"] == {"1": [0.4, 1.0]}
+    line = measured_line(checked.meta, 1)
+    assert f"keep {other.meta['target_kept']:.3f} of the macs and measured 2.50x faster at batch 1" in line
+    assert f"ask for --macs {other.meta['target_kept']:.3f}" in line
+    assert checked.meta["measurements"] == len(calls) == 3  # original, plan, the within-limit plan
+    # a within-limit plan no faster than the original is not reported
+    slow = never_slower(_Planted(profiled.original, lambda counts: 1.5, []), profiled.groups(), plan, profiled.latency, beyond,
+                        runs=2, within=lambda multiple: other)
+    assert "faster_within" not in slow.meta and slow.meta["measured_slower"] is True
+
+
 def test_no_measured_check_with_zero_runs(profiled):
     from graphprune.planning.targets import plan_for
 

@@ -26,14 +26,14 @@ class _Reader(quantization.CalibrationDataReader):
         return next(self._it, None)
 
 
-def _quantized(tmp: Path, fmt: str, per_channel: bool) -> Path:
-    src, out = tmp / "vgg.onnx", tmp / f"vgg_{fmt}_{per_channel}.onnx"
+def _quantized(tmp: Path, fmt: str, per_channel: bool, activations: str = "int8") -> Path:
+    src, out = tmp / "vgg.onnx", tmp / f"vgg_{fmt}_{per_channel}_{activations}.onnx"
     models.export_onnx(models.build("vgg"), src)
     inp = onnx.load(str(src)).graph.input[0]
     shape = [d.dim_value or 2 for d in inp.type.tensor_type.shape.dim]
     quantization.quantize_static(str(src), str(out), _Reader(inp.name, shape), quant_format=getattr(quantization.QuantFormat, fmt),
-                                 per_channel=per_channel, activation_type=quantization.QuantType.QInt8,
-                                 weight_type=quantization.QuantType.QInt8)
+                                 per_channel=per_channel, weight_type=quantization.QuantType.QInt8,
+                                 activation_type=getattr(quantization.QuantType, "QUInt8" if activations == "uint8" else "QInt8"))
     return out
 
 
@@ -45,9 +45,10 @@ def _int8(model: onnx.ModelProto) -> set[str]:
     return {t.name for t in model.graph.initializer if t.data_type == TensorProto.INT8}
 
 
-@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
-def test_qdq_model_prunes_exactly_and_stays_quantized(tmp_path, per_channel):
-    src = _quantized(tmp_path, "QDQ", per_channel)
+@pytest.mark.parametrize("per_channel,activations", [(True, "int8"), (False, "int8"), (True, "uint8")],
+                         ids=["per_channel", "per_tensor", "per_channel_uint8"])
+def test_qdq_model_prunes_exactly_and_stays_quantized(tmp_path, per_channel, activations):
+    src = _quantized(tmp_path, "QDQ", per_channel, activations)
     result = prune_file(src, tmp_path / "out.onnx", ratio=0.5, verify=True, latency_runs=0)
     # bit-identical to the masked original: sliced per-channel scales, unchanged per-tensor activation scales
     assert result.validation.exact is True and result.validation.max_abs_error == 0.0

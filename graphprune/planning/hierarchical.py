@@ -41,7 +41,7 @@ from graphprune.planning.options import NEEDS_ANALYSIS, PlanOptions, Target
 from graphprune.planning.selection import greedy_drop_order, pivoted_cholesky_order
 from graphprune.planning.uniform import uniform_counts
 
-__all__ = ["GroupOrder", "keep_sets", "make_plan", "metric", "removal_orders", "round_counts"]
+__all__ = ["GroupOrder", "keep_sets", "make_plan", "metric", "removal_orders", "round_counts", "value_of"]
 
 REFRESH = 16
 """Steps of ``_rounded_to_goal`` between two full re-measurements of what each group saves."""
@@ -110,7 +110,8 @@ Value = Callable[[Mapping[int, int]], float]
 """What the target measures for a keep (MACs, parameters, channels or predicted ms)."""
 
 
-def _value_of(graph: ChannelGraph, coupling: Coupling, kind: str, latency: LatencyModel | None) -> Value:
+def value_of(graph: ChannelGraph, coupling: Coupling, kind: str, latency: LatencyModel | None) -> Value:
+    """The quantity a target of ``kind`` counts, as a function of the counts kept (predicted ms for latency)."""
     if kind == "latency":
         assert latency is not None
         return latency.predict
@@ -325,7 +326,7 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
         raise BadInputError("no prunable group to plan (every group is frozen or could not be analysed)")
     kind = target.kind
     objective = resolve_objective(options.objective, latency)
-    value = _value_of(graph, coupling, kind, latency)
+    value = value_of(graph, coupling, kind, latency)
     full = {g: coupling.by_id(g).channels for g in orders}
     original = latency.original_ms if kind == "latency" and latency is not None else value(full)
     goal = original * (1.0 - target.value) if kind == "ratio" else original * target.value

@@ -15,7 +15,7 @@ from graphprune.errors import BadInputError, OverLimitError
 from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.model import PrunableModel
 from graphprune.ir.plan import Plan, plan_from_keep
-from graphprune.planning.hierarchical import keep_sets, make_plan, removal_orders, round_counts
+from graphprune.planning.hierarchical import keep_sets, make_plan, removal_orders, round_counts, value_of
 from graphprune.planning.latency import fast_candidates
 from graphprune.planning.options import MAGNITUDE_CRITERIA, PlanOptions, Target
 
@@ -111,7 +111,7 @@ def _counts(plan: Plan) -> dict[int, int]:
 
 
 def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: LatencyModel, replan: Replan, runs: int,
-                 round_to: int = 1) -> Plan:
+                 round_to: int = 1, within: Replan | None = None) -> Plan:
     """Measure ``plan`` against the original at batch 1 and the latency model's batch; keep the best measured re-plan.
 
     Latency depends on the pruned graph's shapes, not its weights, so the plain pruned model measured here runs
@@ -122,6 +122,12 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
     more than :data:`OVERSHOOT` beyond it of the target; the next ones only while the best measured is still slower
     than the original at one of the batches. Kept: the fastest at the latency model's batch among those no slower at
     any batch, else the one whose worst ratio to the original is lowest. One measurement per plan and batch.
+
+    ``within(multiple)``: the plan with counts multiples of ``multiple`` that stays within the effective filters
+    whatever the target (the limit's floors rounded up). When the plan is still slower and a re-plan failed
+    because the target lies beyond such counts, it is measured and, if no slower at any batch, reported as
+    ``faster_within`` (the share of the target it keeps, its multiple and its ``measured_at``), not kept: it
+    misses the target.
 
     Returns:
         The plan kept; its meta holds ``measured_ms``, ``measured_original_ms`` and ``measured_latency`` (their
@@ -147,6 +153,7 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
 
     best, best_ms = plan, timed(model.pruned(coupling, plan))
     first_ms, measurements, how, seen = best_ms, 2 * len(batches), "", [_counts(plan)]
+    over_limit: list[int] = []
     for i, multiple in enumerate(m for m in REPAIR_MULTIPLES if m > round_to):
         if i > 0 and worst(best_ms) <= 1.0:
             break
@@ -154,6 +161,8 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
             other = replan(multiple)
         except (OverLimitError, BadInputError) as exc:
             log.info("re-plan with multiples of %d failed: %s", multiple, exc)
+            if isinstance(exc, OverLimitError):
+                over_limit.append(multiple)
             continue
         if _counts(other) in seen:
             continue
@@ -176,8 +185,36 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
         meta["repaired"] = how
     if worst(best_ms) > 1.0:
         meta["measured_slower"] = True
+        if within is not None and over_limit:
+            found, spent = _faster_within(within, over_limit, lambda p: timed(model.pruned(coupling, p)), before, seen)
+            meta["measurements"] = measurements + spent
+            if found is not None:
+                meta["faster_within"] = found
     log.info("plan measured: %s against %s (predicted %s at batch %d)", _ms_line(best_ms), _ms_line(before), best.meta.get("predicted_ms"), batch)
     return dataclasses.replace(best, meta=meta)
+
+
+def _faster_within(within: Replan, multiples: list[int], timed: Callable[[Plan], dict[int, float]],
+                   before: dict[int, float], seen: list[dict[int, int]]) -> tuple[dict[str, object] | None, int]:
+    """The first plan ``within(m)`` (counts multiples of m, within the effective filters) measured no slower than
+    the original (``before``) at any batch, as meta (``target_kept``, ``multiple``, ``measured_at``: ``{batch: [ms,
+    original ms]}``); and the measurements spent."""
+    spent = 0
+    for multiple in multiples:
+        try:
+            other = within(multiple)
+        except (OverLimitError, BadInputError):
+            continue
+        if _counts(other) in seen:
+            continue
+        seen.append(_counts(other))
+        ms = timed(other)
+        spent += len(ms)
+        log.info("within the effective filters, counts multiples of %d: %s", multiple, _ms_line(ms))
+        if all(ms[b] <= before[b] for b in ms):
+            return {"target_kept": other.meta.get("target_kept"), "multiple": multiple,
+                    "measured_at": {str(b): [ms[b], before[b]] for b in sorted(ms)}}, spent
+    return None, spent
 
 
 def _overshoots(other: Plan, plan: Plan) -> bool:
@@ -211,6 +248,7 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
         return Plan.load(options.plan_file), f"saved plan {Path(options.plan_file).name}"
     target = options.target
     replan: Replan
+    within: Replan | None = None
     if target is not None and target.kind == "ratio" and options.method == "uniform" and options.criterion in MAGNITUDE_CRITERIA:
         from graphprune.planning.uniform import uniform_plan
 
@@ -236,6 +274,8 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
             return make_plan(model.graph, coupling, dataclasses.replace(options, round_to=round_to), analysis, latency)
 
         described = f"{target.kind} {target.value:g}"
+        if analysis is not None and options.method == "hierarchical" and not options.allow_over_limit and target.kind in ("macs", "params"):
+            within = _within_limit(model.graph, coupling, analysis, options.criterion, target.kind, latency)
     plan = replan(options.round_to)
     if latency is not None and options.latency_runs > 0:
         first, anchored = plan, at_operating_point(model, coupling, plan, latency, options.latency_runs)
@@ -243,11 +283,26 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
         if anchored is not latency:
             latency = anchored  # the re-plans read the anchored model (the closures above see this name)
             plan, anchor = replan(options.round_to), _first_plan_meta(first, latency)
-        plan = never_slower(model, coupling, plan, latency, replan, options.latency_runs, options.round_to)
+        plan = never_slower(model, coupling, plan, latency, replan, options.latency_runs, options.round_to, within)
         if anchor:
             measurements = int(str(plan.meta["measurements"])) + 2
             plan = dataclasses.replace(plan, meta={**plan.meta, **anchor, "measurements": measurements})
     return plan, described
+
+
+def _within_limit(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, criterion: str, kind: str,
+                  latency: LatencyModel | None) -> Replan:
+    """``within(m)``: every group at its effective filters rounded up to a multiple of m, with the share of the
+    target's quantity it keeps (``target_kept``): the fast plan the limit allows, whatever the target."""
+    value = value_of(graph, coupling, kind, latency)
+    full = {g.id: g.channels for g in coupling.prunable if kind != "latency" or latency is None or g.id in latency.channels}
+
+    def within(multiple: int) -> Plan:
+        plan = limit_plan(graph, coupling, analysis, criterion, multiple)
+        keep = {**full, **{g: k for g, k in _counts(plan).items() if g in full}}
+        return dataclasses.replace(plan, meta={**plan.meta, "target_kept": value(keep) / value(full)})
+
+    return within
 
 
 def at_operating_point(model: PrunableModel, coupling: Coupling, plan: Plan, latency: LatencyModel, runs: int) -> LatencyModel:
