@@ -59,7 +59,7 @@ log = logging.getLogger("deploy")
 
 def _deploy(om, train, test, target: str, finetune_epochs: float, runs: int, samples: int) -> dict[str, Any]:
     """passes/deploy.toml at ``target`` (``plan.macs=0.5``, ``plan.latency=0.8``) on one model: the four columns and the quantization check."""
-    overrides = [f"analyze.samples={samples}", f"compensate.samples={samples}", f"repair.samples={samples}", target, f"finetune.epochs={finetune_epochs}", f"validate.latency_runs={runs}", "report.json=false",
+    overrides = [f"analyze.samples={samples}", f"compensate.samples={samples}", f"repair.samples={samples}", *target.split("\n"), f"finetune.epochs={finetune_epochs}", f"validate.latency_runs={runs}", "report.json=false",
                  "report.html=false", "report.table=false"]
     pipeline = load_pipeline("deploy", overrides)
     ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train, eval_data=test)
@@ -75,7 +75,7 @@ def _deploy(om, train, test, target: str, finetune_epochs: float, runs: int, sam
     check = q.check
     assert ws.plan is not None
     plan_meta = {k: ws.plan.meta.get(k) for k in ("objective", "predicted_ms", "original_predicted_ms", "measured_at", "repaired",
-                                                   "measured_slower", "fast_counts")}
+                                                   "measured_slower", "fast_counts", "faster_within", "over_limit", "target_kept")}
     return {"columns": out, "blobs": blobs, "batch": v.batch, "seconds": time.perf_counter() - t, "exact_max_abs_error": ws.exact_max_abs_error,
             "plan_meta": plan_meta,
             "check": None if check is None else {"max_steps": check.max_steps, "fused_steps": check.fused_steps,
@@ -233,6 +233,8 @@ def _print(name: str, deploy: dict[str, Any], qdq: dict[str, Any]) -> None:
     i8, i8p = cols["int8 original"]["interleaved_ms"], cols["int8 pruned"]["interleaved_ms"]
     console.print("int8 pruned vs int8 original: " + ", ".join(f"{speed_change(i8[b], i8p[b])} at batch {b}" for b in BATCHES)
                   + f"; check {deploy['check']}")
+    if not qdq:
+        return
     t2 = Table(title=f"{name}: pruning the int8 QDQ model, no retraining (latency interleaved, medians)")
     for c in ("", "checker / runs", "MACs ratio", "accuracy", "file (kB)", *(f"latency b{b} (ms)" for b in BATCHES)):
         t2.add_column(c, justify="right")
@@ -250,7 +252,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
     parser.add_argument("--epochs", type=float, default=1.0, help="training epochs of the reference models (cached)")
-    parser.add_argument("--macs", type=float, default=0.5, help="deploy preset's MACs target (fraction kept)")
+    parser.add_argument("--macs", type=float, default=0.5, help="deploy preset's MACs target (fraction kept; 0: none, the preset's default, the estimated limit)")
+    parser.add_argument("--allow-over-limit", action="store_true", help="part 1 may prune past the effective filters")
+    parser.add_argument("--skip-qdq", action="store_true", help="part 1 only (the four columns)")
     parser.add_argument("--latency", type=float, default=0.0,
                         help="part 1 plans to this latency of the int8 original at batch 32 instead of --macs (0: --macs)")
     parser.add_argument("--finetune-epochs", type=float, default=1.0, help="fine-tuning epochs over --train-samples")
@@ -271,13 +275,17 @@ def main() -> None:
             path = Path(tmp) / f"{name}.onnx"
             models.export_onnx(module, path, bn="fold")
             om = load_onnx(path)
-        target = f"plan.latency={args.latency}" if args.latency else f"plan.macs={args.macs}"
+        target = f"plan.latency={args.latency}" if args.latency else f"plan.macs={args.macs}" if args.macs else "plan.method=hierarchical"
+        if args.allow_over_limit:
+            target += "\nplan.allow_over_limit=true"
         deploy = _deploy(om, train, test, target, args.finetune_epochs, args.runs, args.samples)
         for column, ms in _interleaved(deploy.pop("blobs"), args.runs).items():
             deploy["columns"][column]["interleaved_ms"] = ms
-        qdq, blobs = _qdq(om, train, test, args.sparsity, args.runs, args.samples, args.macs)
-        for label, ms in _interleaved(blobs, args.runs).items():
-            qdq[label]["interleaved_ms"] = ms
+        qdq: dict[str, Any] = {}
+        if not args.skip_qdq:
+            qdq, blobs = _qdq(om, train, test, args.sparsity, args.runs, args.samples, args.macs or 0.5)
+            for label, ms in _interleaved(blobs, args.runs).items():
+                qdq[label]["interleaved_ms"] = ms
         results["models"][name] = {"deploy": deploy, "qdq": qdq, "fp32_bytes": param_bytes(om.graph)}
         _print(name, deploy, qdq)
         args.json.write_text(json.dumps(results, indent=1, default=str))
