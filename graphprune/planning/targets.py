@@ -275,7 +275,7 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
 
         described = f"{target.kind} {target.value:g}"
         if analysis is not None and options.method == "hierarchical" and not options.allow_over_limit and target.kind in ("macs", "params"):
-            within = _within_limit(model.graph, coupling, analysis, options.criterion, target.kind, latency)
+            within = _within_limit(model.graph, coupling, analysis, options.criterion, target.kind)
     plan = replan(options.round_to)
     if latency is not None and options.latency_runs > 0:
         first, anchored = plan, at_operating_point(model, coupling, plan, latency, options.latency_runs)
@@ -290,12 +290,11 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
     return plan, described
 
 
-def _within_limit(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, criterion: str, kind: str,
-                  latency: LatencyModel | None) -> Replan:
+def _within_limit(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, criterion: str, kind: str) -> Replan:
     """``within(m)``: every group at its effective filters rounded up to a multiple of m, with the share of the
-    target's quantity it keeps (``target_kept``): the fast plan the limit allows, whatever the target."""
-    value = value_of(graph, coupling, kind, latency)
-    full = {g.id: g.channels for g in coupling.prunable if kind != "latency" or latency is None or g.id in latency.channels}
+    target's quantity (``macs``, ``params``) it keeps (``target_kept``): the fast plan the limit allows, whatever the target."""
+    value = value_of(graph, coupling, kind, None)
+    full = {g.id: g.channels for g in coupling.prunable}
 
     def within(multiple: int) -> Plan:
         plan = limit_plan(graph, coupling, analysis, criterion, multiple)
