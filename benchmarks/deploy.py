@@ -219,6 +219,13 @@ def _graphprune_qdq(int8: OnnxPrunable, train: Any, test: Any, plan: dict[str, s
 
 
 def _print(name: str, deploy: dict[str, Any], qdq: dict[str, Any]) -> None:
+    if deploy:
+        _print_columns(name, deploy)
+    if qdq:
+        _print_qdq(name, qdq)
+
+
+def _print_columns(name: str, deploy: dict[str, Any]) -> None:
     cols = deploy["columns"]
     table = Table(title=f"{name}: fp32 and int8, original and pruned (deploy preset; latency interleaved, medians)")
     table.add_column("")
@@ -233,8 +240,9 @@ def _print(name: str, deploy: dict[str, Any], qdq: dict[str, Any]) -> None:
     i8, i8p = cols["int8 original"]["interleaved_ms"], cols["int8 pruned"]["interleaved_ms"]
     console.print("int8 pruned vs int8 original: " + ", ".join(f"{speed_change(i8[b], i8p[b])} at batch {b}" for b in BATCHES)
                   + f"; check {deploy['check']}")
-    if not qdq:
-        return
+
+
+def _print_qdq(name: str, qdq: dict[str, Any]) -> None:
     t2 = Table(title=f"{name}: pruning the int8 QDQ model, no retraining (latency interleaved, medians)")
     for c in ("", "checker / runs", "MACs ratio", "accuracy", "file (kB)", *(f"latency b{b} (ms)" for b in BATCHES)):
         t2.add_column(c, justify="right")
@@ -255,6 +263,7 @@ def main() -> None:
     parser.add_argument("--macs", type=float, default=0.5, help="deploy preset's MACs target (fraction kept; 0: none, the preset's default, the estimated limit)")
     parser.add_argument("--allow-over-limit", action="store_true", help="part 1 may prune past the effective filters")
     parser.add_argument("--skip-qdq", action="store_true", help="part 1 only (the four columns)")
+    parser.add_argument("--qdq-only", action="store_true", help="part 2 only (pruning the int8 QDQ model)")
     parser.add_argument("--latency", type=float, default=0.0,
                         help="part 1 plans to this latency of the int8 original at batch 32 instead of --macs (0: --macs)")
     parser.add_argument("--finetune-epochs", type=float, default=1.0, help="fine-tuning epochs over --train-samples")
@@ -278,9 +287,11 @@ def main() -> None:
         target = f"plan.latency={args.latency}" if args.latency else f"plan.macs={args.macs}" if args.macs else "plan.method=hierarchical"
         if args.allow_over_limit:
             target += "\nplan.allow_over_limit=true"
-        deploy = _deploy(om, train, test, target, args.finetune_epochs, args.runs, args.samples)
-        for column, ms in _interleaved(deploy.pop("blobs"), args.runs).items():
-            deploy["columns"][column]["interleaved_ms"] = ms
+        deploy: dict[str, Any] = {}
+        if not args.qdq_only:
+            deploy = _deploy(om, train, test, target, args.finetune_epochs, args.runs, args.samples)
+            for column, ms in _interleaved(deploy.pop("blobs"), args.runs).items():
+                deploy["columns"][column]["interleaved_ms"] = ms
         qdq: dict[str, Any] = {}
         if not args.skip_qdq:
             qdq, blobs = _qdq(om, train, test, args.sparsity, args.runs, args.samples, args.macs or 0.5)

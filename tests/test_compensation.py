@@ -300,6 +300,34 @@ def test_qdq_weights_are_refitted_and_stay_int8(tmp_path, method):
     assert err < 0.25 * err_plain, (err, err_plain)
 
 
+def _dq_matmul(tmp_path, q: np.ndarray, scale: np.ndarray):
+    """The channel graph of ``y = x @ DequantizeLinear(q, scale, 0)`` (per-axis scale along the columns)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=1), helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.zeros(2, np.int8), "z")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "dq.onnx"))
+    return load_onnx(tmp_path / "dq.onnx").graph
+
+
+def test_requantized_7_bit_weights_stay_in_7_bits(tmp_path):
+    """int8 weights within [-64, 63] (onnxruntime's reduce_range) are requantized within it: the scale grows instead."""
+    from graphprune.recovery.stored import float_const, stored_values
+
+    q, scale = np.array([[60, -20], [5, 63]], np.int8), np.array([0.5, 0.1], np.float32)
+    g = _dq_matmul(tmp_path, q, scale)
+    w = float_const(g, "w")
+    w[0, 1] = -12.6  # twice column 1's range: 8 bits would hold it as -126 at the same scale
+    grown = stored_values(g, {"w": w})
+    assert grown["q"].min() >= -64 and grown["q"].max() <= 63
+    assert grown["s"][0] == scale[0] and grown["s"][1] == pytest.approx(12.6 / 64)
+    np.testing.assert_array_equal(grown["q"][:, 0], q[:, 0])
+
+
 def test_requantized_values_grow_the_scale_only_where_they_do_not_fit(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper

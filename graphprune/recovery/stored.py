@@ -7,7 +7,8 @@ scale, zero_point)`` of integer constants. Here such a tensor is read as its
 dequantized float value (:func:`float_const`) and written back by
 requantizing (:func:`stored_values`):
 
-- the scale stays where the refitted values fit the integer range, and grows
+- the scale stays where the refitted values fit the integer range (7 bits where
+  the original's int8 values lie in [-64, 63], as ``reduce_range`` writes them), and grows
   (per tensor, or per channel where the scale is per channel) just enough
   where they do not, so nothing saturates;
 - a Conv / Gemm bias quantized with ``scale = x_scale * w_scale`` (int32,
@@ -112,10 +113,19 @@ def is_stored(graph: ChannelGraph, name: str) -> bool:
     return quantized_source(graph, name) is not None
 
 
+def _range_in_use(q: np.ndarray) -> tuple[int, int]:
+    """The integer range requantized values may take: 7 bits where int8 values already lie in [-64, 63]
+    (onnxruntime's ``reduce_range``, which keeps u8s8 kernels without VNNI from saturating their int16 sums),
+    else the type's whole range."""
+    if q.dtype == np.int8 and q.size and int(q.min()) >= -64 and int(q.max()) <= 63:
+        return -64, 63
+    return _RANGE[np.dtype(q.dtype)]
+
+
 def _requantize(graph: ChannelGraph, qz: Quantized, w: np.ndarray, ratio: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """New (q, scale) values of ``w``; ``ratio`` given: the scale is multiplied by it, else grown to fit. Returns the ratio used."""
     q = graph.param(qz.q)
-    lo, hi = _RANGE[np.dtype(q.dtype)]
+    lo, hi = _range_in_use(q)
     scale = graph.param(qz.scale)
     zp = _zero_point(graph, qz, q).astype(np.float64).reshape(-1)
     if ratio is None:
