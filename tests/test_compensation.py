@@ -315,16 +315,16 @@ def _dq_matmul(tmp_path, q: np.ndarray, scale: np.ndarray):
 
 
 def test_requantized_7_bit_weights_stay_in_7_bits(tmp_path):
-    """int8 weights within [-64, 63] (onnxruntime's reduce_range) are requantized within it: the scale grows instead."""
+    """int8 weights within [-64, 64] (onnxruntime's reduce_range) are requantized within it: the scale grows instead."""
     from graphprune.recovery.stored import float_const, stored_values
 
-    q, scale = np.array([[60, -20], [5, 63]], np.int8), np.array([0.5, 0.1], np.float32)
+    q, scale = np.array([[60, -20], [5, 64]], np.int8), np.array([0.5, 0.1], np.float32)
     g = _dq_matmul(tmp_path, q, scale)
     w = float_const(g, "w")
-    w[0, 1] = -12.6  # twice column 1's range: 8 bits would hold it as -126 at the same scale
+    w[0, 1] = -12.8  # twice column 1's range: 8 bits would hold it as -128 at the same scale
     grown = stored_values(g, {"w": w})
-    assert grown["q"].min() >= -64 and grown["q"].max() <= 63
-    assert grown["s"][0] == scale[0] and grown["s"][1] == pytest.approx(12.6 / 64)
+    assert grown["q"].min() >= -64 and grown["q"].max() <= 64
+    assert grown["s"][0] == scale[0] and grown["s"][1] == pytest.approx(12.8 / 64)
     np.testing.assert_array_equal(grown["q"][:, 0], q[:, 0])
 
 

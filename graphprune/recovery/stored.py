@@ -7,8 +7,8 @@ scale, zero_point)`` of integer constants. Here such a tensor is read as its
 dequantized float value (:func:`float_const`) and written back by
 requantizing (:func:`stored_values`):
 
-- the scale stays where the refitted values fit the integer range (7 bits where
-  the original's int8 values lie in [-64, 63], as ``reduce_range`` writes them), and grows
+- the scale stays where the refitted values fit the integer range ([-64, 64] where
+  the original's int8 values lie in it, as ``reduce_range`` writes them), and grows
   (per tensor, or per channel where the scale is per channel) just enough
   where they do not, so nothing saturates;
 - a Conv / Gemm bias quantized with ``scale = x_scale * w_scale`` (int32,
@@ -114,11 +114,11 @@ def is_stored(graph: ChannelGraph, name: str) -> bool:
 
 
 def _range_in_use(q: np.ndarray) -> tuple[int, int]:
-    """The integer range requantized values may take: 7 bits where int8 values already lie in [-64, 63]
-    (onnxruntime's ``reduce_range``, which keeps u8s8 kernels without VNNI from saturating their int16 sums),
-    else the type's whole range."""
-    if q.dtype == np.int8 and q.size and int(q.min()) >= -64 and int(q.max()) <= 63:
-        return -64, 63
+    """The integer range requantized values may take: [-64, 64] where int8 values already lie in it (onnxruntime's
+    ``reduce_range``, symmetric 7-bit weights, which keep u8s8 kernels without VNNI from saturating their int16
+    sums), else the type's whole range."""
+    if q.dtype == np.int8 and q.size and int(q.min()) >= -64 and int(q.max()) <= 64:
+        return -64, 64
     return _RANGE[np.dtype(q.dtype)]
 
 
