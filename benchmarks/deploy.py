@@ -57,9 +57,10 @@ BATCHES = (1, 32)
 log = logging.getLogger("deploy")
 
 
-def _deploy(om, train, test, target: str, finetune_epochs: float, runs: int, samples: int) -> dict[str, Any]:
-    """passes/deploy.toml at ``target`` (``plan.macs=0.5``, ``plan.latency=0.8``) on one model: the four columns and the quantization check."""
-    overrides = [f"analyze.samples={samples}", f"compensate.samples={samples}", f"repair.samples={samples}", *target.split("\n"), f"finetune.epochs={finetune_epochs}", f"validate.latency_runs={runs}", "report.json=false",
+def _deploy(om, train, test, target: list[str], finetune_epochs: float, runs: int, samples: int) -> dict[str, Any]:
+    """passes/deploy.toml with the ``target`` overrides (``["plan.macs=0.5"]``, ``["plan.latency=0.8"]``; none: the preset's
+    limit) on one model: the four columns and the quantization check."""
+    overrides = [f"analyze.samples={samples}", f"compensate.samples={samples}", f"repair.samples={samples}", *target, f"finetune.epochs={finetune_epochs}", f"validate.latency_runs={runs}", "report.json=false",
                  "report.html=false", "report.table=false"]
     pipeline = load_pipeline("deploy", overrides)
     ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train, eval_data=test)
@@ -284,9 +285,9 @@ def main() -> None:
             path = Path(tmp) / f"{name}.onnx"
             models.export_onnx(module, path, bn="fold")
             om = load_onnx(path)
-        target = f"plan.latency={args.latency}" if args.latency else f"plan.macs={args.macs}" if args.macs else "plan.method=hierarchical"
+        target = [f"plan.latency={args.latency}"] if args.latency else [f"plan.macs={args.macs}"] if args.macs else []
         if args.allow_over_limit:
-            target += "\nplan.allow_over_limit=true"
+            target.append("plan.allow_over_limit=true")
         deploy: dict[str, Any] = {}
         if not args.qdq_only:
             deploy = _deploy(om, train, test, target, args.finetune_epochs, args.runs, args.samples)

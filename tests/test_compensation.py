@@ -329,20 +329,11 @@ def test_requantized_7_bit_weights_stay_in_7_bits(tmp_path):
 
 
 def test_requantized_values_grow_the_scale_only_where_they_do_not_fit(tmp_path):
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from graphprune.recovery.stored import float_const, stored_values
 
     q = np.array([[100, -20], [5, 127]], np.int8)
     scale = np.array([0.5, 0.1], np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=1), helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
-        [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.zeros(2, np.int8), "z")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "dq.onnx"))
-    g = load_onnx(tmp_path / "dq.onnx").graph
+    g = _dq_matmul(tmp_path, q, scale)
     w = float_const(g, "w")
     np.testing.assert_allclose(w, q * scale, rtol=1e-6)  # per-axis scale along axis 1 (columns)
     same = stored_values(g, {"w": w})
