@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
+from onnx import helper, numpy_helper
 from torch import nn
 
 from graphprune.backends.onnx_rotation import rotate_onnx, slice_hidden, stream_moments, unshared, with_sums
@@ -204,6 +206,68 @@ def test_rmsnorm_swiglu_block(tmp_path: Path) -> None:
     assert _run(sliced, data).shape == (96, 7, 5)
 
 
+_LOW_OPSET = [
+    pytest.param(lambda: ViT(dim=16, depth=2, heads=2, mlp=32), (1, 28, 28), (11, False), (17, False), "LayerNormalization", id="vit-legacy-11"),
+    pytest.param(RMSNet, (7, 6), (18, True), (23, True), "RMSNormalization", id="rms-dynamo-18"),
+]
+
+
+@pytest.mark.parametrize(("build", "shape", "low", "high", "norm_op"), _LOW_OPSET)
+def test_norms_written_as_arithmetic_rotate_like_the_norm_ops(tmp_path: Path, build, shape, low, high, norm_op) -> None:
+    """Below opset 17 (LayerNorm) / 23 (RMSNorm) the exporters write each norm as Pow/ReduceMean/Sqrt...: the hidden
+    pass fuses them and slices with the error of the same model exported with norm ops; its output is a valid model."""
+    torch.manual_seed(0)
+    model = _randomise_norms(build())
+    low_om = _export(model, tmp_path / "low.onnx", shape, opset=low[0], dynamo=low[1])
+    high_om = _export(model, tmp_path / "high.onnx", shape, opset=high[0], dynamo=high[1])
+    assert norm_op not in {n.op_type for n in low_om.model.graph} and norm_op in {n.op_type for n in high_om.model.graph}
+    data = _data(shape)
+    options = HiddenOptions(keep=0.75, samples=64, eval_samples=64)
+    lines: list[str] = []
+    sliced, rep = slice_hidden(low_om, data, None, options, lines.append)
+    ref, ref_rep = slice_hidden(high_om, data, None, options)
+    assert any(line.startswith(f"fused {ref_rep.norms} norms written as arithmetic") for line in lines)
+    assert rep.frozen == "" and rep.norms == ref_rep.norms and rep.kept == ref_rep.kept == 12
+    assert rep.full_rotation_error < 1e-4
+    assert rep.discarded_energy == pytest.approx(ref_rep.discarded_energy, rel=1e-5)
+    assert rep.relative_error == pytest.approx(ref_rep.relative_error, rel=1e-3)
+    assert np.allclose(_run(sliced, data), _run(ref, data), atol=1e-4 * float(np.abs(_run(ref, data)).max()))
+    proto = onnx.load_from_string(model_bytes(sliced.model))
+    onnx.checker.check_model(proto, full_check=True)  # no norm op the opset lacks is left behind
+    assert proto.opset_import[0].version == low[0]
+
+
+def _rms_graph(extra_use: bool) -> onnx.ModelProto:
+    """x / sqrt(mean(x^2) + eps) * g, with the root also read by another output when ``extra_use``."""
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["m"], axes=[-1]),
+             helper.make_node("Add", ["m", "eps"], ["v"]), helper.make_node("Sqrt", ["v"], ["r"]),
+             helper.make_node("Div", ["x", "r"], ["n"]), helper.make_node("Mul", ["n", "g"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])]
+    if extra_use:
+        outputs.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 1]))
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"), numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+             numpy_helper.from_array(np.array([1.0, 2.0, 3.0, 4.0], np.float32), "g")]
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("extra_use", [False, True])
+def test_a_norm_is_fused_only_when_its_arithmetic_is_read_nowhere_else(extra_use: bool) -> None:
+    from graphprune.frontends.canonical import fuse_decomposed_norms
+
+    model = ir.serde.deserialize_model(_rms_graph(extra_use))
+    fused = fuse_decomposed_norms(model)
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    with model_session(ir.serde.deserialize_model(_rms_graph(extra_use))) as s0, model_session(model) as s1:
+        want, got = s0.run(None, {"x": x}), s1.run(None, {"x": x})
+    ops = [n.op_type for n in model.graph]
+    if extra_use:
+        assert fused == [] and "SimplifiedLayerNormalization" not in ops
+    else:
+        assert len(fused) == 1 and ops == ["SimplifiedLayerNormalization"]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
 def test_bias_free_reader_gets_the_shift(tmp_path: Path) -> None:
     torch.manual_seed(0)
     om = _export(_randomise_norms(NoBiasReader()), tmp_path / "nb.onnx", (4, 5))
@@ -215,7 +279,7 @@ def test_bias_free_reader_gets_the_shift(tmp_path: Path) -> None:
 
 
 def test_shared_constants_are_copied(tmp_path: Path) -> None:
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
     w = numpy_helper.from_array(np.ones((3, 3), np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["y"])], "g",

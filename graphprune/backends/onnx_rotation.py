@@ -7,7 +7,9 @@ sliced constants, replaces every norm by a unit-scale RMS norm that divides
 by the original width (``RMSNormalization`` from opset 23, else
 Pow/ReduceMean/Add/Sqrt/Div/Mul, which onnxruntime fuses; onnxruntime's
 fused ``SkipLayerNormalization`` becomes one ``SkipSimplifiedLayerNormalization``),
-and measures the output error against the input model. It also checks that the full-width rotation reproduces the
+and measures the output error against the input model. Norms an exporter wrote as arithmetic (below opset 17
+for LayerNorm, 23 for RMSNorm) are fused into one op first (:func:`graphprune.frontends.canonical.fuse_decomposed_norms`),
+on a copy; the rotation then replaces them like any norm. It also checks that the full-width rotation reproduces the
 input model; when it does not, nothing is returned.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from graphprune.coupling.stream import Norm, Stream, find_stream
 from graphprune.errors import ValidationError
 from graphprune.execution.exactness import compare_outputs
+from graphprune.frontends.canonical import fuse_decomposed_norms
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import OnnxModel, prepare
 from graphprune.ir.onnx import clone_model, inline_proto, model_session, new_const, node_map
@@ -38,7 +41,7 @@ from graphprune.recovery.rotation import (
     rotated_constants,
 )
 
-__all__ = ["rotate_onnx", "slice_hidden", "stream_moments", "unshared", "with_sums"]
+__all__ = ["fused_norms", "rotate_onnx", "slice_hidden", "stream_moments", "unshared", "with_sums"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,15 @@ def with_sums(om: OnnxModel) -> OnnxModel:
     return prepare(model, om.path) if changed else om
 
 
+def fused_norms(om: OnnxModel) -> tuple[OnnxModel, int]:
+    """``om`` with every norm written as arithmetic fused into one op, and how many; ``om`` itself when there are none.
+
+    The walk puts every norm on one stream or freezes it, so when the pass goes on it replaces every fused op."""
+    model = clone_model(om.model)
+    count = len(fuse_decomposed_norms(model))
+    return (prepare(model, om.path), count) if count else (om, 0)
+
+
 def _replace(graph: ir.Graph, old: ir.Node, new: list[ir.Node]) -> None:
     ir.convenience.replace_nodes_and_values(graph, old, [old], new, [old.outputs[0]], [new[-1].outputs[0]])
 
@@ -243,11 +255,13 @@ def slice_hidden(om: OnnxModel, data: Calibration, eval_data: Calibration | None
         ValidationError: The full-width rotation does not reproduce the model (a bug or an op the walk misread).
     """
     say = status or (lambda _: None)
-    find_stream(om.graph)  # a model with no norm is bad input before any copy is made
-    om = with_sums(unshared(om))
-    stream = find_stream(om.graph)
+    original = om
+    om, fused = fused_norms(with_sums(unshared(om)))
+    stream = find_stream(om.graph)  # a model with no norm is bad input
     if stream.frozen:
-        return om, HiddenReport(stream.width, frozen=stream.frozen)
+        return original, HiddenReport(stream.width, frozen=stream.frozen)
+    if fused:
+        say(f"fused {fused} norms written as arithmetic (Pow/ReduceMean/Sqrt...) into one op each")
     say(f"measuring the hidden stream ({len(stream.norms)} norms, width {stream.width})")
     calib = data.subset(options.samples, options.seed)
     moments = stream_moments(om, [n.input for n in stream.norms], calib, options.batch_size, stream.centred)
@@ -256,7 +270,7 @@ def slice_hidden(om: OnnxModel, data: Calibration, eval_data: Calibration | None
     energy = options.energy if options.keep == 0 else 0.99
     held = eval_data if eval_data is not None else data
     check = held.subset(options.eval_samples, options.seed + 1)
-    before = _outputs(om, check, options.batch_size)
+    before = _outputs(original, check, options.batch_size)
     say("checking the full-width rotation reproduces the model")
     full = rotate_onnx(om, stream, vecs)
     full_error = compare_outputs(before, _outputs(full, check, options.batch_size), what="the full-width rotated model",
