@@ -12,7 +12,9 @@ from onnx import TensorProto
 from graphprune import models
 from graphprune.cli import main
 from graphprune.errors import BadInputError, ValidationError
+from graphprune.ir.model import Int8Form
 from graphprune.pipeline.config import load_pipeline, parse_pipeline
+from graphprune.pipeline.passes import ProfileOptions
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -29,6 +31,20 @@ def _npz(path: Path, n: int = 96) -> Path:
 def test_deploy_preset_order():
     p = load_pipeline("deploy")
     assert p.names == ("analyze", "profile", "plan", "compensate", "rewrite", "repair", "finetune", "quantize", "validate", "report")
+
+
+def _profile(overrides: list[str]) -> ProfileOptions:
+    return next(p for p in load_pipeline("deploy", overrides).passes if p.name == "profile").options
+
+
+def test_the_profile_times_the_int8_form_the_quantize_pass_writes():
+    assert (_profile([]).activations, _profile([]).reduce_range) == ("uint8", True)
+    shipped = _profile(["quantize.activations=int8", "quantize.reduce_range=false"])
+    assert (shipped.activations, shipped.reduce_range) == ("int8", False)
+    assert shipped.latency_options().int8 == Int8Form("int8", False)
+    with pytest.raises(BadInputError, match=r"leave profile\.activations unset"):
+        _profile(["profile.activations=int8"])
+    assert _profile(["profile.activations=int8", "quantize.activations=int8"]).activations == "int8"
 
 
 @pytest.mark.parametrize(
@@ -75,6 +91,7 @@ def test_run_deploy_end_to_end(exported, tmp_path, capsys):
     # steps are float: the check allows 1e-3 of rounding (2.0000038 steps is two steps)
     assert check["tolerance_steps"] == 2.0 and 0 <= check["max_steps"] <= 2.0 * (1 + 1e-3) and check["output_scales"]["logits"] > 0
     assert deploy["quantization"]["format"] == "QDQ"
+    assert (deploy["quantization"]["activations"], deploy["quantization"]["weights"]) == ("uint8", "int8 (7-bit range)")
     assert "int8 pruned" in (tmp_path / "small.report.html").read_text()
 
 

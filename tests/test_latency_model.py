@@ -30,6 +30,7 @@ from graphprune.execution.latency_tables import (
     measure_plan_error,
 )
 from graphprune.frontends.onnx import OnnxModel, load_onnx
+from graphprune.ir.model import Int8Form
 
 
 def fast_options(tmp_path: Path, **kw: object) -> LatencyOptions:
@@ -334,14 +335,19 @@ def test_int8_tables_time_every_probe_and_whole_model_quantized(vgg: tuple[OnnxM
     quantized: list[set[str]] = []
     real = quantize.quantized_for_timing
 
+    forms: set[tuple[str, bool]] = set()
+
     def spy(model, feeds, options=None, probe=False):  # type: ignore[no-untyped-def]
         out = real(model, feeds, options, probe)
         quantized.append({n.op_type for n in out.graph})
+        forms.add((options.activations, options.reduce_range))
         return out
 
     monkeypatch.setattr(quantize, "quantized_for_timing", spy)
     int8 = build_latency_model(om, coupling, fast_options(tmp_path, quantized=True))
-    assert int8.setting["quantized"] == QUANTIZED_SETTING and int8.stats.cache_hits == 0  # the fp32 tables are not reused
+    assert int8.setting["quantized"] == f"{QUANTIZED_SETTING}, uint8 activations, 7-bit weights"
+    assert int8.stats.cache_hits == 0  # the fp32 tables are not reused
+    assert forms == {("uint8", True)}, "timed in the quantize pass's default form"
     assert len(quantized) == int8.stats.measurements + int8.stats.model_timings
     assert any(ops & {"MaxPool"} and not ops & {"Conv", "Gemm"} for ops in quantized), "VGG's lone MaxPool probes"
     assert all({"QuantizeLinear", "DequantizeLinear"} <= ops for ops in quantized), "MaxPool probes quantized too"
@@ -354,16 +360,30 @@ def test_a_model_timed_int8_is_quantized_once_for_every_batch(vgg: tuple[OnnxMod
     from graphprune.backends import quantize
     from graphprune.backends.onnx_model import OnnxPrunable
 
-    calls: list[int] = []
     real = quantize.quantized_for_timing
 
+    forms: list[tuple[str, bool]] = []
+
     def spy(model, feeds, options=None):  # type: ignore[no-untyped-def]
-        calls.append(1)
+        forms.append((options.activations, options.reduce_range))
         return real(model, feeds, options)
 
     monkeypatch.setattr(quantize, "quantized_for_timing", spy)
     model = OnnxPrunable(vgg[0])
-    ms = [model.latency_ms(b, 2, threads=1, quantized=True) for b in (1, 4, 1)]
-    assert len(calls) == 1 and all(math.isfinite(m) and m > 0 for m in ms)
+    ms = [model.latency_ms(b, 2, threads=1, quantized=Int8Form()) for b in (1, 4, 1)]
+    assert forms == [("uint8", True)] and all(math.isfinite(m) and m > 0 for m in ms)
     model.latency_ms(1, 2, threads=1)  # fp32 timing does not quantize
-    assert len(calls) == 1
+    assert len(forms) == 1
+    model.latency_ms(1, 2, threads=1, quantized=Int8Form("int8", False))  # another form: quantized in that form, once
+    model.latency_ms(4, 2, threads=1, quantized=Int8Form("int8", False))
+    assert forms == [("uint8", True), ("int8", False)]
+
+
+def test_int8_tables_of_another_form_have_their_own_cache_key(tmp_path: Path) -> None:
+    uint8 = cache_setting(fast_options(tmp_path, quantized=True), "CPUExecutionProvider", "1.0")
+    int8 = cache_setting(fast_options(tmp_path, quantized=True, activations="int8", reduce_range=False), "CPUExecutionProvider", "1.0")
+    assert uint8 != int8 and int8["int8"] == {"activations": "int8", "reduce_range": False}
+    assert Int8Form.of_setting(int8) == Int8Form("int8", False) and Int8Form.of_setting(uint8) == Int8Form()
+    assert Int8Form.of_setting(cache_setting(fast_options(tmp_path), "CPUExecutionProvider", "1.0")) is None
+    with pytest.raises(BadInputError, match="activations"):
+        fast_options(tmp_path, quantized=True, activations="float8")

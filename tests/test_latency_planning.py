@@ -22,6 +22,7 @@ from graphprune.errors import BadInputError
 from graphprune.execution.measure import Figures
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
+from graphprune.ir.model import Int8Form
 from graphprune.pipeline.config import parse_pipeline, run_passes
 from graphprune.pipeline.passes import Workspace, measured_line, slower_line
 from graphprune.pipeline.workspace import Validation
@@ -337,7 +338,7 @@ class _Planted:
     def pruned(self, coupling, plan):
         return _Planted(self.inner.pruned(coupling, plan), self.ms_of, self.calls, {g.group: len(g.keep) for g in plan.groups})
 
-    def latency_ms(self, batch, runs, threads=0, quantized=False):
+    def latency_ms(self, batch, runs, threads=0, quantized=None):
         self.calls.append((batch, threads, self.counts, quantized))
         if self.counts is None:
             return 1.0
@@ -355,7 +356,7 @@ def _measured_plan(profiled, ms_of, setting=None, **options):
     lm = profiled.latency if setting is None else dataclasses.replace(profiled.latency, setting={**profiled.latency.setting, **setting})
     plan, _ = plan_for(profiled.groups(), profiled.analysis, PlanOptions(macs=0.6, latency_runs=2, allow_over_limit=True, **options),
                        model, lm)
-    assert all(b in (1, lm.setting["batch"]) and t == lm.setting["threads"] and q == bool(lm.setting.get("quantized"))
+    assert all(b in (1, lm.setting["batch"]) and t == lm.setting["threads"] and q == Int8Form.of_setting(lm.setting)
                for b, t, _, q in calls)
     return plan, calls
 
@@ -419,8 +420,8 @@ def test_the_first_plan_is_measured_and_anchors_the_latency_model_before_the_pla
 
 
 def test_a_latency_model_of_the_int8_model_times_the_check_quantized(profiled):
-    plan, calls = _measured_plan(profiled, lambda counts: 0.5, {"quantized": "int8 QDQ"})
-    assert calls and all(q for *_, q in calls) and plan.meta["measured_ms"] == 0.5
+    plan, calls = _measured_plan(profiled, lambda counts: 0.5, {"quantized": "int8 QDQ", "int8": {"activations": "int8", "reduce_range": False}})
+    assert calls and all(q == Int8Form("int8", False) for *_, q in calls) and plan.meta["measured_ms"] == 0.5
 
 
 def test_a_plan_measured_slower_is_repaired_by_measurement(profiled):

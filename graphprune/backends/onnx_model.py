@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import OnnxModel, load_onnx, prepare
 from graphprune.io import save_onnx, uses_external_data
 from graphprune.ir.graph import ChannelGraph
-from graphprune.ir.model import PrunableModel
+from graphprune.ir.model import Int8Form, PrunableModel
 from graphprune.ir.plan import Plan, kept_elements
 
 if TYPE_CHECKING:
@@ -45,6 +44,7 @@ class OnnxPrunable:
 
     om: OnnxModel
     kind: str = "onnx"
+    _int8: dict[Int8Form, ir.Model] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def graph(self) -> ChannelGraph:
@@ -84,21 +84,22 @@ class OnnxPrunable:
     def run_check(self, original: PrunableModel) -> None:
         self._validate(_onnx(original), None)
 
-    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: bool = False) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: Int8Form | None = None) -> float:
         from graphprune.execution.sessions import measure_latency
         from graphprune.ir.onnx import model_session
 
         feeds = sample_inputs(self.om.graph, batch=batch)
-        with model_session(self.timing_int8 if quantized else self.om.model, threads=threads) as session:
+        with model_session(self.timing_int8(quantized) if quantized else self.om.model, threads=threads) as session:
             return measure_latency(session, feeds, runs=runs)
 
-    @functools.cached_property
-    def timing_int8(self) -> ir.Model:
-        """The model quantized once for latency timing at any batch (ranges from batch-1 sample inputs: timing
-        depends on the ops and shapes only)."""
-        from graphprune.backends.quantize import quantized_for_timing
+    def timing_int8(self, form: Int8Form) -> ir.Model:
+        """The model quantized in ``form`` once for latency timing at any batch (ranges from batch-1 sample inputs:
+        timing depends on the ops and shapes only)."""
+        from graphprune.backends.quantize import quantized_for_timing, timing_options
 
-        return quantized_for_timing(self.om.model, sample_inputs(self.om.graph, batch=1))
+        if form not in self._int8:
+            self._int8[form] = quantized_for_timing(self.om.model, sample_inputs(self.om.graph, batch=1), timing_options(form))
+        return self._int8[form]
 
     def latency_model(self, coupling: Coupling, options: LatencyOptions, floors: Mapping[int, int]) -> LatencyModel:
         from graphprune.execution.latency_tables import build_latency_model

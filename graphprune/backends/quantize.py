@@ -26,9 +26,10 @@ from graphprune.frontends.onnx import OnnxModel, prepare
 from graphprune.io import save_onnx, uses_external_data
 from graphprune.ir.graph import Axis
 from graphprune.ir.masks import keep_masks
+from graphprune.ir.model import Int8Form
 from graphprune.ir.onnx import model_session
 
-__all__ = ["ACTIVATION_TYPES", "CALIBRATION_METHODS", "QuantCheck", "QuantizeOptions", "output_scales", "quantization_check", "quantize_onnx", "quantized_for_timing", "zeroed_weights"]
+__all__ = ["ACTIVATION_TYPES", "CALIBRATION_METHODS", "QuantCheck", "QuantizeOptions", "output_scales", "quantization_check", "quantize_onnx", "quantized_for_timing", "timing_options", "zeroed_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,11 @@ def quantize_onnx(om: OnnxModel, data: Calibration, options: QuantizeOptions, ra
     """
     reader = _reader(data, list(om.graph.inputs), options.batch_size)
     return prepare(_quantized(om.model, reader, options, ranges), om.path)
+
+
+def timing_options(form: Int8Form) -> QuantizeOptions:
+    """The quantize pass's options that write ``form`` (the rest at their defaults)."""
+    return QuantizeOptions(activations=form.activations, reduce_range=form.reduce_range)
 
 
 def quantized_for_timing(model: ir.Model, feeds: Mapping[str, np.ndarray], options: QuantizeOptions | None = None,

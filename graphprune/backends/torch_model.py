@@ -27,7 +27,7 @@ from graphprune.execution.training import FitOptions, Progress
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.torch.trace import TorchModel, load_exported_program, load_module, to_channel_graph
 from graphprune.ir.graph import ChannelGraph
-from graphprune.ir.model import PrunableModel
+from graphprune.ir.model import Int8Form, PrunableModel
 from graphprune.ir.plan import Plan
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def _at_batch(examples: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tenso
     return tuple(out)
 
 
-def _float_only(quantized: bool) -> None:
+def _float_only(quantized: Int8Form | None) -> None:
     if quantized:
         raise BadInputError("int8 latency is measured on onnxruntime: export the torch model to ONNX to profile it quantized")
 
@@ -188,7 +188,7 @@ class ModulePrunable(_Traced):
         with torch.no_grad():
             _check_signature(_outputs(self.module.eval()(*inputs)), _outputs(src.module.eval()(*inputs)))
 
-    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: bool = False) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: Int8Form | None = None) -> float:
         _float_only(quantized)
         return _latency(self.module.eval(), _at_batch(self.example_inputs, batch), runs)
 
@@ -256,7 +256,7 @@ class ProgramPrunable(_Traced):
         with torch.no_grad():
             _check_signature(_outputs(self.program.module()(*inputs)), _outputs(src.program.module()(*inputs)))
 
-    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: bool = False) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: Int8Form | None = None) -> float:
         _float_only(quantized)
         return _latency(self.program.module(), self._inputs(batch), runs)
 

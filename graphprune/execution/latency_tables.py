@@ -51,6 +51,7 @@ from graphprune.errors import BadInputError, GraphpruneError, short_message
 from graphprune.frontends.onnx import OnnxModel
 from graphprune.ir.dtypes import FLOAT_TYPES
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
+from graphprune.ir.model import Int8Form
 from graphprune.ir.onnx import model_bytes, node_map, value_map
 from graphprune.ir.plan import kept_elements, plan_from_keep
 
@@ -67,7 +68,8 @@ MAX_FOLLOWERS = 4
 MODEL_STATISTIC = "median"
 """How whole models are timed: the median of their runs, as validation measures them."""
 QUANTIZED_SETTING = "int8 QDQ, probe inputs quantized"
-"""The cache setting of int8 tables (probes quantized as inside the whole model: MaxPool behind its producer's QDQ)."""
+"""The cache setting of int8 tables (probes quantized as inside the whole model: MaxPool behind its producer's QDQ),
+followed by the int8 form (:meth:`graphprune.ir.model.Int8Form.describe`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,8 @@ class LatencyOptions:
         calibrate: Measure the model pruned at a calibration point and fit the tables' scale to it.
         quantized: Time every probe and whole model quantized to int8 QDQ first (as the ``quantize`` pass does,
             ranges from the timing inputs): tables of the int8 model that ships.
+        activations: With ``quantized``: the activation type, as the quantize pass's option (``uint8`` / ``int8``).
+        reduce_range: With ``quantized``: 7-bit weights, as the quantize pass's option.
         cache_dir: Table cache; None: ``$GRAPHPRUNE_CACHE/latency`` or ``~/.cache/graphprune/latency``.
         cache_check: A cached table's full-size point is timed again; more than this relative difference and
             the table is measured again (the cache was written under other conditions). 0: trust the cache.
@@ -106,6 +110,8 @@ class LatencyOptions:
     statistic: str = "min"
     calibrate: bool = True
     quantized: bool = False
+    activations: str = "uint8"
+    reduce_range: bool = True
     cache_dir: str | None = None
     cache_check: float = 0.25
 
@@ -120,6 +126,13 @@ class LatencyOptions:
             raise BadInputError(f"latency option multiples must be positive integers, got {self.multiples}")
         if self.cache_check < 0:
             raise BadInputError(f"latency option cache_check must be >= 0 (0: trust the cache), got {self.cache_check}")
+        if self.activations not in ("uint8", "int8"):
+            raise BadInputError(f"latency option activations must be uint8 or int8, got {self.activations!r}")
+
+    @property
+    def int8(self) -> Int8Form | None:
+        """The int8 form models are timed in (None: float)."""
+        return Int8Form(self.activations, self.reduce_range) if self.quantized else None
 
     def resolved_provider(self) -> str:
         """The provider used: the given one (checked) or the best available."""
@@ -379,9 +392,9 @@ class _Meter:
             feeds = {v.name: rng.standard_normal(v.shape.numpy()).astype(v.dtype.numpy())
                      for v in model.graph.inputs if v.name and v.shape is not None and v.dtype is not None}
         if self.options.quantized:
-            from graphprune.backends.quantize import quantized_for_timing
+            from graphprune.backends.quantize import quantized_for_timing, timing_options
 
-            model = quantized_for_timing(model, feeds, probe=probe)
+            model = quantized_for_timing(model, feeds, timing_options(Int8Form(self.options.activations, self.options.reduce_range)), probe=probe)
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         if self.options.threads:
@@ -538,7 +551,12 @@ def cache_setting(options: LatencyOptions, provider: str, ort_version: str) -> d
     """What every cache key holds: machine, onnxruntime version, provider, threads, batch and both statistics."""
     setting = {"format": FORMAT, "machine": _machine(provider), "onnxruntime": ort_version, "provider": provider,
                "threads": options.threads, "batch": options.batch, "statistic": options.statistic, "model_statistic": MODEL_STATISTIC}
-    return {**setting, "quantized": QUANTIZED_SETTING} if options.quantized else setting
+    form = options.int8
+    if form is None:
+        return setting
+    return {**setting, "quantized": f"{QUANTIZED_SETTING}, {form.describe()}",
+            "int8": {"activations": form.activations, "reduce_range": form.reduce_range}}
+
 
 
 def calibration_point(lm: LatencyModel) -> dict[int, int]:

@@ -6,6 +6,7 @@ one pipeline serves every format. Values are keyed by graph tensor names.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -22,10 +23,31 @@ if TYPE_CHECKING:  # the stages that use the protocol, for annotations only
     from graphprune.execution.training import FitOptions, Progress
     from graphprune.frontends.data import Calibration
 
-__all__ = ["FORMATS", "PrunableModel"]
+__all__ = ["FORMATS", "Int8Form", "PrunableModel"]
 
 FORMATS = ("onnx", "module", "program")
 """What :attr:`PrunableModel.kind` may be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Form:
+    """The int8 form a model is timed in: activation type (``uint8`` / ``int8``) and 7-bit weights (``reduce_range``),
+    as the quantize pass writes it (its options of the same names; these are its defaults)."""
+
+    activations: str = "uint8"
+    reduce_range: bool = True
+
+    def describe(self) -> str:
+        """'uint8 activations, 7-bit weights'."""
+        return f"{self.activations} activations, {7 if self.reduce_range else 8}-bit weights"
+
+    @classmethod
+    def of_setting(cls, setting: Mapping[str, object]) -> Int8Form | None:
+        """The form a latency model's setting was timed in (None: float; a setting that names no form: the defaults)."""
+        form = setting.get("int8")
+        if isinstance(form, Mapping):
+            return cls(str(form["activations"]), bool(form["reduce_range"]))
+        return cls() if setting.get("quantized") else None
 
 class PrunableModel(Protocol):
     """A model behind the passes. Methods never modify ``self``: they return new models."""
@@ -74,9 +96,9 @@ class PrunableModel(Protocol):
         """
         ...
 
-    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: bool = False) -> float:
+    def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: Int8Form | None = None) -> float:
         """Median latency of one forward pass at ``batch`` on :attr:`runtime` (``threads``: intra-op threads, 0: the runtime's
-        default; ``quantized``: of the model quantized to int8 QDQ first, where the runtime quantizes).
+        default; ``quantized``: of the model quantized to int8 QDQ in that form first, where the runtime quantizes).
 
         Raises:
             BadInputError: ``quantized`` on a runtime that does not quantize.

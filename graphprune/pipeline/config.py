@@ -101,6 +101,41 @@ def _build_pass(entry: Mapping[str, Any], where: str) -> Pass:
     return cls(options)
 
 
+_INT8_FORM = ("activations", "reduce_range")
+"""The quantize pass's options that decide the int8 model's kernels, which a profile pass timing int8 must share."""
+
+
+def _default(cls: type, key: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == key)
+
+
+def _timed_as_shipped(entries: list[Any], where: str) -> list[Any]:
+    """Profile passes that time int8 take the int8 form of the pipeline's quantize pass unless they set it.
+
+    Raises:
+        BadInputError: When a profile pass sets a form other than the quantize pass writes (its tables would
+            time another model than the one shipped).
+    """
+    quant = next((e for e in entries if isinstance(e, Mapping) and e.get("name") == "quantize"), None)
+    if quant is None or "quantize" not in PASSES:
+        return entries
+    out = []
+    for entry in entries:
+        if not (isinstance(entry, Mapping) and entry.get("name") == "profile" and entry.get("quantized") is True):
+            out.append(entry)
+            continue
+        profile = dict(entry)
+        for key in _INT8_FORM:
+            shipped = quant.get(key, _default(PASSES["quantize"].Options, key))
+            if key not in profile:
+                profile[key] = shipped
+            elif profile[key] != shipped:
+                raise BadInputError(f"{where}: pass 'profile' times int8 with {key} = {profile[key]!r} but the quantize pass "
+                                    f"writes {shipped!r}: leave profile.{key} unset (it follows the quantize pass)")
+        out.append(profile)
+    return out
+
+
 def parse_pipeline(data: Mapping[str, Any], where: str = "pipeline") -> Pipeline:
     """Validate parsed TOML data and build its passes.
 
@@ -116,6 +151,7 @@ def parse_pipeline(data: Mapping[str, Any], where: str = "pipeline") -> Pipeline
     entries = data.get("pass", [])
     if not isinstance(entries, list) or not entries:
         raise BadInputError(f"{where}: no passes (add [[pass]] tables)")
+    entries = _timed_as_shipped(entries, where)
     passes = tuple(_build_pass(e, f"{where}, pass {i + 1}") for i, e in enumerate(entries))
     check_order(passes, where)
     return Pipeline(str(head.get("name", where)), str(head.get("description", "")), passes)

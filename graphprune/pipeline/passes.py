@@ -126,6 +126,8 @@ class ProfileOptions:
             allowed past the limit: ``--allow-over-limit``).
         quantized: Time the probes, the whole models and the never-slower check quantized to int8 QDQ (for a
             pipeline that quantizes after pruning: the plan is then fast as the int8 model that ships).
+        activations: With ``quantized``: the activation type timed; unset, the pipeline's quantize pass's.
+        reduce_range: With ``quantized``: 7-bit weights timed; unset, the pipeline's quantize pass's.
         cache_check: Relative difference above which a cached table, its full-size point timed again, is
             measured again (0: trust the cache).
     """
@@ -138,6 +140,8 @@ class ProfileOptions:
     cache_dir: str = ""
     below_floors: bool = False
     quantized: bool = False
+    activations: str = "uint8"
+    reduce_range: bool = True
     cache_check: float = 0.25
 
     def latency_options(self) -> Any:
@@ -145,7 +149,8 @@ class ProfileOptions:
         from graphprune.execution.latency_tables import LatencyOptions
 
         return LatencyOptions(batch=self.batch, threads=self.threads, runs=self.runs, model_runs=self.model_runs,
-                              max_measurements=self.max_measurements, quantized=self.quantized, cache_dir=self.cache_dir or None,
+                              max_measurements=self.max_measurements, quantized=self.quantized, activations=self.activations,
+                              reduce_range=self.reduce_range, cache_dir=self.cache_dir or None,
                               cache_check=self.cache_check)
 
     def check(self) -> None:
@@ -181,7 +186,8 @@ class ProfilePass(Pass):
         coupling = ws.groups()
         prunable = {g.id: g.channels for g in coupling.prunable}
         floors = {g: max(1, min(f, prunable[g])) for g, f in floors.items() if g in prunable}
-        int8 = ", int8 QDQ" if self.options.quantized else ""
+        form = self.options.latency_options().int8
+        int8 = f", int8 QDQ ({form.describe()})" if form is not None else ""
         ws.status(f"measuring latency tables on {ws.original.runtime} at batch {self.options.batch}{int8}")
         ws.latency = ws.original.latency_model(coupling, self.options.latency_options(), floors)
         if ws.latency is None:
@@ -524,7 +530,8 @@ class QuantizePass(Pass):
         ws.status(f"quantizing to int8 QDQ ({o.calibration} calibration on {len(data)} samples)")
         int8_original = OnnxPrunable(quantize_onnx(ws.original.om, data, o))
         int8_pruned = OnnxPrunable(quantize_onnx(ws.model.om, data, o))
-        settings = {"format": "QDQ", "weights": "int8", "activations": "int8", "per_channel": o.per_channel,
+        settings = {"format": "QDQ", "weights": "int8 (7-bit range)" if o.reduce_range else "int8", "activations": o.activations,
+                    "per_channel": o.per_channel,
                     "calibration": o.calibration, "samples": len(data)}
         ws.quantized = Quantized(ws.model, int8_original, check, settings)
         ws.model = int8_pruned

@@ -13,7 +13,7 @@ from graphprune.analysis.latency import LatencyModel
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, OverLimitError
 from graphprune.ir.graph import ChannelGraph
-from graphprune.ir.model import PrunableModel
+from graphprune.ir.model import Int8Form, PrunableModel
 from graphprune.ir.plan import Plan, plan_from_keep
 from graphprune.planning.hierarchical import keep_sets, make_plan, removal_orders, round_counts, value_of
 from graphprune.planning.latency import fast_candidates
@@ -135,7 +135,7 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
         ``repaired`` (which re-plan was kept and why) and ``measured_slower`` (slower at some batch, whatever was tried).
     """
     batch, threads = int(latency.setting["batch"]), int(latency.setting.get("threads", 0))
-    quantized = bool(latency.setting.get("quantized"))
+    quantized = Int8Form.of_setting(latency.setting)
     batches = sorted({1, batch})
 
     def timed(m: PrunableModel) -> dict[int, float]:
@@ -311,7 +311,7 @@ def at_operating_point(model: PrunableModel, coupling: Coupling, plan: Plan, lat
     if "predicted_ms" not in plan.meta or all(k == latency.channels[g] for g, k in keep.items()):
         return latency
     batch, threads = int(latency.setting["batch"]), int(latency.setting.get("threads", 0))
-    quantized = bool(latency.setting.get("quantized"))
+    quantized = Int8Form.of_setting(latency.setting)
     original = model.latency_ms(batch, runs, threads, quantized=quantized)
     pruned = model.pruned(coupling, plan).latency_ms(batch, runs, threads, quantized=quantized)
     log.info("latency model anchored at the first plan: measured %.3f of the original, predicted %.3f",
