@@ -71,12 +71,15 @@ class ArgRef:
             entry ``j`` of the ONNX vector is entry ``j - offset`` of the call's list.
         first: The call takes only the vector's first entry, as an int
             (``aten.split.Tensor``'s split size).
+        inferred: Entries of the ONNX vector the call gives as -1 (``x.view(*s, -1, d)``): sizes the traced
+            code computes at run time, which therefore follow a pruned axis with no rewrite.
     """
 
     index: int
     key: str
     offset: int = 0
     first: bool = False
+    inferred: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,17 +183,34 @@ def _computed_target(node: OpNode, ctx: AdjustContext, shape: tuple[Dim, ...]) -
     return Adjustment(shape_overrides={1: override}) if override else Adjustment()
 
 
-def _heads_part(whole: list[int], parts: list[int], whole_rank: int, parts_rank: int, node: OpNode) -> int | None:
+def _heads_part(whole: list[int], parts: list[int], whole_rank: int, parts_rank: int, node: OpNode, head_entry: int | None) -> int | None:
     """The head count (0) when the last (feature) axis splits into (heads, head size) or merges back from them.
 
     Pruning whole heads keeps attention's structure (every head keeps its
     size); the coupling prefers that factor over the head size in ONNX
-    graphs. A traced torch module's forward holds its head count as a
-    Python int no rewrite reaches, so there the head size stays preferred.
+    graphs. A traced torch module's forward holds its sizes as Python ints
+    no rewrite reaches: there a split prefers the head count only when the
+    call gives it as -1 (output entry ``head_entry``: ``view(*s, -1, head_dim)``,
+    as Hugging Face's attention does), which follows the kept heads at run
+    time; a merge (``head_entry`` None) states no preference, and the head
+    size stays preferred otherwise.
     """
-    if node.origin is None and len(parts) == 2 and whole == [whole_rank - 1] and parts == [parts_rank - 2, parts_rank - 1]:
+    if not (len(parts) == 2 and whole == [whole_rank - 1] and parts == [parts_rank - 2, parts_rank - 1]):
+        return None
+    if node.origin is None:
         return 0
-    return None
+    ref = node.origin.inputs.get(1)
+    return 0 if ref is not None and head_entry is not None and head_entry in ref.inferred else None
+
+
+
+def _literal_heads(node: OpNode, ia: list[int], jb: list[int], x_rank: int, y_rank: int, prefer: int | None) -> bool:
+    """A traced torch split into (heads, head size) whose head count the call gives as a number: the module's
+    forward keeps that count whatever is pruned, so the head axis cannot lose entries (an attention op after it
+    would otherwise prune whole heads the forward still reshapes into the old count)."""
+    if node.origin is None or prefer is not None:
+        return False
+    return len(jb) == 2 and ia == [x_rank - 1] and jb == [y_rank - 2, y_rank - 1]
 
 
 @register(
@@ -220,10 +237,13 @@ def reshape(node: OpNode, graph: ChannelGraph) -> Semantics:
             reason = f"{node.op_type} merges axes {ia} -> {jb} of dynamic size"
             freezes += freeze_axes([*(Axis(x, i) for i in ia), *(Axis(y, j) for j in jb)], reason)
         elif len(ia) == 1 and len(jb) > 1:
-            prefer = _heads_part(ia, jb, len(xs), len(ys), node)
+            prefer = _heads_part(ia, jb, len(xs), len(ys), node, jb[0])
+            if _literal_heads(node, ia, jb, len(xs), len(ys), prefer):
+                freezes += freeze_axes([Axis(y, jb[0])], f"{node.op_type}: the head count {ys[jb[0]]} is a Python int in the "
+                                       "traced forward (give it as -1, view(*s, -1, head_dim), to prune whole heads)")
             factors.append(Factor(Axis(x, ia[0]), tuple(Axis(y, j) for j in jb), tuple(int(ys[j]) for j in jb), prefer))  # type: ignore[arg-type]
         elif len(jb) == 1 and len(ia) > 1:
-            prefer = _heads_part(jb, ia, len(ys), len(xs), node)
+            prefer = _heads_part(jb, ia, len(ys), len(xs), node, None)
             factors.append(Factor(Axis(y, jb[0]), tuple(Axis(x, i) for i in ia), tuple(int(xs[i]) for i in ia), prefer))  # type: ignore[arg-type]
         elif ia and jb:
             reason = f"{node.op_type} regroups axes {ia} -> {jb}"

@@ -11,6 +11,7 @@ The attention stand-in's module hook is registered on the table's
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -246,7 +247,10 @@ def _reshape(b: Builder, node: Node, out: str) -> None:
     if key in _RESHAPE_SIZES:
         # unflatten's sizes start at the unflattened axis
         offset = int_arg(node, 1, "dim") % _rank(b, out) if key == "aten.unflatten.int" else 0
-        refs = {1: arg_ref(node, _RESHAPE_SIZES[key], offset=offset)}
+        ref = arg_ref(node, _RESHAPE_SIZES[key], offset=offset)
+        sizes = arg(node, ref.index, ref.key, ())
+        inferred = tuple(i + offset for i, v in enumerate(sizes) if isinstance(v, int) and v == -1) if isinstance(sizes, (list, tuple)) else ()
+        refs = {1: dataclasses.replace(ref, inferred=inferred)}
     b.add(out, "Reshape", [b.name(node.args[0]), _shape_const(b, node, out)], [out], input_args=refs)
 
 
