@@ -391,10 +391,11 @@ class _Meter:
             rng = np.random.default_rng(0)
             feeds = {v.name: rng.standard_normal(v.shape.numpy()).astype(v.dtype.numpy())
                      for v in model.graph.inputs if v.name and v.shape is not None and v.dtype is not None}
-        if self.options.quantized:
+        form = self.options.int8
+        if form is not None:
             from graphprune.backends.quantize import quantized_for_timing, timing_options
 
-            model = quantized_for_timing(model, feeds, timing_options(Int8Form(self.options.activations, self.options.reduce_range)), probe=probe)
+            model = quantized_for_timing(model, feeds, timing_options(form), probe=probe)
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         if self.options.threads:
@@ -556,7 +557,6 @@ def cache_setting(options: LatencyOptions, provider: str, ort_version: str) -> d
         return setting
     return {**setting, "quantized": f"{QUANTIZED_SETTING}, {form.describe()}",
             "int8": {"activations": form.activations, "reduce_range": form.reduce_range}}
-
 
 
 def calibration_point(lm: LatencyModel) -> dict[int, int]:

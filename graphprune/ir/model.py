@@ -49,6 +49,7 @@ class Int8Form:
             return cls(str(form["activations"]), bool(form["reduce_range"]))
         return cls() if setting.get("quantized") else None
 
+
 class PrunableModel(Protocol):
     """A model behind the passes. Methods never modify ``self``: they return new models."""
 

@@ -203,7 +203,6 @@ def _heads_part(whole: list[int], parts: list[int], whole_rank: int, parts_rank:
     return 0 if ref is not None and head_entry is not None and head_entry in ref.inferred else None
 
 
-
 def _literal_heads(node: OpNode, ia: list[int], jb: list[int], x_rank: int, y_rank: int, prefer: int | None) -> bool:
     """A traced torch split into (heads, head size) whose head count the call gives as a number: the module's
     forward keeps that count whatever is pruned, so the head axis cannot lose entries (an attention op after it
