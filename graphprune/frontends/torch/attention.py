@@ -61,10 +61,10 @@ class HeadPrunableAttention(nn.MultiheadAttention):
         biases = self.in_proj_bias.split(rows) if self.in_proj_bias is not None else (None, None, None)
         return weights, biases
 
-    def _heads(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(N, L, E) -> projected (N, heads, L, head size)."""
+    def _heads(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, size: int) -> torch.Tensor:
+        """(N, L, E) -> projected (N, heads, L, ``size``); the head count is -1, so the trace sees it follow the kept heads."""
         y = F.linear(x, weight, bias)
-        return y.reshape(y.shape[0], y.shape[1], self.num_heads, -1).transpose(1, 2)
+        return y.reshape(y.shape[0], y.shape[1], -1, size).transpose(1, 2)
 
     def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, n: int, length: int,
               source: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -99,7 +99,7 @@ class HeadPrunableAttention(nn.MultiheadAttention):
         if not batched or not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         (wq, wk, wv), (bq, bk, bv) = self._projections()
-        q, k, v = self._heads(query, wq, bq), self._heads(key, wk, bk), self._heads(value, wv, bv)
+        q, k, v = self._heads(query, wq, bq, self.head_dim), self._heads(key, wk, bk, self.head_dim), self._heads(value, wv, bv, self.v_head_dim)
         mask = self._mask(attn_mask, key_padding_mask, q.shape[0], q.shape[2], k.shape[2], q.dtype)
         p = self.dropout if self.training else 0.0
         weights = None
