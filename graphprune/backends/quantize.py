@@ -26,7 +26,7 @@ from graphprune.frontends.onnx import OnnxModel, prepare
 from graphprune.io import save_onnx, uses_external_data
 from graphprune.ir.graph import Axis
 from graphprune.ir.masks import keep_masks
-from graphprune.ir.model import Int8Form
+from graphprune.ir.model import ACTIVATION_TYPES, Int8Form
 from graphprune.ir.onnx import model_session
 
 __all__ = ["ACTIVATION_TYPES", "CALIBRATION_METHODS", "QuantCheck", "QuantizeOptions", "output_scales", "quantization_check", "quantize_onnx", "quantized_for_timing", "timing_options", "zeroed_weights"]
@@ -35,11 +35,6 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 """onnxruntime's calibration methods, by the names the pass takes."""
-ACTIVATION_TYPES = ("uint8", "int8")
-"""Activation integer types (weights are always int8). ``uint8`` (U8S8) is what onnxruntime's CPU provider fuses
-whole on x86-64: with ``int8`` activations (S8S8) it leaves every convolution next to a residual Add in float,
-behind DequantizeLinear, with layout Transposes around it (MobileNetV2 at 28x28: 8 of 22 convolutions and
-16 Transposes; U8S8 ran that int8 model 1.40x faster at batch 32 and 1.46x at batch 1, benchmarks/README.md)."""
 
 
 @dataclasses.dataclass(frozen=True)

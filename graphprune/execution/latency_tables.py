@@ -51,7 +51,7 @@ from graphprune.errors import BadInputError, GraphpruneError, short_message
 from graphprune.frontends.onnx import OnnxModel
 from graphprune.ir.dtypes import FLOAT_TYPES
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
-from graphprune.ir.model import Int8Form
+from graphprune.ir.model import ACTIVATION_TYPES, Int8Form
 from graphprune.ir.onnx import model_bytes, node_map, value_map
 from graphprune.ir.plan import kept_elements, plan_from_keep
 
@@ -126,8 +126,8 @@ class LatencyOptions:
             raise BadInputError(f"latency option multiples must be positive integers, got {self.multiples}")
         if self.cache_check < 0:
             raise BadInputError(f"latency option cache_check must be >= 0 (0: trust the cache), got {self.cache_check}")
-        if self.activations not in ("uint8", "int8"):
-            raise BadInputError(f"latency option activations must be uint8 or int8, got {self.activations!r}")
+        if self.activations not in ACTIVATION_TYPES:
+            raise BadInputError(f"latency option activations must be one of {', '.join(ACTIVATION_TYPES)}, got {self.activations!r}")
 
     @property
     def int8(self) -> Int8Form | None:

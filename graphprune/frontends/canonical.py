@@ -40,13 +40,22 @@ def _ints(node: ir.Node, name: str) -> list[int] | None:
     return None if attr is None else [int(v) for v in attr.as_ints()]
 
 
+def _is(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def _sole_use(value: ir.Value | None, graph: ir.Graph) -> ir.Node | None:
+    """The one op reading ``value``, when it has one use and is no graph output."""
+    if value is None or any(v is value for v in graph.outputs):
+        return None
+    uses = list(value.uses())
+    return uses[0][0] if len(uses) == 1 else None
+
+
 def _only_use(value: ir.Value, op_type: str, graph: ir.Graph) -> ir.Node | None:
     """The one op that reads ``value`` (as its first input), when it is an ``op_type`` and ``value`` is no graph output."""
-    uses = list(value.uses())
-    if len(uses) != 1 or any(v is value for v in graph.outputs):
-        return None
-    node, index = uses[0]
-    return node if node.op_type == op_type and node.domain in ("", "ai.onnx") and index == 0 else None
+    node = _sole_use(value, graph)
+    return node if node is not None and _is(node, op_type) and node.inputs[0] is value else None
 
 
 def _same(a: Dim, b: Dim) -> bool:
@@ -124,18 +133,6 @@ class DecomposedNorm:
     def name(self) -> str:
         """The name the fused op takes (from the last op of the arithmetic)."""
         return f"{self.nodes[-1].name}_fused"
-
-
-def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
-
-
-def _sole_use(value: ir.Value | None, graph: ir.Graph) -> ir.Node | None:
-    """The one op reading ``value``, when it has one use and is no graph output."""
-    if value is None or any(v is value for v in graph.outputs):
-        return None
-    uses = list(value.uses())
-    return uses[0][0] if len(uses) == 1 else None
 
 
 def _scalar(value: ir.Value | None) -> float | None:

@@ -195,7 +195,7 @@ def _heads_part(whole: list[int], parts: list[int], whole_rank: int, parts_rank:
     time; a merge (``head_entry`` None) states no preference, and the head
     size stays preferred otherwise.
     """
-    if not (len(parts) == 2 and whole == [whole_rank - 1] and parts == [parts_rank - 2, parts_rank - 1]):
+    if not _head_split(whole, parts, whole_rank, parts_rank):
         return None
     if node.origin is None:
         return 0
@@ -203,13 +203,16 @@ def _heads_part(whole: list[int], parts: list[int], whole_rank: int, parts_rank:
     return 0 if ref is not None and head_entry is not None and head_entry in ref.inferred else None
 
 
+def _head_split(whole: list[int], parts: list[int], whole_rank: int, parts_rank: int) -> bool:
+    """The last axis of one side is the last two of the other: (heads, head size)."""
+    return len(parts) == 2 and whole == [whole_rank - 1] and parts == [parts_rank - 2, parts_rank - 1]
+
+
 def _literal_heads(node: OpNode, ia: list[int], jb: list[int], x_rank: int, y_rank: int, prefer: int | None) -> bool:
     """A traced torch split into (heads, head size) whose head count the call gives as a number: the module's
     forward keeps that count whatever is pruned, so the head axis cannot lose entries (an attention op after it
     would otherwise prune whole heads the forward still reshapes into the old count)."""
-    if node.origin is None or prefer is not None:
-        return False
-    return len(jb) == 2 and ia == [x_rank - 1] and jb == [y_rank - 2, y_rank - 1]
+    return node.origin is not None and prefer is None and _head_split(ia, jb, x_rank, y_rank)
 
 
 @register(

@@ -186,10 +186,10 @@ class ProfilePass(Pass):
         coupling = ws.groups()
         prunable = {g.id: g.channels for g in coupling.prunable}
         floors = {g: max(1, min(f, prunable[g])) for g, f in floors.items() if g in prunable}
-        form = self.options.latency_options().int8
-        int8 = f", int8 QDQ ({form.describe()})" if form is not None else ""
+        options = self.options.latency_options()
+        int8 = f", int8 QDQ ({options.int8.describe()})" if options.int8 is not None else ""
         ws.status(f"measuring latency tables on {ws.original.runtime} at batch {self.options.batch}{int8}")
-        ws.latency = ws.original.latency_model(coupling, self.options.latency_options(), floors)
+        ws.latency = ws.original.latency_model(coupling, options, floors)
         if ws.latency is None:
             ws.status(f"profile: skipped, latency tables are measured on onnxruntime and this is a {ws.original.kind} model (planned by MACs)")
         else:
