@@ -92,6 +92,51 @@ def test_heads_given_as_minus_one_prune_whole_on_the_torch_path(tmp_path, litera
         assert sorted(g.channels for g in build_groups(load_onnx(path).graph).prunable) == [4, 48]
 
 
+class MaskedEagerAttention(nn.Module):
+    """Hugging Face's eager attention as torch.export traces it (BERT, ViT): a class token expanded to the batch, a
+    key mask built by comparison, expanded to (batch, 1, query, key) with the batch read at run time and made an
+    additive bias with ``where``, the softmax in float32 cast back with ``.to``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.head_dim = dim // heads
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm, self.up, self.down = nn.LayerNorm(dim), nn.Linear(dim, 48), nn.Linear(48, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        n = x.shape[1]
+        keep = (torch.arange(n) >= 1)[None, None, None, :]  # the class token attends nowhere as a key
+        bias = torch.where(keep.expand(x.shape[0], -1, n, -1), torch.zeros(()), torch.finfo(x.dtype).min)
+        q, k, v = (p(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + bias
+        att = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+        x = x + self.o(att.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+def test_eager_attention_with_a_run_time_mask_prunes_whole_heads_on_the_torch_path():
+    """expand with run-time sizes, where with a scalar branch, comparisons, unsqueeze and .to are table ops: the
+    graph runs in the interpreter (gradient analysis, fine-tuning), whole heads prune exactly from the module and
+    from the program. Before, expand had no torch implementation and the .to / comparison ops froze the heads."""
+    from graphprune.backends.exported_program import prune_program, verify_program
+    from graphprune.execution.interpreter import unsupported_ops
+
+    torch.manual_seed(0)
+    module, x = MaskedEagerAttention().eval(), torch.randn(2, 5, 32)
+    tm = load_module(module, [x])
+    assert unsupported_ops(tm.graph) == []
+    assert {n.op_type for n in tm.graph.nodes if n.domain == "aten"} == {"aten.arange.default", "aten.zeros.default"}
+    coupling = build_groups(tm.graph)
+    assert sorted(g.channels for g in coupling.prunable) == [4, 48]
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    assert verify_module(tm, coupling, plan, pruned, [torch.randn(3, 5, 32)]) < 1e-4
+    assert (pruned.q.out_features, pruned.v.out_features, pruned.up.out_features) == (16, 16, 24)
+    verify_program(tm, coupling, plan, prune_program(tm, coupling, plan))
+
+
 @pytest.mark.parametrize("name", models.SMALL_MODELS)
 def test_pruned_module_is_exact_trains_and_exports(exported, tmp_path, name):
     module = models.build(name)
@@ -452,6 +497,29 @@ def test_token_embeddings_and_silu_are_in_the_op_table_and_feed_forward_groups_a
     reasons = [r for g in coupling.groups for r in g.frozen]
     assert not any("aten.embedding" in r or "aten.silu" in r for r in reasons)
     assert len([g for g in coupling.prunable if g.channels == 64]) == 2
+
+
+def test_llama_style_key_value_groups_prune_whole_on_the_torch_path():
+    """Rotary slices (aten.slice), its cos / sin tables and repeat_kv's expand are table ops: each layer's key/value
+    groups prune whole, with their query heads, exactly from the module and from the program (they froze before:
+    "merged or split axis with no prunable factor (unsupported op aten.slice.Tensor...)")."""
+    from graphprune import models
+    from graphprune.backends.exported_program import prune_program, verify_program
+    from graphprune.coupling.groups import build_groups
+    from graphprune.frontends.torch.trace import load_module
+    from graphprune.planning.uniform import uniform_plan
+
+    torch.manual_seed(0)
+    module = models.build("llama").eval()
+    tm = load_module(module, [torch.randint(0, 64, (2, 8))])
+    coupling = build_groups(tm.graph)
+    assert sorted(g.channels for g in coupling.prunable) == [2, 2, 64, 64]  # kv groups, SwiGLU, per layer
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    assert verify_module(tm, coupling, plan, pruned, [torch.randint(0, 64, (3, 8))]) < 1e-5
+    layer = pruned.layers[0]
+    assert (layer.q_proj.out_features, layer.k_proj.out_features, layer.v_proj.out_features) == (16, 8, 8)
+    verify_program(tm, coupling, plan, prune_program(tm, coupling, plan))
 
 
 def test_gpt2_style_feed_forward_prunes_exactly_on_the_torch_path():

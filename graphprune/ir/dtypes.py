@@ -26,7 +26,9 @@ __all__ = [
     "WEIGHT_TYPES",
     "DType",
     "by_code",
+    "by_name",
     "numpy_dtype",
+    "onnx_name_of_numpy",
     "onnx_name_of_torch",
     "torch_dtype",
     "torch_dtypes_by_code",
@@ -89,6 +91,21 @@ def by_code(code: int) -> DType:
         KeyError: For a type the table does not know.
     """
     return _BY_CODE[code]
+
+
+def by_name(name: str) -> DType:
+    """The type of an ONNX type name (``"FLOAT"``).
+
+    Raises:
+        KeyError: For a type the table does not know.
+    """
+    return _BY_NAME[name]
+
+
+def onnx_name_of_numpy(dtype: Any) -> str:
+    """The ONNX type name of a numpy dtype; :data:`UNDEFINED` for anything else."""
+    name = np.dtype(dtype).name
+    return next((d.onnx for d in DTYPES if d.numpy == name), UNDEFINED)
 
 
 def numpy_dtype(name: str, default: Any = np.float32) -> np.dtype:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphprune.ir.dtypes import torch_to_onnx_names
+from graphprune.ir.dtypes import onnx_name_of_numpy, torch_to_onnx_names
 from graphprune.ir.graph import ArgRef, Dim, OpNode, Origin, TensorInfo, TensorKind
 from graphprune.ops import add_torch_targets
 
@@ -26,6 +26,7 @@ __all__ = [
     "CONVERTERS",
     "Builder",
     "Converter",
+    "NotConverted",
     "arg",
     "arg_ref",
     "call_tensors",
@@ -40,6 +41,10 @@ __all__ = [
 
 
 _DTYPES = torch_to_onnx_names()  # the one table: graphprune.ir.dtypes
+
+
+class NotConverted(Exception):
+    """Raised by a converter, before it adds anything, for a call it cannot express: the call stays an aten op."""
 
 
 def call_tensors(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -76,7 +81,7 @@ class Builder:
         arr = np.asarray(value, dtype=dtype)
         name = f"{base}.c{len(self.consts)}"
         self.consts[name] = arr
-        self.tensor(name, tuple(arr.shape), "INT64" if arr.dtype == np.int64 else "FLOAT", "param")
+        self.tensor(name, tuple(arr.shape), onnx_name_of_numpy(arr.dtype), "param")
         return name
 
     def converting(self, call: torch.fx.Node | None, state: Container[str] = ()) -> None:

@@ -21,6 +21,7 @@ from graphprune.frontends.torch.attention import HeadPrunableAttention
 from graphprune.frontends.torch.builder import (
     Builder,
     Converter,
+    NotConverted,
     arg,
     arg_ref,
     converts,
@@ -29,6 +30,7 @@ from graphprune.frontends.torch.builder import (
     ints_arg,
     pair,
 )
+from graphprune.ir.dtypes import by_name
 from graphprune.ir.graph import OpNode
 from graphprune.ops import ModuleRule, register_module_rule
 
@@ -142,9 +144,39 @@ def _unary(op: str) -> Converter:
 
 _UNARY = {"relu": "Relu", "relu_": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "clone": "Identity",
           "contiguous": "Identity", "dropout": "Identity", "erf": "Erf", "exp": "Exp", "sqrt": "Sqrt", "neg": "Neg",
-          "abs": "Abs", "alias": "Identity", "detach": "Identity"}
+          "abs": "Abs", "alias": "Identity", "detach": "Identity", "cos": "Cos", "sin": "Sin",
+          "reciprocal": "Reciprocal"}
 for _target, _op in _UNARY.items():
     converts(f"aten.{_target}.default", emits=(_op,))(_unary(_op))
+
+
+@converts("aten.rsqrt.default", emits=("Sqrt", "Reciprocal"))
+def _rsqrt(b: Builder, node: Node, out: str) -> None:
+    root = f"{out}.sqrt"
+    b.tensor(root, b.tensors[out].shape, b.tensors[out].dtype, "activation")
+    b.add(root, "Sqrt", [b.name(node.args[0])], [root])
+    b.add(out, "Reciprocal", [root], [out])
+
+
+@converts("aten.pow.Tensor_Scalar", emits=("Pow",))
+def _pow(b: Builder, node: Node, out: str) -> None:
+    x = b.name(node.args[0])
+    b.add(out, "Pow", [x, _scalar_operand(b, node.args[1], x, out)], [out])
+
+
+@converts("aten.slice.Tensor", emits=("Slice",))
+def _slice(b: Builder, node: Node, out: str) -> None:
+    """``x[..., a:b:s]`` with static bounds (the ``.pt2`` rewrite sets the call's start and end as the plan moves them)."""
+    x = b.name(node.args[0])
+    dim = int_arg(node, 1, "dim") % _rank(b, x)
+    bounds = [arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)]
+    if any(isinstance(v, Node) for v in bounds):
+        raise NotConverted("slice bounds read at run time")
+    start, end, step = (0 if bounds[0] is None else int(bounds[0]), (1 << 63) - 1 if bounds[1] is None else int(bounds[1]),
+                        int(bounds[2]))
+    consts = [b.const(out, [v], np.int64) for v in (start, end, dim, step)]
+    refs = {1: arg_ref(node, "start", first=True), 2: arg_ref(node, "end", first=True)}
+    b.add(out, "Slice", [x, *consts], [out], input_args=refs)
 
 
 @converts("aten.silu.default", "aten.silu_.default", emits=("Sigmoid", "Mul"))
@@ -198,10 +230,13 @@ for _targets, _op, _emits in ((("aten.add.Tensor", "aten.add_.Tensor"), "Add", (
 
 @converts("aten.cat.default", "aten.concat.default", emits=("Concat",))
 def _cat(b: Builder, node: Node, out: str) -> None:
+    """``torch.cat``; 1-D empty inputs beside higher-rank ones are left out, as torch skips them (an empty
+    key/value cache)."""
     dim = int_arg(node, 1, "dim", 0)
     rank = _rank(b, out)
-    tensors = arg(node, 0, "tensors", [])
-    b.add(out, "Concat", [b.name(a) for a in tensors], [out], axis=dim % rank if rank else dim)
+    names = [b.name(a) for a in arg(node, 0, "tensors", [])]
+    names = [n for n in names if rank == 1 or b.tensors[n].shape != (0,)]
+    b.add(out, "Concat", names, [out], axis=dim % rank if rank else dim)
 
 
 @converts("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", emits=("Split",))
@@ -252,6 +287,97 @@ def _reshape(b: Builder, node: Node, out: str) -> None:
         inferred = tuple(i + offset for i, v in enumerate(sizes) if isinstance(v, int) and v == -1) if isinstance(sizes, (list, tuple)) else ()
         refs = {1: dataclasses.replace(ref, inferred=inferred)}
     b.add(out, "Reshape", [b.name(node.args[0]), _shape_const(b, node, out)], [out], input_args=refs)
+
+
+def _run_time_size(b: Builder, size: Node, out: str, i: int) -> str:
+    """A size the call reads at run time (``x.size(d)``) as a one-entry ONNX shape slice of that tensor.
+
+    Raises:
+        NotConverted: When it is other shape arithmetic.
+    """
+    if str(size.target) != "aten.sym_size.int" or not isinstance(size.args[0], Node):
+        raise NotConverted(f"{size.name}: size arithmetic")
+    src, axis = b.name(size.args[0]), int_arg(size, 1, "dim")
+    name = f"{out}.size{i}"
+    b.tensor(name, (1,), "INT64", "activation")
+    b.add(name, "Shape", [src], [name], start=axis, end=axis + 1)
+    return name
+
+
+def _sizes_vector(b: Builder, sizes: list[Any], out: str) -> str:
+    """An Expand shape: -1 (keep the input's size) as 1, literal sizes as constants, run-time sizes read by Shape."""
+    if any(isinstance(s, Node) and str(s.target) != "aten.sym_size.int" for s in sizes):
+        raise NotConverted("size arithmetic")
+    if not any(isinstance(s, Node) for s in sizes):
+        return b.const(out, [1 if int(s) == -1 else int(s) for s in sizes], np.int64)
+    parts = [_run_time_size(b, s, out, i) if isinstance(s, Node) else b.const(out, [1 if int(s) == -1 else int(s)], np.int64)
+             for i, s in enumerate(sizes)]
+    name = f"{out}.shape"
+    b.tensor(name, (len(sizes),), "INT64", "activation")
+    b.add(name, "Concat", parts, [name], axis=0)
+    return name
+
+
+@converts("aten.expand.default", emits=("Expand", "Shape", "Concat"))
+def _expand(b: Builder, node: Node, out: str) -> None:
+    """``x.expand(sizes)``: ONNX Expand broadcasts the same way (a -1 keeps the input's size, as an entry of 1 does).
+
+    Literal sizes follow the plan through the call's argument (the ``.pt2`` rewrite); -1 entries need none.
+    """
+    ref = arg_ref(node, "size")
+    sizes = list(arg(node, ref.index, ref.key, ()))
+    target = _sizes_vector(b, sizes, out)
+    inferred = tuple(i for i, v in enumerate(sizes) if isinstance(v, int) and v == -1)
+    b.add(out, "Expand", [b.name(node.args[0]), target], [out], input_args={1: dataclasses.replace(ref, inferred=inferred)})
+
+
+_SCALAR_TYPES = {"FLOAT": np.float32, "INT64": np.int64}
+"""Tensor types a Python scalar operand (of ``where``, a comparison) is written as a constant in."""
+
+
+def _scalar_operand(b: Builder, a: Any, like: str, out: str) -> str:
+    """A tensor argument, or a Python scalar as a constant of ``like``'s type.
+
+    Raises:
+        NotConverted: For a scalar beside a tensor of another type.
+    """
+    if isinstance(a, Node):
+        return b.name(a)
+    dtype = _SCALAR_TYPES.get(b.tensors[like].dtype)
+    if dtype is None:
+        raise NotConverted(f"a scalar beside a {b.tensors[like].dtype} tensor")
+    return b.const(out, a, dtype)
+
+
+@converts("aten.where.self", "aten.where.ScalarSelf", "aten.where.ScalarOther", "aten.where.Scalar", emits=("Where",))
+def _where(b: Builder, node: Node, out: str) -> None:
+    """``torch.where(cond, a, b)``, either branch possibly a Python scalar (a constant of the output's type)."""
+    names = [_scalar_operand(b, a, out, out) for a in node.args[1:3]]
+    b.add(out, "Where", [b.name(node.args[0]), *names], [out])
+
+
+_COMPARISONS = {"eq": "Equal", "lt": "Less", "gt": "Greater", "le": "LessOrEqual", "ge": "GreaterOrEqual"}
+for _name, _op in _COMPARISONS.items():
+    @converts(f"aten.{_name}.Scalar", f"aten.{_name}.Tensor", emits=(_op,))
+    def _compare(b: Builder, node: Node, out: str, op: str = _op) -> None:
+        x = b.name(node.args[0])
+        b.add(out, op, [x, _scalar_operand(b, node.args[1], x, out)], [out])
+
+
+@converts("aten.unsqueeze.default", emits=("Unsqueeze",))
+def _unsqueeze(b: Builder, node: Node, out: str) -> None:
+    b.add(out, "Unsqueeze", [b.name(node.args[0]), b.const(out, [int_arg(node, 1, "dim") % _rank(b, out)], np.int64)], [out])
+
+
+@converts("aten.to.dtype", "aten.to.dtype_layout", "aten.to.device", "aten._to_copy.default", "aten.type_as.default",
+          emits=("Cast",))
+def _cast(b: Builder, node: Node, out: str) -> None:
+    """A dtype conversion (to the traced output's type; a device move alone is a Cast to the same type)."""
+    try:
+        to = by_name(b.tensors[out].dtype).code
+    except KeyError:
+        raise NotConverted(f"cast to {b.tensors[out].dtype}") from None
+    b.add(out, "Cast", [b.name(node.args[0])], [out], to=to)
 
 
 @converts("aten.permute.default", emits=("Transpose",))

@@ -30,7 +30,7 @@ from graphprune.errors import BadInputError, short_message
 from graphprune.execution.interpreter import TORCH_CALL
 from graphprune.frontends.torch import converters  # noqa: F401  (fills CONVERTERS)
 from graphprune.frontends.torch.attention import HeadPrunableAttention, swapped_attention
-from graphprune.frontends.torch.builder import CONVERTERS, Builder, call_tensors, dims, dtype_name
+from graphprune.frontends.torch.builder import CONVERTERS, Builder, NotConverted, call_tensors, dims, dtype_name
 from graphprune.ir.graph import ChannelGraph, OpNode, live_nodes
 
 __all__ = ["TorchModel", "fx_channel_graph", "load_exported_program", "load_module", "to_channel_graph"]
@@ -133,15 +133,12 @@ def fx_channel_graph(fx_graph: torch.fx.Graph, targets: dict[str, str], state: d
                     b.tensor(f"{node.name}.{i}", dims(v, batch), dtype_name(v), "activation")
             else:
                 b.tensor(node.name, dims(val, batch), dtype_name(val), "activation")
-            if conv is None:
-                found = call_tensors(node)
-                tensors = [a for a in found if a.name not in scalars]
-                outs = [f"{node.name}.{i}" for i in range(len(val))] if isinstance(val, (tuple, list)) else [node.name]
-                attrs = {TORCH_CALL: _replay(node)} if len(tensors) == len(found) else {}
-                b.nodes.append(OpNode(node.name, "aten", key, tuple(b.name(a) for a in tensors), tuple(outs), attrs, 1,
-                                      origin=b.origin()))
-            else:
+            try:
+                if conv is None:
+                    raise NotConverted(key)
                 conv(b, node, node.name)
+            except NotConverted:
+                _aten_op(b, node, scalars)
             b.converting(None)
             if _is_in_place(node):
                 # Later readers of the mutated tensor see the op's result (a view's base is not tracked).
@@ -152,6 +149,18 @@ def fx_channel_graph(fx_graph: torch.fx.Graph, targets: dict[str, str], state: d
     consts = b.consts
     graph = ChannelGraph(infos, live_nodes(b.nodes, outputs), tuple(inputs), outputs, lambda name: consts[name])
     return graph, state_names
+
+
+def _aten_op(b: Builder, node: torch.fx.Node, scalars: set[str]) -> None:
+    """A call without a converter: an ``aten``-domain op (its channels freeze), replayed as traced when it reads
+    no shape arithmetic."""
+    val = node.meta.get("val")
+    found = call_tensors(node)
+    tensors = [a for a in found if a.name not in scalars]
+    outs = [f"{node.name}.{i}" for i in range(len(val))] if isinstance(val, (tuple, list)) else [node.name]
+    attrs = {TORCH_CALL: _replay(node)} if len(tensors) == len(found) else {}
+    b.nodes.append(OpNode(node.name, "aten", str(node.target), tuple(b.name(a) for a in tensors), tuple(outs), attrs, 1,
+                          origin=b.origin()))
 
 
 def _short(exc: BaseException) -> str:
