@@ -290,13 +290,7 @@ def _reshape(b: Builder, node: Node, out: str) -> None:
 
 
 def _run_time_size(b: Builder, size: Node, out: str, i: int) -> str:
-    """A size the call reads at run time (``x.size(d)``) as a one-entry ONNX shape slice of that tensor.
-
-    Raises:
-        NotConverted: When it is other shape arithmetic.
-    """
-    if str(size.target) != "aten.sym_size.int" or not isinstance(size.args[0], Node):
-        raise NotConverted(f"{size.name}: size arithmetic")
+    """A size the call reads at run time (``aten.sym_size.int``: ``x.size(d)``) as a one-entry shape slice of ``x``."""
     src, axis = b.name(size.args[0]), int_arg(size, 1, "dim")
     name = f"{out}.size{i}"
     b.tensor(name, (1,), "INT64", "activation")
@@ -305,12 +299,18 @@ def _run_time_size(b: Builder, size: Node, out: str, i: int) -> str:
 
 
 def _sizes_vector(b: Builder, sizes: list[Any], out: str) -> str:
-    """An Expand shape: -1 (keep the input's size) as 1, literal sizes as constants, run-time sizes read by Shape."""
-    if any(isinstance(s, Node) and str(s.target) != "aten.sym_size.int" for s in sizes):
+    """An Expand shape: -1 (keep the input's size) as 1, literal sizes as constants, run-time sizes read by Shape.
+
+    Raises:
+        NotConverted: Before adding anything, when a size is other shape arithmetic than ``x.size(d)``.
+    """
+    if any(isinstance(s, Node) and (str(s.target) != "aten.sym_size.int" or not isinstance(s.args[0], Node))
+           for s in sizes):
         raise NotConverted("size arithmetic")
+    literal = [1 if isinstance(s, Node) or int(s) == -1 else int(s) for s in sizes]
     if not any(isinstance(s, Node) for s in sizes):
-        return b.const(out, [1 if int(s) == -1 else int(s) for s in sizes], np.int64)
-    parts = [_run_time_size(b, s, out, i) if isinstance(s, Node) else b.const(out, [1 if int(s) == -1 else int(s)], np.int64)
+        return b.const(out, literal, np.int64)
+    parts = [_run_time_size(b, s, out, i) if isinstance(s, Node) else b.const(out, [literal[i]], np.int64)
              for i, s in enumerate(sizes)]
     name = f"{out}.shape"
     b.tensor(name, (len(sizes),), "INT64", "activation")
