@@ -279,8 +279,10 @@ def test_group_norm_refuses_part_of_a_group() -> None:
     (_op("LayerNormalization", ["x", "s"], ["y"]), {"x": (2, 5, 8), "s": (8,), "y": (2, 5, 8)}, {},
      {"normalized_shape": ((8,), (8,))}),
     (_op("MatMul", ["x", "wT"], ["y"]), {"x": (2, 3), "wT": (3, 4), "y": (2, 4)}, {"wT[1]": [0, 1], "y[1]": [0, 1]},
-     {"in_features": (3, 3), "out_features": (4, 2)}),
-], ids=["conv_depthwise", "conv_transpose", "group_norm", "batch_norm", "layer_norm", "linear"])
+     {"in_features": (3, 3), "out_features": (4, 2), "nx": (3, 3), "nf": (4, 2)}),  # nn.Linear, HF Conv1D
+    (_op("Split", ["x"], ["y0", "y1"], axis=2), {"x": (2, 5, 8), "y0": (2, 5, 4), "y1": (2, 5, 4)},
+     {"x[2]": [0, 1, 4, 5], "y0[2]": [0, 1], "y1[2]": [0, 1]}, {"split_size": (4, 2)}),
+], ids=["conv_depthwise", "conv_transpose", "group_norm", "batch_norm", "layer_norm", "linear", "split"])
 def test_module_rules(node: OpNode, shapes: dict[str, tuple[Dim, ...]], kept: dict[str, list[int]],
                       want: dict[str, tuple[Any, Any]]) -> None:
     spec = lookup(node.domain, node.op_type)

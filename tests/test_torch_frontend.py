@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch_checks import assert_export_matches, step_changes
 
 from graphprune import models
 from graphprune.backends.onnx import apply_plan as apply_onnx_plan
 from graphprune.backends.torch_module import apply_plan, load_pruned, prune_module, save_pruned, verify_module
 from graphprune.coupling.groups import build_groups
-from graphprune.errors import BadInputError
+from graphprune.errors import BadInputError, ValidationError
 from graphprune.execution.sessions import make_session
 from graphprune.frontends.onnx import load_onnx
 from graphprune.frontends.torch.trace import load_exported_program, load_module
@@ -127,7 +128,7 @@ def test_eager_attention_with_a_run_time_mask_prunes_whole_heads_on_the_torch_pa
     module, x = MaskedEagerAttention().eval(), torch.randn(2, 5, 32)
     tm = load_module(module, [x])
     assert unsupported_ops(tm.graph) == []
-    assert {n.op_type for n in tm.graph.nodes if n.domain == "aten"} == {"aten.arange.default", "aten.zeros.default"}
+    assert {n.op_type for n in tm.graph.nodes if n.domain == "aten"} == {"aten.zeros.default"}  # arange is a Range now
     coupling = build_groups(tm.graph)
     assert sorted(g.channels for g in coupling.prunable) == [4, 48]
     plan = uniform_plan(tm.graph, coupling, 0.5)
@@ -327,6 +328,29 @@ def test_fx_fallback_traces_what_export_refuses():
     verify_module(tm, coupling, plan, pruned, [_x(2)])
 
 
+class _HardCodedCount(nn.Module):
+    """A forward that writes its channel count as a literal: the pruned module cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.fc(h.reshape(h.shape[0], 8, -1).mean(-1))
+
+
+def test_a_pruned_forward_that_fails_to_run_is_a_validation_error():
+    module = _HardCodedCount().eval()
+    x = _x(2)
+    tm = load_module(module, [x])
+    coupling = build_groups(tm.graph)
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    with pytest.raises(ValidationError, match=r"fails to run .*hard-code channel counts"):
+        verify_module(tm, coupling, plan, pruned, [x])
+
+
 def _saved_program(tmp_path, name: str):
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.export.export(models.build(name), (_x(2),), dynamic_shapes=({0: batch},))
@@ -519,6 +543,61 @@ def test_llama_style_key_value_groups_prune_whole_on_the_torch_path():
     assert verify_module(tm, coupling, plan, pruned, [torch.randint(0, 64, (3, 8))]) < 1e-5
     layer = pruned.layers[0]
     assert (layer.q_proj.out_features, layer.k_proj.out_features, layer.v_proj.out_features) == (16, 8, 8)
+    verify_program(tm, coupling, plan, prune_program(tm, coupling, plan))
+
+
+class _Conv1D(nn.Module):
+    """Hugging Face GPT-2's ``Conv1D`` as it is written: ``addmm`` on an ``[in, out]`` weight, sizes from ``nf``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = (*x.size()[:-1], self.nf)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class _Conv1DBlock(nn.Module):
+    """GPT-2's block as Hugging Face writes it: fused QKV split by ``self.split_size``, heads by ``view(..., -1, d)``,
+    position ids from ``arange(...) + offset``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.head_dim, self.split_size = dim // heads, dim
+        self.wpe = nn.Embedding(16, dim)
+        self.c_attn, self.c_proj = _Conv1D(3 * dim, dim), _Conv1D(dim, dim)
+        self.c_fc, self.mlp_proj = _Conv1D(4 * dim, dim), _Conv1D(dim, 4 * dim)
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(*t.shape[:-1], -1, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.wpe(torch.arange(x.shape[1]) + 1)
+        q, k, v = self.c_attn(self.ln1(x)).split(self.split_size, dim=2)
+        o = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), is_causal=True)
+        x = x + self.c_proj(o.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln2(x)), approximate="tanh"))
+
+
+def test_hugging_face_style_conv1d_attention_prunes_whole_heads_on_the_torch_path():
+    """``aten.addmm`` is a table op, the call's ``split_size`` and each Conv1D's ``nf`` follow the plan (module
+    attributes of the module that made the call), and an integer ``arange + 1`` stays an integer."""
+    from graphprune.backends.exported_program import prune_program, verify_program
+
+    torch.manual_seed(0)
+    module = _Conv1DBlock().eval()
+    x = torch.randn(2, 5, 32)
+    tm = load_module(module, [x])
+    coupling = build_groups(tm.graph)
+    assert sorted(g.channels for g in coupling.prunable) == [4, 128]  # heads, feed-forward
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    assert (pruned.split_size, pruned.c_attn.nf, tuple(pruned.c_attn.weight.shape)) == (16, 48, (32, 48))
+    assert verify_module(tm, coupling, plan, pruned, [torch.randn(3, 5, 32)]) < 1e-5
     verify_program(tm, coupling, plan, prune_program(tm, coupling, plan))
 
 

@@ -83,27 +83,35 @@ def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def _owner_of(op: OpNode, state_names: Mapping[str, str]) -> str | None:
-    """The one module owning the state an op (or the call it came from) reads, or None."""
+def _owner_of(op: OpNode, state_names: Mapping[str, str], touched: set[str]) -> str | None:
+    """The module whose attributes follow ``op``: the one module owning the state it (or its call) reads, when that
+    was touched; for a call reading no state, the module that made it, when a module under it was touched (a
+    ``split(self.split_size)`` in an attention block whose projections were sliced). None otherwise."""
     names = (*op.inputs, *(op.origin.state if op.origin is not None else ()))
     owners = {state_names[n].rpartition(".")[0] for n in names if n in state_names}
-    return owners.pop() if len(owners) == 1 else None
+    if owners:
+        owner = owners.pop() if len(owners) == 1 else None
+        return owner if owner in touched else None
+    caller = op.origin.module if op.origin is not None else None
+    if caller is None or not any(t == caller or t.startswith(f"{caller}.") or not caller for t in touched):
+        return None
+    return caller
 
 
 def _fix_attributes(module: nn.Module, tm: TorchModel, kept: Mapping[Axis, np.ndarray], touched: set[str]) -> None:
     """Apply the op table's module rules: size attributes and groups follow the sliced tensors.
 
-    Each op's rule goes to the module owning its state (when that module was
-    touched and has the attribute with the op's old value); then every
-    touched module gets the table's per-class hooks.
+    Each op's rule goes to the module :func:`_owner_of` names (when it has the
+    attribute with the op's old value); then every touched module gets the
+    table's per-class hooks.
 
     Raises:
         ValidationError: When a layer cannot take the new sizes.
     """
     ctx = AdjustContext(kept, tm.graph)
     for op, spec, adj in adjustments(tm.graph, kept):
-        owner = _owner_of(op, tm.state_names)
-        if spec.module is None or owner is None or owner not in touched:
+        owner = _owner_of(op, tm.state_names, touched)
+        if spec.module is None or owner is None:
             continue
         m = module.get_submodule(owner)
         for attr, (old, new) in spec.module.edits(op, ctx, adj).items():
@@ -209,13 +217,18 @@ def verify_module(tm: TorchModel, coupling: Coupling, plan: Plan, pruned: nn.Mod
     The tolerance policy is :func:`graphprune.execution.exactness.compare_outputs`'s.
 
     Raises:
-        ValidationError: When they differ (module code that hard-codes channel counts, for instance).
+        ValidationError: When they differ, or the pruned forward fails (module code that hard-codes channel
+            counts, for instance).
     """
     want = masked_reference(tm, kept_elements(plan, coupling, tm.graph), inputs)
-    with torch.no_grad():
-        got = pruned.eval()(*inputs)
     hint = ("its forward may hard-code channel counts; derive them from tensors or layer attributes, "
             "or prune the ONNX export")
+    with torch.no_grad():
+        try:
+            got = pruned.eval()(*inputs)
+        except Exception as exc:  # noqa: BLE001  (the module's own code: any failure is a size it hard-codes)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValidationError(f"the pruned module fails to run ({type(exc).__name__}: {first}); {hint}") from None
     return compare_outputs(want, got, what="the pruned module", hint=hint, rtol=rtol, atol=atol)
 
 

@@ -93,6 +93,8 @@ class Origin:
             (they name the module that owns the call).
         attrs: ONNX attribute -> the call argument it came from.
         inputs: ONNX input index (a constant) -> the call argument it came from.
+        module: Qualified name of the innermost module whose ``forward`` made the call (``""``: the root), or
+            None when the trace does not say.
     """
 
     call: str
@@ -100,6 +102,7 @@ class Origin:
     state: tuple[str, ...] = ()
     attrs: Mapping[str, ArgRef] = dataclasses.field(default_factory=dict)
     inputs: Mapping[int, ArgRef] = dataclasses.field(default_factory=dict)
+    module: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

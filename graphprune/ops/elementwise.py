@@ -37,7 +37,7 @@ def broadcast(node: OpNode, graph: ChannelGraph) -> Semantics:
     return broadcast_links(node, graph, node.inputs)
 
 
-@register("Constant")
+@register("Constant", "Range")
 def constant(_node: OpNode, _graph: ChannelGraph) -> Semantics:
-    """A constant says nothing: its consumers link its axes."""
+    """A constant (or a Range of scalars: position ids) says nothing: its consumers link its axes."""
     return Semantics()

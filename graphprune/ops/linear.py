@@ -46,8 +46,10 @@ def _matmul_macs(node: OpNode, graph: ChannelGraph) -> int:
     return math.prod(d for d in (*y, a[-1]) if isinstance(d, int))
 
 
-LINEAR_MODULE = ModuleRule(sizes={"in_features": AxisOf(1, -2), "out_features": AxisOf(1, -1)})
-"""``nn.Linear`` (converted to X @ W^T): features follow the axes of B = W^T."""
+LINEAR_MODULE = ModuleRule(sizes={"in_features": AxisOf(1, -2), "out_features": AxisOf(1, -1),
+                                  "nx": AxisOf(1, -2), "nf": AxisOf(1, -1)})
+"""``nn.Linear`` (converted to X @ W^T): features follow the axes of B = W^T; so do Hugging Face's ``Conv1D``
+sizes (``torch.addmm(bias, x, W)``, W as B)."""
 
 
 @register("MatMul", macs=_matmul_macs, module=LINEAR_MODULE)

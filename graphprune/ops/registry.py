@@ -148,11 +148,13 @@ class AxisOf:
         index: Input index, or output index when ``output``.
         axis: Axis (negative counts from the end), or None for every axis.
         output: Whether ``index`` counts outputs.
+        axis_attr: The op attribute holding the axis instead (Split's ``axis``; absent means 0).
     """
 
     index: int
     axis: int | None = None
     output: bool = False
+    axis_attr: str | None = None
 
     def sizes(self, node: OpNode, ctx: AdjustContext) -> tuple[Size, Size] | None:
         """(old, new) size, or None when the tensor is absent or a size is not static."""
@@ -161,13 +163,14 @@ class AxisOf:
         shape = ctx.graph.shape(name)
         if shape is None:
             return None
-        axes = range(len(shape)) if self.axis is None else (self.axis % len(shape),)
+        axis = int(node.attrs.get(self.axis_attr, 0)) if self.axis_attr is not None else self.axis
+        axes = range(len(shape)) if axis is None else (axis % len(shape),)
         old = [ctx.old_size(Axis(name, a)) for a in axes]
         new = [ctx.new_size(Axis(name, a)) for a in axes]
         if any(v is None for v in (*old, *new)):
             return None
         o, n = tuple(int(v) for v in old if v is not None), tuple(int(v) for v in new if v is not None)
-        return (o, n) if self.axis is None else (o[0], n[0])
+        return (o, n) if axis is None else (o[0], n[0])
 
 
 ModuleHook = Callable[[Any], None]

@@ -18,9 +18,11 @@ from graphprune.ops._common import (
 from graphprune.ops.registry import (
     AdjustContext,
     Adjustment,
+    AxisOf,
     Factor,
     Freeze,
     Link,
+    ModuleRule,
     Semantics,
     attr_or_input,
     register,
@@ -311,7 +313,12 @@ def _split_adjust(node: OpNode, ctx: AdjustContext) -> Adjustment:
     return Adjustment(attrs=attrs, const_inputs={1: sizes})
 
 
-@register("Split", adjust=_split_adjust)
+SPLIT_MODULE = ModuleRule(sizes={"split_size": AxisOf(0, output=True, axis_attr="axis")})
+"""``x.split(self.split_size)`` in the module that made the call (Hugging Face GPT-2's fused QKV) follows the first
+part's new size."""
+
+
+@register("Split", adjust=_split_adjust, module=SPLIT_MODULE)
 def split(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Output k is the slice of the split axis at its offset in the input."""
     x = node.inputs[0]

@@ -95,7 +95,10 @@ class Builder:
         """The provenance of an op of the current call."""
         if self._call is None:
             return None
-        return Origin(self._call.name, str(self._call.target), self._state, dict(attr_args or {}), dict(input_args or {}))
+        stack = list((self._call.meta.get("nn_module_stack") or {}).values())
+        module = str(stack[-1][0]) if stack else None
+        return Origin(self._call.name, str(self._call.target), self._state, dict(attr_args or {}), dict(input_args or {}),
+                      module)
 
     def add(self, name: str, op: str, inputs: Sequence[str], outputs: Sequence[str], *,
             attr_args: Mapping[str, ArgRef] | None = None, input_args: Mapping[int, ArgRef] | None = None,

@@ -30,7 +30,7 @@ from graphprune.frontends.torch.builder import (
     ints_arg,
     pair,
 )
-from graphprune.ir.dtypes import by_name
+from graphprune.ir.dtypes import by_name, numpy_dtype
 from graphprune.ir.graph import OpNode
 from graphprune.ops import ModuleRule, register_module_rule
 
@@ -114,6 +114,21 @@ def _linear(b: Builder, node: Node, out: str) -> None:
     b.tensor(f"{out}.mm", b.tensors[out].shape, b.tensors[out].dtype, "activation")
     b.add(f"{out}.matmul", "MatMul", [x, f"{out}.wT"], [f"{out}.mm"])
     b.add(out, "Add", [f"{out}.mm", b.name(bias)], [out])
+
+
+@converts("aten.addmm.default", emits=("MatMul", "Add"))
+def _addmm(b: Builder, node: Node, out: str) -> None:
+    """``bias + x @ w`` (``torch.addmm``, as in Hugging Face's GPT-2 ``Conv1D``, whose weight is ``[in, out]``).
+
+    Raises:
+        NotConverted: For ``beta`` or ``alpha`` other than 1.
+    """
+    if arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
+        raise NotConverted("addmm with beta or alpha other than 1")
+    bias, x, w = (b.name(a) for a in node.args[:3])
+    b.tensor(f"{out}.mm", b.tensors[out].shape, b.tensors[out].dtype, "activation")
+    b.add(f"{out}.matmul", "MatMul", [x, w], [f"{out}.mm"])
+    b.add(out, "Add", [f"{out}.mm", bias], [out])
 
 
 @converts("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
@@ -204,18 +219,15 @@ def _hardtanh(b: Builder, node: Node, out: str) -> None:
     b.add(out, "Clip", [b.name(node.args[0]), b.const(out, lo), b.const(out, hi)], [out])
 
 
-def _operand(b: Builder, a: Any, out: str) -> str:
-    return b.name(a) if isinstance(a, Node) else b.const(out, float(a))
-
-
 def _binary(op: str) -> Converter:
     def conv(b: Builder, node: Node, out: str) -> None:
-        x, y = _operand(b, node.args[0], out), _operand(b, node.args[1], out)
+        """A Python scalar operand is a constant of the output's type (``positions + 1`` stays an integer)."""
+        x, y = (_scalar_operand(b, a, out, out) for a in node.args[:2])
         alpha: Any = node.kwargs.get("alpha", 1)
         if alpha != 1 and op in ("Add", "Sub"):
             scaled = f"{out}.alpha"
             b.tensor(scaled, b.tensors[y].shape, b.tensors[y].dtype, "activation")
-            b.add(scaled, "Mul", [y, b.const(out, float(alpha))], [scaled])
+            b.add(scaled, "Mul", [y, _scalar_operand(b, alpha, y, out)], [scaled])
             y = scaled
         b.add(out, op, [x, y], [out])
     return conv
@@ -304,8 +316,7 @@ def _sizes_vector(b: Builder, sizes: list[Any], out: str) -> str:
     Raises:
         NotConverted: Before adding anything, when a size is other shape arithmetic than ``x.size(d)``.
     """
-    if any(isinstance(s, Node) and (str(s.target) != "aten.sym_size.int" or not isinstance(s.args[0], Node))
-           for s in sizes):
+    if any(isinstance(s, Node) and not _is_size_read(s) for s in sizes):
         raise NotConverted("size arithmetic")
     literal = [1 if isinstance(s, Node) or int(s) == -1 else int(s) for s in sizes]
     if not any(isinstance(s, Node) for s in sizes):
@@ -331,21 +342,32 @@ def _expand(b: Builder, node: Node, out: str) -> None:
     b.add(out, "Expand", [b.name(node.args[0]), target], [out], input_args={1: dataclasses.replace(ref, inferred=inferred)})
 
 
-_SCALAR_TYPES = {"FLOAT": np.float32, "INT64": np.int64}
-"""Tensor types a Python scalar operand (of ``where``, a comparison) is written as a constant in."""
+def _scalar_dtype(name: str) -> np.dtype:
+    """The numpy type a Python scalar beside a tensor of type ``name`` is written in (bfloat16: a 0-d float32,
+    which torch's promotion leaves at the tensor's type).
+
+    Raises:
+        NotConverted: For a type the dtype table does not know.
+    """
+    try:
+        by_name(name)
+    except KeyError:
+        raise NotConverted(f"a scalar beside a {name} tensor") from None
+    return numpy_dtype(name)
 
 
 def _scalar_operand(b: Builder, a: Any, like: str, out: str) -> str:
     """A tensor argument, or a Python scalar as a constant of ``like``'s type.
 
     Raises:
-        NotConverted: For a scalar beside a tensor of another type.
+        NotConverted: For a type the dtype table does not know, or a fractional scalar beside integers (torch
+            would compare or compute in floats).
     """
     if isinstance(a, Node):
         return b.name(a)
-    dtype = _SCALAR_TYPES.get(b.tensors[like].dtype)
-    if dtype is None:
-        raise NotConverted(f"a scalar beside a {b.tensors[like].dtype} tensor")
+    dtype = _scalar_dtype(b.tensors[like].dtype)
+    if dtype.kind in "iub" and not float(a).is_integer():
+        raise NotConverted(f"the fractional scalar {a} beside a {b.tensors[like].dtype} tensor")
     return b.const(out, a, dtype)
 
 
@@ -378,6 +400,37 @@ def _cast(b: Builder, node: Node, out: str) -> None:
     except KeyError:
         raise NotConverted(f"cast to {b.tensors[out].dtype}") from None
     b.add(out, "Cast", [b.name(node.args[0])], [out], to=to)
+
+
+def _is_size_read(v: Any) -> bool:
+    """Whether a call argument is ``x.size(d)`` (``aten.sym_size.int`` of a tensor)."""
+    return isinstance(v, Node) and str(v.target) == "aten.sym_size.int" and isinstance(v.args[0], Node)
+
+
+@converts("aten.arange.default", "aten.arange.start", "aten.arange.start_step", emits=("Range", "Shape", "Squeeze"))
+def _arange(b: Builder, node: Node, out: str) -> None:
+    """``torch.arange`` (position ids) in the traced output's type; an integer bound may be ``x.size(d)``, read by
+    Shape at run time (the batch size).
+
+    Raises:
+        NotConverted: For other run-time bounds (or run-time bounds of a non-INT64 range).
+    """
+    bounds = list(node.args)
+    start, end, step = (0, bounds[0], 1) if len(bounds) == 1 else (bounds[0], bounds[1], bounds[2] if len(bounds) > 2 else 1)
+    dtype = _scalar_dtype(b.tensors[out].dtype)
+    run_time = [v for v in (start, end, step) if isinstance(v, Node)]
+    if any(not _is_size_read(v) for v in run_time) or (run_time and b.tensors[out].dtype != "INT64"):
+        raise NotConverted("arange bounds other than literals and integer x.size(d)")
+    names = []
+    for i, v in enumerate((start, end, step)):
+        if not isinstance(v, Node):
+            names.append(b.const(out, v, dtype))
+            continue
+        scalar = f"{out}.bound{i}"
+        b.tensor(scalar, (), "INT64", "activation")
+        b.add(scalar, "Squeeze", [_run_time_size(b, v, out, i), b.const(out, [0], np.int64)], [scalar])
+        names.append(scalar)
+    b.add(out, "Range", names, [out])
 
 
 @converts("aten.permute.default", emits=("Transpose",))
