@@ -63,7 +63,8 @@ def _workflow(tmp: Path, src: Path, npz: Path, prune: dict) -> dict:
         "evaluators": {"common": {"metrics": metrics}},
         "passes": {"prune": {"type": "GraphPrune", **prune},
                    "quantize": {"type": "OnnxStaticQuantization", "data_config": "cal", "quant_format": "QDQ",
-                                "activation_type": "int8", "weight_type": "int8", "per_channel": True}},
+                                "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+                                "reduce_range": True}},  # graphprune's quantize defaults: U8S8, 7-bit weights
         "evaluator": "common", "evaluate_input_model": True, "host": "local", "target": "local",
         "output_dir": str(tmp / "out"), "cache_dir": str(tmp / "cache"), "log_severity_level": 3,
     }
@@ -95,6 +96,9 @@ def test_olive_workflow_prune_quantize_evaluate(tmp_path):
     model = onnx.load(str(out))
     onnx.checker.check_model(str(out), full_check=True)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    zero_points = {i.name: i.data_type for i in model.graph.initializer}
+    activation_zps = {zero_points[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    assert activation_zps == {onnx.TensorProto.UINT8}  # uint8 activations: what onnxruntime's CPU provider fuses whole
     assert out.stat().st_size < 0.5 * src.stat().st_size
     for metrics in (output.get_input_model_metrics(), best.metrics_value):
         value = {k: v["value"] if isinstance(v, dict) else v for k, v in metrics.items()}

@@ -404,17 +404,6 @@ def test_gpt_style_causal_lm_with_tied_head(tmp_path: Path) -> None:
     assert _run(sliced, data).shape == (64, 8, 40) and 0.0 < rep.relative_error < 1.0
 
 
-def test_hidden_pass_refuses_a_torch_model() -> None:
-    from graphprune.backends.torch_model import module_model
-    from graphprune.pipeline.passes import HiddenPass
-    from graphprune.pipeline.workspace import Workspace
-
-    model = module_model(ViT(dim=16, depth=1, heads=2, mlp=32).eval(), [torch.randn(2, 1, 28, 28)])
-    ws = Workspace(original=model, model=model, data=_data((1, 28, 28), n=8))
-    with pytest.raises(BadInputError, match="rotates ONNX models"):
-        HiddenPass(HiddenOptions(keep=0.5))(ws)
-
-
 def _ort_pair(tmp_path: Path, name: str) -> tuple[Path, Path, Calibration]:
     """A reference model with norms away from 1 / 0, its legacy export and that export after onnxruntime's optimizer."""
     from test_transformers import _ort_optimize

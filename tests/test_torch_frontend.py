@@ -41,53 +41,65 @@ def test_same_groups_as_onnx(exported, name):
     assert _signature(build_groups(tm.graph)) == _signature(onnx_groups)
 
 
-def test_vit_heads_onnx_whole_torch_per_head_size(exported):
+def test_vit_heads_prune_whole_on_both_paths(exported):
+    """The reference ViT reshapes into ``self.heads`` heads: the torch path names that attribute and the module
+    backend sets it, so whole heads prune there as on the ONNX export (before, the torch path pruned the size of
+    every head)."""
     tm = load_module(models.build("vit"), [_x(2)])
     torch_sig = _signature(build_groups(tm.graph))
     onnx_sig = _signature(build_groups(load_onnx(exported("vit", 17, "keep")).graph))
     attn = models.build("vit").blocks[0].att
-    heads, head_size = attn.heads, attn.head_dim
-    assert (heads, True) in onnx_sig and (head_size, True) not in onnx_sig
-    assert (head_size, True) in torch_sig
-    assert [s for s in torch_sig if s != (head_size, True)] == [s for s in onnx_sig if s != (heads, True)]
+    assert (attn.heads, True) in torch_sig and (attn.head_dim, True) not in torch_sig
+    assert torch_sig == onnx_sig
+    coupling = build_groups(tm.graph)
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    pruned = prune_module(tm, coupling, plan)
+    assert pruned.blocks[0].att.heads == attn.heads // 2
+    assert verify_module(tm, coupling, plan, pruned, [_x(3)]) < 1e-4
 
 
 class InferredHeads(nn.Module):
-    """Hugging Face's idiom: the head count as -1 in the split (``view(*s, -1, head_dim)``) and the merge
-    (``reshape(*s, -1)``); with ``literal`` the head count as a Python int instead (``view(*s, heads, -1)``)."""
+    """The head count in the split as Hugging Face gives it (``heads="inferred"``: -1, ``view(*s, -1, head_dim)``,
+    merged back with ``reshape(*s, -1)``), as a head-count attribute (``"attribute"``: ``view(*s, self.heads, -1)``)
+    or as a number the module holds under no such name (``"number"``)."""
 
-    def __init__(self, dim: int = 32, heads: int = 4, literal: bool = False):
+    def __init__(self, dim: int = 32, heads: int = 4, given: str = "inferred"):
         super().__init__()
-        self.heads, self.head_dim, self.literal = heads, dim // heads, literal
+        self.head_dim, self.given, self.split_into = dim // heads, given, heads
+        if given != "number":
+            self.heads = heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm, self.up, self.down = nn.LayerNorm(dim), nn.Linear(dim, 48), nn.Linear(48, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        split = (*x.shape[:-1], self.heads, -1) if self.literal else (*x.shape[:-1], -1, self.head_dim)
+        count = self.heads if self.given == "attribute" else self.split_into
+        split = (*x.shape[:-1], -1, self.head_dim) if self.given == "inferred" else (*x.shape[:-1], count, -1)
         q, k, v = (p(x).view(split).transpose(1, 2) for p in (self.q, self.k, self.v))
         att = nn.functional.scaled_dot_product_attention(q, k, v)
         x = x + self.o(att.transpose(1, 2).reshape(*x.shape[:-1], -1))
         return x + self.down(torch.relu(self.up(self.norm(x))))
 
 
-@pytest.mark.parametrize("literal", [False, True])
-def test_heads_given_as_minus_one_prune_whole_on_the_torch_path(tmp_path, literal):
-    """-1 heads: whole heads prune, as on the ONNX export. A literal head count before an attention op: the query and
-    key heads freeze with the reason (pruning them would leave the forward reshaping into the old count; it was
-    inexact), the value head size still prunes."""
+@pytest.mark.parametrize("given", ["inferred", "attribute", "number"])
+def test_heads_given_as_minus_one_or_an_attribute_prune_whole_on_the_torch_path(tmp_path, given):
+    """-1 heads, or ``self.heads``: whole heads prune, as on the ONNX export (the attribute set with the plan). A
+    head count under another name before an attention op: the query and key heads freeze with the reason (pruning
+    them would leave the forward reshaping into the old count; it was inexact), the value head size still prunes."""
     torch.manual_seed(0)
-    module, x = InferredHeads(literal=literal).eval(), torch.randn(2, 5, 32)
+    number = given == "number"
+    module, x = InferredHeads(given=given).eval(), torch.randn(2, 5, 32)
     tm = load_module(module, [x])
     coupling = build_groups(tm.graph)
-    assert sorted(g.channels for g in coupling.prunable) == ([8, 48] if literal else [4, 48])
-    if literal:
+    assert sorted(g.channels for g in coupling.prunable) == ([8, 48] if number else [4, 48])
+    if number:
         assert any("Python int in the traced forward" in r for g in coupling.groups for r in g.frozen)
     plan = uniform_plan(tm.graph, coupling, 0.5)
     pruned = prune_module(tm, coupling, plan)
     assert verify_module(tm, coupling, plan, pruned, [x]) < 1e-4
-    assert (pruned.q.out_features, pruned.v.out_features) == ((32, 16) if literal else (16, 16))
+    assert (pruned.q.out_features, pruned.v.out_features) == ((32, 16) if number else (16, 16))
     assert pruned.up.out_features == 24 and type(pruned) is InferredHeads
-    if not literal:  # the ONNX export prunes the same heads
+    assert getattr(pruned, "heads", None) == {"inferred": 4, "attribute": 2, "number": None}[given]
+    if not number:  # the ONNX export prunes the same heads
         path = tmp_path / "heads.onnx"
         torch.onnx.export(module, (x,), str(path), input_names=["input"], dynamo=False, opset_version=17)
         assert sorted(g.channels for g in build_groups(load_onnx(path).graph).prunable) == [4, 48]

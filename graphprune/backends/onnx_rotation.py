@@ -23,7 +23,6 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from graphprune.coupling.stream import Norm, Stream, find_stream
-from graphprune.errors import ValidationError
 from graphprune.execution.exactness import compare_outputs
 from graphprune.frontends.canonical import fuse_decomposed_norms
 from graphprune.frontends.data import Calibration
@@ -33,11 +32,11 @@ from graphprune.ops.contrib import SKIP_NORMS
 from graphprune.recovery.rotation import (
     HiddenOptions,
     HiddenReport,
-    energy_rank,
+    add_moment,
     global_moment,
     kept_width,
+    measured_report,
     pca,
-    point_reports,
     rotated_constants,
 )
 
@@ -49,10 +48,8 @@ Status = Callable[[str], None]
 
 
 def stream_moments(om: OnnxModel, names: Sequence[str], data: Calibration, batch_size: int, centre: bool = False) -> dict[str, np.ndarray]:
-    """Second moment (D x D, float64) of the unit-length tokens of each named tensor (hidden axis last) on ``data``.
-
-    ``centre``: subtract each token's mean first (what a LayerNorm sees, and the stream once its writers are mean-free).
-    """
+    """Second moment (D x D, float64) of the unit-length tokens of each named tensor (hidden axis last) on ``data``
+    (:func:`graphprune.recovery.rotation.add_moment`)."""
     from graphprune.execution.sessions import make_session
 
     proto = inline_proto(om.model)
@@ -64,11 +61,7 @@ def stream_moments(om: OnnxModel, names: Sequence[str], data: Calibration, batch
     for _, inputs, _ in data.batches(batch_size):
         outs = session.run(list(names), dict(zip(feeds, inputs)))
         for name, x in zip(names, outs):
-            t = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
-            if centre:
-                t = t - t.mean(axis=1, keepdims=True)
-            t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
-            sums[name] = sums.get(name, 0.0) + t.T @ t
+            add_moment(sums, name, x, centre)
     return sums
 
 
@@ -267,7 +260,6 @@ def slice_hidden(om: OnnxModel, data: Calibration, eval_data: Calibration | None
     moments = stream_moments(om, [n.input for n in stream.norms], calib, options.batch_size, stream.centred)
     vals, vecs = pca(global_moment(stream, moments))
     kept = kept_width(stream.width, vals, options)
-    energy = options.energy if options.keep == 0 else 0.99
     held = eval_data if eval_data is not None else data
     check = held.subset(options.eval_samples, options.seed + 1)
     before = _outputs(original, check, options.batch_size)
@@ -278,23 +270,4 @@ def slice_hidden(om: OnnxModel, data: Calibration, eval_data: Calibration | None
     say(f"slicing the hidden size {stream.width} -> {kept}")
     sliced = rotate_onnx(om, stream, vecs[:, :kept]) if kept < stream.width else full
     after = _outputs(sliced, check, options.batch_size)
-    diff = np.abs(after[0].astype(np.float64) - before[0])
-    if not np.all(np.isfinite(diff)):
-        raise ValidationError("the sliced model's outputs are not finite: keep more of the hidden size")
-    scale = float(np.max(np.abs(before[0]))) or 1.0
-    agreement = acc_before = acc_after = None
-    if before[0].ndim == 2 and before[0].shape[1] > 1:
-        pb, pa = before[0].argmax(1), after[0].argmax(1)
-        agreement = float(np.mean(pb == pa))
-        if check.labels is not None:
-            acc_before, acc_after = float(np.mean(pb == check.labels)), float(np.mean(pa == check.labels))
-    total = float(np.clip(vals, 0, None).sum()) or 1.0
-    report = HiddenReport(
-        width=stream.width, kept=kept, energy=energy, effective=energy_rank(vals, energy),
-        discarded_energy=float(np.clip(vals[kept:], 0, None).sum()) / total,
-        points=point_reports(stream, moments, vecs[:, :kept], energy),
-        norms=len(stream.norms), writers=len(stream.writers), readers=len(stream.readers),
-        max_abs_error=float(diff.max()), relative_error=float(diff.max()) / scale, agreement=agreement,
-        accuracy_before=acc_before, accuracy_after=acc_after, measured_on=f"{len(check)} samples of {check.source}",
-        full_rotation_error=full_error)
-    return sliced, report
+    return sliced, measured_report(stream, vals, vecs, kept, moments, options, before[0], after[0], check, full_error)

@@ -294,15 +294,27 @@ class _Walk:
         a, b = node.inputs
         if self.on(b) is not None:
             raise _Frozen(f"MatMul '{node.name}' multiplies by the stream on the right")
+        weight, flipped = self._matmul_weight(b)
         seen = self.on(a)
         if seen is not None:
-            self.reader(node, Side(b, 0), seen)
+            self.reader(node, Side(weight, 1 if flipped else 0), seen)
             return
-        weight = self.g.const(b)
-        if weight is None or weight.ndim != 2:
+        value = self.g.const(weight)
+        if value is None or value.ndim != 2:
             raise _Frozen(f"MatMul '{node.name}' writes the stream with a weight that is not a 2-D constant")
-        self.writer(b, 1, node)
+        self.writer(weight, 0 if flipped else 1, node)
         self.stream_out(node, -1)
+
+    def _matmul_weight(self, b: str) -> tuple[str, bool]:
+        """The constant a MatMul multiplies by, and whether it is stored transposed: ``x @ W^T`` as the torch
+        frontend writes ``nn.Linear`` (a ``Transpose`` of a 2-D constant read by nothing else)."""
+        producer = self.producer.get(b)
+        if (producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx")
+                and tuple(producer.attrs.get("perm") or (1, 0)) == (1, 0) and len(self.consumers.get(b, [])) == 1):
+            w = self.g.const(producer.inputs[0])
+            if w is not None and w.ndim == 2:
+                return producer.inputs[0], True
+        return b, False
 
     def _op_Gemm(self, node: OpNode) -> None:
         a, b = node.inputs[0], node.inputs[1]
@@ -326,22 +338,36 @@ class _Walk:
         if w.ndim != 2 or w.shape[weight.axis] != self.width:
             raise _Frozen(f"{node.op_type} '{node.name}' reads the stream with a weight of shape {w.shape}")
         out = node.outputs[0]
+        width_out = w.shape[1 - weight.axis]
         if not bias and node.op_type == "MatMul":
             users = self.consumers.get(out, [])
             if len(users) == 1 and users[0].op_type == "Add":
                 other = [n for n in users[0].inputs if n != out]
                 value = self.g.const(other[0]) if len(other) == 1 else None
-                if value is not None and value.shape == (w.shape[1],) and len(self.consumers.get(other[0], [])) == 1:
+                if value is not None and value.shape == (width_out,) and len(self.consumers.get(other[0], [])) == 1:
                     bias = other[0]
             elif len(users) == 1 and users[0].domain == "com.microsoft" and users[0].op_type in BIASED_ACTIVATIONS:
                 fused = _input(users[0], 1)  # BiasGelu / FastGelu / BiasAdd add it before their activation
                 value = self.g.const(fused) if fused and users[0].inputs[0] == out else None
-                if value is not None and value.shape == (w.shape[1],) and len(self.consumers.get(fused, [])) == 1:
+                if value is not None and value.shape == (width_out,) and len(self.consumers.get(fused, [])) == 1:
                     bias = fused
-        if bias and self.const(bias, node).size != w.shape[1 - weight.axis]:
+        if bias and self.const(bias, node).size != width_out:
             raise _Frozen(f"{node.op_type} '{node.name}': bias '{bias}' does not match its outputs")
         norm = self.readers_of[node.inputs[0]]
         self.readers.append(Reader(node.name, weight, bias, norm, out))
+
+    def readers_that_write(self) -> None:
+        """A reader whose output is added to the stream (``x + fc(norm(x))``) is a writer too, along its other axis
+        (with its bias): the rotation applies to both sides of its weight."""
+        for r in self.readers:
+            seen = self.tensors.get(r.output)
+            if seen is None or seen[1] != "stream":
+                continue
+            side = Side(r.weight.tensor, 1 - r.weight.axis)
+            if side not in self.writers:
+                self.writers.append(side)
+            if r.bias and all(s.tensor != r.bias for s in self.writers):
+                self.writers.append(Side(r.bias, 0))  # a reader's bias is 1-D (checked when it was found)
 
     def _op_Conv(self, node: OpNode) -> None:
         if int(node.attrs.get("group", 1)) != 1:
@@ -532,6 +558,7 @@ def find_stream(graph: ChannelGraph) -> Stream:
     walk = _Walk(graph, width)
     try:
         walk.run(norms[:1])
+        walk.readers_that_write()
         missing = [n.name for n in norms if n.name not in walk.norms]
         if missing:
             raise _Frozen(f"norm(s) {', '.join(missing[:3])} lie outside the first norm's stream (one stream per model)")

@@ -73,6 +73,8 @@ class ArgRef:
             (``aten.split.Tensor``'s split size).
         inferred: Entries of the ONNX vector the call gives as -1 (``x.view(*s, -1, d)``): sizes the traced
             code computes at run time, which therefore follow a pruned axis with no rewrite.
+        attributes: (entry, name) for entries that are an int attribute of the module that made the call
+            (``x.view(*s, self.heads, d)``): the module backend sets the attribute to the entry's new size.
     """
 
     index: int
@@ -80,6 +82,7 @@ class ArgRef:
     offset: int = 0
     first: bool = False
     inferred: tuple[int, ...] = ()
+    attributes: tuple[tuple[int, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

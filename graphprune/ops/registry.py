@@ -193,12 +193,16 @@ class ModuleRule:
             ``out_channels`` -> the weight's axis 0).
         hook: A per-class fix for modules the attributes cannot describe.
         hook_class: The class ``hook`` applies to (every pruned instance).
+        call_sizes: The input whose call argument names module attributes per entry
+            (:attr:`~graphprune.ir.graph.ArgRef.attributes`, ``view(*s, self.heads, d)``): each is set to the
+            new size of the output axis at its entry.
     """
 
     attrs: Mapping[str, str] = dataclasses.field(default_factory=dict)
     sizes: Mapping[str, AxisOf] = dataclasses.field(default_factory=dict)
     hook: ModuleHook | None = None
     hook_class: type | None = None
+    call_sizes: int | None = None
 
     def edits(self, node: OpNode, ctx: AdjustContext, adj: Adjustment) -> dict[str, tuple[Any, Any]]:
         """Module attribute -> (old value, new value) for one op."""
@@ -206,11 +210,16 @@ class ModuleRule:
         for onnx_attr, attr in self.attrs.items():
             if onnx_attr in adj.attrs and onnx_attr in node.attrs:
                 out[attr] = (node.attrs[onnx_attr], adj.attrs[onnx_attr])
-        for attr, ref in self.sizes.items():
+        named = [(attr, AxisOf(0, j, output=True)) for j, attr in self._call_attributes(node)]
+        for attr, ref in (*self.sizes.items(), *named):
             found = ref.sizes(node, ctx)
             if found is not None:
                 out[attr] = found
         return out
+
+    def _call_attributes(self, node: OpNode) -> tuple[tuple[int, str], ...]:
+        ref = node.origin.inputs.get(self.call_sizes) if node.origin is not None and self.call_sizes is not None else None
+        return ref.attributes if ref is not None else ()
 
     def fix(self, module: Any) -> None:
         """Run the per-class hook when ``module`` is of its class."""

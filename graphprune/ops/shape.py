@@ -194,15 +194,18 @@ def _heads_part(whole: list[int], parts: list[int], whole_rank: int, parts_rank:
     no rewrite reaches: there a split prefers the head count only when the
     call gives it as -1 (output entry ``head_entry``: ``view(*s, -1, head_dim)``,
     as Hugging Face's attention does), which follows the kept heads at run
-    time; a merge (``head_entry`` None) states no preference, and the head
-    size stays preferred otherwise.
+    time, or as a head-count attribute of the calling module
+    (``view(*s, self.heads, d)``), which the module backend sets; a merge
+    (``head_entry`` None) states no preference, and the head size stays
+    preferred otherwise.
     """
     if not _head_split(whole, parts, whole_rank, parts_rank):
         return None
     if node.origin is None:
         return 0
     ref = node.origin.inputs.get(1)
-    return 0 if ref is not None and head_entry is not None and head_entry in ref.inferred else None
+    follows = () if ref is None else (*ref.inferred, *(j for j, _ in ref.attributes))
+    return 0 if head_entry is not None and head_entry in follows else None
 
 
 def _head_split(whole: list[int], parts: list[int], whole_rank: int, parts_rank: int) -> bool:
@@ -219,7 +222,7 @@ def _literal_heads(node: OpNode, ia: list[int], jb: list[int], x_rank: int, y_ra
 
 @register(
     "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-    adjust=_reshape_adjust,
+    adjust=_reshape_adjust, module=ModuleRule(call_sizes=1),
 )
 def reshape(node: OpNode, graph: ChannelGraph) -> Semantics:
     """Axes that survive unchanged are linked; a merged or split axis is a Factor."""
@@ -244,7 +247,8 @@ def reshape(node: OpNode, graph: ChannelGraph) -> Semantics:
             prefer = _heads_part(ia, jb, len(xs), len(ys), node, jb[0])
             if _literal_heads(node, ia, jb, len(xs), len(ys), prefer):
                 freezes += freeze_axes([Axis(y, jb[0])], f"{node.op_type}: the head count {ys[jb[0]]} is a Python int in the "
-                                       "traced forward (give it as -1, view(*s, -1, head_dim), to prune whole heads)")
+                                       "traced forward (give it as -1, view(*s, -1, head_dim), or read it from "
+                                       "self.num_heads, to prune whole heads)")
             factors.append(Factor(Axis(x, ia[0]), tuple(Axis(y, j) for j in jb), tuple(int(ys[j]) for j in jb), prefer))  # type: ignore[arg-type]
         elif len(jb) == 1 and len(ia) > 1:
             prefer = _heads_part(jb, ia, len(ys), len(xs), node, None)

@@ -446,7 +446,8 @@ class RepairPass(Pass):
 class HiddenPass(Pass):
     """Slice the hidden size of a transformer by rotation (SliceGPT): approximate, its error measured and reported.
 
-    Runs on the current model (after any channel pruning, before fine-tuning); ONNX models only.
+    Runs on the current model (after any channel pruning, before fine-tuning): an ONNX model, or an ``nn.Module``
+    (:mod:`graphprune.backends.torch_rotation`; a saved ``.pt2`` program is refused).
     """
 
     name = "hidden"
@@ -459,20 +460,25 @@ class HiddenPass(Pass):
     def run(self, ws: Workspace) -> PassResult:
         from graphprune.backends.onnx_model import OnnxPrunable
         from graphprune.backends.onnx_rotation import slice_hidden
+        from graphprune.backends.torch_model import ModulePrunable
+        from graphprune.backends.torch_rotation import slice_hidden_module
 
         assert ws.data is not None
-        if not isinstance(ws.model, OnnxPrunable):
-            raise BadInputError(f"the hidden pass rotates ONNX models; this is a {ws.model.kind} model (export it to ONNX first)")
         ws.status("slicing the hidden size by rotation")
-        om, ws.hidden = slice_hidden(ws.model.om, ws.data, ws.eval_data, self.options, ws.status)
+        before = ws.model
+        if isinstance(ws.model, OnnxPrunable):
+            om, ws.hidden = slice_hidden(ws.model.om, ws.data, ws.eval_data, self.options, ws.status)
+            ws.model = ws.model if om is ws.model.om else OnnxPrunable(om)
+        elif isinstance(ws.model, ModulePrunable):
+            ws.model, ws.hidden = slice_hidden_module(ws.model, ws.data, ws.eval_data, self.options, ws.status)
+        else:
+            raise BadInputError(f"the hidden pass rotates ONNX models and nn.Modules; this is a {ws.model.kind} model "
+                                "(prune the nn.Module it was exported from, or its ONNX export)")
         for line in ws.hidden.lines():
             log.info("%s", line)
             if ws.console is not None:
                 ws.console.print(line, markup=False, highlight=False)
-        changed = om is not ws.model.om
-        if changed:
-            ws.model = OnnxPrunable(om)
-        return PassResult(ws, changed)
+        return PassResult(ws, ws.model is not before)
 
 
 @register_pass

@@ -157,14 +157,10 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
     for i, multiple in enumerate(m for m in REPAIR_MULTIPLES if m > round_to):
         if i > 0 and worst(best_ms) <= 1.0:
             break
-        try:
-            other = replan(multiple)
-        except (OverLimitError, BadInputError) as exc:
-            log.info("re-plan with multiples of %d failed: %s", multiple, exc)
-            if isinstance(exc, OverLimitError):
-                over_limit.append(multiple)
-            continue
-        if _counts(other) in seen:
+        other, past_limit = _unseen(replan, multiple, seen)
+        if past_limit:
+            over_limit.append(multiple)
+        if other is None:
             continue
         if worst(first_ms) <= 1.0 and _overshoots(other, plan):
             log.info("re-plan with multiples of %d not measured: it keeps %.3f of the target against the plan's %.3f",
@@ -194,6 +190,17 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
     return dataclasses.replace(best, meta=meta)
 
 
+def _unseen(replan: Replan, multiple: int, seen: list[dict[int, int]]) -> tuple[Plan | None, bool]:
+    """``replan(multiple)`` unless it fails or its counts were measured already (None); and whether it failed because
+    the target lies past the effective filters."""
+    try:
+        other = replan(multiple)
+    except (OverLimitError, BadInputError) as exc:
+        log.info("re-plan with multiples of %d failed: %s", multiple, exc)
+        return None, isinstance(exc, OverLimitError)
+    return (None if _counts(other) in seen else other), False
+
+
 def _faster_within(within: Replan, multiples: list[int], timed: Callable[[Plan], dict[int, float]],
                    before: dict[int, float], seen: list[dict[int, int]]) -> tuple[dict[str, object] | None, int]:
     """The first plan ``within(m)`` (counts multiples of m, within the effective filters) measured no slower than
@@ -201,11 +208,8 @@ def _faster_within(within: Replan, multiples: list[int], timed: Callable[[Plan],
     original ms]}``); and the measurements spent."""
     spent = 0
     for multiple in multiples:
-        try:
-            other = within(multiple)
-        except (OverLimitError, BadInputError):
-            continue
-        if _counts(other) in seen:
+        other, _ = _unseen(within, multiple, seen)
+        if other is None:
             continue
         seen.append(_counts(other))
         ms = timed(other)

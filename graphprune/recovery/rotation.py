@@ -28,14 +28,18 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from graphprune.coupling.stream import Reader, Side, Stream
-from graphprune.errors import BadInputError
+from graphprune.errors import BadInputError, ValidationError
 
-__all__ = ["HiddenOptions", "HiddenReport", "PointReport", "energy_rank", "kept_width", "pca", "rotate_side", "rotated_constants"]
+if TYPE_CHECKING:
+    from graphprune.frontends.data import Calibration
+
+__all__ = ["HiddenOptions", "HiddenReport", "PointReport", "add_moment", "energy_rank", "kept_width", "measured_report", "pca",
+           "rotate_side", "rotated_constants"]
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +187,11 @@ def rotated_constants(stream: Stream, const: Callable[[str], np.ndarray], basis:
         n = norms[r.norm]
         gamma = const(n.scale).astype(np.float64) if n.scale else np.ones(stream.width)
         beta = const(n.bias).astype(np.float64) if n.bias else np.zeros(stream.width)
-        value = const(r.weight.tensor)
+        value = out.get(r.weight.tensor, const(r.weight.tensor))  # a reader that writes the stream too: rotated already
         w, shift = _reader(value.astype(np.float64), r, gamma, beta, basis)
         out[r.weight.tensor] = w.astype(value.dtype)
         if r.bias:
-            b = const(r.bias)
+            b = out.get(r.bias, const(r.bias))
             out[r.bias] = (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype)
         elif np.any(shift != 0.0):
             added[r.node] = shift.astype(value.dtype)
@@ -220,3 +224,46 @@ def global_moment(stream: Stream, moments: Mapping[str, np.ndarray]) -> np.ndarr
 
 def side_names(sides: tuple[Side, ...]) -> tuple[str, ...]:
     return tuple(s.tensor for s in sides)
+
+
+def add_moment(sums: dict[str, np.ndarray], name: str, x: np.ndarray, centre: bool) -> None:
+    """Add the second moment (D x D, float64) of the unit-length tokens of ``x`` (hidden axis last) to ``sums[name]``.
+
+    ``centre``: subtract each token's mean first (what a LayerNorm sees, and the stream once its writers are mean-free).
+    """
+    t = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+    if centre:
+        t = t - t.mean(axis=1, keepdims=True)
+    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    sums[name] = sums.get(name, 0.0) + t.T @ t
+
+
+def measured_report(stream: Stream, vals: np.ndarray, vecs: np.ndarray, kept: int, moments: Mapping[str, np.ndarray],
+                    options: HiddenOptions, before: np.ndarray, after: np.ndarray, check: Calibration,
+                    full_error: float) -> HiddenReport:
+    """The report of one slice: the spectrum's figures and the output error of ``after`` (the sliced model's first
+    output on ``check``) against ``before`` (the input model's).
+
+    Raises:
+        ValidationError: When the sliced model's outputs are not finite.
+    """
+    diff = np.abs(after.astype(np.float64) - before)
+    if not np.all(np.isfinite(diff)):
+        raise ValidationError("the sliced model's outputs are not finite: keep more of the hidden size")
+    scale = float(np.max(np.abs(before))) or 1.0
+    agreement = acc_before = acc_after = None
+    if before.ndim == 2 and before.shape[1] > 1:
+        pb, pa = before.argmax(1), after.argmax(1)
+        agreement = float(np.mean(pb == pa))
+        if check.labels is not None:
+            acc_before, acc_after = float(np.mean(pb == check.labels)), float(np.mean(pa == check.labels))
+    energy = options.energy if options.keep == 0 else 0.99
+    total = float(np.clip(vals, 0, None).sum()) or 1.0
+    return HiddenReport(
+        width=stream.width, kept=kept, energy=energy, effective=energy_rank(vals, energy),
+        discarded_energy=float(np.clip(vals[kept:], 0, None).sum()) / total,
+        points=point_reports(stream, moments, vecs[:, :kept], energy),
+        norms=len(stream.norms), writers=len(stream.writers), readers=len(stream.readers),
+        max_abs_error=float(diff.max()), relative_error=float(diff.max()) / scale, agreement=agreement,
+        accuracy_before=acc_before, accuracy_after=acc_after, measured_on=f"{len(check)} samples of {check.source}",
+        full_rotation_error=full_error)

@@ -24,6 +24,7 @@ from graphprune.ops import add_torch_targets
 
 __all__ = [
     "CONVERTERS",
+    "HEAD_COUNT_ATTRIBUTES",
     "Builder",
     "Converter",
     "NotConverted",
@@ -41,6 +42,11 @@ __all__ = [
 
 
 _DTYPES = torch_to_onnx_names()  # the one table: graphprune.ir.dtypes
+
+HEAD_COUNT_ATTRIBUTES = ("num_heads", "heads", "n_head", "n_heads", "num_attention_heads", "num_key_value_heads")
+"""Module attributes a forward reads head counts from (PyTorch, timm, Hugging Face spellings). A literal size
+equal to one is taken to be read from it (every one holding the value is set with the plan); a wrong match cannot
+pass: the pruned module is checked against the original."""
 
 
 class NotConverted(Exception):
@@ -60,11 +66,12 @@ def call_tensors(node: torch.fx.Node) -> list[torch.fx.Node]:
 class Builder:
     """Accumulates ONNX-form nodes, tensors and constants while walking the aten graph."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: torch.nn.Module | None = None) -> None:
         self.tensors: dict[str, TensorInfo] = {}
         self.nodes: list[OpNode] = []
         self.consts: dict[str, np.ndarray] = {}
         self.alias: dict[str, str] = {}
+        self.module = module
         self._call: torch.fx.Node | None = None
         self._state: tuple[str, ...] = ()
 
@@ -90,15 +97,33 @@ class Builder:
         names = [self.name(a) for a in call_tensors(call)] if call is not None else []
         self._state = tuple(dict.fromkeys(n for n in names if n in state))
 
+    def caller(self) -> str | None:
+        """Qualified name of the innermost module whose ``forward`` made the current call (torch.export's
+        ``nn_module_stack``), or None when the trace does not say."""
+        stack = list((self._call.meta.get("nn_module_stack") or {}).values()) if self._call is not None else []
+        return str(stack[-1][0]) if stack else None
+
+    def size_attributes(self, values: Sequence[Any]) -> tuple[tuple[int, str], ...]:
+        """(entry, attribute) for literal sizes the calling module holds as head-count attributes
+        (:data:`HEAD_COUNT_ATTRIBUTES`; every one holding the value), when the traced module is known."""
+        name = self.caller()
+        if self.module is None or name is None:
+            return ()
+        try:
+            owner = self.module.get_submodule(name)
+        except AttributeError:
+            return ()
+        held = [(attr, v) for attr in HEAD_COUNT_ATTRIBUTES
+                if isinstance(v := getattr(owner, attr, None), int) and not isinstance(v, bool) and v > 1]
+        return tuple((j, attr) for j, v in enumerate(values) for attr, held_v in held if v == held_v)
+
     def origin(self, attr_args: Mapping[str, ArgRef] | None = None,
                input_args: Mapping[int, ArgRef] | None = None) -> Origin | None:
         """The provenance of an op of the current call."""
         if self._call is None:
             return None
-        stack = list((self._call.meta.get("nn_module_stack") or {}).values())
-        module = str(stack[-1][0]) if stack else None
         return Origin(self._call.name, str(self._call.target), self._state, dict(attr_args or {}), dict(input_args or {}),
-                      module)
+                      self.caller())
 
     def add(self, name: str, op: str, inputs: Sequence[str], outputs: Sequence[str], *,
             attr_args: Mapping[str, ArgRef] | None = None, input_args: Mapping[int, ArgRef] | None = None,

@@ -296,8 +296,10 @@ def _reshape(b: Builder, node: Node, out: str) -> None:
         offset = int_arg(node, 1, "dim") % _rank(b, out) if key == "aten.unflatten.int" else 0
         ref = arg_ref(node, _RESHAPE_SIZES[key], offset=offset)
         sizes = arg(node, ref.index, ref.key, ())
-        inferred = tuple(i + offset for i, v in enumerate(sizes) if isinstance(v, int) and v == -1) if isinstance(sizes, (list, tuple)) else ()
-        refs = {1: dataclasses.replace(ref, inferred=inferred)}
+        listed = list(sizes) if isinstance(sizes, (list, tuple)) else []
+        inferred = tuple(i + offset for i, v in enumerate(listed) if isinstance(v, int) and v == -1)
+        held = tuple((i + offset, name) for i, name in b.size_attributes(listed))
+        refs = {1: dataclasses.replace(ref, inferred=inferred, attributes=held)}
     b.add(out, "Reshape", [b.name(node.args[0]), _shape_const(b, node, out)], [out], input_args=refs)
 
 

@@ -82,8 +82,9 @@ def _is_shape_arithmetic(val: Any) -> bool:
     return isinstance(val, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
-def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGraph, dict[str, str]]:
-    """Describe an ExportedProgram as a channel graph of ONNX-form ops.
+def to_channel_graph(program: torch.export.ExportedProgram, module: nn.Module | None = None) -> tuple[ChannelGraph, dict[str, str]]:
+    """Describe an ExportedProgram as a channel graph of ONNX-form ops (``module``: the module it was exported from,
+    whose size attributes the ops then name).
 
     Returns:
         The graph and a map graph tensor name -> module state name.
@@ -91,17 +92,19 @@ def to_channel_graph(program: torch.export.ExportedProgram) -> tuple[ChannelGrap
     sig = program.graph_signature
     state = {**program.state_dict, **getattr(program, "constants", {})}
     targets = {s.arg.name: s.target for s in sig.input_specs if s.target is not None}
-    return fx_channel_graph(program.graph, targets, state)
+    return fx_channel_graph(program.graph, targets, state, module)
 
 
-def fx_channel_graph(fx_graph: torch.fx.Graph, targets: dict[str, str], state: dict[str, torch.Tensor]) -> tuple[ChannelGraph, dict[str, str]]:
+def fx_channel_graph(fx_graph: torch.fx.Graph, targets: dict[str, str], state: dict[str, torch.Tensor],
+                     module: nn.Module | None = None) -> tuple[ChannelGraph, dict[str, str]]:
     """Describe an aten-level fx graph (placeholders carrying ``val`` metadata) as a channel graph.
 
     Args:
         targets: Placeholder name -> module state name, for parameters, buffers and constants.
         state: Module state name -> tensor.
+        module: The traced module, whose size attributes the ops name (see :class:`~graphprune.ir.graph.ArgRef`).
     """
-    b = Builder()
+    b = Builder(module)
     batch: dict[str, str] = {}
     state_names: dict[str, str] = {}
     inputs: list[str] = []
@@ -194,9 +197,9 @@ def load_module(module: nn.Module, example_inputs: Sequence[torch.Tensor], dynam
     if program is None:
         log.warning("torch.export cannot trace %s (%s); traced with torch.fx instead (static shapes)",
                     type(module).__name__, error)
-        graph, names = fx_channel_graph(fx_graph, targets, state)
+        graph, names = fx_channel_graph(fx_graph, targets, state, module)
         return TorchModel(module, None, graph, names)
-    graph, names = to_channel_graph(program)
+    graph, names = to_channel_graph(program, module)
     return TorchModel(module, program, graph, names)
 
 

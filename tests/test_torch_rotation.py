@@ -1,0 +1,199 @@
+"""The hidden pass on nn.Modules: the same rotation as on the ONNX export, tied weights, freezes, the pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_rotation import _randomise_norms, _run
+from torch import nn
+
+from graphprune import models
+from graphprune.backends.onnx_rotation import slice_hidden
+from graphprune.backends.torch_model import module_model, program_model
+from graphprune.backends.torch_rotation import UnitRMSNorm, slice_hidden_module, untie_parameters
+from graphprune.errors import BadInputError, ValidationError
+from graphprune.frontends.data import Calibration
+from graphprune.frontends.onnx import load_onnx
+from graphprune.recovery.rotation import HiddenOptions
+
+OPTIONS = HiddenOptions(keep=0.75, samples=64, eval_samples=64)
+
+
+def _images(n: int = 64) -> Calibration:
+    return Calibration((np.random.default_rng(0).standard_normal((n, 1, 28, 28)).astype(np.float32),), None, "random")
+
+
+def _tokens(n: int = 64) -> Calibration:
+    return Calibration((np.random.default_rng(0).integers(0, 64, (n, 8)).astype(np.int64),), None, "tokens")
+
+
+def _outputs(module: nn.Module, data: Calibration) -> np.ndarray:
+    with torch.no_grad():
+        return module.eval()(torch.from_numpy(data.inputs[0])).numpy()
+
+
+def test_module_rotation_matches_the_onnx_rotation(tmp_path: Path) -> None:
+    """The ViT sliced as a module and as its ONNX export: the same stream, spectrum and kept width, and the same
+    outputs (both apply one global PCA basis of the same moments)."""
+    torch.manual_seed(0)
+    module = _randomise_norms(models.build("vit"))
+    data = _images()
+    model = module_model(module, [torch.from_numpy(data.inputs[0][:2])])
+    sliced, report = slice_hidden_module(model, data, None, OPTIONS)
+    models.export_onnx(module, tmp_path / "vit.onnx")
+    onnx_sliced, onnx_report = slice_hidden(load_onnx(tmp_path / "vit.onnx"), data, None, OPTIONS)
+    assert report.frozen == "" and (report.width, report.kept) == (onnx_report.width, onnx_report.kept) == (32, 24)
+    assert (report.norms, report.readers) == (onnx_report.norms, onnx_report.readers)
+    assert report.full_rotation_error < 1e-4
+    assert report.discarded_energy == pytest.approx(onnx_report.discarded_energy, rel=1e-4)
+    assert report.max_abs_error == pytest.approx(onnx_report.max_abs_error, rel=1e-2)
+    got = _outputs(sliced.module, data)
+    np.testing.assert_allclose(got, _run(onnx_sliced, data), rtol=1e-3, atol=1e-4)
+    assert np.abs(got - _outputs(module, data)).max() == pytest.approx(report.max_abs_error, rel=1e-5)
+    m = sliced.module
+    assert isinstance(m.norm, UnitRMSNorm) and (m.embed.out_channels, m.head.in_features) == (24, 24)
+    assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in module.parameters())
+    assert isinstance(module.norm, nn.LayerNorm)  # the input is not modified
+
+
+def test_full_width_module_rotation_reproduces_the_module() -> None:
+    torch.manual_seed(0)
+    module = _randomise_norms(models.build("vit"))
+    data = _images(32)
+    rotated, report = slice_hidden_module(module_model(module, [torch.randn(2, 1, 28, 28)]), data, None,
+                                          HiddenOptions(keep=1.0, samples=32, eval_samples=32))
+    assert report.kept == 32 and report.max_abs_error is not None and report.max_abs_error < 1e-4
+    np.testing.assert_allclose(_outputs(rotated.module, data), _outputs(module, data), rtol=1e-4, atol=1e-4)
+
+
+def test_tied_lm_head_is_untied_and_rotates() -> None:
+    """GPT-2's LM head shares its token embedding: untied first (a writer and a reader rotate differently)."""
+    torch.manual_seed(0)
+    module = _randomise_norms(models.build("gpt2"))
+    assert module.lm_head.weight is module.wte.weight
+    data = _tokens()
+    sliced, report = slice_hidden_module(module_model(module, [torch.zeros(2, 8, dtype=torch.long)]), data, None, OPTIONS)
+    assert report.frozen == "" and report.kept == 24 and report.full_rotation_error < 1e-4
+    m = sliced.module
+    assert m.wte.weight.shape == (64, 24) and m.lm_head.in_features == 24 and m.lm_head.weight is not m.wte.weight
+    assert module.lm_head.weight is module.wte.weight  # the input keeps its tie
+    assert np.abs(_outputs(m, data) - _outputs(module, data)).max() == pytest.approx(report.max_abs_error, rel=1e-5)
+
+
+def test_untie_parameters_copies_every_further_use() -> None:
+    a = nn.Linear(4, 4)
+    b = nn.Linear(4, 4)
+    b.weight = a.weight
+    seq = nn.Sequential(a, b)
+    assert untie_parameters(seq) == ["1.weight"] and seq[1].weight is not seq[0].weight
+    assert torch.equal(seq[1].weight, seq[0].weight) and untie_parameters(seq) == []
+
+
+def test_post_ln_module_freezes_with_the_reason() -> None:
+    module = models.build("bert").eval()
+    model = module_model(module, [torch.zeros(2, 8, dtype=torch.long)])
+    same, report = slice_hidden_module(model, _tokens(16), None, OPTIONS)
+    assert same is model and "post-LN" in report.frozen
+
+
+class _FunctionalNorm(nn.Module):
+    """A pre-LN block whose norm is ``F.layer_norm`` in the forward: there is no norm module to replace."""
+
+    def __init__(self, dim: int = 16, width: int | None = None) -> None:
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.fc(nn.functional.layer_norm(h, h.shape[-1:], self.scale))
+        return self.head(nn.functional.layer_norm(h, h.shape[-1:], self.scale)).mean(1)
+
+
+class _HardCodedWidth(nn.Module):
+    """A pre-LN block whose forward reshapes the stream to a literal width."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = (h + self.fc(self.n1(h))).reshape(x.shape[0], -1, 16)
+        return self.head(self.n2(h)).mean(1)
+
+
+def _sequences(n: int = 32) -> Calibration:
+    return Calibration((np.random.default_rng(0).standard_normal((n, 5, 8)).astype(np.float32),), None, "random")
+
+
+def test_functional_norm_freezes_with_the_reason() -> None:
+    model = module_model(_FunctionalNorm().eval(), [torch.randn(2, 5, 8)])
+    same, report = slice_hidden_module(model, _sequences(), None, OPTIONS)
+    assert same is model and "not an nn.LayerNorm module's call" in report.frozen
+
+
+def test_forward_that_hard_codes_the_width_is_refused() -> None:
+    model = module_model(_HardCodedWidth().eval(), [torch.randn(2, 5, 8)])
+    with pytest.raises(ValidationError, match=r"fails to run .*hard-code the hidden size"):
+        slice_hidden_module(model, _sequences(), None, OPTIONS)
+
+
+def test_hidden_pass_runs_on_a_module_and_refuses_a_program() -> None:
+    from graphprune.pipeline.config import parse_pipeline
+    from graphprune.pipeline.passes import HiddenPass
+    from graphprune.pipeline.run import run_model
+    from graphprune.pipeline.workspace import Workspace
+
+    torch.manual_seed(0)
+    module = models.build("vit").eval()
+    example = [torch.randn(2, 1, 28, 28)]
+    pipeline = parse_pipeline({"pass": [{"name": "hidden", "keep": 0.5, "samples": 32, "eval_samples": 32},
+                                        {"name": "validate", "latency_runs": 0}]})
+    ws = run_model(pipeline, module_model(module, example), _images(32))
+    assert ws.hidden is not None and ws.hidden.kept == 16
+    assert isinstance(ws.model.module.norm, UnitRMSNorm)  # type: ignore[attr-defined]
+    program = program_model(torch.export.export(module, tuple(example)))
+    pws = Workspace(original=program, model=program, data=_images(8))
+    with pytest.raises(BadInputError, match=r"rotates ONNX models and nn\.Modules"):
+        HiddenPass(HiddenOptions(keep=0.5))(pws)
+
+
+class _NormedResidual(nn.Module):
+    """``h + fc(norm(h))``: one Linear reads the normalised stream and writes the stream."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.fc(self.n1(h))
+        return self.head(self.n2(h)).mean(1)
+
+
+def test_a_reader_that_writes_the_stream_rotates_on_both_sides(tmp_path: Path) -> None:
+    """Its weight is a reader along its input and a writer along its output (the walk had left the writer side out,
+    and the full-width check refused the model); as a module and as its ONNX export."""
+    from graphprune.coupling.stream import Side, find_stream
+
+    torch.manual_seed(0)
+    module = _randomise_norms(_NormedResidual())
+    model = module_model(module, [torch.randn(2, 5, 8)])
+    assert Side("fc.weight", 0) in find_stream(model.graph).writers
+    data = _sequences()
+    full = HiddenOptions(keep=1.0, samples=32, eval_samples=32)
+    assert slice_hidden_module(model, data, None, full)[1].max_abs_error < 1e-4  # type: ignore[operator]
+    sliced, report = slice_hidden_module(model, data, None, OPTIONS)
+    assert report.kept == 12 and 0.0 < report.relative_error < 1.0  # type: ignore[operator]
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(module, (torch.randn(2, 5, 8),), str(path), input_names=["input"], dynamo=False, opset_version=17,
+                      dynamic_axes={"input": {0: "batch"}})
+    onnx_sliced, onnx_report = slice_hidden(load_onnx(path), data, None, OPTIONS)
+    assert onnx_report.full_rotation_error < 1e-4 and onnx_report.kept == 12  # type: ignore[operator]
+    np.testing.assert_allclose(_outputs(sliced.module, data), _run(onnx_sliced, data), rtol=1e-3, atol=1e-4)
