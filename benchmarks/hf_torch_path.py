@@ -1,9 +1,11 @@
-"""Hugging Face models on the torch path: groups, kept parameters and exactness at ratio 0.5.
+"""Hugging Face models on the torch path: groups, kept parameters and exactness at ratio 0.5; the hidden pass.
 
 Each model is built from its ``transformers`` config (random weights, no download), wrapped to return one tensor,
 traced with :func:`graphprune.load_module`, pruned with a uniform plan and checked from the module
-(``verify_module``) and from the program (``verify_program``). ``transformers`` is not a graphprune dependency:
-install it beside ``torch==2.13.0`` to run this.
+(``verify_module``) and from the program (``verify_program``). Then the hidden pass
+(:func:`graphprune.backends.torch_rotation.slice_hidden_module`, 0.75 of the width) runs on the unpruned module, on
+64 random inputs: its relative output error, or the reason the stream froze. ``transformers`` is not a graphprune
+dependency: install it beside ``torch==2.13.0`` to run this.
 
     python benchmarks/hf_torch_path.py [--out benchmarks/hf_torch_path.json]
 """
@@ -41,6 +43,7 @@ class Row:
     kept_params: float | None
     module_error: float | None
     program: str
+    hidden: str
 
 
 class _Output(nn.Module):
@@ -116,7 +119,27 @@ def run(name: str, build: Callable[[], tuple[nn.Module, torch.Tensor]]) -> Row:
         program = "exact"
     except GraphpruneError as exc:
         program = f"refused: {exc}"
-    return Row(name, prunable, frozen, kept, error, program)
+    return Row(name, prunable, frozen, kept, error, program, _hidden(model, x))
+
+
+def _hidden(model: nn.Module, x: torch.Tensor) -> str:
+    """The hidden pass at 0.75 of the width on 64 random inputs like ``x``: its relative error, or why it froze."""
+    from graphprune.backends.torch_model import module_model
+    from graphprune.backends.torch_rotation import slice_hidden_module
+    from graphprune.frontends.data import Calibration
+    from graphprune.recovery.rotation import HiddenOptions
+
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, 500, (64, *x.shape[1:]), generator=gen) if not x.is_floating_point() \
+        else torch.randn((64, *x.shape[1:]), generator=gen)
+    try:
+        _, report = slice_hidden_module(module_model(model, [x]), Calibration((batch.numpy(),), None, "random"), None,
+                                        HiddenOptions(keep=0.75, samples=64, eval_samples=64))
+    except GraphpruneError as exc:
+        return f"refused: {exc}"
+    if report.frozen:
+        return f"frozen: {report.frozen}"
+    return f"{report.width} -> {report.kept}, relative error {report.relative_error:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, build in _builders(transformers).items():
         print(f"[hf_torch_path] {name}", flush=True)
         rows.append(run(name, build))
-    print(f"{'model':<11} {'prunable':>8} {'frozen':>6} {'kept params':>11} {'module error':>12}  program")
+    print(f"{'model':<11} {'prunable':>8} {'frozen':>6} {'kept params':>11} {'module error':>12}  program  hidden 0.75")
     for r in rows:
         kept = f"{r.kept_params:.2f}" if r.kept_params is not None else "-"
         err = f"{r.module_error:.1e}" if r.module_error is not None else "refused"
-        print(f"{r.model:<11} {r.prunable:>8} {r.frozen:>6} {kept:>11} {err:>12}  {r.program}")
+        print(f"{r.model:<11} {r.prunable:>8} {r.frozen:>6} {kept:>11} {err:>12}  {r.program}  {r.hidden}")
     meta: dict[str, Any] = {"transformers": transformers.__version__, "torch": torch.__version__, "size": SMALL,
                             "ratio": 0.5, "plan": "uniform"}
     args.out.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1) + "\n")

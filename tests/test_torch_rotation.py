@@ -197,3 +197,39 @@ def test_a_reader_that_writes_the_stream_rotates_on_both_sides(tmp_path: Path) -
     onnx_sliced, onnx_report = slice_hidden(load_onnx(path), data, None, OPTIONS)
     assert onnx_report.full_rotation_error < 1e-4 and onnx_report.kept == 12  # type: ignore[operator]
     np.testing.assert_allclose(_outputs(sliced.module, data), _run(onnx_sliced, data), rtol=1e-3, atol=1e-4)
+
+
+class _Conv1DLM(nn.Module):
+    """Hugging Face GPT-2's layout: token embedding, a ``Conv1D`` block (``addmm``, ``x.view(-1, d)``), final norm, head."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        from test_torch_frontend import _Conv1DBlock
+
+        self.wte, self.block, self.ln_f, self.head = nn.Embedding(64, dim), _Conv1DBlock(dim), nn.LayerNorm(dim), nn.Linear(dim, 64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(self.block(self.wte(ids))))
+
+
+def test_hugging_face_style_conv1d_lm_rotates() -> None:
+    """Conv1D weights ([in, out], read by addmm after ``x.view(-1, d)``) are writers and readers; their ``nx`` / ``nf``
+    follow the sliced weights."""
+    torch.manual_seed(0)
+    module = _randomise_norms(_Conv1DLM())
+    data = _tokens()
+    model = module_model(module, [torch.zeros(2, 8, dtype=torch.long)])
+    full = slice_hidden_module(model, data, None, HiddenOptions(keep=1.0, samples=64, eval_samples=64))[1]
+    assert full.frozen == "" and full.max_abs_error is not None and full.max_abs_error < 1e-4
+    sliced, report = slice_hidden_module(model, data, None, OPTIONS)
+    block = sliced.module.block
+    assert report.kept == 24 and (block.c_attn.weight.shape[0], block.mlp_proj.nf) == (24, 24)
+    assert np.abs(_outputs(sliced.module, data) - _outputs(module, data)).max() == pytest.approx(report.max_abs_error, rel=1e-5)
+
+
+def test_rms_norm_modules_freeze_with_the_reason_on_the_torch_path() -> None:
+    model = module_model(models.build("llama").eval(), [torch.zeros(2, 8, dtype=torch.long)])
+    same, report = slice_hidden_module(model, _tokens(16), None, OPTIONS)
+    assert same is model and "traced as arithmetic on the torch path" in report.frozen
+    with pytest.raises(BadInputError, match="no LayerNormalization"):  # a CNN has no stream at all
+        slice_hidden_module(module_model(models.build("resnet20").eval(), [torch.randn(2, 1, 28, 28)]), _images(8), None, OPTIONS)

@@ -3,7 +3,7 @@
 :func:`slice_hidden_module` unties shared parameters (a GPT-2 LM head tied
 to its token embedding is a writer and a reader of the stream, which rotate
 differently), finds the stream on the traced channel graph
-(:func:`graphprune.coupling.stream.find_stream`: ``nn.Linear``,
+(:func:`graphprune.coupling.stream.find_stream`: ``nn.Linear``, Hugging Face's ``Conv1D``,
 ``nn.Embedding``, convolutions, added parameters, ``nn.LayerNorm``),
 measures its second moments at every norm's input with forward hooks, takes
 the PCA basis (:mod:`graphprune.recovery.rotation`), writes the rotated and
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from graphprune.coupling.stream import Stream, find_stream
-from graphprune.errors import ValidationError
+from graphprune.errors import BadInputError, ValidationError
 from graphprune.execution.exactness import compare_outputs
 from graphprune.frontends.data import Calibration
 from graphprune.recovery.rotation import (
@@ -124,10 +124,16 @@ def _set_parameter(module: nn.Module, state_name: str, value: np.ndarray) -> Non
 
 
 def _sync_sizes(module: nn.Module) -> None:
-    """Size attributes of the usual layers follow their (rotated, sliced) weights."""
+    """Size attributes of the usual layers follow their (rotated, sliced) weights (Hugging Face's ``Conv1D``: its
+    ``nx`` / ``nf`` hold an ``[in, out]`` weight's sizes)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
+        elif isinstance(getattr(m, "nf", None), int) and isinstance(getattr(m, "weight", None), torch.Tensor) \
+                and m.weight.ndim == 2:
+            m.nf = m.weight.shape[1]
+            if isinstance(getattr(m, "nx", None), int):
+                m.nx = m.weight.shape[0]
         elif isinstance(m, nn.Embedding):
             m.embedding_dim = m.weight.shape[1]
         elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
@@ -225,7 +231,14 @@ def slice_hidden_module(model: ModulePrunable, data: Calibration, eval_data: Cal
     if copied:
         say(f"untied {len(copied)} shared parameter(s) ({', '.join(copied[:3])}): a tied writer and reader rotate differently")
         model = module_model(untied, model.example_inputs)
-    stream = find_stream(model.graph)  # a model with no norm is bad input
+    rms = sorted({type(m).__name__ for m in model.module.modules() if type(m).__name__.endswith("RMSNorm")})
+    try:
+        stream = find_stream(model.graph)  # a model with no norm is bad input
+    except BadInputError:
+        if not rms:
+            raise
+        return original, HiddenReport(0, frozen=f"{', '.join(rms)} modules are traced as arithmetic on the torch path "
+                                                "(not fused into one norm yet): prune the ONNX export, whose norms are fused")
     if stream.frozen:
         return original, HiddenReport(stream.width, frozen=stream.frozen)
     try:

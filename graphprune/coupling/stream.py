@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from graphprune.errors import BadInputError
+from graphprune.ir.dtypes import by_code
 from graphprune.ir.graph import ChannelGraph, OpNode
 from graphprune.ops.contrib import SKIP_NORMS
 
@@ -414,6 +415,16 @@ class _Walk:
 
     _op_Dropout = _op_Identity
 
+    def _op_Cast(self, node: OpNode) -> None:
+        """A cast between floating types passes the stream (torch's ``.to(dtype)``); any other freezes it."""
+        try:
+            floating = by_code(int(node.attrs.get("to", 0))).floating
+        except KeyError:
+            floating = False
+        if not floating:
+            raise _Frozen(f"Cast '{node.name}' casts the stream to a non-floating type")
+        self._op_Identity(node)
+
     def _op_ReduceMean(self, node: OpNode) -> None:
         rank = self.rank(node.inputs[0])
         axes = node.attrs.get("axes")
@@ -514,6 +525,8 @@ class _Walk:
                 if src[:d] == dst[:j] and src[d] == dst[j]:
                     mapping[d] = j
                     break
+        if src and dst and isinstance(src[-1], int) and src[-1] == dst[-1]:
+            mapping[len(src) - 1] = len(dst) - 1  # an equal last axis is kept element for element (x.view(-1, d))
         self.through(node, mapping)
         seen = self.on(node.outputs[0])
         target = self.g.const(node.inputs[1]) if node.op_type == "Reshape" else None
