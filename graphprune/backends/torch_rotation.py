@@ -129,11 +129,11 @@ def _sync_sizes(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
-        elif isinstance(getattr(m, "nf", None), int) and isinstance(getattr(m, "weight", None), torch.Tensor) \
-                and m.weight.ndim == 2:
-            m.nf = m.weight.shape[1]
+        elif isinstance(getattr(m, "nf", None), int) and isinstance(w := getattr(m, "weight", None), torch.Tensor) \
+                and w.ndim == 2:
+            m.nf = int(w.shape[1])
             if isinstance(getattr(m, "nx", None), int):
-                m.nx = m.weight.shape[0]
+                m.nx = int(w.shape[0])
         elif isinstance(m, nn.Embedding):
             m.embedding_dim = m.weight.shape[1]
         elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
