@@ -131,9 +131,9 @@ def _sync_sizes(module: nn.Module) -> None:
             m.out_features, m.in_features = m.weight.shape
         elif isinstance(getattr(m, "nf", None), int) and isinstance(w := getattr(m, "weight", None), torch.Tensor) \
                 and w.ndim == 2:
-            m.nf = int(w.shape[1])
+            setattr(m, "nf", int(w.shape[1]))  # noqa: B010  (nn.Module types its attributes as tensors)
             if isinstance(getattr(m, "nx", None), int):
-                m.nx = int(w.shape[0])
+                setattr(m, "nx", int(w.shape[0]))  # noqa: B010
         elif isinstance(m, nn.Embedding):
             m.embedding_dim = m.weight.shape[1]
         elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
