@@ -28,7 +28,7 @@ from rich.table import Table
 
 from graphprune import models
 from graphprune.analysis.cost import model_cost
-from graphprune.backends.onnx_rotation import rotate_onnx, slice_hidden, unshared, with_sums
+from graphprune.backends.onnx_rotation import rotatable, rotate_onnx, slice_hidden
 from graphprune.coupling.stream import find_stream
 from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.onnx_finetune import finetune_onnx
@@ -70,7 +70,7 @@ def main() -> None:
     train, test = fashion_mnist("train"), fashion_mnist("test")
     base = ort_accuracy(model_bytes(om.model), test)
     console.print(f"ViT trained {args.epochs:g} epochs ({time.time() - t0:.0f} s): test accuracy {base:.4f}")
-    prepped = with_sums(unshared(om))  # what slice_hidden walks (each constant use its own, fused norms' sums out)
+    prepped = rotatable(om)[0]  # what slice_hidden walks (each constant use its own, fused norms' sums out, norms fused)
     stream = find_stream(prepped.graph)
     rows = []
     settings = [{"keep": f} for f in (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)] + [{"energy": e} for e in (0.999, 0.99, 0.95)]

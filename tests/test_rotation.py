@@ -473,6 +473,25 @@ def test_fused_norm_without_its_sum_output_gets_one(tmp_path: Path) -> None:
     assert with_sums(summed) is summed
 
 
+def test_the_walks_copy_is_prepared_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An optimized model whose last fused norm lacks its sum output, with a constant shared by two norms: one copy
+    takes both changes and shape inference runs once (it ran once per change)."""
+    import graphprune.backends.onnx_rotation as rotation
+
+    _, fused, _ = _ort_pair(tmp_path, "vit")
+    om = load_onnx(fused)
+    first, second = [n for n in om.model.graph if n.op_type == "SkipLayerNormalization"][:2]
+    second.replace_input_with(2, first.inputs[2])  # both read one gamma
+    om = rotation.prepare(om.model, om.path)
+    assert unshared(om) is not om and with_sums(om) is not om
+    calls: list[int] = []
+    real = rotation.prepare
+    monkeypatch.setattr(rotation, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prepped, fused_count = rotation.rotatable(om)
+    assert len(calls) == 1 and fused_count == 0 and find_stream(prepped.graph).frozen == ""
+    assert rotation.rotatable(prepped)[0] is prepped
+
+
 def test_ort_optimized_llama_style_model_rotates_its_rms_stream(tmp_path: Path) -> None:
     """SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization (RMS: writers are not centred) are stream points."""
     _, fused, data = _ort_pair(tmp_path, "llama")

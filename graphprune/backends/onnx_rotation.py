@@ -40,7 +40,7 @@ from graphprune.recovery.rotation import (
     rotated_constants,
 )
 
-__all__ = ["fused_norms", "rotate_onnx", "slice_hidden", "stream_moments", "unshared", "with_sums"]
+__all__ = ["rotatable", "rotate_onnx", "slice_hidden", "stream_moments", "unshared", "with_sums"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,11 @@ def with_sums(om: OnnxModel) -> OnnxModel:
     """``om`` with every fused ``Skip(Simplified)LayerNormalization`` giving its sum as output 3 (the stream point the
     hidden pass measures and rotates), or ``om`` when all do."""
     model = clone_model(om.model)
+    return prepare(model, om.path) if _add_sums(model) else om
+
+
+def _add_sums(model: ir.Model) -> bool:
+    """:func:`with_sums` in place; whether anything changed."""
     changed = False
     for node in model.graph:
         if node.domain != "com.microsoft" or node.op_type not in SKIP_NORMS:
@@ -149,16 +154,18 @@ def with_sums(om: OnnxModel) -> OnnxModel:
             value.name = ""
         node.outputs[3].name = f"{node.name}_sum"
         changed = True
-    return prepare(model, om.path) if changed else om
+    return changed
 
 
-def fused_norms(om: OnnxModel) -> tuple[OnnxModel, int]:
-    """``om`` with every norm written as arithmetic fused into one op, and how many; ``om`` itself when there are none.
-
-    The walk puts every norm on one stream or freezes it, so when the pass goes on it replaces every fused op."""
+def rotatable(om: OnnxModel) -> tuple[OnnxModel, int]:
+    """What the walk reads: ``om`` with each use of a shared constant its own (:func:`unshared`), every fused norm's
+    sum output (:func:`with_sums`) and every norm written as arithmetic fused into one op (the walk puts every norm
+    on one stream or freezes it, so when the pass goes on it replaces every fused op); one copy, shapes inferred once.
+    ``om`` itself when nothing changes; and how many norms were fused."""
     model = clone_model(om.model)
+    copied, summed = _unshare(model), _add_sums(model)
     count = len(fuse_decomposed_norms(model))
-    return (prepare(model, om.path), count) if count else (om, 0)
+    return (prepare(model, om.path), count) if copied or summed or count else (om, 0)
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: list[ir.Node]) -> None:
@@ -215,6 +222,11 @@ def unshared(om: OnnxModel) -> OnnxModel:
     """``om`` with every initializer read by several ops copied once per op (exporters share equal constants, such as
     the zero biases of several layers or a Reshape target; the rotation rewrites each use on its own), or ``om`` when none is."""
     model = clone_model(om.model)
+    return prepare(model, om.path) if _unshare(model) else om
+
+
+def _unshare(model: ir.Model) -> bool:
+    """:func:`unshared` in place; whether anything changed."""
     graph = model.graph
     changed = False
     for name, value in list(graph.initializers.items()):
@@ -225,7 +237,7 @@ def unshared(om: OnnxModel) -> OnnxModel:
         for node, i in users[1:]:
             node.replace_input_with(i, new_const(graph, name, arr.copy()))
         changed = True
-    return prepare(model, om.path) if changed else om
+    return changed
 
 
 def _outputs(om: OnnxModel, data: Calibration, batch_size: int) -> list[np.ndarray]:
@@ -249,7 +261,7 @@ def slice_hidden(om: OnnxModel, data: Calibration, eval_data: Calibration | None
     """
     say = status or (lambda _: None)
     original = om
-    om, fused = fused_norms(with_sums(unshared(om)))
+    om, fused = rotatable(om)
     stream = find_stream(om.graph)  # a model with no norm is bad input
     if stream.frozen:
         return original, HiddenReport(stream.width, frozen=stream.frozen)
