@@ -134,7 +134,7 @@ def _sequences(n: int = 32) -> Calibration:
 def test_functional_norm_freezes_with_the_reason() -> None:
     model = module_model(_FunctionalNorm().eval(), [torch.randn(2, 5, 8)])
     same, report = slice_hidden_module(model, _sequences(), None, OPTIONS)
-    assert same is model and "not an nn.LayerNorm module's call" in report.frozen
+    assert same is model and "not an nn.LayerNorm or RMSNorm module's call" in report.frozen
 
 
 def test_forward_that_hard_codes_the_width_is_refused() -> None:
@@ -227,9 +227,80 @@ def test_hugging_face_style_conv1d_lm_rotates() -> None:
     assert np.abs(_outputs(sliced.module, data) - _outputs(module, data)).max() == pytest.approx(report.max_abs_error, rel=1e-5)
 
 
-def test_rms_norm_modules_freeze_with_the_reason_on_the_torch_path() -> None:
-    model = module_model(models.build("llama").eval(), [torch.zeros(2, 8, dtype=torch.long)])
-    same, report = slice_hidden_module(model, _tokens(16), None, OPTIONS)
-    assert same is model and "traced as arithmetic on the torch path" in report.frozen
-    with pytest.raises(BadInputError, match="no LayerNormalization"):  # a CNN has no stream at all
+def test_llama_style_rms_norm_modules_rotate() -> None:
+    """RMSNorm modules trace as arithmetic; the frontend fuses each into one RMSNormalization op (checked against
+    the module's own output), so the Llama-style model's RMS stream rotates: writers are not centred."""
+    torch.manual_seed(0)
+    module = models.build("llama").eval()
+    with torch.no_grad():
+        for m in module.modules():
+            if type(m).__name__ == "RMSNorm":
+                m.weight.uniform_(0.5, 1.5)
+    model = module_model(module, [torch.zeros(2, 8, dtype=torch.long)])
+    assert sum(n.op_type == "RMSNormalization" for n in model.graph.nodes) == 5
+    data = _tokens()
+    full = slice_hidden_module(model, data, None, HiddenOptions(keep=1.0, samples=64, eval_samples=64))[1]
+    assert full.frozen == "" and full.max_abs_error is not None and full.max_abs_error < 1e-4
+    sliced, report = slice_hidden_module(model, data, None, OPTIONS)
+    assert report.kept == 24 and 0.0 < report.relative_error < 1.0  # type: ignore[operator]
+    assert all(isinstance(layer.input_norm, UnitRMSNorm) for layer in sliced.module.layers)
+    assert np.abs(_outputs(sliced.module, data) - _outputs(module, data)).max() == pytest.approx(report.max_abs_error, rel=1e-5)
+
+
+def test_a_model_with_no_norm_is_bad_input() -> None:
+    with pytest.raises(BadInputError, match="no LayerNormalization"):
         slice_hidden_module(module_model(models.build("resnet20").eval(), [torch.randn(2, 1, 28, 28)]), _images(8), None, OPTIONS)
+
+
+class OddRMSNorm(nn.Module):
+    """Named like an RMSNorm, computing something else: its ops stay as traced."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + self.eps)  # a sum, not a mean
+
+
+def test_only_modules_that_compute_rms_norm_are_fused() -> None:
+    net = nn.Sequential(nn.Linear(8, 16), OddRMSNorm(16), nn.Linear(16, 4)).eval()
+    model = module_model(net, [torch.randn(2, 5, 8)])
+    assert not any(n.op_type == "RMSNormalization" for n in model.graph.nodes)
+    assert any(n.op_type == "Pow" for n in model.graph.nodes)
+
+
+class CastingRMSNorm(nn.Module):
+    """Hugging Face's LlamaRMSNorm: the statistics in float32 (``.to`` on a float32 input returns the input itself)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.rand(dim) + 0.5), 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class _CastingBlock(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
+        self.n1, self.n2 = CastingRMSNorm(dim), CastingRMSNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        residual = h
+        h = residual + self.fc(self.n1(h))
+        return self.head(self.n2(h)).mean(1)
+
+
+def test_hugging_face_style_casting_rms_norm_is_fused_and_rotates() -> None:
+    """The trace may read the same-type cast where the caller reads the input: the cast stays outside the fused op."""
+    torch.manual_seed(0)
+    model = module_model(_CastingBlock().eval(), [torch.randn(2, 5, 8)])
+    assert sum(n.op_type == "RMSNormalization" for n in model.graph.nodes) == 2
+    full = slice_hidden_module(model, _sequences(), None, HiddenOptions(keep=1.0, samples=32, eval_samples=32))[1]
+    assert full.frozen == "" and full.max_abs_error is not None and full.max_abs_error < 1e-4

@@ -4,7 +4,7 @@
 to its token embedding is a writer and a reader of the stream, which rotate
 differently), finds the stream on the traced channel graph
 (:func:`graphprune.coupling.stream.find_stream`: ``nn.Linear``, Hugging Face's ``Conv1D``,
-``nn.Embedding``, convolutions, added parameters, ``nn.LayerNorm``),
+``nn.Embedding``, convolutions, added parameters, ``nn.LayerNorm`` and RMSNorm modules),
 measures its second moments at every norm's input with forward hooks, takes
 the PCA basis (:mod:`graphprune.recovery.rotation`), writes the rotated and
 sliced parameters into a copy of the module, replaces every norm module by
@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from graphprune.coupling.stream import Stream, find_stream
-from graphprune.errors import BadInputError, ValidationError
+from graphprune.errors import ValidationError
 from graphprune.execution.exactness import compare_outputs
 from graphprune.frontends.data import Calibration
+from graphprune.frontends.torch.norms import RMS_TARGET
 from graphprune.recovery.rotation import (
     HiddenOptions,
     HiddenReport,
@@ -93,7 +94,8 @@ def _owner(state_name: str) -> tuple[str, str]:
 
 
 def _norm_modules(model: ModulePrunable, stream: Stream) -> dict[str, str]:
-    """Norm op -> qualified name of the ``nn.LayerNorm`` module that runs it.
+    """Norm op -> qualified name of the ``nn.LayerNorm`` (or fused RMSNorm, :mod:`graphprune.frontends.torch.norms`)
+    module that runs it.
 
     Raises:
         _Unsupported: For a norm that is not such a module's call (a functional ``layer_norm``).
@@ -104,8 +106,10 @@ def _norm_modules(model: ModulePrunable, stream: Stream) -> dict[str, str]:
         origin = nodes[norm.node].origin
         name = origin.module if origin is not None else None
         m = model.module.get_submodule(name) if name else None
-        if name is None or not isinstance(m, nn.LayerNorm):
-            raise _Unsupported(f"the norm '{norm.node}' is not an nn.LayerNorm module's call (it cannot be replaced)")
+        fused = origin is not None and origin.target == RMS_TARGET
+        if name is None or not (isinstance(m, nn.LayerNorm) or fused):
+            raise _Unsupported(f"the norm '{norm.node}' is not an nn.LayerNorm or RMSNorm module's call "
+                               "(it cannot be replaced)")
         if name in out.values():
             raise _Unsupported(f"the LayerNorm module '{name}' runs on more than one stream point")
         out[norm.node] = name
@@ -231,14 +235,7 @@ def slice_hidden_module(model: ModulePrunable, data: Calibration, eval_data: Cal
     if copied:
         say(f"untied {len(copied)} shared parameter(s) ({', '.join(copied[:3])}): a tied writer and reader rotate differently")
         model = module_model(untied, model.example_inputs)
-    rms = sorted({type(m).__name__ for m in model.module.modules() if type(m).__name__.endswith("RMSNorm")})
-    try:
-        stream = find_stream(model.graph)  # a model with no norm is bad input
-    except BadInputError:
-        if not rms:
-            raise
-        return original, HiddenReport(0, frozen=f"{', '.join(rms)} modules are traced as arithmetic on the torch path "
-                                                "(not fused into one norm yet): prune the ONNX export, whose norms are fused")
+    stream = find_stream(model.graph)  # a model with no norm is bad input
     if stream.frozen:
         return original, HiddenReport(stream.width, frozen=stream.frozen)
     try:

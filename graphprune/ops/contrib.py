@@ -70,9 +70,9 @@ def skip_layer_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
     return _skip_norm(node, graph, f"{node.op_type} normalises over this axis (pruning would change its statistics)")
 
 
-@register("SimplifiedLayerNormalization")
+@register("SimplifiedLayerNormalization", "RMSNormalization")
 def simplified_layer_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
-    """RMSNorm (onnxruntime registers it in the default domain): the normalised axes freeze."""
+    """RMSNorm (onnxruntime registers it in the default domain; ONNX's own from opset 23): the normalised axes freeze."""
     x, y = node.inputs[0], node.outputs[0]
     missing = needs_shapes(node, graph, [*node.inputs, y])
     if missing is not None:
@@ -84,7 +84,7 @@ def simplified_layer_norm(node: OpNode, graph: ChannelGraph) -> Semantics:
         if p:
             pr = _rank(graph, p)
             links += [Link(Axis(p, i), Axis(y, r - pr + i)) for i in range(pr)]
-    reason = "SimplifiedLayerNormalization (RMSNorm) normalises over this axis (pruning would change its statistics)"
+    reason = f"{node.op_type} (RMSNorm) normalises over this axis (pruning would change its statistics)"
     return Semantics(links=tuple(links), freezes=freeze_axes((Axis(x, i) for i in range(first, r)), reason))
 
 
@@ -304,7 +304,7 @@ def _rms(x: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Te
     return x * inv, inv
 
 
-@register_run("SimplifiedLayerNormalization")
+@register_run("SimplifiedLayerNormalization", "RMSNormalization")
 def _simplified_ln(node: OpNode, args: Args) -> tuple[Any, ...]:
     x = args[0]
     y, inv = _rms(x, int(node.attrs.get("axis", -1)) % x.dim(), float(node.attrs.get("epsilon", 1e-5)))

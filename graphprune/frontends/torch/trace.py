@@ -31,6 +31,7 @@ from graphprune.execution.interpreter import TORCH_CALL
 from graphprune.frontends.torch import converters  # noqa: F401  (fills CONVERTERS)
 from graphprune.frontends.torch.attention import HeadPrunableAttention, swapped_attention
 from graphprune.frontends.torch.builder import CONVERTERS, Builder, NotConverted, call_tensors, dims, dtype_name
+from graphprune.frontends.torch.norms import fuse_rms_modules
 from graphprune.ir.graph import ChannelGraph, OpNode, live_nodes
 
 __all__ = ["TorchModel", "fx_channel_graph", "load_exported_program", "load_module", "to_channel_graph"]
@@ -198,9 +199,9 @@ def load_module(module: nn.Module, example_inputs: Sequence[torch.Tensor], dynam
         log.warning("torch.export cannot trace %s (%s); traced with torch.fx instead (static shapes)",
                     type(module).__name__, error)
         graph, names = fx_channel_graph(fx_graph, targets, state, module)
-        return TorchModel(module, None, graph, names)
+        return TorchModel(module, None, fuse_rms_modules(graph, module, names), names)
     graph, names = to_channel_graph(program, module)
-    return TorchModel(module, program, graph, names)
+    return TorchModel(module, program, fuse_rms_modules(graph, module, names), names)
 
 
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], dynamic_batch: bool) -> tuple[Any, str]:
