@@ -24,7 +24,9 @@ export by graphprune's cost model), measured before fine-tuning and after the sa
 - graphprune: effective-filter analysis, hierarchical plan with a params target, compensation, rewrite, repair (heads
   and feed-forward through the normal ONNX path); and the same with the hidden size rotated and sliced to
   ``--hidden`` of its width (the ``hidden`` pass), the channel target bisected so the total is the same. Fine-tuned
-  with ``FineTunePass`` (through the interpreter).
+  with ``FineTunePass`` (through the interpreter). With ``--ort-input`` (on by default) both rows again with the
+  onnxruntime-optimized export as graphprune's input (fused ``SkipLayerNormalization``, ``BiasGelu``...: the file a
+  deployment engineer ships), "(on the ORT-optimized file)".
 - Torch-Pruning 1.6 ``MetaPruner`` on the torch model, L2 magnitude, whole heads (``num_heads``,
   ``prune_num_heads``, ``head_pruning_ratio`` = ``pruning_ratio``) with feed-forward and hidden size at
   ``pruning_ratio``, the ratio bisected; fine-tuned in torch with the same epochs and lr.
@@ -483,6 +485,10 @@ def run_task(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     store: dict[str, bytes] = {}
     for name, make in graphprune_variants(ws, base_params, args).items():
         doc["rows"].append(measured(name, make, task, base_params, args, ft_onnx))
+    if args.ort_input:  # the file a deployment engineer ships: pruned as optimized, fused ops and all
+        ws_ort = analyzed(task, tmp / "base-ort.onnx", args.samples)
+        for name, make in graphprune_variants(ws_ort, base_params, args).items():
+            doc["rows"].append(measured(f"{name} (on the ORT-optimized file)", make, task, base_params, args, ft_onnx))
     doc["rows"].append(tp_row(task, args, tmp, base_params, store))
     for name, make in onnxsim_variants(task, path, tmp / "base-ort.onnx", base_params, args).items():
         doc["rows"].append(measured(name, make, task, base_params, args, ft_onnx, store))
@@ -612,6 +618,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--equal-latency", action=argparse.BooleanOptionalAction, default=True,
                     help="also compare at each peer's measured latency (graphprune's params target bisected to it)")
+    ap.add_argument("--ort-input", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run graphprune's rows on the onnxruntime-optimized export (fused ops) as input")
     ap.add_argument("--json", type=Path, default=HERE / "transformers.json")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: checks the script end to end in a few minutes")
     args = ap.parse_args(argv)

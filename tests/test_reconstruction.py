@@ -331,3 +331,25 @@ def test_shared_original_activations_give_the_same_refit(tmp_path):
         assert got.values.keys() == want.values.keys()
         for name, value in want.values.items():
             np.testing.assert_allclose(got.values[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_consumers_of_a_norm_are_not_refitted_downstream(tmp_path):
+    """After onnxruntime's optimizer the residual stream enters SkipLayerNormalization as input 0, so the changes of
+    pruned layers reach the linear layers that read the norms; refitting those diverged (a rank-deficient input:
+    LayerNorm's output is mean-free), so only the pruned layers' consumers are refitted, as on the plain export."""
+    from test_transformers import _export, _ort_optimize
+
+    from graphprune.planning.uniform import uniform_plan
+    from graphprune.recovery.reconstruct import _refits
+
+    path = _export("gpt2", tmp_path / "gpt2.onnx")
+    refitted = []
+    for src in (path, _ort_optimize(path, tmp_path / "gpt2.ort.onnx", "gpt2")):
+        om = load_onnx(src)
+        coupling = build_groups(om.graph)
+        producers, nodes = om.graph.producers(), {n.name: n for n in om.graph.nodes}
+        refits, _ = _refits(om.graph, coupling, uniform_plan(om.graph, coupling, 0.5))
+        readers = [producers[nodes[r.target.edge.node].inputs[0]].op_type for r in refits]
+        assert refits and not {"LayerNormalization", "SkipLayerNormalization"} & set(readers)
+        refitted.append(sorted(r.target.edge.node for r in refits))
+    assert refitted[0] == refitted[1]

@@ -54,6 +54,7 @@ import torch
 
 from graphprune.analysis.gates import GateEdge, gate_taps, keep_gates, plan_gates
 from graphprune.coupling.groups import Coupling
+from graphprune.coupling.stream import NORM_OPS
 from graphprune.errors import BadInputError
 from graphprune.execution.interpreter import GraphInterpreter
 from graphprune.frontends.data import Calibration
@@ -120,12 +121,15 @@ def _refits(graph: ChannelGraph, coupling: Coupling, plan: Plan) -> tuple[list[_
     kept = kept_elements(plan, coupling, graph)
     changed: set[str] = set()
     out: list[_Refit] = []
+    producers = graph.producers()
     for node in graph.nodes:
         data = node.inputs[0] if node.inputs else ""
         mine = exits.get(node.name, [])
         touched = bool(mine) or data in changed
         refit = None
-        if touched and node.op_type in _LINEAR and data:
+        if touched and not mine and _reads_a_norm(producers.get(data)):
+            pass  # a norm's output is rank-deficient (LayerNorm's is mean-free): a refit there is ill-posed
+        elif touched and node.op_type in _LINEAR and data:
             axis = _channel_axis(node.op_type, graph.tensors[data].rank or 0)
             size = graph.tensors[data].size(axis)
             if isinstance(size, int):
@@ -147,6 +151,15 @@ def _refits(graph: ChannelGraph, coupling: Coupling, plan: Plan) -> tuple[list[_
         if touched:
             changed.update(o for o in node.outputs if o)
     return out, sorted(set(skipped), key=skipped.index)
+
+
+def _reads_a_norm(producer: OpNode | None) -> bool:
+    """Whether a consumer's input comes from a norm over its channels (LayerNorm, RMSNorm, their fused forms).
+
+    Such an input spans fewer directions than its width (a LayerNorm's output is mean-free per token) and the
+    downstream refit of its consumer, unconstrained along the missing direction, diverged on a GPT-2-style LM
+    after onnxruntime's optimizer (perplexity 37 -> 1e41); its consumers are left as they are."""
+    return producer is not None and (producer.domain, producer.op_type) in NORM_OPS
 
 
 def _fits(r: _Refit, weight_shape: tuple[int, ...]) -> list[_Fit]:
