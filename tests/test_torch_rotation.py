@@ -101,11 +101,10 @@ def test_post_ln_module_freezes_with_the_reason() -> None:
 class _FunctionalNorm(nn.Module):
     """A pre-LN block whose norm is ``F.layer_norm`` in the forward: there is no norm module to replace."""
 
-    def __init__(self, dim: int = 16, width: int | None = None) -> None:
+    def __init__(self, dim: int = 16) -> None:
         super().__init__()
         self.embed, self.fc, self.head = nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
         self.scale = nn.Parameter(torch.ones(dim))
-        self.width = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
@@ -113,17 +112,21 @@ class _FunctionalNorm(nn.Module):
         return self.head(nn.functional.layer_norm(h, h.shape[-1:], self.scale)).mean(1)
 
 
-class _HardCodedWidth(nn.Module):
-    """A pre-LN block whose forward reshapes the stream to a literal width."""
+class _NormedResidual(nn.Module):
+    """``h + fc(norm(h))``: one Linear reads the normalised stream and writes the stream; with ``literal`` the
+    forward then reshapes the stream to its width written as a number."""
 
-    def __init__(self, dim: int = 16) -> None:
+    def __init__(self, dim: int = 16, literal: bool = False) -> None:
         super().__init__()
         self.embed, self.fc, self.head = nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
         self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.literal = literal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
-        h = (h + self.fc(self.n1(h))).reshape(x.shape[0], -1, 16)
+        h = h + self.fc(self.n1(h))
+        if self.literal:
+            h = h.reshape(x.shape[0], -1, 16)
         return self.head(self.n2(h)).mean(1)
 
 
@@ -138,7 +141,7 @@ def test_functional_norm_freezes_with_the_reason() -> None:
 
 
 def test_forward_that_hard_codes_the_width_is_refused() -> None:
-    model = module_model(_HardCodedWidth().eval(), [torch.randn(2, 5, 8)])
+    model = module_model(_NormedResidual(literal=True).eval(), [torch.randn(2, 5, 8)])
     with pytest.raises(ValidationError, match=r"fails to run .*hard-code the hidden size"):
         slice_hidden_module(model, _sequences(), None, OPTIONS)
 
@@ -161,20 +164,6 @@ def test_hidden_pass_runs_on_a_module_and_refuses_a_program() -> None:
     pws = Workspace(original=program, model=program, data=_images(8))
     with pytest.raises(BadInputError, match=r"rotates ONNX models and nn\.Modules"):
         HiddenPass(HiddenOptions(keep=0.5))(pws)
-
-
-class _NormedResidual(nn.Module):
-    """``h + fc(norm(h))``: one Linear reads the normalised stream and writes the stream."""
-
-    def __init__(self, dim: int = 16) -> None:
-        super().__init__()
-        self.embed, self.fc, self.head = nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
-        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        h = h + self.fc(self.n1(h))
-        return self.head(self.n2(h)).mean(1)
 
 
 def test_a_reader_that_writes_the_stream_rotates_on_both_sides(tmp_path: Path) -> None:

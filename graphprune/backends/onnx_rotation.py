@@ -23,22 +23,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from graphprune.coupling.stream import Norm, Stream, find_stream
-from graphprune.execution.exactness import compare_outputs
 from graphprune.frontends.canonical import fuse_decomposed_norms
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import OnnxModel, prepare
 from graphprune.ir.onnx import clone_model, inline_proto, model_session, new_const, node_map
 from graphprune.ops.contrib import SKIP_NORMS
-from graphprune.recovery.rotation import (
-    HiddenOptions,
-    HiddenReport,
-    add_moment,
-    global_moment,
-    kept_width,
-    measured_report,
-    pca,
-    rotated_constants,
-)
+from graphprune.recovery.rotation import HiddenOptions, HiddenReport, add_moment, rotated_constants, slice_measured
 
 __all__ = ["rotatable", "rotate_onnx", "slice_hidden", "stream_moments", "unshared", "with_sums"]
 
@@ -240,12 +230,12 @@ def _unshare(model: ir.Model) -> bool:
     return changed
 
 
-def _outputs(om: OnnxModel, data: Calibration, batch_size: int) -> list[np.ndarray]:
+def _outputs(om: OnnxModel, data: Calibration, batch_size: int) -> np.ndarray:
     """The first output of ``om`` on every sample of ``data``."""
     with model_session(om.model) as session:
         feeds = [i.name for i in session.get_inputs()]
         parts = [session.run(None, dict(zip(feeds, inputs)))[0] for _, inputs, _ in data.batches(batch_size)]
-    return [np.concatenate(parts)]
+    return np.concatenate(parts)
 
 
 def slice_hidden(om: OnnxModel, data: Calibration, eval_data: Calibration | None, options: HiddenOptions,
@@ -270,16 +260,5 @@ def slice_hidden(om: OnnxModel, data: Calibration, eval_data: Calibration | None
     say(f"measuring the hidden stream ({len(stream.norms)} norms, width {stream.width})")
     calib = data.subset(options.samples, options.seed)
     moments = stream_moments(om, [n.input for n in stream.norms], calib, options.batch_size, stream.centred)
-    vals, vecs = pca(global_moment(stream, moments))
-    kept = kept_width(stream.width, vals, options)
-    held = eval_data if eval_data is not None else data
-    check = held.subset(options.eval_samples, options.seed + 1)
-    before = _outputs(original, check, options.batch_size)
-    say("checking the full-width rotation reproduces the model")
-    full = rotate_onnx(om, stream, vecs)
-    full_error = compare_outputs(before, _outputs(full, check, options.batch_size), what="the full-width rotated model",
-                                 hint="the rotation is not an identity here; the hidden pass cannot run on this model")
-    say(f"slicing the hidden size {stream.width} -> {kept}")
-    sliced = rotate_onnx(om, stream, vecs[:, :kept]) if kept < stream.width else full
-    after = _outputs(sliced, check, options.batch_size)
-    return sliced, measured_report(stream, vals, vecs, kept, moments, options, before[0], after[0], check, full_error)
+    return slice_measured(stream, moments, original, data, eval_data, options, lambda basis: rotate_onnx(om, stream, basis),
+                          lambda m, d: _outputs(m, d, options.batch_size), "model", say)

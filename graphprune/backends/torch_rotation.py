@@ -31,19 +31,9 @@ from torch import nn
 
 from graphprune.coupling.stream import Stream, find_stream
 from graphprune.errors import ValidationError
-from graphprune.execution.exactness import compare_outputs
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.torch.norms import RMS_TARGET
-from graphprune.recovery.rotation import (
-    HiddenOptions,
-    HiddenReport,
-    add_moment,
-    global_moment,
-    kept_width,
-    measured_report,
-    pca,
-    rotated_constants,
-)
+from graphprune.recovery.rotation import HiddenOptions, HiddenReport, add_moment, rotated_constants, slice_measured
 
 if TYPE_CHECKING:
     from graphprune.backends.torch_model import ModulePrunable
@@ -195,10 +185,7 @@ def _norm_inputs(module: nn.Module, names: Mapping[str, str], centre: bool, sums
             h.remove()
 
 
-_HINT = "does the forward hard-code the hidden size? The hidden pass cannot run on this module"
-
-
-def _first_outputs(module: nn.Module, data: Calibration, batch_size: int, what: str = "the module") -> np.ndarray:
+def _first_outputs(module: nn.Module, data: Calibration, batch_size: int) -> np.ndarray:
     """The first output of ``module`` on every sample of ``data``.
 
     Raises:
@@ -210,7 +197,8 @@ def _first_outputs(module: nn.Module, data: Calibration, batch_size: int, what: 
             try:
                 out: Any = module.eval()(*(torch.from_numpy(a) for a in inputs))
             except RuntimeError as exc:
-                raise ValidationError(f"{what} fails to run ({str(exc).strip().splitlines()[0]}); {_HINT}") from None
+                raise ValidationError(f"the module fails to run ({str(exc).strip().splitlines()[0]}); does the forward "
+                                      "hard-code the hidden size? The hidden pass cannot run on this module") from None
             parts.append((out[0] if isinstance(out, (tuple, list)) else out).detach().cpu().numpy())
     return np.concatenate(parts)
 
@@ -248,20 +236,10 @@ def slice_hidden_module(model: ModulePrunable, data: Calibration, eval_data: Cal
     calib = data.subset(options.samples, options.seed)
     with _norm_inputs(model.module, inputs, stream.centred, moments):
         _first_outputs(model.module, calib, options.batch_size)
-    vals, vecs = pca(global_moment(stream, moments))
-    kept = kept_width(stream.width, vals, options)
-    check = (eval_data if eval_data is not None else data).subset(options.eval_samples, options.seed + 1)
-    before = _first_outputs(original.module, check, options.batch_size)
-    say("checking the full-width rotation reproduces the model")
     try:
-        full = rotate_module(model, stream, vecs)
-        sliced = rotate_module(model, stream, vecs[:, :kept]) if kept < stream.width else full
+        sliced, report = slice_measured(stream, moments, original.module, data, eval_data, options,
+                                        lambda basis: rotate_module(model, stream, basis),
+                                        lambda m, d: _first_outputs(m, d, options.batch_size), "module", say)
     except _Unsupported as exc:
         return original, HiddenReport(stream.width, frozen=str(exc))
-    what = "the full-width rotated module"
-    full_error = compare_outputs([before], [_first_outputs(full, check, options.batch_size, what)], what=what,
-                                 hint=f"the rotation is not an identity here; {_HINT}")
-    say(f"slicing the hidden size {stream.width} -> {kept}")
-    after = _first_outputs(sliced, check, options.batch_size, "the sliced module")
-    report = measured_report(stream, vals, vecs, kept, moments, options, before, after, check, full_error)
     return module_model(sliced, model.example_inputs), report

@@ -127,9 +127,8 @@ def _refits(graph: ChannelGraph, coupling: Coupling, plan: Plan) -> tuple[list[_
         mine = exits.get(node.name, [])
         touched = bool(mine) or data in changed
         refit = None
-        if touched and not mine and _reads_a_norm(producers.get(data)):
-            pass  # a norm's output is rank-deficient (LayerNorm's is mean-free): a refit there is ill-posed
-        elif touched and node.op_type in _LINEAR and data:
+        # downstream of a norm the input is rank-deficient (LayerNorm's is mean-free): such a refit is ill-posed
+        if touched and node.op_type in _LINEAR and data and (mine or not _reads_a_norm(producers.get(data))):
             axis = _channel_axis(node.op_type, graph.tensors[data].rank or 0)
             size = graph.tensors[data].size(axis)
             if isinstance(size, int):

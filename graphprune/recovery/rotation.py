@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -38,8 +38,10 @@ from graphprune.errors import BadInputError, ValidationError
 if TYPE_CHECKING:
     from graphprune.frontends.data import Calibration
 
+M = TypeVar("M")
+
 __all__ = ["HiddenOptions", "HiddenReport", "PointReport", "add_moment", "energy_rank", "kept_width", "measured_report", "pca",
-           "rotate_side", "rotated_constants"]
+           "rotate_side", "rotated_constants", "slice_measured"]
 
 log = logging.getLogger(__name__)
 
@@ -267,3 +269,32 @@ def measured_report(stream: Stream, vals: np.ndarray, vecs: np.ndarray, kept: in
         max_abs_error=float(diff.max()), relative_error=float(diff.max()) / scale, agreement=agreement,
         accuracy_before=acc_before, accuracy_after=acc_after, measured_on=f"{len(check)} samples of {check.source}",
         full_rotation_error=full_error)
+
+
+def slice_measured(stream: Stream, moments: Mapping[str, np.ndarray], original: M, data: Calibration,
+                   eval_data: Calibration | None, options: HiddenOptions, rotate: Callable[[np.ndarray], M],
+                   outputs: Callable[[M, Calibration], np.ndarray], what: str,
+                   say: Callable[[str], None]) -> tuple[M, HiddenReport]:
+    """The steps every backend shares once the stream's moments are measured: the PCA basis and the kept width, the
+    full-width rotation checked against ``original`` on the eval data, the slice, and its report.
+
+    ``rotate(basis)``: the backend's model rotated into ``basis`` (D x k); ``outputs(model, data)``: its first output
+    on ``data``; ``what``: how messages name the model ("model", "module").
+
+    Raises:
+        ValidationError: The full-width rotation does not reproduce ``original``, or the slice's outputs are not finite.
+    """
+    from graphprune.execution.exactness import compare_outputs
+
+    vals, vecs = pca(global_moment(stream, moments))
+    kept = kept_width(stream.width, vals, options)
+    check = (eval_data if eval_data is not None else data).subset(options.eval_samples, options.seed + 1)
+    before = outputs(original, check)
+    say("checking the full-width rotation reproduces the model")
+    full = rotate(vecs)
+    sliced = rotate(vecs[:, :kept]) if kept < stream.width else full
+    full_error = compare_outputs([before], [outputs(full, check)], what=f"the full-width rotated {what}",
+                                 hint=f"the rotation is not an identity here; the hidden pass cannot run on this {what}")
+    say(f"slicing the hidden size {stream.width} -> {kept}")
+    return sliced, measured_report(stream, vals, vecs, kept, moments, options, before, outputs(sliced, check), check,
+                                   full_error)
