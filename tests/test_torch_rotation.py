@@ -146,11 +146,11 @@ def test_forward_that_hard_codes_the_width_is_refused() -> None:
         slice_hidden_module(model, _sequences(), None, OPTIONS)
 
 
-def test_hidden_pass_runs_on_a_module_and_refuses_a_program() -> None:
+def test_hidden_pass_runs_on_a_module_and_on_a_program() -> None:
+    """The pipeline's hidden step on a module and on its exported program: the same kept width and outputs."""
+    from graphprune.backends.torch_model import ProgramPrunable
     from graphprune.pipeline.config import parse_pipeline
-    from graphprune.pipeline.passes import HiddenPass
     from graphprune.pipeline.run import run_model
-    from graphprune.pipeline.workspace import Workspace
 
     torch.manual_seed(0)
     module = models.build("vit").eval()
@@ -160,10 +160,62 @@ def test_hidden_pass_runs_on_a_module_and_refuses_a_program() -> None:
     ws = run_model(pipeline, module_model(module, example), _images(32))
     assert ws.hidden is not None and ws.hidden.kept == 16
     assert isinstance(ws.model.module.norm, UnitRMSNorm)  # type: ignore[attr-defined]
-    program = program_model(torch.export.export(module, tuple(example)))
-    pws = Workspace(original=program, model=program, data=_images(8))
-    with pytest.raises(BadInputError, match=r"rotates ONNX models and nn\.Modules"):
-        HiddenPass(HiddenOptions(keep=0.5))(pws)
+    batch = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+    program = program_model(torch.export.export(module, tuple(example), dynamic_shapes=batch))
+    pws = run_model(pipeline, program, _images(32))
+    assert isinstance(pws.model, ProgramPrunable) and pws.hidden is not None and pws.hidden.kept == 16
+    assert pws.hidden.relative_error == pytest.approx(ws.hidden.relative_error, rel=1e-4)
+    data = _images(16)
+    with torch.no_grad():
+        got = pws.model.program.module()(torch.from_numpy(data.inputs[0])).numpy()
+    np.testing.assert_allclose(got, _outputs(ws.model.module, data), rtol=1e-4, atol=1e-5)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_program_rotation_matches_the_module_rotation(name: str) -> None:
+    """A GPT-2-style LM (its head tied to the token embedding: untied in the program) and a Llama-style one (its
+    RMSNorm modules fused from the program's arithmetic, with no module at hand) slice as their modules do."""
+    from graphprune.backends.program_rotation import slice_hidden_program
+
+    torch.manual_seed(0)
+    module = _randomise_norms(models.build(name)).eval()
+    data = _tokens()
+    example = torch.from_numpy(data.inputs[0][:2])
+    sliced, report = slice_hidden_module(module_model(module, [example]), data, None, OPTIONS)
+    batch = ({0: torch.export.Dim("batch", min=1, max=1024)},)
+    program = program_model(torch.export.export(module, (example,), dynamic_shapes=batch))
+    assert any(n.op_type == "RMSNormalization" for n in program.graph.nodes) == (name == "llama")
+    psliced, preport = slice_hidden_program(program, data, None, OPTIONS)
+    assert preport.frozen == "" and preport.kept == report.kept == 24
+    assert preport.full_rotation_error < 1e-4  # type: ignore[operator]
+    assert preport.relative_error == pytest.approx(report.relative_error, rel=1e-4)
+    with torch.no_grad():
+        got = psliced.program.module()(torch.from_numpy(data.inputs[0])).numpy()
+    np.testing.assert_allclose(got, _outputs(sliced.module, data), rtol=1e-3, atol=1e-4)
+
+
+def test_cli_hidden_on_a_saved_program(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``graphprune prune model.pt2 --hidden`` writes a sliced ``.pt2`` that loads back and runs at any batch."""
+    import json
+
+    from graphprune.cli import main
+
+    torch.manual_seed(0)
+    module = models.build("vit").eval()
+    batch = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+    src = tmp_path / "vit.pt2"
+    torch.export.save(torch.export.export(module, (torch.randn(2, 1, 28, 28),), dynamic_shapes=batch), str(src))
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, input=rng.standard_normal((64, 1, 28, 28)).astype(np.float32), labels=rng.integers(0, 10, 64))
+    out = tmp_path / "out.pt2"
+    assert main(["prune", str(src), "-o", str(out), "--hidden", "0.5", "--data", str(npz), "--latency-runs", "0"]) == 0
+    assert "hidden size 32 -> 16" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["figures"]["hidden"]["kept"] == 16 and report["after"]["params"] < report["before"]["params"]
+    again = torch.export.load(str(out)).module()
+    with torch.no_grad():
+        assert again(torch.randn(5, 1, 28, 28)).shape == (5, 10)
 
 
 def test_a_reader_that_writes_the_stream_rotates_on_both_sides(tmp_path: Path) -> None:
@@ -293,3 +345,50 @@ def test_hugging_face_style_casting_rms_norm_is_fused_and_rotates() -> None:
     assert sum(n.op_type == "RMSNormalization" for n in model.graph.nodes) == 2
     full = slice_hidden_module(model, _sequences(), None, HiddenOptions(keep=1.0, samples=32, eval_samples=32))[1]
     assert full.frozen == "" and full.max_abs_error is not None and full.max_abs_error < 1e-4
+
+
+class _ClassTokenViT(nn.Module):
+    """Hugging Face ViT's layout: a class token expanded over the batch and concatenated before the patches, the
+    head reading its row (``x[:, 0]``)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        from graphprune.models.transformer import Block
+
+        self.embed = nn.Conv2d(1, dim, 7, 7)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.1)
+        self.blocks = nn.Sequential(Block(dim, 2, 32), Block(dim, 2, 32))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), patches], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_class_token_concat_is_a_writer_on_both_paths(tmp_path: Path, dynamo: bool) -> None:
+    """The class token (through Expand and Concat along the tokens) is rotated with the other writers; the row the
+    head reads (``select`` / ``Gather``) passes the normalised stream. Module and ONNX export give the same model."""
+    from graphprune.coupling.stream import Side, find_stream
+
+    torch.manual_seed(0)
+    module = _randomise_norms(_ClassTokenViT()).eval()
+    example = torch.randn(2, 1, 28, 28)
+    model = module_model(module, [example])
+    stream = find_stream(model.graph)
+    assert stream.frozen == "" and Side("cls", 2) in stream.writers
+    data = _images(48)
+    full = HiddenOptions(keep=1.0, samples=48, eval_samples=48)
+    assert slice_hidden_module(model, data, None, full)[1].max_abs_error < 1e-4  # type: ignore[operator]
+    sliced, report = slice_hidden_module(model, data, None, OPTIONS)
+    assert report.kept == 12 and sliced.module.cls.shape == (1, 1, 12)  # type: ignore[union-attr]
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(module, (example,), str(path), input_names=["input"], dynamo=dynamo, opset_version=18 if dynamo else 17,
+                      dynamic_axes={"input": {0: "batch"}})
+    onnx_sliced, onnx_report = slice_hidden(load_onnx(path), data, None, OPTIONS)
+    assert onnx_report.frozen == "" and onnx_report.kept == 12
+    assert onnx_report.full_rotation_error < 1e-4  # type: ignore[operator]
+    np.testing.assert_allclose(_outputs(sliced.module, data), _run(onnx_sliced, data), rtol=1e-3, atol=1e-4)

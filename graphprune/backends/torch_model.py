@@ -25,7 +25,7 @@ from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, ValidationError
 from graphprune.execution.training import FitOptions, Progress
 from graphprune.frontends.data import Calibration
-from graphprune.frontends.torch.trace import TorchModel, load_exported_program, load_module, to_channel_graph
+from graphprune.frontends.torch.trace import TorchModel, load_exported_program, load_module, program_torch_model
 from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.model import Int8Form, PrunableModel
 from graphprune.ir.plan import Plan
@@ -322,8 +322,7 @@ def module_model(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> M
 
 
 def program_model(program: torch.export.ExportedProgram) -> ProgramPrunable:
-    graph, names = to_channel_graph(program)
-    return ProgramPrunable(TorchModel(None, program, graph, names))
+    return ProgramPrunable(program_torch_model(program))
 
 
 def load_program_model(path: Path) -> ProgramPrunable:

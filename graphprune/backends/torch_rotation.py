@@ -185,8 +185,9 @@ def _norm_inputs(module: nn.Module, names: Mapping[str, str], centre: bool, sums
             h.remove()
 
 
-def _first_outputs(module: nn.Module, data: Calibration, batch_size: int) -> np.ndarray:
-    """The first output of ``module`` on every sample of ``data``.
+def _first_outputs(module: nn.Module, data: Calibration, batch_size: int, set_eval: bool = True) -> np.ndarray:
+    """The first output of ``module`` on every sample of ``data`` (``set_eval``: call ``.eval()`` first; an unlifted
+    program refuses it and runs as exported).
 
     Raises:
         ValidationError: When the module fails to run (a rotated copy whose forward hard-codes the width).
@@ -195,7 +196,7 @@ def _first_outputs(module: nn.Module, data: Calibration, batch_size: int) -> np.
     with torch.no_grad():
         for _, inputs, _ in data.batches(batch_size):
             try:
-                out: Any = module.eval()(*(torch.from_numpy(a) for a in inputs))
+                out: Any = (module.eval() if set_eval else module)(*(torch.from_numpy(a) for a in inputs))
             except RuntimeError as exc:
                 raise ValidationError(f"the module fails to run ({str(exc).strip().splitlines()[0]}); does the forward "
                                       "hard-code the hidden size? The hidden pass cannot run on this module") from None

@@ -451,6 +451,42 @@ class _Walk:
             raise _Frozen(f"Slice '{node.name}' on the stream takes axes computed at run time")
         self.through(node, {d: d for d in range(rank)}, blocked={_pos(int(a), rank) for a in np.ravel(axes_value)})
 
+    def _op_Concat(self, node: OpNode) -> None:
+        """Tokens joined along another axis (a class token before the patches): every input lies on the stream, a
+        constant one is a writer."""
+        known = next(s for s in (self.on(n) for n in (*node.inputs, node.outputs[0])) if s is not None)
+        axis, kind = known
+        rank = self.rank(node.outputs[0])
+        if kind != "stream":
+            raise _Frozen(f"Concat '{node.name}' joins normalised stream tensors")
+        if _pos(int(node.attrs.get("axis", 0)), rank) == _pos(axis, rank):
+            raise _Frozen(f"Concat '{node.name}' joins along the stream's width")
+        for name in node.inputs:
+            if self.g.const(name) is not None:
+                self.writer(name, axis, node)
+            else:
+                self.mark(name, axis, "stream")
+        self.mark(node.outputs[0], axis, "stream")
+
+    def _op_Expand(self, node: OpNode) -> None:
+        """A broadcast copy (a class token expanded over the batch): a constant input is a writer; a constant target
+        that holds the width is updated with it."""
+        x, out = node.inputs[0], node.outputs[0]
+        rin, rout = self.rank(x), self.rank(out)
+        if self.g.const(x) is not None:
+            seen = self.on(out)
+            if seen is None:
+                raise _Frozen(f"Expand '{node.name}' expands a constant onto the stream from its shape input")
+            if self.g.shape(x)[_pos(seen[0], rout) - (rout - rin)] != self.width:  # type: ignore[index]
+                raise _Frozen(f"Expand '{node.name}' broadcasts '{x}' across the stream's width")
+            self.writer(x, seen[0], node)
+        else:
+            self.through(node, {d: d + rout - rin for d in range(rin)})
+        seen = self.on(out)
+        target = self.g.const(node.inputs[1])
+        if seen is not None and target is not None and int(target[_pos(seen[0], rout)]) == self.width:
+            self.reshapes.append(Side(node.inputs[1], _pos(seen[0], rout)))
+
     def _op_Squeeze(self, node: OpNode) -> None:
         self._reshape_like(node)
 

@@ -446,8 +446,8 @@ class RepairPass(Pass):
 class HiddenPass(Pass):
     """Slice the hidden size of a transformer by rotation (SliceGPT): approximate, its error measured and reported.
 
-    Runs on the current model (after any channel pruning, before fine-tuning): an ONNX model, or an ``nn.Module``
-    (:mod:`graphprune.backends.torch_rotation`; a saved ``.pt2`` program is refused).
+    Runs on the current model (after any channel pruning, before fine-tuning): an ONNX model, an ``nn.Module``
+    (:mod:`graphprune.backends.torch_rotation`) or a saved ``.pt2`` program (:mod:`graphprune.backends.program_rotation`).
     """
 
     name = "hidden"
@@ -460,7 +460,8 @@ class HiddenPass(Pass):
     def run(self, ws: Workspace) -> PassResult:
         from graphprune.backends.onnx_model import OnnxPrunable
         from graphprune.backends.onnx_rotation import slice_hidden
-        from graphprune.backends.torch_model import ModulePrunable
+        from graphprune.backends.program_rotation import slice_hidden_program
+        from graphprune.backends.torch_model import ModulePrunable, ProgramPrunable
         from graphprune.backends.torch_rotation import slice_hidden_module
 
         assert ws.data is not None
@@ -471,9 +472,10 @@ class HiddenPass(Pass):
             ws.model = ws.model if om is ws.model.om else OnnxPrunable(om)
         elif isinstance(ws.model, ModulePrunable):
             ws.model, ws.hidden = slice_hidden_module(ws.model, ws.data, ws.eval_data, self.options, ws.status)
+        elif isinstance(ws.model, ProgramPrunable):
+            ws.model, ws.hidden = slice_hidden_program(ws.model, ws.data, ws.eval_data, self.options, ws.status)
         else:
-            raise BadInputError(f"the hidden pass rotates ONNX models and nn.Modules; this is a {ws.model.kind} model "
-                                "(prune the nn.Module it was exported from, or its ONNX export)")
+            raise BadInputError(f"the hidden pass rotates ONNX models, nn.Modules and programs; this is a {ws.model.kind} model")
         for line in ws.hidden.lines():
             log.info("%s", line)
             if ws.console is not None:

@@ -194,6 +194,17 @@ def _slice(b: Builder, node: Node, out: str) -> None:
     b.add(out, "Slice", [x, *consts], [out], input_args=refs)
 
 
+@converts("aten.select.int", emits=("Gather",))
+def _select(b: Builder, node: Node, out: str) -> None:
+    """``x[:, i]`` with a literal index: a Gather of one element that drops the axis (a class token's row)."""
+    x = b.name(node.args[0])
+    dim = int_arg(node, 1, "dim") % _rank(b, x)
+    index = arg(node, 2, "index", None)
+    if not isinstance(index, int):
+        raise NotConverted("select index read at run time")
+    b.add(out, "Gather", [x, b.const(out, index, np.int64)], [out], axis=dim)
+
+
 @converts("aten.silu.default", "aten.silu_.default", emits=("Sigmoid", "Mul"))
 def _silu(b: Builder, node: Node, out: str) -> None:
     x = b.name(node.args[0])

@@ -9,6 +9,9 @@ ops. :func:`fuse_rms_modules` replaces the ops of one such module's call by one 
 - the module computes RMSNorm: run on random input, it matches ``x / sqrt(mean(x^2, -1) + eps) * weight`` (float
   tolerance), with ``eps`` from its ``eps`` or ``variance_epsilon`` attribute.
 
+A saved program has no module: :func:`fuse_rms_calls` takes the modules its trace names with a type ending in
+``RMSNorm``, reads ``eps`` from the block's one scalar addend and runs the block's own ops on random input instead.
+
 Anything else is left as traced. The fused op runs in the interpreter and freezes the hidden axis as the
 decomposed ops did; the hidden pass (:mod:`graphprune.backends.torch_rotation`) then sees a norm it can replace.
 """
@@ -16,13 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from graphprune.ir.dtypes import numpy_dtype
 from graphprune.ir.graph import ChannelGraph, OpNode, Origin
 
-__all__ = ["RMS_TARGET", "fuse_rms_modules", "rms_epsilon"]
+__all__ = ["RMS_TARGET", "fuse_rms_calls", "fuse_rms_modules", "rms_epsilon"]
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +88,76 @@ def _same_type_cast(graph: ChannelGraph, node: OpNode) -> bool:
     return node.op_type == "Cast" and graph.tensors[node.inputs[0]].dtype == graph.tensors[node.outputs[0]].dtype
 
 
+Judge = Callable[[str, list[int], str, str, int], "float | None"]
+"""(module name, block op indices, x, y, width) -> the block's epsilon when it computes RMSNorm, else None."""
+
+
 def fuse_rms_modules(graph: ChannelGraph, module: nn.Module, state_names: dict[str, str]) -> ChannelGraph:
     """``graph`` with each RMSNorm module's traced arithmetic as one ``RMSNormalization`` op (see the module doc)."""
+    modules = {name: m for name, m in module.named_modules() if name and type(m).__name__.endswith("RMSNorm")}
+
+    def judge(name: str, _idx: list[int], _x: str, _y: str, width: int) -> float | None:
+        eps = rms_epsilon(modules[name])
+        return eps if eps is not None and _computes_rms(modules[name], width, eps) else None
+
+    return _fuse(graph, list(modules), state_names, judge)
+
+
+def fuse_rms_calls(graph: ChannelGraph, program: torch.export.ExportedProgram, state_names: dict[str, str]) -> ChannelGraph:
+    """The same for a program with no module at hand: the modules are those its trace names (``nn_module_stack``)
+    with a type ending in ``RMSNorm``; the epsilon is the block's one scalar addend, and the block's own ops, run on
+    random input, must compute RMSNorm with it."""
+    names = {str(v[0]) for n in program.graph.nodes for v in (n.meta.get("nn_module_stack") or {}).values()
+             if str(v[1]).endswith("RMSNorm") and v[0]}
+
+    def judge(_name: str, idx: list[int], x: str, y: str, width: int) -> float | None:
+        eps = _block_epsilon(graph, idx)
+        return eps if eps is not None and _block_computes_rms(graph, idx, x, y, width, eps) else None
+
+    return _fuse(graph, sorted(names), state_names, judge)
+
+
+def _block_epsilon(graph: ChannelGraph, idx: list[int]) -> float | None:
+    """The one one-element constant an Add of the block adds (``mean(x^2) + eps``), or None."""
+    found = [float(np.ravel(v)[0]) for i in idx if graph.nodes[i].op_type == "Add" for t in graph.nodes[i].inputs
+             if (v := graph.const(t)) is not None and v.size == 1]
+    return found[0] if len(found) == 1 else None
+
+
+def _block_computes_rms(graph: ChannelGraph, idx: list[int], x: str, y: str, width: int, eps: float) -> bool:
+    """Whether the block's ops map random (2, 3, width) input to its RMSNorm with ``eps`` (times its 1-D weight)."""
+    from graphprune.execution.interpreter import GraphInterpreter
+
+    block = dataclasses.replace(graph, nodes=[graph.nodes[i] for i in idx], inputs=(x,), outputs=(y,))
+    weights = [v for i in idx for t in graph.nodes[i].inputs if (v := graph.const(t)) is not None and v.shape == (width,)]
+    xs = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0))
+    want = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
+    if len(weights) == 1:
+        want = want * torch.from_numpy(np.asarray(weights[0], dtype=np.float32))
+    try:
+        with torch.no_grad():
+            got = GraphInterpreter(block).eval()(xs.to(_torch_dtype(graph, x)))[0]
+    except Exception:  # noqa: BLE001  (a block that does not run on such input is not an RMSNorm)
+        return False
+    return got.shape == want.shape and torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5)
+
+
+def _torch_dtype(graph: ChannelGraph, name: str) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype=numpy_dtype(graph.tensors[name].dtype))).dtype
+
+
+def _fuse(graph: ChannelGraph, names: list[str], state_names: dict[str, str], judge: Judge) -> ChannelGraph:
     params = {q: g for g, q in state_names.items()}
     dropped: set[int] = set()
     placed: dict[int, OpNode] = {}  # index of a block's last op -> the fused op
-    for name, m in module.named_modules():
-        if not name or not type(m).__name__.endswith("RMSNorm") or (eps := rms_epsilon(m)) is None:
-            continue
+    for name in names:
         found = _block(graph, name)
         scale = params.get(f"{name}.weight", "")
         shape = graph.shape(found[1]) if found is not None else None
         width = shape[-1] if shape else None
-        if found is None or not scale or not isinstance(width, int) or not _computes_rms(m, width, eps):
+        eps = judge(name, found[0], found[1], found[2], width) if found is not None and isinstance(width, int) and scale \
+            else None
+        if found is None or eps is None:
             log.info("RMSNorm module %s is left as traced (not one weighted RMSNorm of one input)", name)
             continue
         idx, x, y = found

@@ -31,10 +31,10 @@ from graphprune.execution.interpreter import TORCH_CALL
 from graphprune.frontends.torch import converters  # noqa: F401  (fills CONVERTERS)
 from graphprune.frontends.torch.attention import HeadPrunableAttention, swapped_attention
 from graphprune.frontends.torch.builder import CONVERTERS, Builder, NotConverted, call_tensors, dims, dtype_name
-from graphprune.frontends.torch.norms import fuse_rms_modules
+from graphprune.frontends.torch.norms import fuse_rms_calls, fuse_rms_modules
 from graphprune.ir.graph import ChannelGraph, OpNode, live_nodes
 
-__all__ = ["TorchModel", "fx_channel_graph", "load_exported_program", "load_module", "to_channel_graph"]
+__all__ = ["TorchModel", "fx_channel_graph", "load_exported_program", "load_module", "program_torch_model", "to_channel_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -264,5 +264,10 @@ def load_exported_program(path: str | os.PathLike[str]) -> TorchModel:
         program = torch.export.load(str(p))
     except Exception as exc:  # noqa: BLE001
         raise BadInputError(f"{p}: not a saved ExportedProgram ({_short(exc)})") from None
+    return program_torch_model(program)
+
+
+def program_torch_model(program: torch.export.ExportedProgram) -> TorchModel:
+    """A program with no module at hand as a TorchModel (its RMSNorm modules' arithmetic fused, :func:`fuse_rms_calls`)."""
     graph, names = to_channel_graph(program)
-    return TorchModel(None, program, graph, names)
+    return TorchModel(None, program, fuse_rms_calls(graph, program, names), names)
