@@ -3,8 +3,9 @@
 Each model is built from its ``transformers`` config (random weights, no download), wrapped to return one tensor,
 traced with :func:`graphprune.load_module`, pruned with a uniform plan and checked from the module
 (``verify_module``) and from the program (``verify_program``). Then the hidden pass
-(:func:`graphprune.backends.torch_rotation.slice_hidden_module`, 0.75 of the width) runs on the unpruned module, on
-64 random inputs: its relative output error, or the reason the stream froze. ``transformers`` is not a graphprune
+(:func:`graphprune.backends.torch_rotation.slice_hidden_module`, 0.75 of the width) runs on the unpruned module and
+(:func:`graphprune.backends.program_rotation.slice_hidden_program`) on its exported program, on 64 random inputs:
+its relative output error, or the reason the stream froze. ``transformers`` is not a graphprune
 dependency: install it beside ``torch==2.13.0`` to run this.
 
     python benchmarks/hf_torch_path.py [--out benchmarks/hf_torch_path.json]
@@ -44,6 +45,7 @@ class Row:
     module_error: float | None
     program: str
     hidden: str
+    hidden_program: str
 
 
 class _Output(nn.Module):
@@ -79,8 +81,8 @@ def _builders(tf: Any) -> dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]
         return _Output(tf.DistilBertModel(cfg), "input_ids"), ids
 
     def vit() -> tuple[nn.Module, torch.Tensor]:
-        cfg = tf.ViTConfig(image_size=32, patch_size=8, num_channels=1, **SMALL)
-        return _Output(tf.ViTModel(cfg, add_pooling_layer=False), "pixel_values"), torch.randn(2, 1, 32, 32)
+        cfg = tf.ViTConfig(image_size=32, patch_size=8, num_channels=1, num_labels=10, **SMALL)
+        return _Output(tf.ViTForImageClassification(cfg), "pixel_values"), torch.randn(2, 1, 32, 32)
 
     def gpt2() -> tuple[nn.Module, torch.Tensor]:
         cfg = tf.GPT2Config(vocab_size=500, n_layer=2, n_embd=128, n_head=4, n_positions=64, bos_token_id=0,
@@ -119,12 +121,14 @@ def run(name: str, build: Callable[[], tuple[nn.Module, torch.Tensor]]) -> Row:
         program = "exact"
     except GraphpruneError as exc:
         program = f"refused: {exc}"
-    return Row(name, prunable, frozen, kept, error, program, _hidden(model, x))
+    return Row(name, prunable, frozen, kept, error, program, _hidden(model, x, False), _hidden(model, x, True))
 
 
-def _hidden(model: nn.Module, x: torch.Tensor) -> str:
-    """The hidden pass at 0.75 of the width on 64 random inputs like ``x``: its relative error, or why it froze."""
-    from graphprune.backends.torch_model import module_model
+def _hidden(model: nn.Module, x: torch.Tensor, as_program: bool) -> str:
+    """The hidden pass at 0.75 of the width on 64 random inputs like ``x``, on the module or on its exported program
+    (``as_program``): its relative error, or why it froze."""
+    from graphprune.backends.program_rotation import slice_hidden_program
+    from graphprune.backends.torch_model import module_model, program_model
     from graphprune.backends.torch_rotation import slice_hidden_module
     from graphprune.frontends.data import Calibration
     from graphprune.recovery.rotation import HiddenOptions
@@ -132,9 +136,15 @@ def _hidden(model: nn.Module, x: torch.Tensor) -> str:
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 500, (64, *x.shape[1:]), generator=gen) if not x.is_floating_point() \
         else torch.randn((64, *x.shape[1:]), generator=gen)
+    data = Calibration((batch.numpy(),), None, "random")
+    options = HiddenOptions(keep=0.75, samples=64, eval_samples=64)
     try:
-        _, report = slice_hidden_module(module_model(model, [x]), Calibration((batch.numpy(),), None, "random"), None,
-                                        HiddenOptions(keep=0.75, samples=64, eval_samples=64))
+        traced = module_model(model, [x])
+        if as_program:
+            assert traced.tm.program is not None
+            _, report = slice_hidden_program(program_model(traced.tm.program), data, None, options)
+        else:
+            _, report = slice_hidden_module(traced, data, None, options)
     except GraphpruneError as exc:
         return f"refused: {exc}"
     if report.frozen:
@@ -154,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, build in _builders(transformers).items():
         print(f"[hf_torch_path] {name}", flush=True)
         rows.append(run(name, build))
-    print(f"{'model':<11} {'prunable':>8} {'frozen':>6} {'kept params':>11} {'module error':>12}  program  hidden 0.75")
+    print(f"{'model':<11} {'prunable':>8} {'frozen':>6} {'kept params':>11} {'module error':>12}  program  hidden 0.75 "
+          "(module | program)")
     for r in rows:
         kept = f"{r.kept_params:.2f}" if r.kept_params is not None else "-"
         err = f"{r.module_error:.1e}" if r.module_error is not None else "refused"
-        print(f"{r.model:<11} {r.prunable:>8} {r.frozen:>6} {kept:>11} {err:>12}  {r.program}  {r.hidden}")
+        print(f"{r.model:<11} {r.prunable:>8} {r.frozen:>6} {kept:>11} {err:>12}  {r.program}  {r.hidden} | {r.hidden_program}")
     meta: dict[str, Any] = {"transformers": transformers.__version__, "torch": torch.__version__, "size": SMALL,
                             "ratio": 0.5, "plan": "uniform"}
     args.out.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1) + "\n")
