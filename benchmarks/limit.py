@@ -1,7 +1,7 @@
 """Does the calibrated limit hold? Accuracy vs MACs reduction, the limits marked, peers side by side.
 
 Run: nice -n 10 python benchmarks/limit.py [--models resnet20 mobilenetv2] [--finetune-epochs 0.25] [--json benchmarks/limit.json]
-     [--limit-only: the analysis and the limit pass alone, their lines and cost]
+     [--limit-only [--confidences 0.5 0.8]: the limit at each confidence, its test accuracy, the no-fine-tune knee]
 
 Per model (trained on Fashion-MNIST, cached; exported to ONNX with BN kept):
 1. analyze (2,048 labelled training images) and the limit pass (tolerance 1 pp, compensation and repair, points
@@ -160,18 +160,46 @@ def onnxsim_point(folded: Path, cal: Calibration, test: Calibration, red: float)
     return {"sparsity": hi, "macs_reduction": r, "wanda": plain, "wanda_refit": refit_acc, "accuracy": max(plain, refit_acc)}
 
 
-def limit_only(name: str, args: argparse.Namespace, train: Calibration) -> None:
-    """The analysis and the limit pass as :func:`run_model` runs them; prints the limit's lines and its points."""
+def limit_only(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> dict[str, Any]:
+    """The analysis, then the limit pass at each of ``--confidences`` as :func:`run_model` runs it, the test accuracy
+    at each limit (no fine-tuning), and the measured no-fine-tune knee on the same model (the budget family on the
+    grid, compensated, rewritten and repaired, scored on the test split)."""
     module = trained(name, args.epochs, cache_dir="benchmarks/.cache") if args.epochs > 0 else models.build(name).eval()
     path = Path(tempfile.mkdtemp()) / f"{name}.onnx"
     models.export_onnx(module, path, bn="keep")
-    ws = analyzed_workspace(load_onnx(path), train.subset(4096, seed=0))
-    opts = LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs, holdout=args.holdout)
-    lim = LimitPass(opts)(ws).workspace.limit
-    assert lim is not None
-    log(name, *lim.lines())
-    for p in lim.points:
-        log(name, f"point {p.macs_reduction:.3f}x quality {p.quality:.4f} in {p.seconds:.1f} s")
+    om = load_onnx(path)
+    base = ort_accuracy(model_bytes(om.model), test)
+    ws = analyzed_workspace(om, train.subset(4096, seed=0))
+    assert ws.analysis is not None
+    fam = Family(ws)
+    limits = []
+    for confidence in args.confidences:
+        opts = LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=0.0, holdout=args.holdout, confidence=confidence)
+        lim = LimitPass(opts)(ws).workspace.limit
+        assert lim is not None
+        log(name, *lim.lines())
+        for p in lim.points:
+            log(name, f"point {p.macs_reduction:.3f}x quality {p.quality:.4f} margin {p.margin:.4f} in {p.seconds:.1f} s")
+        at = graphprune_point(fam, lim.budget, test, train, 0.0)
+        limits.append({"confidence": confidence, "limit": lim.macs_reduction, "held_out_quality": lim.quality,
+                       "held_out_base": lim.base_quality, "margin": lim.margin, "test_accuracy": at["accuracy"],
+                       "test_drop_pp": 100 * (base - at["accuracy"]), "seconds": lim.seconds, "points": len(lim.points)})
+        log(name, limits[-1])
+    curve = []
+    for red in args.grid:
+        p = graphprune_point(fam, fam.budget_for(red), test, train, 0.0)
+        curve.append(p)
+        log(name, "curve", p)
+    for lim_row in limits:  # the limits are points of the same family: they refine the knee's interpolation
+        curve.append({"macs_reduction": lim_row["limit"], "accuracy": lim_row["test_accuracy"]})
+    k = knee(curve, "accuracy", base, TOLERANCE)
+    for lim_row in limits:
+        lim_row["error_vs_knee"] = lim_row["limit"] / k["knee"] - 1
+    row = {"model": name, "base": base, "knee": k, "limits": limits, "curve": curve,
+           "analysis_seconds": ws.analysis.meta.get("seconds"), "train_epochs": args.epochs, "test_samples": len(test)}
+    log(name, {"knee": k, "limits": [(r["confidence"], round(r["limit"], 3), round(r["test_drop_pp"], 2),
+                                      round(r["error_vs_knee"], 3)) for r in limits]})
+    return row
 
 
 def run_model(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> dict[str, Any]:
@@ -187,7 +215,8 @@ def run_model(name: str, args: argparse.Namespace, train: Calibration, test: Cal
     cal = train.subset(4096, seed=0)
     ws = analyzed_workspace(om, cal)
     assert ws.analysis is not None
-    ws = LimitPass(LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs, holdout=args.holdout))(ws).workspace
+    ws = LimitPass(LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs, holdout=args.holdout,
+                                    confidence=args.confidence))(ws).workspace
     lim = ws.limit
     assert lim is not None
     log(name, *lim.lines())
@@ -319,12 +348,22 @@ def main() -> None:
     parser.add_argument("--peers-at-limit", action=argparse.BooleanOptionalAction, default=True,
                         help="also compare at the calibrated limit")
     parser.add_argument("--replot", action="store_true", help="only redraw the plots from --json and print the table")
+    parser.add_argument("--confidence", type=float, default=LimitPassOptions.confidence,
+                        help="the limit pass's confidence (0.5: the measured drop alone)")
     parser.add_argument("--limit-only", action="store_true",
-                        help="only the analysis and the limit pass (their lines and cost), no curve, peers or JSON")
+                        help="only the analysis, the limit pass at each --confidences, the test accuracy at each limit and "
+                             "the no-fine-tune knee (no fine-tuning, peers or plots), written to --limit-json")
+    parser.add_argument("--confidences", type=float, nargs="+", default=[0.5, LimitPassOptions.confidence])
+    parser.add_argument("--limit-json", type=Path, default=Path("benchmarks/limit_confidence.json"))
     args = parser.parse_args()
     if args.limit_only:
+        train, test = fashion_mnist("train"), fashion_mnist("test").subset(args.test_samples, seed=1)
+        rows = json.loads(args.limit_json.read_text())["rows"] if args.limit_json.exists() else []
         for name in args.models:
-            limit_only(name, args, fashion_mnist("train"))
+            row = limit_only(name, args, train, test)
+            rows = [r for r in rows if r["model"] != name] + [row]
+            args.limit_json.write_text(json.dumps({"rows": rows, "tolerance": TOLERANCE}, indent=1, default=float))
+        log("wrote", args.limit_json)
         return
     if args.replot:
         results = json.loads(args.json.read_text())["models"]

@@ -102,8 +102,18 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.5 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0.5, 1) (0.5: the measured drop alone), got {value}")
+    return value
+
+
 def _limit_arguments(p: argparse.ArgumentParser, command: str) -> None:
-    """--calibrate, --tolerance, --holdout, --limit-points (analyze and prune)."""
+    """--calibrate, --tolerance, --holdout, --limit-points, --confidence (analyze and prune)."""
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate the limit on held-out calibration samples (a few measured points; default: on"
                         + (" with --data and the hierarchical method)" if command == "prune" else ")"))
@@ -112,6 +122,9 @@ def _limit_arguments(p: argparse.ArgumentParser, command: str) -> None:
                         "with no fine-tuning (default 0.01: 1 pp)")
     p.add_argument("--holdout", type=_positive, default=1024, help="held-out calibration samples per measured point (default 1024)")
     p.add_argument("--limit-points", type=_positive, default=6, help="most measured points of the calibration (default 6)")
+    p.add_argument("--confidence", type=_confidence, default=0.8,
+                   help="a point passes when its drop is within the tolerance at this one-sided confidence, paired with "
+                        "the original on the held-out samples (default 0.8; 0.5: the measured drop alone)")
     if command == "analyze":
         p.add_argument("--finetune-epochs", type=float, default=0.0,
                        help="also estimate the limit after this many epochs of fine-tuning")
@@ -124,7 +137,7 @@ def _limit_step(args: argparse.Namespace, finetune_epochs: float, compensate: bo
     if args.holdout < 16:
         raise BadInputError(f"--holdout must be at least 16, got {args.holdout}")
     step: dict[str, Any] = {"name": "limit", "tolerance": args.tolerance, "points": args.limit_points, "holdout": args.holdout,
-                            "finetune_epochs": float(finetune_epochs), "compensate": compensate, "repair": repair, "seed": args.seed}
+                            "confidence": args.confidence, "finetune_epochs": float(finetune_epochs), "compensate": compensate, "repair": repair, "seed": args.seed}
     if args.budget is not None:
         step["budget"] = float(args.budget)
     if getattr(args, "compensate_memory", None) is not None:

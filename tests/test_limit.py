@@ -18,7 +18,14 @@ from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
 from graphprune.pipeline.config import parse_pipeline
 from graphprune.pipeline.run import run_model
-from graphprune.planning.limit import CalibratedLimit, CalibrationPoint, finetuned_limit, measured_curve, search
+from graphprune.planning.limit import (
+    CalibratedLimit,
+    CalibrationPoint,
+    finetuned_limit,
+    measured_curve,
+    paired_margin,
+    search,
+)
 
 REAL, COPIES, DEAD = 4, 4, 4
 """The planted conv: 4 real filters, a copy of each (the pair shares the real filter's head weights) and 4 dead ones."""
@@ -135,6 +142,36 @@ def test_search_stops_at_the_point_budget():
     base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, 0.9)
     _, _, measured = search(evaluate, counts, 1.0, 100.0, 0.89, base, points=3)
     assert len(measured) == len(calls) == 3
+
+
+def test_paired_margin_is_z_standard_errors_of_the_paired_drop():
+    """Samples both models score alike add no variance; the margin is z * sd(d) / sqrt(n), d the per-sample drop."""
+    rng = np.random.default_rng(0)
+    base = rng.random(4000) < 0.9
+    flipped = base.copy()
+    flipped[rng.choice(4000, 60, replace=False)] ^= True  # 1.5% of the samples change
+    d = base.astype(float) - flipped.astype(float)
+    assert paired_margin(base, flipped, 0.8) == pytest.approx(0.8416 * d.std(ddof=1) / np.sqrt(4000), rel=1e-3)
+    assert paired_margin(base, base, 0.95) == 0.0 and paired_margin(base, flipped, 0.5) == 0.0
+    assert 0 < paired_margin(base, flipped, 0.8) < paired_margin(base, flipped, 0.95)
+    unpaired = np.sqrt(2 * 0.09 / 4000)  # what two independent accuracies near 0.9 would give
+    assert paired_margin(base, flipped, 0.8) < 0.8416 * unpaired / 2
+
+
+def test_a_point_passes_only_when_its_drop_holds_at_the_confidence():
+    """Two curves with the same measured qualities: where the margins put a point's bound under the threshold, the
+    search treats it as failing and the limit moves back."""
+    def run(margin: float) -> CalibrationPoint:
+        def evaluate(b: float) -> CalibrationPoint:
+            red = 1 + b
+            return CalibrationPoint(b, red, red, b, 0.9 - 0.004 * b, margin=margin)
+        lo, _hi, _ = search(evaluate, lambda b: {0: round(1000 * (1 + b))}, 1.0, 100.0, 0.89, base, points=12)
+        return lo
+
+    base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, 0.9)
+    plain, held = run(0.0), run(0.004)
+    assert plain.quality >= 0.89 and held.bound >= 0.89
+    assert plain.macs_reduction == pytest.approx(3.5, rel=0.05) and held.macs_reduction == pytest.approx(2.5, rel=0.05)
 
 
 def test_finetuned_estimate_reads_the_same_curve():

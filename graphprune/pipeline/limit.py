@@ -36,6 +36,7 @@ from graphprune.planning.limit import (
     LimitOptions,
     finetuned_limit,
     measured_curve,
+    paired_margin,
     search,
 )
 from graphprune.planning.selection import DropOrder, greedy_drop_order
@@ -136,10 +137,10 @@ def _shared_original(ws: Workspace, options: LimitPassOptions) -> tuple[Original
     return original_activations(ws.original.graph, data, recovery.batch_size), bound - need
 
 
-def _quality(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration,
-             original: OriginalActivations | None = None, memory_bytes: int = 0) -> float:
-    """Compensate, rewrite, repair (as the pipeline would) and evaluate on the held-out samples; ``memory_bytes``
-    bounds the refit (0: the options' bound)."""
+def _correct(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration,
+             original: OriginalActivations | None = None, memory_bytes: int = 0) -> np.ndarray:
+    """Compensate, rewrite, repair (as the pipeline would) and score each held-out sample (True: the top-1 class is
+    its label); ``memory_bytes`` bounds the refit (0: the options' bound)."""
     assert ws.data is not None
     w = Workspace(original=ws.original, model=ws.original, data=ws.data, coupling=ws.groups(), plan=plan)
     recovery = options.recovery()
@@ -150,7 +151,7 @@ def _quality(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibra
     w = RewritePass(RewriteOptions(verify=False))(w).workspace
     if options.repair:
         w = RepairPass(recovery)(w).workspace
-    return w.model.accuracy(held)
+    return predictions(w.model, held, options.batch_size) == held.labels
 
 
 def _finetuned(o: LimitPassOptions, measured: list[CalibrationPoint], base_q: float,
@@ -199,7 +200,8 @@ class LimitPass(Pass):
         metric = "accuracy" if held.labels is not None else "agreement"
         if metric == "agreement":
             held = dataclasses.replace(held, labels=predictions(ws.original, held, o.batch_size))
-        base_q = ws.original.accuracy(held)
+        base_correct = predictions(ws.original, held, o.batch_size) == held.labels
+        base_q = float(base_correct.mean())
 
         cache: dict[float, dict[int, int]] = {}
         shared, point_bytes = _shared_original(ws, o)
@@ -216,9 +218,10 @@ class LimitPass(Pass):
             cost = cost_with_keep(graph, coupling, c)
             loss = float(sum(orders[g].cost[full[g] - k] for g, k in c.items()))
             ws.status(f"limit: measuring budget {budget:.3g} ({original.macs / max(1, cost.macs):.2f}x fewer MACs)")
-            q = _quality(ws, _plan(ws, orders, c, budget), o, held, shared, point_bytes)
-            point = CalibrationPoint(budget, original.macs / max(1, cost.macs), original.params / max(1, cost.params), loss, q,
-                                     time.perf_counter() - start)
+            correct = _correct(ws, _plan(ws, orders, c, budget), o, held, shared, point_bytes)
+            point = CalibrationPoint(budget, original.macs / max(1, cost.macs), original.params / max(1, cost.params), loss,
+                                     float(correct.mean()), time.perf_counter() - start,
+                                     paired_margin(base_correct, correct, o.confidence))
             log.info("limit point: %s", point)
             return point
 
@@ -236,7 +239,7 @@ class LimitPass(Pass):
             spectral_macs_reduction=original.macs / max(1, spectral_cost.macs), budget=lo.budget,
             macs_reduction=lo.macs_reduction, params_reduction=lo.params_reduction, quality=lo.quality,
             effective=counts(lo.budget), points=tuple(measured), finetuned=finetuned, seconds=time.perf_counter() - t0,
-            analysis_seconds=float(analysis.meta.get("seconds", 0.0)),
+            analysis_seconds=float(analysis.meta.get("seconds", 0.0)), confidence=o.confidence, margin=lo.margin,
         )
         ws.limit = limit
         for line in limit.lines():

@@ -15,6 +15,15 @@ at a budget are the effective filters at that budget.
   steps of ``STEP`` from the spectral budget, then narrowed where the quality,
   interpolated in log budget between the bracket's points, crosses the
   threshold (safeguarded: always inside the bracket's middle half).
+- A point passes when its drop holds at the options' one-sided
+  ``confidence``: the measured drop plus ``z`` standard errors of the drop,
+  paired sample by sample with the original on the same held-out samples
+  (:func:`paired_margin`), is within the tolerance. On 1,024 samples a drop
+  near 1 pp has a standard error of about 0.3-0.5 pp, and the search keeps
+  the largest budget that passed, where noise in its favour is likeliest: a
+  limit taken at the point estimate fell 0.3-0.5 pp outside the tolerance on
+  test images (benchmarks/README.md). ``confidence = 0.5`` is the point
+  estimate.
 - The **fine-tuned limit** is estimated from the same curve: a brief
   fine-tune of E epochs is modelled as leaving ``remaining(E)`` of the
   accuracy drop, so quality holds where the no-fine-tune drop is at most
@@ -29,7 +38,10 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from statistics import NormalDist
 from typing import Any
+
+import numpy as np
 
 from graphprune.analysis.cost import cost_with_keep
 from graphprune.analysis.effective import Analysis, NetworkLimit
@@ -49,6 +61,7 @@ __all__ = [
     "finetuned_limit",
     "floored",
     "measured_curve",
+    "paired_margin",
     "remaining_after",
     "search",
 ]
@@ -82,12 +95,15 @@ class LimitOptions:
         points: Most measured points of the no-fine-tune search.
         holdout: Held-out calibration samples each point is evaluated on.
         finetune_epochs: When > 0, also estimate the limit after this brief fine-tune.
+        confidence: One-sided confidence that a passing point's drop is within the tolerance (0.5: the measured drop
+            alone).
     """
 
     tolerance: float = 0.01
     points: int = 6
     holdout: int = 1024
     finetune_epochs: float = 0.0
+    confidence: float = 0.8
 
     def check(self) -> None:
         """Raises BadInputError on out-of-range values."""
@@ -99,6 +115,8 @@ class LimitOptions:
             raise BadInputError(f"limit holdout must be at least 16 samples, got {self.holdout}")
         if self.finetune_epochs < 0:
             raise BadInputError(f"limit finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise BadInputError(f"limit confidence must be in [0.5, 1) (0.5: the measured drop alone), got {self.confidence}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +129,13 @@ class CalibrationPoint:
     predicted_loss: float
     quality: float
     seconds: float = 0.0
+    margin: float = 0.0
+    """``z`` standard errors of the drop (paired with the original): the point passes when ``quality - margin`` does."""
+
+    @property
+    def bound(self) -> float:
+        """The quality the point holds at the search's confidence."""
+        return self.quality - self.margin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +184,8 @@ class CalibratedLimit:
     finetuned: FineTunedLimit | None = None
     seconds: float = 0.0
     analysis_seconds: float = 0.0
+    confidence: float = 0.5
+    margin: float = 0.0
 
     @property
     def threshold(self) -> float:
@@ -205,7 +232,8 @@ class CalibratedLimit:
             quality=float(d["quality"]), effective={int(k): int(v) for k, v in d["effective"].items()},
             points=tuple(CalibrationPoint(**p) for p in d["points"]),
             finetuned=FineTunedLimit(**ft) if ft else None, seconds=float(d.get("seconds", 0.0)),
-            analysis_seconds=float(d.get("analysis_seconds", 0.0)),
+            analysis_seconds=float(d.get("analysis_seconds", 0.0)), confidence=float(d.get("confidence", 0.5)),
+            margin=float(d.get("margin", 0.0)),
         )
 
     def lines(self) -> list[str]:
@@ -215,8 +243,10 @@ class CalibratedLimit:
             f"spectral estimate (predicted loss budget {self.spectral_budget:.3g}): {self.spectral_macs_reduction:.2f}x fewer MACs",
             f"calibrated limit ({self.metric} within {pp:g} pp, no fine-tuning, after compensation and repair): "
             f"{self.macs_reduction:.2f}x fewer MACs, {self.params_reduction:.2f}x fewer parameters "
-            f"(budget {self.budget:.3g}; {self.metric} {self.quality:.4f} against {self.base_quality:.4f}); "
-            f"{self.gap:.2f}x the spectral estimate",
+            f"(budget {self.budget:.3g}; {self.metric} {self.quality:.4f} against {self.base_quality:.4f}"
+            + (f", a drop of at most {100 * (self.base_quality - self.quality + self.margin):.2f} pp at "
+               f"{100 * self.confidence:g}% confidence" if self.confidence > 0.5 else "")
+            + f"); {self.gap:.2f}x the spectral estimate",
             f"measured {len(self.points)} points on {self.holdout} held-out calibration samples in {self.seconds:.1f} s"
             + (f" ({self.seconds / self.analysis_seconds:.1f}x the analysis)" if self.analysis_seconds > 0 else ""),
         ]
@@ -290,7 +320,7 @@ def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budge
             return False
         p = evaluate(b)
         measured.append(p)
-        if p.quality >= threshold:
+        if p.bound >= threshold:
             lo = p
             return True
         hi = p
@@ -309,14 +339,27 @@ def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budge
 
 
 def _between(lo: CalibrationPoint, hi: CalibrationPoint, threshold: float) -> float:
-    """The next budget inside the bracket: where the quality, linear in log budget between the two points, crosses
-    ``threshold``, kept within the middle half of the bracket (a cliff or noise cannot stall it: each point shrinks the
-    bracket to at most three quarters)."""
+    """The next budget inside the bracket: where the quality held (:attr:`CalibrationPoint.bound`), linear in log
+    budget between the two points, crosses ``threshold``, kept within the middle half of the bracket (a cliff or noise
+    cannot stall it: each point shrinks the bracket to at most three quarters)."""
     if lo.budget <= 0:
         return hi.budget / STEP
-    t = (lo.quality - threshold) / max(lo.quality - hi.quality, 1e-12)
+    t = (lo.bound - threshold) / max(lo.bound - hi.bound, 1e-12)
     t = min(max(t, INTERPOLATION_CLAMP), 1.0 - INTERPOLATION_CLAMP)
     return float(math.exp(math.log(lo.budget) + t * math.log(hi.budget / lo.budget)))
+
+
+def paired_margin(base_correct: np.ndarray, correct: np.ndarray, confidence: float) -> float:
+    """``z`` standard errors of the drop ``mean(base_correct - correct)``, the two scored on the same samples (a
+    sample both get right or wrong adds no variance), ``z`` the one-sided normal quantile of ``confidence``.
+
+    >>> round(paired_margin(np.array([1, 1, 1, 1]), np.array([1, 1, 1, 0]), 0.8), 3)
+    0.21
+    """
+    d = np.asarray(base_correct, dtype=np.float64) - np.asarray(correct, dtype=np.float64)
+    if confidence <= 0.5 or d.size < 2:
+        return 0.0
+    return float(NormalDist().inv_cdf(confidence) * d.std(ddof=1) / math.sqrt(d.size))
 
 
 def remaining_after(epochs: float) -> float:
