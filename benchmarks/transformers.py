@@ -160,17 +160,22 @@ def trained_lm(train: Calibration, epochs: float, lr: float) -> nn.Module:
     return model.eval()
 
 
+HELD_OUT = 1024
+"""Calibration samples past the analysis's: the plan pass scores its two ways of removing the excess past the
+floors on those the compensation leaves (``PlanOptions.excess``)."""
+
+
 def make_task(name: str, args: argparse.Namespace) -> Task:
     if name == "vit":
         train, test = fashion_mnist("train"), fashion_mnist("test")
         if args.smoke:
             train, test = train.subset(2048), test.subset(1000)
         module = trained("vit", epochs=args.epochs, cache_dir=CACHE) if args.epochs > 0 else models.build("vit")
-        return Task("vit", module, train, test, train.subset(args.samples, seed=1), lm=False)
+        return Task("vit", module, train, test, train.subset(args.samples + HELD_OUT, seed=1), lm=False)
     verses = kjv_verses()
     train, test = kjv_windows(verses, False, args.lm_windows), kjv_windows(verses, True, args.lm_windows // 8)
     module = trained_lm(train, args.lm_epochs, args.lm_lr) if args.lm_epochs > 0 else models.build("gpt2")
-    return Task("lm", module, train, test, train.subset(args.samples, seed=1), lm=True)
+    return Task("lm", module, train, test, train.subset(args.samples + HELD_OUT, seed=1), lm=True)
 
 
 def export(task: Task, module: nn.Module, path: Path) -> Path:

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from graphprune.errors import BadInputError, GraphpruneError
-from graphprune.planning.options import ANALYSIS_CRITERIA, CRITERIA_NAMES, METHODS, NEEDS_ANALYSIS, OBJECTIVES, TARGETS
+from graphprune.planning.options import ANALYSIS_CRITERIA, CRITERIA_NAMES, EXCESS_RULES, METHODS, NEEDS_ANALYSIS, OBJECTIVES, TARGETS
 
 __all__ = ["build_parser", "main"]
 
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--eps", type=_ratio, default=1e-2, help="analysis: spectral energy left out of the effective rank")
     pr.add_argument("--budget", type=float, help="analysis: one network-wide predicted-loss budget instead of --eps")
     pr.add_argument("--allow-over-limit", action="store_true", help="allow targets beyond the estimated maximum compression")
+    pr.add_argument("--excess", choices=EXCESS_RULES, default="measured",
+                    help="past the limit, remove the excess by predicted loss, per unit saved, or both scored on held-out "
+                         "samples and the better kept (default: measured)")
     _limit_arguments(pr, "prune")
     pr.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tune after pruning (needs --data)")
     pr.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
@@ -355,7 +358,7 @@ def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
     elif args.objective == "latency":
         raise BadInputError("--objective latency needs the latency tables: drop --no-profile")
     passes.append({"name": "plan", "method": method, "criterion": criterion, "round_to": args.round_to,
-                   "allow_over_limit": args.allow_over_limit, "seed": args.seed, "objective": args.objective,
+                   "allow_over_limit": args.allow_over_limit, "excess": args.excess, "seed": args.seed, "objective": args.objective,
                    "latency_runs": max(args.latency_runs, 1) if args.latency is not None else args.latency_runs, **target})
     if (compensate or repair) and not args.data:
         raise BadInputError("--compensate and --repair need calibration data (--data)")

@@ -1,6 +1,7 @@
 """The calibrated limit: a planted knee, the search on its own, CLI options and the exit-4 message."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -237,3 +238,55 @@ def test_prune_plans_down_to_the_calibrated_floors_and_reports_the_curve(planted
     assert kept <= 0.34 and kept == pytest.approx(1 / _knee_reduction(path))  # the planted knee is the floor it stops at
     page = (tmp_path / "small.report.html").read_text()
     assert "Calibrated limit" in page and page.count("data:image/png;base64,") >= 2
+
+
+class TwoLayers(nn.Module):
+    """Two prunable groups of different cost per channel, so the two excess rules plan differently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1, stride=2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+def test_past_the_floors_the_plan_pass_keeps_the_excess_rule_that_scores_better(tmp_path, monkeypatch):
+    """Over the limit, the plan pass plans the excess by predicted loss and per unit saved, scores both on held-out
+    samples (compensated, rewritten, repaired) and keeps the better; with ``excess = "loss"`` it plans one way only."""
+    import graphprune.pipeline.limit as limit_mod
+    from graphprune.pipeline.passes import AnalyzePass, AnalyzePassOptions, PlanPass, Workspace
+    from graphprune.planning.options import PlanOptions
+
+    torch.manual_seed(0)
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(TwoLayers().eval(), (torch.zeros(2, 1, 8, 8),), str(path), input_names=["input"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}})
+    x = np.random.default_rng(0).standard_normal((1536, 1, 8, 8)).astype(np.float32)
+    model = OnnxPrunable(load_onnx(path))
+    ws = Workspace(original=model, model=model, data=Calibration((x,), None, "random"))
+    ws = AnalyzePass(AnalyzePassOptions(samples=256, loss="fisher"))(ws).workspace
+    scored: list[float] = []
+    real = limit_mod.plan_correct
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        scored.append(float(out.mean()))
+        return out
+
+    monkeypatch.setattr(limit_mod, "plan_correct", spy)
+    options = PlanOptions(macs=0.1, allow_over_limit=True)
+    plans = {rule: PlanPass(dataclasses.replace(options, excess=rule))(dataclasses.replace(ws)).workspace.plan
+             for rule in ("loss", "per_unit")}
+    assert not scored  # a fixed rule measures nothing
+    keeps = {rule: {g.group: len(g.keep) for g in p.groups} for rule, p in plans.items()}  # type: ignore[union-attr]
+    assert keeps["loss"] != keeps["per_unit"]
+    chosen = PlanPass(options)(dataclasses.replace(ws)).workspace.plan
+    assert chosen is not None and len(scored) == 2
+    meta = chosen.meta
+    assert set(meta["excess_scores"]) == {"loss", "per_unit"} and meta["excess_samples"] == 1536 - 1024
+    assert meta["excess_scores"] == pytest.approx(dict(zip(("loss", "per_unit"), scored)))
+    best = max(("loss", "per_unit"), key=lambda r: (meta["excess_scores"][r], r == "loss"))
+    assert meta["excess"] == best and {g.group: len(g.keep) for g in chosen.groups} == keeps[best]

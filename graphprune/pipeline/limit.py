@@ -44,7 +44,7 @@ from graphprune.planning.selection import DropOrder, greedy_drop_order
 if TYPE_CHECKING:
     from graphprune.recovery.reconstruct import OriginalActivations
 
-__all__ = ["LimitPass", "LimitPassOptions", "held_out", "predictions"]
+__all__ = ["LimitPass", "LimitPassOptions", "held_out", "plan_correct", "predictions", "scoring_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,11 @@ def held_out(data: Calibration, used: int, n: int, seed: int) -> Calibration:
 
 
 def predictions(model: PrunableModel, data: Calibration, batch_size: int) -> np.ndarray:
-    """Top-1 class of the model's first output on every sample (through the torch interpreter).
+    """Top-1 class over the last axis of the model's first output on every sample (through the torch interpreter):
+    (samples,) for a classifier, (samples, tokens) for a language model's (batch, tokens, vocabulary) logits.
 
     Raises:
-        BadInputError: When the first output is not (batch, classes).
+        BadInputError: When the first output has no class axis beside the batch.
     """
     from graphprune.execution.interpreter import GraphInterpreter
 
@@ -101,10 +102,10 @@ def predictions(model: PrunableModel, data: Calibration, batch_size: int) -> np.
     with torch.no_grad():
         for _, inputs, _ in data.batches(batch_size):
             y = interp(*(torch.from_numpy(a) for a in inputs))[0]
-            if y.dim() != 2:
-                raise BadInputError(f"output agreement needs a (batch, classes) first output, got shape {tuple(y.shape)}: "
-                                    "give labelled data or --no-calibrate")
-            out.append(y.argmax(1).numpy())
+            if y.dim() < 2:
+                raise BadInputError(f"output agreement needs a (batch, ..., classes) first output, got shape "
+                                    f"{tuple(y.shape)}: give labelled data or --no-calibrate")
+            out.append(y.argmax(-1).numpy())
     return np.concatenate(out)
 
 
@@ -137,7 +138,7 @@ def _shared_original(ws: Workspace, options: LimitPassOptions) -> tuple[Original
     return original_activations(ws.original.graph, data, recovery.batch_size), bound - need
 
 
-def _correct(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration,
+def plan_correct(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration,
              original: OriginalActivations | None = None, memory_bytes: int = 0) -> np.ndarray:
     """Compensate, rewrite, repair (as the pipeline would) and score each held-out sample (True: the top-1 class is
     its label); ``memory_bytes`` bounds the refit (0: the options' bound)."""
@@ -152,6 +153,23 @@ def _correct(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibra
     if options.repair:
         w = RepairPass(recovery)(w).workspace
     return predictions(w.model, held, options.batch_size) == held.labels
+
+
+def scoring_samples(ws: Workspace, options: LimitPassOptions) -> Calibration | None:
+    """The held-out samples the limit pass scores on (the ones the analysis and compensation leave), labelled with the
+    original's predictions when the data has no labels; None when fewer than ``MIN_HOLDOUT`` are left.
+
+    Raises:
+        BadInputError: Unlabelled data and a first output with no class axis.
+    """
+    assert ws.data is not None
+    used = max(ws.analysis.samples if ws.analysis is not None else 0, options.samples)
+    held = held_out(ws.data, used, options.holdout, options.seed)
+    if len(held) < min(options.holdout, MIN_HOLDOUT):
+        return None
+    if held.labels is None:
+        held = dataclasses.replace(held, labels=predictions(ws.original, held, options.batch_size))
+    return held
 
 
 def _finetuned(o: LimitPassOptions, measured: list[CalibrationPoint], base_q: float,
@@ -188,18 +206,17 @@ class LimitPass(Pass):
             raise BadInputError("the limit pass needs the analysis's F matrices (an analysis saved without its .fisher.npz?)")
         full = {g: coupling.by_id(g).channels for g in orders}
         original = cost_with_keep(graph, coupling, full)
-        used = max(analysis.samples, o.samples)
-        held = held_out(ws.data, used, o.holdout, o.seed)
-        if len(held) < min(o.holdout, MIN_HOLDOUT):
-            ws.status(f"limit: not calibrated: {len(held)} calibration samples are left after the {used} the analysis and "
-                      f"compensation use (at least {min(o.holdout, MIN_HOLDOUT)} needed); the plan's floors are the analysis's")
+        metric = "accuracy" if ws.data.labels is not None else "agreement"
+        scored = scoring_samples(ws, o)
+        if scored is None:
+            used = max(analysis.samples, o.samples)
+            ws.status(f"limit: not calibrated: fewer than {min(o.holdout, MIN_HOLDOUT)} calibration samples are left after "
+                      f"the {used} the analysis and compensation use; the plan's floors are the analysis's")
             return PassResult(ws, False)
+        held = scored
         if 2.0 / len(held) > o.tolerance:
             ws.status(f"limit: {len(held)} held-out samples measure quality in steps of {100 / len(held):.2g} pp, "
                       f"too coarse for a {100 * o.tolerance:g} pp tolerance: give more data")
-        metric = "accuracy" if held.labels is not None else "agreement"
-        if metric == "agreement":
-            held = dataclasses.replace(held, labels=predictions(ws.original, held, o.batch_size))
         base_correct = predictions(ws.original, held, o.batch_size) == held.labels
         base_q = float(base_correct.mean())
 
@@ -218,7 +235,7 @@ class LimitPass(Pass):
             cost = cost_with_keep(graph, coupling, c)
             loss = float(sum(orders[g].cost[full[g] - k] for g, k in c.items()))
             ws.status(f"limit: measuring budget {budget:.3g} ({original.macs / max(1, cost.macs):.2f}x fewer MACs)")
-            correct = _correct(ws, _plan(ws, orders, c, budget), o, held, shared, point_bytes)
+            correct = plan_correct(ws, _plan(ws, orders, c, budget), o, held, shared, point_bytes)
             point = CalibrationPoint(budget, original.macs / max(1, cost.macs), original.params / max(1, cost.params), loss,
                                      float(correct.mean()), time.perf_counter() - start,
                                      paired_margin(base_correct, correct, o.confidence))

@@ -229,6 +229,36 @@ def planned(ws: Workspace, options: PlanOptions) -> tuple[Plan, str]:
         ) from None
 
 
+def _measured_excess(ws: Workspace, options: PlanOptions, plan: Plan, target: str) -> tuple[Plan, str]:
+    """Past the floors, the excess removed per unit saved as well as by predicted loss; both plans compensated,
+    rewritten, repaired and scored on the limit pass's held-out samples, the better kept (the loss plan when they tie,
+    when too few samples are left, or when the output has no class axis to score)."""
+    from graphprune.pipeline.limit import LimitPassOptions, plan_correct, scoring_samples
+
+    other, other_target = planned(ws, dataclasses.replace(options, excess="per_unit"))
+    if {g.group: g.keep for g in other.groups} == {g.group: g.keep for g in plan.groups}:
+        return plan, target
+    scoring = LimitPassOptions(holdout=ws.limit.holdout) if ws.limit is not None else LimitPassOptions()
+    try:
+        held = scoring_samples(ws, scoring)
+    except BadInputError as exc:
+        ws.status(f"past the limit: the excess goes by predicted loss (the output cannot be scored: {exc})")
+        return plan, target
+    if held is None:
+        ws.status("past the limit: the excess goes by predicted loss (too few held-out calibration samples to measure "
+                  "the per-unit plan against it)")
+        return plan, target
+    ws.status(f"past the limit: scoring the excess by predicted loss and per unit saved on {len(held)} held-out samples")
+    scores = {rule: float(plan_correct(ws, p, scoring, held).mean()) for rule, p in (("loss", plan), ("per_unit", other))}
+    best = "per_unit" if scores["per_unit"] > scores["loss"] else "loss"
+    chosen, chosen_target = (other, other_target) if best == "per_unit" else (plan, target)
+    words = {"loss": "by predicted loss", "per_unit": "per unit saved"}
+    ws.status("past the limit: " + ", ".join(f"{words[r]} {q:.4f}" for r, q in scores.items())
+              + f" on held-out samples: the excess goes {words[best]}")
+    meta = {**chosen.meta, "excess": best, "excess_scores": scores, "excess_samples": len(held)}
+    return dataclasses.replace(chosen, meta=meta), chosen_target
+
+
 @register_pass
 class PlanPass(Pass):
     """Level 1 and level 2: how many channels each group keeps, and which."""
@@ -244,6 +274,9 @@ class PlanPass(Pass):
     def run(self, ws: Workspace) -> PassResult:
         ws.status("planning")
         ws.plan, ws.target = planned(ws, self.options)
+        if ws.plan.meta.get("over_limit") and self.options.excess == "measured" and ws.data is not None \
+                and not self.options.plan_file:
+            ws.plan, ws.target = _measured_excess(ws, self.options, ws.plan, ws.target)
         meta = ws.plan.meta
         if "predicted_ms" in meta and ws.latency is not None:
             how = f"planned by {meta['objective']}" if meta.get("objective") else f"planned at the {meta.get('target', 'target')}"

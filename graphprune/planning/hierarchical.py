@@ -8,9 +8,13 @@ METHOD.md section 2, step 5:
   filters r_g; a target beyond the estimated maximum is an
   :class:`~graphprune.errors.OverLimitError` unless over-limit is allowed, and
   then the excess goes past the floors by predicted loss alone, cheapest
-  first (the calibrated limit's budget family): priced per unit saved there,
-  it cut the groups whose channels save the most at any loss (MobileNetV2 at
-  2x fewer MACs before fine-tuning: 0.752 that way against 0.878).
+  first (the calibrated limit's budget family), or per unit saved
+  (``PlanOptions.excess``; the pipeline's plan pass measures both on held-out
+  samples by default). Past the floors the predicted losses stop adding up,
+  and each rule fails somewhere: per unit it cut the groups whose channels
+  save the most at any loss (MobileNetV2 at 2x fewer MACs before
+  fine-tuning: 0.752 against 0.878 by loss), by loss it emptied a character
+  LM's feed-forward layers (perplexity 14.3 against 9.8 per unit).
 - ``uniform``: the same fraction of every group (bisection on that fraction).
 - ``global``: greedy across groups by the criterion's score alone, no limit.
 
@@ -347,9 +351,11 @@ def make_plan(graph: ChannelGraph, coupling: Coupling, options: PlanOptions, ana
                     f"the target is beyond the estimated maximum compression: at most {limit} without pruning past "
                     "any group's effective filters; lower the target, raise --eps when analysing, or pass --allow-over-limit"
                 )
-            # past the floors, cheapest predicted loss first (not per MAC): the limit's budget family
-            keep, reached = _greedy(coupling, orders, goal, value, {g: 1 for g in orders}, False, keep, priced)
+            # past the floors: cheapest predicted loss first (the limit's budget family), or per unit saved
+            excess_per_unit = options.excess == "per_unit"
+            keep, reached = _greedy(coupling, orders, goal, value, {g: 1 for g in orders}, excess_per_unit, keep, priced)
             meta["over_limit"] = True
+            meta["excess"] = "per_unit" if excess_per_unit else "loss"
         if not reached:
             tables = (" as the latency tables predict it (they cover each group from its effective filters up "
                       "unless profiled with below_floors, which --allow-over-limit sets)") if kind == "latency" else ""

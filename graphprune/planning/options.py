@@ -8,6 +8,7 @@ from graphprune.errors import BadInputError
 __all__ = [
     "ANALYSIS_CRITERIA",
     "CRITERIA_NAMES",
+    "EXCESS_RULES",
     "MAGNITUDE_CRITERIA",
     "METHODS",
     "NEEDS_ANALYSIS",
@@ -27,6 +28,12 @@ CRITERIA_NAMES = (*ANALYSIS_CRITERIA, *MAGNITUDE_CRITERIA)
 NEEDS_ANALYSIS = frozenset(ANALYSIS_CRITERIA)
 OBJECTIVES = ("auto", "latency", "macs")
 """Level 1's unit of saving: predicted ms (needs a latency model), the target's own unit, or latency when a model is given."""
+EXCESS_RULES = ("measured", "loss", "per_unit")
+"""How a hierarchical plan past the floors (``allow_over_limit``) removes the excess: by predicted loss alone (the
+calibrated limit's budget family), by predicted loss per unit saved, or both planned and the one scoring better on
+held-out calibration samples kept (``measured``: the pipeline measures; a planner on its own takes ``loss``). Neither
+rule wins everywhere: on the Fashion-MNIST ViT at half the parameters by loss 0.815 against 0.801 per unit, on the
+character LM per unit 9.80 perplexity against 14.28 by loss (benchmarks/README.md)."""
 TARGETS = ("ratio", "macs", "params", "latency")
 """``ratio``: fraction of channels to remove; the others: fraction of the original to keep."""
 
@@ -58,6 +65,7 @@ class PlanOptions:
         objective: Level 1's unit of saving, one of :data:`OBJECTIVES`: ``auto`` prices by predicted ms when the
             workspace has a latency model, else by the target's own unit (MACs, parameters, channels).
         allow_over_limit: Allow targets past the estimated maximum compression.
+        excess: How the excess past the floors is removed, one of :data:`EXCESS_RULES`.
         seed: Seed of the random criterion.
         latency_runs: Runtime runs per latency measurement (latency targets, and the measured never-slower check of a
             plan priced by a latency model; 0 skips that check).
@@ -73,6 +81,7 @@ class PlanOptions:
     round_to: int = 1
     objective: str = "auto"
     allow_over_limit: bool = False
+    excess: str = "measured"
     seed: int = 0
     latency_runs: int = 30
     plan_file: str = ""
@@ -103,6 +112,8 @@ class PlanOptions:
             raise BadInputError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.criterion not in CRITERIA_NAMES:
             raise BadInputError(f"unknown criterion '{self.criterion}' (choose from {', '.join(CRITERIA_NAMES)})")
+        if self.excess not in EXCESS_RULES:
+            raise BadInputError(f"unknown excess rule '{self.excess}' (choose from {', '.join(EXCESS_RULES)})")
         given = [k for k in TARGETS if getattr(self, k) is not None]
         if self.plan_file and given:
             raise BadInputError(f"a saved plan is applied as it is: do not combine it with a {given[0]} target")
