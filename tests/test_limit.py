@@ -290,3 +290,23 @@ def test_past_the_floors_the_plan_pass_keeps_the_excess_rule_that_scores_better(
     assert meta["excess_scores"] == pytest.approx(dict(zip(("loss", "per_unit"), scored)))
     best = max(("loss", "per_unit"), key=lambda r: (meta["excess_scores"][r], r == "loss"))
     assert meta["excess"] == best and {g.group: len(g.keep) for g in chosen.groups} == keeps[best]
+
+
+def test_a_language_model_is_calibrated_on_per_token_agreement(tmp_path):
+    """(batch, tokens, vocabulary) logits with no labels: quality is the top-1 agreement with the original, token by
+    token (the limit pass and the excess scoring share it)."""
+    from graphprune import models
+    from graphprune.pipeline.limit import predictions
+
+    torch.manual_seed(0)
+    path = tmp_path / "lm.onnx"
+    models.export_tokens(models.build("gpt2"), path)
+    model = OnnxPrunable(load_onnx(path))
+    ids = np.random.default_rng(0).integers(0, 64, (768, 8)).astype(np.int64)
+    data = Calibration((ids,), None, "tokens")
+    assert predictions(model, Calibration((ids[:5],), None, "tokens"), 4).shape == (5, 8)
+    pipeline = parse_pipeline({"pass": [{"name": "analyze", "samples": 256, "loss": "projection"},
+                                        {"name": "limit", "samples": 256, "holdout": 512, "points": 3}]})
+    limit = run_model(pipeline, model, data).limit
+    assert limit is not None and limit.metric == "agreement" and limit.base_quality == 1.0 and limit.holdout == 512
+    assert limit.points and all(0.0 <= p.quality <= 1.0 and p.margin >= 0.0 for p in limit.points)
