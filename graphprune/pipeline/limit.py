@@ -139,7 +139,7 @@ def _shared_original(ws: Workspace, options: LimitPassOptions) -> tuple[Original
 
 
 def plan_correct(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration,
-             original: OriginalActivations | None = None, memory_bytes: int = 0) -> np.ndarray:
+                 original: OriginalActivations | None = None, memory_bytes: int = 0) -> np.ndarray:
     """Compensate, rewrite, repair (as the pipeline would) and score each held-out sample (True: the top-1 class is
     its label); ``memory_bytes`` bounds the refit (0: the options' bound)."""
     assert ws.data is not None
