@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--samples", type=_positive, default=1024, help="calibration samples (default 1024)")
     an.add_argument("--seq-len", type=_positive, help="sequence length the MACs count (default: the calibration data's)")
     an.add_argument("--batch-size", type=_positive, default=64)
-    an.add_argument("--loss", choices=("fisher", "labels", "projection"), help="default: labels when the data has them, else fisher")
+    an.add_argument("--loss", choices=("fisher", "labels", "projection"),
+                    help="default: labels when the data has them, else fisher for (batch, classes) outputs and projection for others")
     an.add_argument("--eps", type=_ratio, default=1e-2, help="spectral energy left out of the effective rank (default 0.01)")
     an.add_argument("--floor", type=float, default=0.0, help="absolute eigenvalue floor (default 0)")
     an.add_argument("--budget", type=float, help="network-wide predicted loss increase allowed; sets every r_g instead of --eps")
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sequence length the MACs (and a --macs target) count: default the calibration data's, else 1, said in the table")
     pr.add_argument("--eps", type=_ratio, default=1e-2, help="analysis: spectral energy left out of the effective rank")
     pr.add_argument("--budget", type=float, help="analysis: one network-wide predicted-loss budget instead of --eps")
+    pr.add_argument("--loss", choices=("fisher", "labels", "projection"),
+                    help="analysis loss (default: labels when the data has them, else fisher for (batch, classes) "
+                         "outputs and projection for others)")
     pr.add_argument("--allow-over-limit", action="store_true", help="allow targets beyond the estimated maximum compression")
     pr.add_argument("--excess", choices=EXCESS_RULES, default="measured",
                     help="past the limit, remove the excess by predicted loss, per unit saved, or both scored on held-out "
@@ -344,6 +348,8 @@ def _prune_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
         analyze = {"name": "analyze", "samples": args.samples, "eps": args.eps, "seed": args.seed}
         if args.budget is not None:
             analyze["budget"] = args.budget
+        if args.loss is not None:
+            analyze["loss"] = args.loss
         passes.append(analyze)
     compensate = bool(args.data) if args.compensate is None else args.compensate
     repair = bool(args.data) if args.repair is None else args.repair

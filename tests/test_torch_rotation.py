@@ -392,3 +392,33 @@ def test_class_token_concat_is_a_writer_on_both_paths(tmp_path: Path, dynamo: bo
     assert onnx_report.frozen == "" and onnx_report.kept == 12
     assert onnx_report.full_rotation_error < 1e-4  # type: ignore[operator]
     np.testing.assert_allclose(_outputs(sliced.module, data), _run(onnx_sliced, data), rtol=1e-3, atol=1e-4)
+
+
+def test_prune_a_saved_language_model_program_with_channels_then_hidden_size(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``prune lm.pt2 --data ids.npz --ratio 0.3 --hidden 0.75``: unlabelled token data and (batch, tokens, vocabulary)
+    logits, so the analysis takes the output projection loss (said in a stage line); channels then the hidden size."""
+    import json
+
+    from graphprune.cli import main
+    from graphprune.pipeline.passes import analysis_loss
+
+    torch.manual_seed(0)
+    module = models.build("gpt2").eval()
+    src = tmp_path / "lm.pt2"
+    torch.export.save(torch.export.export(module, (torch.zeros(2, 8, dtype=torch.long),),
+                                          dynamic_shapes={"ids": {0: torch.export.Dim("batch", min=1, max=1024)}}), str(src))
+    graph = program_model(torch.export.load(str(src))).graph
+    assert analysis_loss(graph, "labels", False) == analysis_loss(graph, "fisher", True) == "projection"
+    assert analysis_loss(graph, "labels", True) == "labels"
+    npz = tmp_path / "ids.npz"
+    np.savez(npz, input=np.random.default_rng(0).integers(0, 64, (640, 8)).astype(np.int64))
+    out = tmp_path / "out.pt2"
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.3", "--hidden", "0.75", "--data", str(npz),
+                 "--samples", "256", "--latency-runs", "0", "--allow-over-limit"]) == 0
+    text = capsys.readouterr().out
+    assert "the output projection loss replaces the fisher loss" in " ".join(text.split()) and "hidden size 32 -> 24" in text
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["figures"]["hidden"]["kept"] == 24 and report["after"]["params"] < report["before"]["params"]
+    with torch.no_grad():
+        assert torch.export.load(str(out)).module()(torch.zeros(3, 8, dtype=torch.long)).shape == (3, 8, 64)

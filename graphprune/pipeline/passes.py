@@ -83,11 +83,22 @@ class AnalyzePassOptions(AnalysisOptions):
             raise BadInputError(f"samples must be at least 2, got {self.samples}")
 
 
+def analysis_loss(graph: ChannelGraph, requested: str, labelled: bool) -> str:
+    """The loss the analysis runs: ``labels`` falls back to the true Fisher (labels sampled from the model) when the
+    data has none, and the Fisher to the output projection loss when the first output is not (batch, classes) (a
+    language model's (batch, tokens, vocabulary) logits, a detector's boxes: no class axis is guessed)."""
+    loss = "fisher" if requested == "labels" and not labelled else requested
+    shape = graph.shape(graph.outputs[0]) if graph.outputs else None
+    if loss == "fisher" and shape is not None and len(shape) != 2:
+        return "projection"
+    return loss
+
+
 def run_analysis(graph: ChannelGraph, coupling: Coupling, data: Calibration, o: AnalyzePassOptions,
                  progress: AnalysisProgress | None = None, meta: dict[str, Any] | None = None) -> Analysis:
-    """The analyze pass's work on any channel graph: a seeded subset of ``data``, sampled labels when it has none."""
+    """The analyze pass's work on any channel graph: a seeded subset of ``data``, the loss :func:`analysis_loss` picks."""
     subset = data.subset(o.samples, o.seed)
-    loss = "fisher" if o.loss == "labels" and subset.labels is None else o.loss
+    loss = analysis_loss(graph, o.loss, subset.labels is not None)
     options = AnalysisOptions(eps=o.eps, floor=o.floor, loss=loss, batch_size=o.batch_size, seed=o.seed, budget=o.budget)
     return analyze(graph, coupling, subset, options, progress, meta=meta)
 
@@ -104,6 +115,11 @@ class AnalyzePass(Pass):
     def run(self, ws: Workspace) -> PassResult:
         assert ws.data is not None
         ws.status("effective filter analysis")
+        loss = analysis_loss(ws.original.graph, self.options.loss, ws.data.labels is not None)
+        if loss == "projection" and self.options.loss != "projection":
+            shape = ws.original.graph.shape(ws.original.graph.outputs[0])
+            ws.status(f"analysis: the first output has shape {shape}, not (batch, classes): the output projection loss "
+                      f"replaces the {self.options.loss} loss")
         meta = {"model": str(ws.source) if ws.source else ws.original.kind, "data": ws.data.source}
         start = time.perf_counter()
         analysis = run_analysis(ws.original.graph, ws.groups(), ws.data, self.options, ws.progress, meta)
