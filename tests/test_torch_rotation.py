@@ -305,10 +305,51 @@ class OddRMSNorm(nn.Module):
 
 
 def test_only_modules_that_compute_rms_norm_are_fused() -> None:
+    """From the module (run on random input) and from its exported program (the block's own ops run instead)."""
     net = nn.Sequential(nn.Linear(8, 16), OddRMSNorm(16), nn.Linear(16, 4)).eval()
     model = module_model(net, [torch.randn(2, 5, 8)])
-    assert not any(n.op_type == "RMSNormalization" for n in model.graph.nodes)
-    assert any(n.op_type == "Pow" for n in model.graph.nodes)
+    program = program_model(torch.export.export(net, (torch.randn(2, 5, 8),)))
+    for graph in (model.graph, program.graph):
+        assert not any(n.op_type == "RMSNormalization" for n in graph.nodes)
+        assert any(n.op_type == "Pow" for n in graph.nodes)
+
+
+class _TorchRMSNet(nn.Module):
+    """Pre-norm residual blocks with torch's own ``nn.RMSNorm`` (one ``aten.rms_norm`` call, not arithmetic)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, dim)
+        self.n1, self.fc1, self.fc2 = nn.RMSNorm(dim), nn.Linear(dim, 32), nn.Linear(32, dim)
+        self.norm, self.head = nn.RMSNorm(dim, eps=1e-5), nn.Linear(dim, 64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        x = x + self.fc2(torch.nn.functional.silu(self.fc1(self.n1(x))))
+        return self.head(self.norm(x))
+
+
+def test_torch_rms_norm_modules_convert_and_rotate_on_both_torch_paths() -> None:
+    """``aten.rms_norm`` is RMSNormalization (torch's default epsilon when none is given); the stream rotates as a
+    module and as a program, exactly at full width, with the same sliced outputs."""
+    from graphprune.backends.program_rotation import slice_hidden_program
+
+    torch.manual_seed(0)
+    module = _randomise_norms(_TorchRMSNet()).eval()
+    example = torch.zeros(2, 8, dtype=torch.long)
+    model = module_model(module, [example])
+    norms = [n for n in model.graph.nodes if n.op_type == "RMSNormalization"]
+    assert [n.attrs["epsilon"] for n in norms] == pytest.approx([torch.finfo(torch.float32).eps, 1e-5])
+    data = _tokens()
+    full = HiddenOptions(keep=1.0, samples=64, eval_samples=64)
+    assert slice_hidden_module(model, data, None, full)[1].max_abs_error < 1e-4  # type: ignore[operator]
+    sliced, report = slice_hidden_module(model, data, None, OPTIONS)
+    program = program_model(torch.export.export(module, (example,), dynamic_shapes={"ids": {0: torch.export.Dim("batch")}}))
+    psliced, preport = slice_hidden_program(program, data, None, OPTIONS)
+    assert report.kept == preport.kept == 12 and preport.full_rotation_error < 1e-4  # type: ignore[operator]
+    with torch.no_grad():
+        got = psliced.program.module()(torch.from_numpy(data.inputs[0])).numpy()
+    np.testing.assert_allclose(got, _outputs(sliced.module, data), rtol=1e-3, atol=1e-4)
 
 
 class CastingRMSNorm(nn.Module):

@@ -97,7 +97,7 @@ def _norm_modules(model: ModulePrunable, stream: Stream) -> dict[str, str]:
         name = origin.module if origin is not None else None
         m = model.module.get_submodule(name) if name else None
         fused = origin is not None and origin.target == RMS_TARGET
-        if name is None or not (isinstance(m, nn.LayerNorm) or fused):
+        if name is None or not (isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or fused):
             raise _Unsupported(f"the norm '{norm.node}' is not an nn.LayerNorm or RMSNorm module's call "
                                "(it cannot be replaced)")
         if name in out.values():

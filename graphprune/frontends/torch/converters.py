@@ -194,6 +194,18 @@ def _slice(b: Builder, node: Node, out: str) -> None:
     b.add(out, "Slice", [x, *consts], [out], input_args=refs)
 
 
+@converts("aten.rms_norm.default", emits=("RMSNormalization",))
+def _rms_norm(b: Builder, node: Node, out: str) -> None:
+    """``nn.RMSNorm`` / ``F.rms_norm``: ONNX's RMSNormalization over the trailing normalised axes (no eps: the input
+    type's machine epsilon, as torch takes it)."""
+    x, shape = b.name(node.args[0]), ints_arg(node, 1, "normalized_shape")
+    w, eps = arg(node, 2, "weight", None), arg(node, 3, "eps", None)
+    if eps is None:
+        eps = float(torch.finfo(node.args[0].meta["val"].dtype).eps)
+    w_name = b.const(out, np.ones(shape, _scalar_dtype(b.tensors[out].dtype))) if w is None else b.name(w)
+    b.add(out, "RMSNormalization", [x, w_name], [out], axis=-len(shape), epsilon=float(eps))
+
+
 @converts("aten.select.int", emits=("Gather",))
 def _select(b: Builder, node: Node, out: str) -> None:
     """``x[:, i]`` with a literal index: a Gather of one element that drops the axis (a class token's row)."""
