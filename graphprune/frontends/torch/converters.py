@@ -201,7 +201,9 @@ def _rms_norm(b: Builder, node: Node, out: str) -> None:
     x, shape = b.name(node.args[0]), ints_arg(node, 1, "normalized_shape")
     w, eps = arg(node, 2, "weight", None), arg(node, 3, "eps", None)
     if eps is None:
-        eps = float(torch.finfo(node.args[0].meta["val"].dtype).eps)
+        source = node.args[0]
+        assert isinstance(source, Node)
+        eps = float(torch.finfo(source.meta["val"].dtype).eps)
     w_name = b.const(out, np.ones(shape, _scalar_dtype(b.tensors[out].dtype))) if w is None else b.name(w)
     b.add(out, "RMSNormalization", [x, w_name], [out], axis=-len(shape), epsilon=float(eps))
 
