@@ -233,23 +233,23 @@ def test_untraceable_model_gives_a_clear_error():
     assert "cannot trace _DataDependent" in msg and "prune the ONNX file instead" in msg
 
 
-class _WithMish(nn.Module):
+class _WithUnknown(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
         self.c = nn.Conv2d(8, 4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.nn.functional.mish(self.b(torch.relu(self.a(x)))))
+        return self.c(torch.special.i0e(self.b(torch.relu(self.a(x)))))
 
 
 def test_unknown_functions_freeze_their_channels():
-    tm = load_module(_WithMish(), [_x(2)])
+    tm = load_module(_WithUnknown(), [_x(2)])
     coupling = build_groups(tm.graph)
     by_anchor = {g.anchor: g for g in coupling.groups}
     assert by_anchor["a.weight[0]"].prunable
     frozen = by_anchor["b.weight[0]"]
-    assert not frozen.prunable and any("mish" in r for r in frozen.frozen)
+    assert not frozen.prunable and any("i0e" in r for r in frozen.frozen)
 
 
 def test_saved_exported_program_loads(tmp_path):
@@ -632,3 +632,43 @@ def test_gpt2_style_feed_forward_prunes_exactly_on_the_torch_path():
     pruned = prune_module(tm, coupling, plan)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in module.parameters())
     assert verify_module(tm, coupling, plan, pruned, [torch.randint(0, 64, (3, 8))]) < 1e-5
+
+
+class _MobileAndYoloOps(nn.Module):
+    """MobileNetV3's hardswish / hardsigmoid squeeze-excite, YOLO's leaky ReLU, padding and nearest upsampling,
+    Mish / ELU / Softplus / clamp, a bilinear upsample and a log-softmax head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(32, 8, 1)
+        self.se1, self.se2, self.fc = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.hardswish(self.c1(x))
+        y = y * F.hardsigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        z = F.leaky_relu(self.c2(F.pad(y, (1, 1, 1, 1))), 0.1)[:, :, 1:-1, 1:-1]
+        z = F.mish(z) + F.elu(z) + F.softplus(z).clamp(0.0, 6.0) + z.clamp(min=-1.0)
+        u = F.interpolate(F.max_pool2d(z, 2), scale_factor=2, mode="nearest")
+        v = F.interpolate(F.avg_pool2d(y, 2), scale_factor=2, mode="bilinear", align_corners=False)
+        return F.log_softmax(self.fc(self.c3(torch.cat([u, v], 1)).mean((2, 3))), -1)
+
+
+def test_common_activation_padding_and_upsampling_calls_convert_and_prune_exactly() -> None:
+    """None of these calls is left an aten op (which would freeze its channels): the interpreter reproduces the module,
+    every conv's channels prune, exactly from the module and from the program."""
+    from graphprune.backends.exported_program import prune_program, verify_program
+    from graphprune.execution.interpreter import GraphInterpreter
+
+    torch.manual_seed(0)
+    module, x = _MobileAndYoloOps().eval(), torch.randn(2, 3, 16, 16)
+    tm = load_module(module, [x])
+    ops = {n.op_type for n in tm.graph.nodes}
+    assert not [o for o in ops if o.startswith("aten.")]
+    assert {"HardSwish", "HardSigmoid", "LeakyRelu", "Pad", "Resize", "Mish", "Elu", "Softplus", "Clip", "LogSoftmax"} <= ops
+    with torch.no_grad():
+        torch.testing.assert_close(GraphInterpreter(tm.graph).eval()(x)[0], module(x))
+    coupling = build_groups(tm.graph)
+    assert sorted(g.channels for g in coupling.prunable) == [4, 8, 16, 16]
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    assert verify_module(tm, coupling, plan, prune_module(tm, coupling, plan), [x]) < 1e-5
+    assert verify_program(tm, coupling, plan, prune_program(tm, coupling, plan)) < 1e-5

@@ -160,7 +160,8 @@ def _unary(op: str) -> Converter:
 _UNARY = {"relu": "Relu", "relu_": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "clone": "Identity",
           "contiguous": "Identity", "dropout": "Identity", "erf": "Erf", "exp": "Exp", "sqrt": "Sqrt", "neg": "Neg",
           "abs": "Abs", "alias": "Identity", "detach": "Identity", "cos": "Cos", "sin": "Sin",
-          "reciprocal": "Reciprocal"}
+          "reciprocal": "Reciprocal", "hardswish": "HardSwish", "hardswish_": "HardSwish", "mish": "Mish",
+          "mish_": "Mish"}
 for _target, _op in _UNARY.items():
     converts(f"aten.{_target}.default", emits=(_op,))(_unary(_op))
 
@@ -242,6 +243,83 @@ def _gelu(b: Builder, node: Node, out: str) -> None:
 def _hardtanh(b: Builder, node: Node, out: str) -> None:
     lo, hi = float_arg(node, 1, "min_val", -1.0), float_arg(node, 2, "max_val", 1.0)
     b.add(out, "Clip", [b.name(node.args[0]), b.const(out, lo), b.const(out, hi)], [out])
+
+
+@converts("aten.hardsigmoid.default", "aten.hardsigmoid_.default", emits=("HardSigmoid",))
+def _hardsigmoid(b: Builder, node: Node, out: str) -> None:
+    """torch's ``relu6(x + 3) / 6``: ONNX HardSigmoid with alpha 1/6, beta 0.5."""
+    b.add(out, "HardSigmoid", [b.name(node.args[0])], [out], alpha=1.0 / 6.0, beta=0.5)
+
+
+@converts("aten.leaky_relu.default", "aten.leaky_relu_.default", emits=("LeakyRelu",))
+def _leaky_relu(b: Builder, node: Node, out: str) -> None:
+    b.add(out, "LeakyRelu", [b.name(node.args[0])], [out], alpha=float_arg(node, 1, "negative_slope", 0.01))
+
+
+@converts("aten.elu.default", "aten.elu_.default", emits=("Elu",))
+def _elu(b: Builder, node: Node, out: str) -> None:
+    if float_arg(node, 2, "scale", 1.0) != 1.0 or float_arg(node, 3, "input_scale", 1.0) != 1.0:
+        raise NotConverted("elu with a scale (SELU-like)")
+    b.add(out, "Elu", [b.name(node.args[0])], [out], alpha=float_arg(node, 1, "alpha", 1.0))
+
+
+@converts("aten.softplus.default", emits=("Softplus",))
+def _softplus(b: Builder, node: Node, out: str) -> None:
+    """``log(1 + exp(x))`` (torch's linear branch above its threshold agrees to float precision)."""
+    if float_arg(node, 1, "beta", 1.0) != 1.0:
+        raise NotConverted("softplus with beta other than 1")
+    b.add(out, "Softplus", [b.name(node.args[0])], [out])
+
+
+@converts("aten.clamp.default", "aten.clamp_.default", emits=("Clip",))
+def _clamp(b: Builder, node: Node, out: str) -> None:
+    """``x.clamp(min, max)`` with literal bounds (an absent bound is an absent Clip input)."""
+    x = b.name(node.args[0])
+    bounds = [arg(node, 1, "min", None), arg(node, 2, "max", None)]
+    if any(isinstance(v, Node) for v in bounds):
+        raise NotConverted("clamp bounds read at run time")
+    inputs = [x, *("" if v is None else _scalar_operand(b, v, out, out) for v in bounds)]
+    while inputs[-1] == "":
+        inputs.pop()
+    b.add(out, "Clip", inputs, [out])
+
+
+@converts("aten.log_softmax.int", "aten._log_softmax.default", emits=("LogSoftmax",))
+def _log_softmax(b: Builder, node: Node, out: str) -> None:
+    b.add(out, "LogSoftmax", [b.name(node.args[0])], [out], axis=int_arg(node, 1, "dim"))
+
+
+@converts("aten.constant_pad_nd.default", "aten.pad.default", emits=("Pad",))
+def _constant_pad(b: Builder, node: Node, out: str) -> None:
+    """``F.pad(x, pad, value=v)``: torch lists (begin, end) pairs from the last axis; ONNX all begins, then all ends.
+    Reflect and replicate padding stay aten ops."""
+    x = b.name(node.args[0])
+    rank, pad = _rank(b, x), ints_arg(node, 1, "pad")
+    is_pad = str(node.target) == "aten.pad.default"
+    if is_pad and arg(node, 2, "mode", "constant") != "constant":
+        raise NotConverted("non-constant padding")
+    begins, ends = [0] * rank, [0] * rank
+    for k in range(len(pad) // 2):
+        begins[rank - 1 - k], ends[rank - 1 - k] = pad[2 * k], pad[2 * k + 1]
+    value = float(arg(node, 3, "value", None) or 0.0) if is_pad else float_arg(node, 2, "value", 0.0)
+    b.add(out, "Pad", [x, b.const(out, begins + ends, np.int64), _scalar_operand(b, value, x, out)], [out], mode="constant")
+
+
+@converts("aten.upsample_nearest2d.vec", "aten.upsample_bilinear2d.vec", emits=("Resize",))
+def _upsample(b: Builder, node: Node, out: str) -> None:
+    """``F.interpolate`` (nearest, or bilinear) as a Resize by static scales: batch and channels keep scale 1."""
+    x = b.name(node.args[0])
+    src, dst = b.tensors[x].shape or (), b.tensors[out].shape or ()
+    pairs = [(i, o) for i, o in zip(src[2:], dst[2:]) if isinstance(i, int) and isinstance(o, int)]
+    if len(src) != 4 or len(dst) != 4 or len(pairs) != 2:
+        raise NotConverted("upsampling with spatial sizes known only at run time")
+    scales = [1.0, 1.0, *(o / i for i, o in pairs)]
+    if "nearest" in str(node.target):
+        attrs: dict[str, Any] = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    else:
+        corners = bool(arg(node, 2, "align_corners", False))
+        attrs = {"mode": "linear", "coordinate_transformation_mode": "align_corners" if corners else "pytorch_half_pixel"}
+    b.add(out, "Resize", [x, "", b.const(out, scales, np.float32)], [out], **attrs)
 
 
 def _binary(op: str) -> Converter:
