@@ -477,7 +477,9 @@ class _Walk:
             seen = self.on(out)
             if seen is None:
                 raise _Frozen(f"Expand '{node.name}' expands a constant onto the stream from its shape input")
-            if self.g.shape(x)[_pos(seen[0], rout) - (rout - rin)] != self.width:  # type: ignore[index]
+            shape = self.g.shape(x) or ()
+            j = _pos(seen[0], rout) - (rout - rin)
+            if not 0 <= j < len(shape) or shape[j] != self.width:
                 raise _Frozen(f"Expand '{node.name}' broadcasts '{x}' across the stream's width")
             self.writer(x, seen[0], node)
         else:
