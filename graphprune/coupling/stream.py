@@ -486,8 +486,10 @@ class _Walk:
             self.through(node, {d: d + rout - rin for d in range(rin)})
         seen = self.on(out)
         target = self.g.const(node.inputs[1])
-        if seen is not None and target is not None and int(target[_pos(seen[0], rout)]) == self.width:
-            self.reshapes.append(Side(node.inputs[1], _pos(seen[0], rout)))
+        if seen is not None and target is not None:  # the target aligns with the output's trailing axes
+            entry = _pos(seen[0], rout) - (rout - target.size)
+            if 0 <= entry < target.size and int(np.ravel(target)[entry]) == self.width:
+                self.reshapes.append(Side(node.inputs[1], entry))
 
     def _op_Squeeze(self, node: OpNode) -> None:
         self._reshape_like(node)
