@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--eps", type=_ratio, default=1e-2, help="analysis: spectral energy left out of the effective rank")
     pr.add_argument("--budget", type=float, help="analysis: one network-wide predicted-loss budget instead of --eps")
     pr.add_argument("--loss", choices=("fisher", "labels", "projection"),
-                    help="analysis loss (default: labels when the data has them, else fisher for (batch, classes) "
-                         "outputs and projection for others)")
+                    help="analysis loss (default: fisher, labels sampled from the model, for (batch, classes) outputs; "
+                         "projection for others)")
     pr.add_argument("--allow-over-limit", action="store_true", help="allow targets beyond the estimated maximum compression")
     pr.add_argument("--excess", choices=EXCESS_RULES, default="measured",
                     help="past the limit, remove the excess by predicted loss, per unit saved, or both scored on held-out "
