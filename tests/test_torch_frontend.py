@@ -672,3 +672,50 @@ def test_common_activation_padding_and_upsampling_calls_convert_and_prune_exactl
     plan = uniform_plan(tm.graph, coupling, 0.5)
     assert verify_module(tm, coupling, plan, prune_module(tm, coupling, plan), [x]) < 1e-5
     assert verify_program(tm, coupling, plan, prune_program(tm, coupling, plan)) < 1e-5
+
+
+class _TimmAttention(nn.Module):
+    """timm's ViT attention: one qkv Linear reshaped to (B, N, 3, heads, head_dim), permuted, ``unbind(0)``."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, merge_from_input: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.merge_from_input = num_heads, dim // num_heads, merge_from_input
+        self.scale = self.head_dim ** -0.5  # fixed at init, as timm does (a forward recomputing it is caught)
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        y = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, n, c if self.merge_from_input else -1))
+
+
+class _TimmBlock(nn.Module):
+    def __init__(self, merge_from_input: bool) -> None:
+        super().__init__()
+        self.norm, self.attn, self.head = nn.LayerNorm(32), _TimmAttention(merge_from_input=merge_from_input), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm(x))
+        return self.head(torch.stack([x.mean(1), x.amax(1)], 1).sum(1))
+
+
+@pytest.mark.parametrize("merge_from_input", [False, True])
+def test_timm_style_attention_with_unbind_prunes_its_head_size(merge_from_input: bool) -> None:
+    """``unbind``, ``stack`` and ``amax`` convert; the head size prunes (heads inside (3, heads, size) stay), exactly
+    in the program (the traced literals are patched). The module's forward reshapes with its ``head_dim`` (and timm
+    merges with ``c`` read from the input), which the module backend does not rewrite: the pruned module is refused
+    with the reason, never returned wrong."""
+    from graphprune.backends.exported_program import prune_program, verify_program
+
+    torch.manual_seed(0)
+    module, x = _TimmBlock(merge_from_input).eval(), torch.randn(2, 5, 32)
+    tm = load_module(module, [x])
+    assert not [n.op_type for n in tm.graph.nodes if n.op_type.startswith("aten.")]
+    coupling = build_groups(tm.graph)
+    assert [g.channels for g in coupling.prunable] == [8]
+    plan = uniform_plan(tm.graph, coupling, 0.5)
+    assert verify_program(tm, coupling, plan, prune_program(tm, coupling, plan)) < 1e-5
+    with pytest.raises(ValidationError, match="hard-code channel counts"):
+        verify_module(tm, coupling, plan, prune_module(tm, coupling, plan), [x])

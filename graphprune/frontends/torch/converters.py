@@ -372,6 +372,38 @@ def _split(b: Builder, node: Node, out: str) -> None:
     b.add(out, "Split", [x, b.const(out, sizes, np.int64)], outs, input_args=refs, axis=dim % rank)
 
 
+@converts("aten.unbind.int", emits=("Split", "Squeeze"))
+def _unbind(b: Builder, node: Node, out: str) -> None:
+    """``q, k, v = qkv.unbind(0)`` (timm's attention): a Split into ones along ``dim``, each part squeezed."""
+    x = b.name(node.args[0])
+    rank = _rank(b, x)
+    dim = int_arg(node, 1, "dim", 0) % rank
+    shape = list(b.tensors[x].shape or ())
+    n_out = len(node.meta["val"])
+    parts = [f"{out}.part{i}" for i in range(n_out)]
+    for part in parts:
+        b.tensor(part, (*shape[:dim], 1, *shape[dim + 1:]), b.tensors[x].dtype, "activation")
+    b.add(f"{out}.split", "Split", [x, b.const(out, [1] * n_out, np.int64)], parts, axis=dim)
+    for i, part in enumerate(parts):
+        b.add(f"{out}.squeeze{i}", "Squeeze", [part, b.const(out, [dim], np.int64)], [f"{out}.{i}"])
+
+
+@converts("aten.stack.default", emits=("Unsqueeze", "Concat"))
+def _stack(b: Builder, node: Node, out: str) -> None:
+    """``torch.stack(xs, dim)``: each input unsqueezed at ``dim``, then concatenated there."""
+    rank = _rank(b, out)
+    dim = int_arg(node, 1, "dim", 0) % rank
+    names = []
+    for i, a in enumerate(arg(node, 0, "tensors", [])):
+        x = b.name(a)
+        shape = list(b.tensors[x].shape or ())
+        part = f"{out}.unsqueezed{i}"
+        b.tensor(part, (*shape[:dim], 1, *shape[dim:]), b.tensors[x].dtype, "activation")
+        b.add(part, "Unsqueeze", [x, b.const(out, [dim], np.int64)], [part])
+        names.append(part)
+    b.add(out, "Concat", names, [out], axis=dim)
+
+
 def _static(b: Builder, name: str, axis: int) -> int:
     """A static size of ``name``'s axis.
 
@@ -609,6 +641,8 @@ def _reduce(op: str) -> Converter:
 
 converts("aten.mean.dim", emits=("ReduceMean",))(_reduce("ReduceMean"))
 converts("aten.sum.dim_IntList", emits=("ReduceSum",))(_reduce("ReduceSum"))
+converts("aten.amax.default", emits=("ReduceMax",))(_reduce("ReduceMax"))
+converts("aten.amin.default", emits=("ReduceMin",))(_reduce("ReduceMin"))
 
 
 @converts("aten.adaptive_avg_pool2d.default", "aten.adaptive_avg_pool1d.default", emits=("GlobalAveragePool",))
