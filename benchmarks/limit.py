@@ -160,16 +160,24 @@ def onnxsim_point(folded: Path, cal: Calibration, test: Calibration, red: float)
     return {"sparsity": hi, "macs_reduction": r, "wanda": plain, "wanda_refit": refit_acc, "accuracy": max(plain, refit_acc)}
 
 
-def limit_only(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> dict[str, Any]:
-    """The analysis, then the limit pass at each of ``--confidences`` as :func:`run_model` runs it, the test accuracy
-    at each limit (no fine-tuning), and the measured no-fine-tune knee on the same model (the budget family on the
-    grid, compensated, rewritten and repaired, scored on the test split)."""
+def analyzed_model(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> tuple[Any, Path, float, Workspace]:
+    """The trained model (0 epochs: untrained, a smoke run), its BN-kept export, its test accuracy, and the workspace
+    after the analysis of 4,096 training images."""
     module = trained(name, args.epochs, cache_dir="benchmarks/.cache") if args.epochs > 0 else models.build(name).eval()
     path = Path(tempfile.mkdtemp()) / f"{name}.onnx"
     models.export_onnx(module, path, bn="keep")
     om = load_onnx(path)
     base = ort_accuracy(model_bytes(om.model), test)
     ws = analyzed_workspace(om, train.subset(4096, seed=0))
+    assert ws.analysis is not None
+    return module, path, base, ws
+
+
+def limit_only(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> dict[str, Any]:
+    """The analysis, then the limit pass at each of ``--confidences`` as :func:`run_model` runs it, the test accuracy
+    at each limit (no fine-tuning), and the measured no-fine-tune knee on the same model (the budget family on the
+    grid, compensated, rewritten and repaired, scored on the test split)."""
+    _, _, base, ws = analyzed_model(name, args, train, test)
     assert ws.analysis is not None
     fam = Family(ws)
     limits = []
@@ -204,16 +212,11 @@ def limit_only(name: str, args: argparse.Namespace, train: Calibration, test: Ca
 
 def run_model(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> dict[str, Any]:
     t0 = time.perf_counter()
-    module = trained(name, args.epochs, cache_dir="benchmarks/.cache") if args.epochs > 0 else models.build(name).eval()  # 0: smoke run
-    log(name, "trained/loaded", f"{time.perf_counter() - t0:.0f} s")
-    tmp = Path(tempfile.mkdtemp())
-    path, folded = tmp / f"{name}.onnx", tmp / f"{name}.fold.onnx"
-    models.export_onnx(module, path, bn="keep")
+    module, path, base, ws = analyzed_model(name, args, train, test)
+    log(name, "trained, exported and analysed", f"{time.perf_counter() - t0:.0f} s")
+    folded = path.with_name(f"{name}.fold.onnx")
     models.export_onnx(module, folded, bn="fold")
-    om = load_onnx(path)
-    base = ort_accuracy(model_bytes(om.model), test)
     cal = train.subset(4096, seed=0)
-    ws = analyzed_workspace(om, cal)
     assert ws.analysis is not None
     ws = LimitPass(LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs, holdout=args.holdout,
                                     confidence=args.confidence))(ws).workspace

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from graphprune.backends.exported_program import _dynamic_batch, _get_arg, _patched_list, _set_arg, example_inputs
-from graphprune.backends.torch_rotation import UnitRMSNorm, _first_outputs, _owner, _set_parameter
+from graphprune.backends.torch_rotation import UnitRMSNorm, _first_outputs, _owner, _set_parameter, _Unsupported
 from graphprune.coupling.stream import Stream, find_stream
 from graphprune.frontends.data import Calibration
 from graphprune.ir.graph import ChannelGraph
@@ -39,10 +39,6 @@ __all__ = ["rotate_program", "slice_hidden_program", "untie_program"]
 log = logging.getLogger(__name__)
 
 Status = Callable[[str], None]
-
-
-class _Unsupported(ValueError):
-    """Internal: the program cannot take the rotation (the message is the reason; the stream is then frozen)."""
 
 
 def _fx_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
@@ -79,9 +75,10 @@ def _measure(model: ProgramPrunable, stream: Stream, data: Calibration, options:
     nodes = _fx_nodes(gm)
     names = {_node(nodes, n.input).name: n.input for n in stream.norms}
     sums: dict[str, np.ndarray] = {}
+    interpreter = _Moments(gm, names, stream.centred, sums)
     with torch.no_grad():
         for _, inputs, _ in data.subset(options.samples, options.seed).batches(options.batch_size):
-            _Moments(gm, names, stream.centred, sums).run(*(torch.from_numpy(a) for a in inputs))
+            interpreter.run(*(torch.from_numpy(a) for a in inputs))
     return sums
 
 

@@ -61,7 +61,7 @@ class UnitRMSNorm(nn.Module):
 
 
 class _Unsupported(ValueError):
-    """Internal: the module cannot take the rotation (the message is the reason; the stream is then frozen)."""
+    """Internal: the module or program cannot take the rotation (the message is the reason; the stream is then frozen)."""
 
 
 def untie_parameters(module: nn.Module) -> list[str]:

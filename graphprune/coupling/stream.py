@@ -280,12 +280,15 @@ class _Walk:
         known = next(s for s in sides if s is not None)
         if known[1] != "stream":
             raise _Frozen(f"Add '{node.name}' adds to a norm's output (a post-LN residual: the norm's scale cannot be folded)")
-        axis = known[0]
+        self.joined(node, known[0])
+
+    def joined(self, node: OpNode, axis: int) -> None:
+        """Every input and the output of ``node`` lie on the stream at ``axis``; a constant input is a writer."""
         for name in node.inputs:
             value = self.g.const(name)
             if value is not None:
                 if value.ndim < -axis:
-                    raise _Frozen(f"Add '{node.name}' adds '{name}' broadcast across the stream's width")
+                    raise _Frozen(f"{node.op_type} '{node.name}' adds '{name}' broadcast across the stream's width")
                 self.writer(name, axis, node)
             else:
                 self.mark(name, axis, "stream")
@@ -461,12 +464,7 @@ class _Walk:
             raise _Frozen(f"Concat '{node.name}' joins normalised stream tensors")
         if _pos(int(node.attrs.get("axis", 0)), rank) == _pos(axis, rank):
             raise _Frozen(f"Concat '{node.name}' joins along the stream's width")
-        for name in node.inputs:
-            if self.g.const(name) is not None:
-                self.writer(name, axis, node)
-            else:
-                self.mark(name, axis, "stream")
-        self.mark(node.outputs[0], axis, "stream")
+        self.joined(node, axis)
 
     def _op_Expand(self, node: OpNode) -> None:
         """A broadcast copy (a class token expanded over the batch): a constant input is a writer; a constant target

@@ -217,7 +217,11 @@ class LimitPass(Pass):
         if 2.0 / len(held) > o.tolerance:
             ws.status(f"limit: {len(held)} held-out samples measure quality in steps of {100 / len(held):.2g} pp, "
                       f"too coarse for a {100 * o.tolerance:g} pp tolerance: give more data")
-        base_correct = predictions(ws.original, held, o.batch_size) == held.labels
+        assert held.labels is not None
+        if ws.data.labels is not None:
+            base_correct = predictions(ws.original, held, o.batch_size) == held.labels
+        else:  # the labels are the original's own predictions (scoring_samples): it agrees with every one
+            base_correct = np.ones(held.labels.shape, dtype=np.bool_)
         base_q = float(base_correct.mean())
 
         cache: dict[float, dict[int, int]] = {}

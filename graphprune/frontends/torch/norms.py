@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.ir.dtypes import numpy_dtype
+from graphprune.ir.dtypes import torch_dtype
 from graphprune.ir.graph import ChannelGraph, OpNode, Origin
 
 __all__ = ["RMS_TARGET", "fuse_rms_calls", "fuse_rms_modules", "rms_epsilon"]
@@ -134,16 +134,15 @@ def _block_computes_rms(graph: ChannelGraph, idx: list[int], x: str, y: str, wid
     want = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
     if len(weights) == 1:
         want = want * torch.from_numpy(np.asarray(weights[0], dtype=np.float32))
+    dtype = torch_dtype(graph.tensors[x].dtype)
+    if dtype is None:
+        return False
     try:
         with torch.no_grad():
-            got = GraphInterpreter(block).eval()(xs.to(_torch_dtype(graph, x)))[0]
+            got = GraphInterpreter(block).eval()(xs.to(dtype))[0]
     except Exception:  # noqa: BLE001  (a block that does not run on such input is not an RMSNorm)
         return False
     return got.shape == want.shape and torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5)
-
-
-def _torch_dtype(graph: ChannelGraph, name: str) -> torch.dtype:
-    return torch.from_numpy(np.zeros(0, dtype=numpy_dtype(graph.tensors[name].dtype))).dtype
 
 
 def _fuse(graph: ChannelGraph, names: list[str], state_names: dict[str, str], judge: Judge) -> ChannelGraph:
