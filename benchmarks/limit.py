@@ -3,9 +3,14 @@
 Run: nice -n 10 python benchmarks/limit.py [--models resnet20 mobilenetv2] [--finetune-epochs 0.25] [--json benchmarks/limit.json]
      [--limit-only [--confidences 0.5 0.8]: the limit at each confidence, its test accuracy, the no-fine-tune knee]
 
-Per model (trained on Fashion-MNIST, cached; exported to ONNX with BN kept):
-1. analyze (2,048 labelled training images) and the limit pass (tolerance 1 pp, compensation and repair, points
-   evaluated on 1,024 held-out *training* images; nothing from the test split), timed against the analysis;
+Per model (trained on Fashion-MNIST, cached; exported to ONNX with BN kept). --calibration ``val`` (default): the
+model trains on 55,000 training images (``fit``), is analysed and compensated on 4,096 of them, and the limit's
+points are scored on the other 5,000 (``val``, never trained on: the prune command's --held-out), as a deployment
+engineer's calibration set would be; ``train``: it trains on all 60,000 and the points are scored on the calibration
+images the analysis and compensation leave (images it fitted: they lose more to pruning than unseen ones, so the
+limit lands low). Nothing from the test split calibrates.
+1. analyze (2,048 labelled calibration images) and the limit pass (tolerance 1 pp, compensation and repair, points
+   scored on up to --holdout held-out images), timed against the analysis;
 2. the curve on the **test split** (10,000 images): the same budget family the limit is defined on, at a grid of
    MACs reductions plus the spectral estimate and the calibrated limit; each point compensated, rewritten,
    repaired (no fine-tuning), then fine-tuned briefly (--finetune-epochs, labels) and measured again;
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -160,25 +166,53 @@ def onnxsim_point(folded: Path, cal: Calibration, test: Calibration, red: float)
     return {"sparsity": hi, "macs_reduction": r, "wanda": plain, "wanda_refit": refit_acc, "accuracy": max(plain, refit_acc)}
 
 
-def analyzed_model(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> tuple[Any, Path, float, Workspace]:
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """The images of one study: ``train`` (what the model trained on, and what a brief fine-tune reads), ``cal`` (the
+    calibration data: analysis, compensation, repair, the peers' calibration), ``held`` (what the limit's points are
+    scored on; None: the calibration images the analysis and compensation leave) and ``test`` (curves and knees only)."""
+
+    model_split: str
+    train: Calibration
+    cal: Calibration
+    held: Calibration | None
+    test: Calibration
+
+
+def splits(calibration: str, test_samples: int) -> Splits:
+    """``val``: models trained on the ``fit`` split, calibrated on 4,096 of its images, the limit scored on the 5,000
+    ``val`` training images they never saw (``--held-out``); ``train``: models trained on all 60,000 training images,
+    calibrated on 4,096 of them, the limit scored on those the analysis and compensation leave."""
+    test = fashion_mnist("test").subset(test_samples, seed=1)
+    if calibration == "val":
+        fit = fashion_mnist("fit")
+        return Splits("fit", fit, fit.subset(4096, seed=0), fashion_mnist("val"), test)
+    train = fashion_mnist("train")
+    return Splits("train", train, train.subset(4096, seed=0), None, test)
+
+
+def analyzed_model(name: str, args: argparse.Namespace, sp: Splits) -> tuple[Any, Path, float, Workspace]:
     """The trained model (0 epochs: untrained, a smoke run), its BN-kept export, its test accuracy, and the workspace
-    after the analysis of 4,096 training images."""
-    module = trained(name, args.epochs, cache_dir="benchmarks/.cache") if args.epochs > 0 else models.build(name).eval()
+    after the analysis of the calibration images."""
+    module = (trained(name, args.epochs, cache_dir="benchmarks/.cache", split=sp.model_split) if args.epochs > 0
+              else models.build(name).eval())
     path = Path(tempfile.mkdtemp()) / f"{name}.onnx"
     models.export_onnx(module, path, bn="keep")
     om = load_onnx(path)
-    base = ort_accuracy(model_bytes(om.model), test)
-    ws = analyzed_workspace(om, train.subset(4096, seed=0))
+    base = ort_accuracy(model_bytes(om.model), sp.test)
+    ws = analyzed_workspace(om, sp.cal)
+    ws.held_out = sp.held
     assert ws.analysis is not None
     return module, path, base, ws
 
 
-def limit_only(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> dict[str, Any]:
+def limit_only(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any]:
     """The analysis, then the limit pass at each of ``--confidences`` as :func:`run_model` runs it, the test accuracy
     at each limit (no fine-tuning), and the measured no-fine-tune knee on the same model (the budget family on the
     grid, compensated, rewritten and repaired, scored on the test split)."""
-    _, _, base, ws = analyzed_model(name, args, train, test)
+    _, _, base, ws = analyzed_model(name, args, sp)
     assert ws.analysis is not None
+    train, test = sp.train, sp.test
     fam = Family(ws)
     limits = []
     for confidence in args.confidences:
@@ -203,20 +237,20 @@ def limit_only(name: str, args: argparse.Namespace, train: Calibration, test: Ca
     k = knee(curve, "accuracy", base, TOLERANCE)
     for lim_row in limits:
         lim_row["error_vs_knee"] = lim_row["limit"] / k["knee"] - 1
-    row = {"model": name, "base": base, "knee": k, "limits": limits, "curve": curve,
+    row = {"model": name, "base": base, "knee": k, "limits": limits, "curve": curve, "calibration": args.calibration,
            "analysis_seconds": ws.analysis.meta.get("seconds"), "train_epochs": args.epochs, "test_samples": len(test)}
     log(name, {"knee": k, "limits": [(r["confidence"], round(r["limit"], 3), round(r["test_drop_pp"], 2),
                                       round(r["error_vs_knee"], 3)) for r in limits]})
     return row
 
 
-def run_model(name: str, args: argparse.Namespace, train: Calibration, test: Calibration) -> dict[str, Any]:
+def run_model(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any]:
     t0 = time.perf_counter()
-    module, path, base, ws = analyzed_model(name, args, train, test)
+    module, path, base, ws = analyzed_model(name, args, sp)
+    train, test, cal = sp.train, sp.test, sp.cal
     log(name, "trained, exported and analysed", f"{time.perf_counter() - t0:.0f} s")
     folded = path.with_name(f"{name}.fold.onnx")
     models.export_onnx(module, folded, bn="fold")
-    cal = train.subset(4096, seed=0)
     assert ws.analysis is not None
     ws = LimitPass(LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=args.finetune_epochs, holdout=args.holdout,
                                     confidence=args.confidence))(ws).workspace
@@ -254,6 +288,7 @@ def run_model(name: str, args: argparse.Namespace, train: Calibration, test: Cal
     out = {"model": name, "base": base, "limit": lim.to_dict(), "analysis_seconds": ws.analysis.meta.get("seconds"),
            "limit_seconds": lim.seconds, "points": points, "knee": noft, "knee_finetuned": ft, "peers": peers,
            "finetune_epochs": args.finetune_epochs, "train_epochs": args.epochs, "test_samples": len(test),
+           "calibration": args.calibration, "calibration_samples": len(cal),
            "seconds": time.perf_counter() - t0}
     try:
         plot(out, Path(f"benchmarks/limit_{name}.png"))
@@ -345,6 +380,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/limit.json"))
     parser.add_argument("--holdout", type=int, default=LimitPassOptions.holdout,
                         help="held-out training images each calibration point is evaluated on")
+    parser.add_argument("--calibration", choices=("val", "train"), default="val",
+                        help="val: models trained on 55,000 training images, calibrated on the other 5,000 (never trained "
+                             "on); train: trained on all 60,000, calibrated on 4,096 of them")
     parser.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="MACs reductions of the test curve")
     parser.add_argument("--test-samples", type=int, default=10000, help="test images (a seeded subset when fewer than 10,000)")
     parser.add_argument("--peers-at", type=float, nargs="*", default=[2.0], help="MACs reductions of the side-by-side")
@@ -360,10 +398,10 @@ def main() -> None:
     parser.add_argument("--limit-json", type=Path, default=Path("benchmarks/limit_confidence.json"))
     args = parser.parse_args()
     if args.limit_only:
-        train, test = fashion_mnist("train"), fashion_mnist("test").subset(args.test_samples, seed=1)
+        sp = splits(args.calibration, args.test_samples)
         rows = json.loads(args.limit_json.read_text())["rows"] if args.limit_json.exists() else []
         for name in args.models:
-            row = limit_only(name, args, train, test)
+            row = limit_only(name, args, sp)
             rows = [r for r in rows if r["model"] != name] + [row]
             args.limit_json.write_text(json.dumps({"rows": rows, "tolerance": TOLERANCE}, indent=1, default=float))
         log("wrote", args.limit_json)
@@ -374,10 +412,10 @@ def main() -> None:
             plot(r, Path(f"benchmarks/limit_{r['model']}.png"))
         print(table(results))
         return
-    train, test = fashion_mnist("train"), fashion_mnist("test").subset(args.test_samples, seed=1)
+    sp = splits(args.calibration, args.test_samples)
     done = json.loads(args.json.read_text())["models"] if args.json.exists() else []
     for name in args.models:
-        done = [r for r in done if r["model"] != name] + [run_model(name, args, train, test)]
+        done = [r for r in done if r["model"] != name] + [run_model(name, args, sp)]
         args.json.write_text(json.dumps({"models": done, "tolerance": TOLERANCE}, indent=1, default=float))
     log("wrote", args.json)
     print(table(done))

@@ -91,3 +91,33 @@ def test_unsupported_op_is_named(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(UnsupportedOpError, match="Einsum"):
         GraphInterpreter(load_onnx(path).graph)
+
+
+@pytest.mark.parametrize(("opset", "bounds"), [
+    (13, (-0.5, 0.7)), (13, (-0.5, None)), (13, (None, 0.7)), (13, (None, None)), (6, (-0.5, 0.7)), (6, (None, 0.2)),
+])
+def test_clip_matches_onnxruntime(tmp_path, opset, bounds):
+    """Clip with both, one or no bound, as inputs (opset 11 on) or attributes (before)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    lo, hi = bounds
+    inits, names, attrs = [], ["x"], {}
+    if opset >= 11:
+        for tag, v in (("lo", lo), ("hi", hi)):
+            names.append("" if v is None else tag)
+            if v is not None:
+                inits.append(helper.make_tensor(tag, TensorProto.FLOAT, [], [v]))
+        while names[-1] == "":
+            names.pop()
+    else:
+        attrs = {k: v for k, v in (("min", lo), ("max", hi)) if v is not None}
+    graph = helper.make_graph([helper.make_node("Clip", names, ["y"], **attrs)], "clip",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])], inits)
+    path = tmp_path / "clip.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    with torch.no_grad():
+        got = GraphInterpreter(load_onnx(path).graph).eval()(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_array_equal(got, _ort(path, x))

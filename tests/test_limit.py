@@ -145,6 +145,44 @@ def test_search_stops_at_the_point_budget():
     assert len(measured) == len(calls) == 3
 
 
+def test_a_power_law_drop_is_narrowed_in_log_drop_and_log_budget():
+    """The measured drops grow as a power of the budget: between two such points the next budget lands on the
+    crossing (here exactly), where a line in the drop would land low; knowing each budget's MACs reduction, the
+    next point closes the bracket within the resolution."""
+    import graphprune.planning.limit as limit
+
+    def evaluate(b: float) -> CalibrationPoint:
+        return CalibrationPoint(b, 1 + b, 1 + b, b, 0.9 - 0.004 * b**2)  # drop 0.004 b^2: 0.01 at b = 1.58
+
+    assert limit._between(evaluate(1.0), evaluate(4.0), 0.89, 0.9) == pytest.approx(2.5**0.5, rel=1e-9)
+    t_line = (0.01 - 0.004) / (0.064 - 0.004)  # a line in the drop: 0.1 of the log bracket, clamped to 0.25
+    assert 4.0 ** max(t_line, limit.INTERPOLATION_CLAMP) < 0.95 * 2.5**0.5
+    base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, 0.9)
+    counts = lambda b: {0: round(10000 * (1 + b))}  # noqa: E731
+    _, _, plain = search(evaluate, counts, 1.0, 100.0, 0.89, base, points=12)
+    lo_b, hi_b, closing = search(evaluate, counts, 1.0, 100.0, 0.89, base, points=12, reduction=lambda b: 1 + b)
+    assert hi_b is not None and lo_b.budget <= 1.5812 < hi_b.budget and hi_b.macs_reduction / lo_b.macs_reduction <= 1.05
+    assert len(closing) == 4 < len(plain)  # the point after the crossing closes the bracket: 1, 4, 1.58, 1.70
+
+
+def test_a_point_scores_more_held_out_samples_only_while_its_drop_is_undecided():
+    from graphprune.pipeline.limit import decided
+
+    rng = np.random.default_rng(0)
+    base = rng.random(4096) < 0.9
+    enough = decided(base, 0.01, 0.5)
+
+    def flipped(rate: float, n: int) -> np.ndarray:
+        out = base[:n].copy()
+        out[rng.choice(n, int(rate * n), replace=False) if rate else []] = False
+        return out
+
+    assert enough(base[:1024])  # no drop at all: clearly within 1 pp
+    assert enough(flipped(0.2, 1024))  # 20 pp: clearly beyond
+    assert not enough(flipped(0.012, 1024))  # about 1 pp: undecided after 1,024
+    assert enough(flipped(0.012, 4096))  # every sample scored
+
+
 def test_paired_margin_is_z_standard_errors_of_the_paired_drop():
     """Samples both models score alike add no variance; the margin is z * sd(d) / sqrt(n), d the per-sample drop."""
     rng = np.random.default_rng(0)
@@ -310,3 +348,63 @@ def test_a_language_model_is_calibrated_on_per_token_agreement(tmp_path):
     limit = run_model(pipeline, model, data).limit
     assert limit is not None and limit.metric == "agreement" and limit.base_quality == 1.0 and limit.holdout == 512
     assert limit.points and all(0.0 <= p.quality <= 1.0 and p.margin >= 0.0 for p in limit.points)
+
+
+def test_the_limit_scores_on_held_out_data_when_given(planted):
+    """With held-out data (never trained on) the points are scored on up to ``holdout`` of it and every calibration
+    sample stays with the analysis and compensation; a labelled held-out set makes the metric accuracy."""
+    path, x = planted
+    model = OnnxPrunable(load_onnx(path))
+    pipeline = parse_pipeline({"pass": [{"name": "analyze", "samples": 512, "loss": "fisher"},
+                                        {"name": "limit", "samples": 512, "holdout": 600, "points": 3}]})
+    rng = np.random.default_rng(1)
+    held_x = rng.standard_normal((800, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        labels = _planted()(torch.from_numpy(held_x)).argmax(1).numpy()
+    labels[:40] = (labels[:40] + 1) % 4  # 5% the original gets wrong: accuracy, not agreement
+    lines = io.StringIO()
+    ws = run_model(pipeline, model, Calibration((x[:512],), None, "planted"), console=Console(file=lines, width=400),
+                   held_out=Calibration((held_x,), labels, "held"))
+    limit = ws.limit
+    assert limit is not None and limit.metric == "accuracy" and limit.holdout == 600
+    assert 0.9 < limit.base_quality < 0.97 and "600 held-out samples of held (held out)" in lines.getvalue()
+    assert all(0 < p.samples <= 600 for p in limit.points)
+    # the calibration data alone (512 samples, all of them read by the analysis) leaves nothing to score on
+    alone = run_model(pipeline, model, Calibration((x[:512],), None, "planted"), console=Console(file=io.StringIO()))
+    assert alone.limit is None
+
+
+def test_prune_takes_held_out_data_from_the_command_line(planted, tmp_path, capsys):
+    path, x = planted
+    np.savez(tmp_path / "cal.npz", input=x[:512])
+    np.savez(tmp_path / "held.npz", input=x[512:1536])
+    out = tmp_path / "small.onnx"
+    code = main(["prune", str(path), "-o", str(out), "--data", str(tmp_path / "cal.npz"), "--held-out",
+                 str(tmp_path / "held.npz"), "--samples", "512", "--limit-points", "3", "--latency-runs", "0",
+                 "--no-profile"])
+    assert code == 0 and out.exists()
+    assert "1024 held-out samples of" in capsys.readouterr().out
+    assert json.loads((tmp_path / "small.report.json").read_text())["figures"]["limit"]["holdout"] == 1024
+
+
+def test_fashion_mnist_fit_and_val_part_the_training_images(tmp_path, monkeypatch):
+    import gzip
+
+    import graphprune.frontends.data as data
+
+    n = 50
+    images = np.arange(n * 28 * 28, dtype=np.int64).reshape(n, 28, 28) % 251
+    labels = np.arange(n) % 10
+    for name, arr, dims in (("train-images-idx3-ubyte.gz", images, (n, 28, 28)), ("train-labels-idx1-ubyte.gz", labels, (n,))):
+        head = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+        with gzip.open(tmp_path / name, "wb") as fh:
+            fh.write(head + arr.astype(np.uint8).tobytes())
+    monkeypatch.setattr(data, "FASHION_MNIST_VALIDATION", 12)
+    x, y = data.load_fashion_mnist("train", tmp_path)
+    (fx, fy), (vx, vy) = (data.load_fashion_mnist(s, tmp_path) for s in ("fit", "val"))
+    assert len(vy) == 12 and len(fy) == n - 12
+    rows = {r.tobytes(): i for i, r in enumerate(x)}
+    fit_rows, val_rows = ({rows[r.tobytes()] for r in part} for part in (fx, vx))
+    assert not fit_rows & val_rows and fit_rows | val_rows == set(range(n))
+    assert sorted(fit_rows) == [rows[r.tobytes()] for r in fx]  # file order kept
+    assert (data.load_fashion_mnist("val", tmp_path)[0] == vx).all()  # the same split every time

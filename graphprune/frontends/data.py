@@ -95,16 +95,31 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+FASHION_MNIST_SPLITS = ("train", "test", "fit", "val")
+FASHION_MNIST_VALIDATION = 5000
+"""Training images in the ``val`` split: the ``fit`` split (the rest) trains, ``val`` is never trained on."""
+_VALIDATION_SEED = 20260607
+
+
 def load_fashion_mnist(split: str = "train", root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Normalised (N, 1, 28, 28) float32 images and int64 labels.
+
+    ``train`` and ``test`` are the files' splits; ``fit`` and ``val`` part the training images by a fixed
+    permutation (``val``: :data:`FASHION_MNIST_VALIDATION` of them, ``fit``: the rest, both in file order), so a
+    model trained on ``fit`` can be calibrated on images it never saw.
 
     Raises:
         BadInputError: When the files are missing or the split is unknown.
     """
+    if split in ("fit", "val"):
+        x, y = load_fashion_mnist("train", root)
+        order = np.random.default_rng(_VALIDATION_SEED).permutation(len(y))
+        pick = np.sort(order[:FASHION_MNIST_VALIDATION] if split == "val" else order[FASHION_MNIST_VALIDATION:])
+        return x[pick], y[pick]
     root = root or FASHION_MNIST_DIR
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
-        raise BadInputError(f"unknown split '{split}' (train or test)")
+        raise BadInputError(f"unknown split '{split}' (train, test, fit or val)")
     images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
     if not images.exists() or not labels.exists():
         raise BadInputError(
@@ -201,7 +216,7 @@ def load_data(
     """
     inputs: tuple[np.ndarray, ...]
     labels: np.ndarray | None
-    if spec in ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test"):
+    if spec in ("fashion-mnist", *(f"fashion-mnist:{part}" for part in FASHION_MNIST_SPLITS)):
         x, y = load_fashion_mnist(spec.partition(":")[2] or split)
         inputs, labels = (x,), y
     else:

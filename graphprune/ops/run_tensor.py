@@ -108,11 +108,17 @@ def _clip(node: OpNode, args: Args) -> tuple[Any, ...]:
     lo = _opt(args, 1) if node.opset >= 11 else node.attrs.get("min")
     hi = _opt(args, 2) if node.opset >= 11 else node.attrs.get("max")
     x = args[0]
-    if lo is not None:
-        x = torch.maximum(x, torch.as_tensor(lo, dtype=x.dtype, device=x.device))
-    if hi is not None:
-        x = torch.minimum(x, torch.as_tensor(hi, dtype=x.dtype, device=x.device))
-    return (x,)
+    if lo is None and hi is None:
+        return (x,)
+    return (torch.clamp(x, _bound(lo), _bound(hi)),)
+
+
+def _bound(v: Any) -> Any:
+    """A Clip bound as clamp takes it: a Python number for a scalar (the fast path), else None or a tensor."""
+    if v is None or isinstance(v, (int, float)):
+        return v
+    t = torch.as_tensor(v)
+    return t.item() if t.numel() == 1 else t
 
 
 @register_run("Dropout")

@@ -29,8 +29,10 @@ def run_demo(
 ) -> RunResult:
     """Train ``model`` on Fashion-MNIST (cached), export it to ONNX and run the hierarchical pipeline on it.
 
-    The pipeline calibrates the limit on held-out training images (a few
-    measured points), prunes every group to its effective filters at the
+    The model trains on the ``fit`` split (55,000 training images); the
+    pipeline analyses, compensates and fine-tunes on the same images and
+    calibrates the limit on the other 5,000 (``val``: never trained on, as a
+    deployment's calibration set would be) with a few measured points, prunes every group to its effective filters at the
     calibrated budget, checks exactness, fine-tunes, validates on onnxruntime and
     writes an HTML and a JSON report beside the pruned model.
 
@@ -42,10 +44,11 @@ def run_demo(
 
     fashion_mnist("test")  # fails early, with the install command, when the dataset is missing
     out_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"stage: training {model} on Fashion-MNIST ({epochs:g} epochs; cached in {out_dir / 'cache'})", highlight=False)
+    console.print(f"stage: training {model} on 55,000 Fashion-MNIST training images ({epochs:g} epochs; cached in "
+                  f"{out_dir / 'cache'}; the other 5,000 calibrate the limit)", highlight=False)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"training {model} on Fashion-MNIST ({epochs:g} epochs, cached)", total=None)
-        net = trained(model, epochs, cache_dir=out_dir / "cache",
+        net = trained(model, epochs, cache_dir=out_dir / "cache", split="fit",
                       progress=lambda step, total, _loss=math.nan: bar.update(task, total=total, completed=step))
     source = out_dir / f"{model}.onnx"
     models.export_onnx(net, source, bn="keep")
@@ -56,7 +59,8 @@ def run_demo(
         overrides.append(f"limit.finetune_epochs={finetune_epochs}")
     steps = load_pipeline(path, overrides)
     output = out_dir / f"{model}.pruned.onnx"
-    result = run_file(steps, source, output, "fashion-mnist", "fashion-mnist:test", force=True, console=console)
+    result = run_file(steps, source, output, "fashion-mnist:fit", "fashion-mnist:test", force=True, console=console,
+                      held_out="fashion-mnist:val")
     if result is None:
         raise BadInputError("the demo runs in one process: start it without torchrun")
     return result

@@ -44,12 +44,16 @@ from graphprune.planning.selection import DropOrder, greedy_drop_order
 if TYPE_CHECKING:
     from graphprune.recovery.reconstruct import OriginalActivations
 
-__all__ = ["LimitPass", "LimitPassOptions", "held_out", "plan_correct", "predictions", "scoring_samples"]
+__all__ = ["LimitPass", "LimitPassOptions", "decided", "held_out", "plan_correct", "predictions", "scoring_samples"]
 
 log = logging.getLogger(__name__)
 
 MIN_HOLDOUT = 256
 """Fewer unused samples than this (and than ``holdout``): no calibration, said in a status line."""
+SCORING_STEP = 1024
+"""A limit point scores its held-out samples this many at a time (:func:`decided` says when to stop)."""
+DECISIVE_Z = 2.0
+"""A point's drop this many standard errors from the pass line decides it before every held-out sample is scored."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +143,13 @@ def _shared_original(ws: Workspace, options: LimitPassOptions) -> tuple[Original
 
 
 def plan_correct(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Calibration,
-                 original: OriginalActivations | None = None, memory_bytes: int = 0) -> np.ndarray:
+                 original: OriginalActivations | None = None, memory_bytes: int = 0,
+                 enough: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
     """Compensate, rewrite, repair (as the pipeline would) and score each held-out sample (True: the top-1 class is
-    its label); ``memory_bytes`` bounds the refit (0: the options' bound)."""
+    its label); ``memory_bytes`` bounds the refit (0: the options' bound).
+
+    ``enough``: score ``SCORING_STEP`` samples at a time and stop once it says the first ones (the scores so far) decide;
+    the result then covers a prefix of ``held``."""
     assert ws.data is not None
     w = Workspace(original=ws.original, model=ws.original, data=ws.data, coupling=ws.groups(), plan=plan)
     recovery = options.recovery()
@@ -152,19 +160,54 @@ def plan_correct(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Cal
     w = RewritePass(RewriteOptions(verify=False))(w).workspace
     if options.repair:
         w = RepairPass(recovery)(w).workspace
-    return predictions(w.model, held, options.batch_size) == held.labels
+    assert held.labels is not None
+    if enough is None:
+        return predictions(w.model, held, options.batch_size) == held.labels
+    scores: list[np.ndarray] = []
+    for start in range(0, len(held), SCORING_STEP):
+        part = _rows(held, start, start + SCORING_STEP)
+        scores.append(predictions(w.model, part, options.batch_size) == part.labels)
+        if enough(np.concatenate(scores)):
+            break
+    return np.concatenate(scores)
+
+
+def _rows(data: Calibration, start: int, stop: int) -> Calibration:
+    labels = None if data.labels is None else data.labels[start:stop]
+    return Calibration(tuple(a[start:stop] for a in data.inputs), labels, data.source)
+
+
+def decided(base_correct: np.ndarray, tolerance: float, confidence: float) -> Callable[[np.ndarray], bool]:
+    """Whether the scores so far (a prefix of the held-out samples) put the paired drop clearly on one side of the
+    pass line: more than ``DECISIVE_Z`` standard errors from ``tolerance`` (plus the confidence margin), or every
+    sample scored."""
+
+    def enough(correct: np.ndarray) -> bool:
+        n = correct.shape[0]
+        if n >= base_correct.shape[0]:
+            return True
+        d = base_correct[:n].astype(np.float64) - correct.astype(np.float64)
+        se = float(d.std(ddof=1)) / np.sqrt(d.size) if d.size > 1 else np.inf
+        line = tolerance - paired_margin(base_correct[:n], correct, confidence)
+        return abs(float(d.mean()) - line) > DECISIVE_Z * max(se, 1.0 / d.size)
+
+    return enough
 
 
 def scoring_samples(ws: Workspace, options: LimitPassOptions) -> Calibration | None:
-    """The held-out samples the limit pass scores on (the ones the analysis and compensation leave), labelled with the
-    original's predictions when the data has no labels; None when fewer than ``MIN_HOLDOUT`` are left.
+    """The held-out samples the limit pass scores on: up to ``holdout`` of the workspace's held-out data when it has
+    some, else the calibration samples the analysis and compensation leave; labelled with the original's predictions
+    when they have no labels; None when fewer than ``MIN_HOLDOUT`` are left.
 
     Raises:
         BadInputError: Unlabelled data and a first output with no class axis.
     """
     assert ws.data is not None
-    used = max(ws.analysis.samples if ws.analysis is not None else 0, options.samples)
-    held = held_out(ws.data, used, options.holdout, options.seed)
+    if ws.held_out is not None:
+        held = held_out(ws.held_out, 0, options.holdout, options.seed)
+    else:
+        used = max(ws.analysis.samples if ws.analysis is not None else 0, options.samples)
+        held = held_out(ws.data, used, options.holdout, options.seed)
     if len(held) < min(options.holdout, MIN_HOLDOUT):
         return None
     if held.labels is None:
@@ -206,19 +249,22 @@ class LimitPass(Pass):
             raise BadInputError("the limit pass needs the analysis's F matrices (an analysis saved without its .fisher.npz?)")
         full = {g: coupling.by_id(g).channels for g in orders}
         original = cost_with_keep(graph, coupling, full)
-        metric = "accuracy" if ws.data.labels is not None else "agreement"
+        metric = "accuracy" if (ws.held_out if ws.held_out is not None else ws.data).labels is not None else "agreement"
         scored = scoring_samples(ws, o)
         if scored is None:
             used = max(analysis.samples, o.samples)
-            ws.status(f"limit: not calibrated: fewer than {min(o.holdout, MIN_HOLDOUT)} calibration samples are left after "
-                      f"the {used} the analysis and compensation use; the plan's floors are the analysis's")
+            where = ("in the held-out data" if ws.held_out is not None
+                     else f"calibration samples are left after the {used} the analysis and compensation use")
+            ws.status(f"limit: not calibrated: fewer than {min(o.holdout, MIN_HOLDOUT)} {where}; the plan's floors are "
+                      "the analysis's")
             return PassResult(ws, False)
         held = scored
+        ws.status(f"limit: scoring points on up to {len(held)} held-out samples of {held.source}")
         if 2.0 / len(held) > o.tolerance:
             ws.status(f"limit: {len(held)} held-out samples measure quality in steps of {100 / len(held):.2g} pp, "
                       f"too coarse for a {100 * o.tolerance:g} pp tolerance: give more data")
         assert held.labels is not None
-        if ws.data.labels is not None:
+        if metric == "accuracy":
             base_correct = predictions(ws.original, held, o.batch_size) == held.labels
         else:  # the labels are the original's own predictions (scoring_samples): it agrees with every one
             base_correct = np.ones(held.labels.shape, dtype=np.bool_)
@@ -239,10 +285,13 @@ class LimitPass(Pass):
             cost = cost_with_keep(graph, coupling, c)
             loss = float(sum(orders[g].cost[full[g] - k] for g, k in c.items()))
             ws.status(f"limit: measuring budget {budget:.3g} ({original.macs / max(1, cost.macs):.2f}x fewer MACs)")
-            correct = plan_correct(ws, _plan(ws, orders, c, budget), o, held, shared, point_bytes)
+            correct = plan_correct(ws, _plan(ws, orders, c, budget), o, held, shared, point_bytes,
+                                   decided(base_correct, o.tolerance, o.confidence))
+            n = correct.shape[0]  # a prefix of the held-out samples: the quality is the base's less the paired drop there
+            drop = float(base_correct[:n].mean() - correct.mean())
             point = CalibrationPoint(budget, original.macs / max(1, cost.macs), original.params / max(1, cost.params), loss,
-                                     float(correct.mean()), time.perf_counter() - start,
-                                     paired_margin(base_correct, correct, o.confidence))
+                                     base_q - drop, time.perf_counter() - start,
+                                     paired_margin(base_correct[:n], correct, o.confidence), n)
             log.info("limit point: %s", point)
             return point
 
@@ -251,7 +300,10 @@ class LimitPass(Pass):
         max_budget = float(sum(float(removal_envelope(d)[-1]) for d in orders.values())) * 1.01 + 1e-12
         threshold = base_q - o.tolerance
         base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, base_q)
-        lo, _hi, measured = search(evaluate, counts, spectral, max_budget, threshold, base, o.points)
+        def reduction(budget: float) -> float:
+            return original.macs / max(1, cost_with_keep(graph, coupling, counts(budget)).macs)
+
+        lo, _hi, measured = search(evaluate, counts, spectral, max_budget, threshold, base, o.points, reduction)
         finetuned = None
         if o.finetune_epochs > 0:
             finetuned, measured = _finetuned(o, measured, base_q, evaluate, max_budget)

@@ -110,11 +110,13 @@ def run_file(
     force: bool = False,
     console: Console | None = None,
     seq_len: int | None = None,
+    held_out: str | None = None,
 ) -> RunResult | None:
     """Run ``pipeline`` on a model file (ONNX or ``.pt2``) and write ``output`` only when every pass and check succeeded.
 
     Reports are staged with the model: all are moved in place together, or none.
-    MACs count symbolic sequence dims as ``seq_len``, else as the calibration data's length.
+    MACs count symbolic sequence dims as ``seq_len``, else as the calibration data's length. ``held_out``: data
+    the model was not trained on, for the limit to score on (see :attr:`Workspace.held_out`).
     Under ``torchrun`` every rank runs the passes (analysis and fine-tuning
     are data parallel) and only rank 0 validates, writes and reports; the
     other ranks return None.
@@ -134,9 +136,11 @@ def run_file(
     source = load_model(model)
     train = load_data(data, source.graph) if data else None
     test = load_data(eval_data, source.graph) if eval_data else None
+    held = load_data(held_out, source.graph) if held_out else None
     resolve_dims(source.graph, seq_len, train.inputs if train is not None else None)
     with staged_files() as staged:
-        ws = Workspace(original=source, model=source, data=train, eval_data=test, source=model, output=output, staged=staged)
+        ws = Workspace(original=source, model=source, data=train, eval_data=test, held_out=held, source=model, output=output,
+                       staged=staged)
         ws = _execute(pipeline, ws, console)
         if not is_main():
             staged.discard()
@@ -147,10 +151,12 @@ def run_file(
 
 
 def run_model(pipeline: Pipeline, model: PrunableModel, data: Calibration | None = None,
-              eval_data: Calibration | None = None, console: Console | None = None, source: Path | None = None) -> Workspace:
+              eval_data: Calibration | None = None, console: Console | None = None, source: Path | None = None,
+              held_out: Calibration | None = None) -> Workspace:
     """Run ``pipeline`` on a model object (e.g. :func:`graphprune.backends.torch_model.module_model`); nothing is written
-    unless the pipeline's report pass is given paths. ``source``: the file it came from, for reports."""
-    ws = Workspace(original=model, model=model, data=data, eval_data=eval_data, source=source)
+    unless the pipeline's report pass is given paths. ``source``: the file it came from, for reports; ``held_out``: see
+    :attr:`Workspace.held_out`."""
+    ws = Workspace(original=model, model=model, data=data, eval_data=eval_data, source=source, held_out=held_out)
     return _execute(pipeline, ws, console or Console(quiet=True))
 
 

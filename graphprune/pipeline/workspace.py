@@ -119,6 +119,8 @@ class Workspace:
         model: The current model.
         data: Calibration / training data.
         eval_data: Labelled data for accuracy figures.
+        held_out: Data the model was not trained on, which the limit (and the excess rule) score on; None: the
+            calibration samples the analysis and compensation do not read.
         coupling: Groups of ``original``.
         analysis: Effective filter analysis of ``original``.
         limit: The calibrated limit (the limit pass): measured curve, limit and per-group floors.
@@ -142,6 +144,7 @@ class Workspace:
     model: PrunableModel
     data: Calibration | None = None
     eval_data: Calibration | None = None
+    held_out: Calibration | None = None
     coupling: Coupling | None = None
     analysis: Analysis | None = None
     limit: CalibratedLimit | None = None

@@ -83,6 +83,8 @@ RESOLUTION = 1.05
 """The search stops when the failing and passing reductions are within this factor."""
 INTERPOLATION_CLAMP = 0.25
 """Each interpolated budget lies at least this fraction of the bracket (in log budget) from either end."""
+MIN_LOG_DROP = 0.2
+"""Interpolate in log drop only where the smaller drop is at least this fraction of the allowed one (noise below)."""
 EXTRA_FINETUNE_POINTS = 2
 """Points measured beyond ``points`` to reach the drop the fine-tuned estimate needs."""
 
@@ -94,7 +96,8 @@ class LimitOptions:
     Attributes:
         tolerance: Quality may drop by at most this (0.01: 1 pp of accuracy or agreement).
         points: Most measured points of the no-fine-tune search.
-        holdout: Held-out calibration samples each point is evaluated on.
+        holdout: Most held-out calibration samples a point is scored on (those the analysis and compensation leave;
+            a point whose drop is clearly on one side of the tolerance stops after :data:`graphprune.pipeline.limit.SCORING_STEP` of them).
         finetune_epochs: When > 0, also estimate the limit after this brief fine-tune.
         confidence: One-sided confidence that a passing point's drop is within the tolerance (0.5: the measured drop
             alone).
@@ -102,7 +105,7 @@ class LimitOptions:
 
     tolerance: float = 0.01
     points: int = 6
-    holdout: int = 1024
+    holdout: int = 4096
     finetune_epochs: float = 0.0
     confidence: float = 0.5
 
@@ -132,6 +135,9 @@ class CalibrationPoint:
     seconds: float = 0.0
     margin: float = 0.0
     """``z`` standard errors of the drop (paired with the original): the point passes when ``quality - margin`` does."""
+    samples: int = 0
+    """Held-out samples scored (0: every one). A point clearly on one side of the pass line stops early; its
+    ``quality`` is then the base quality less the drop paired with the original on the samples scored."""
 
     @property
     def bound(self) -> float:
@@ -289,7 +295,8 @@ def _same(a: Mapping[int, int], b: Mapping[int, int]) -> bool:
 
 
 def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budget: float, threshold: float,
-           base: CalibrationPoint, points: int) -> tuple[CalibrationPoint, CalibrationPoint | None, list[CalibrationPoint]]:
+           base: CalibrationPoint, points: int, reduction: Callable[[float], float] | None = None,
+           ) -> tuple[CalibrationPoint, CalibrationPoint | None, list[CalibrationPoint]]:
     """Bracket, then narrow by interpolation, the largest budget whose measured quality is at least ``threshold``.
 
     Args:
@@ -301,6 +308,8 @@ def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budge
         threshold: The least quality that passes.
         base: The original as a point (budget 0, reduction 1, the base quality): passing by definition.
         points: Most points to measure.
+        reduction: The MACs reduction of a budget (cheap), when known: an interpolated budget within
+            ``RESOLUTION`` of a bracket's end is moved to close the bracket (:func:`_closing`).
 
     Returns:
         (the passing point with the largest budget, the failing point with the smallest or None, every measured point).
@@ -335,18 +344,53 @@ def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budge
     for _ in range(64):  # safeguarded interpolation in log budget
         if hi is None or len(measured) >= points or hi.macs_reduction / lo.macs_reduction <= RESOLUTION:
             break
-        step(_between(lo, hi, threshold))
+        b = _between(lo, hi, threshold, base.quality)
+        if reduction is not None:
+            b = _closing(lo, hi, _between(lo, hi, threshold, base.quality, clamp=0.0), reduction) or b
+        step(b)
     return lo, hi, measured
 
 
-def _between(lo: CalibrationPoint, hi: CalibrationPoint, threshold: float) -> float:
-    """The next budget inside the bracket: where the quality held (:attr:`CalibrationPoint.bound`), linear in log
-    budget between the two points, crosses ``threshold``, kept within the middle half of the bracket (a cliff or noise
-    cannot stall it: each point shrinks the bracket to at most three quarters)."""
+def _closing(lo: CalibrationPoint, hi: CalibrationPoint, b: float, reduction: Callable[[float], float]) -> float | None:
+    """When the interpolated crossing ``b`` (unclamped) is within ``RESOLUTION`` of an end of the bracket in MACs
+    reduction, the budget whose reduction is just inside ``RESOLUTION`` of that end (None otherwise): whether that
+    point passes or fails, the search can stop after it, where the clamped interpolation would move the end by a
+    quarter of the bracket and need more points."""
+    r = reduction(b)
+    if r < lo.macs_reduction * RESOLUTION:
+        goal, below = lo.macs_reduction * RESOLUTION ** 0.9, True
+    elif r * RESOLUTION > hi.macs_reduction:
+        goal, below = hi.macs_reduction / RESOLUTION ** 0.9, False
+    else:
+        return None
+    a, z = max(lo.budget, 1e-12), hi.budget  # reduction(a) < goal < reduction(z): bisect in log budget
+    for _ in range(40):
+        mid = math.sqrt(a * z)
+        if reduction(mid) <= goal:
+            a = mid
+        else:
+            z = mid
+    return a if below else z
+
+
+def _between(lo: CalibrationPoint, hi: CalibrationPoint, threshold: float, base_quality: float,
+             clamp: float = INTERPOLATION_CLAMP) -> float:
+    """The next budget inside the bracket: where the drop the quality held (:attr:`CalibrationPoint.bound`) shows
+    reaches the allowed drop, kept within the middle half of the bracket (a cliff or noise cannot stall it: each
+    point shrinks the bracket to at most three quarters).
+
+    Between two measured drops, both above ``MIN_LOG_DROP`` of the allowed one, the drop is taken as a power of the
+    budget (linear in log drop and log budget: the benchmark models' measured drops grow about so, where a line in the drop
+    itself lands low); otherwise linear in log budget."""
     if lo.budget <= 0:
         return hi.budget / STEP
-    t = (lo.bound - threshold) / max(lo.bound - hi.bound, 1e-12)
-    t = min(max(t, INTERPOLATION_CLAMP), 1.0 - INTERPOLATION_CLAMP)
+    allowed = base_quality - threshold
+    d_lo, d_hi = base_quality - lo.bound, base_quality - hi.bound
+    if d_lo > MIN_LOG_DROP * allowed and d_hi > d_lo:
+        t = math.log(allowed / d_lo) / math.log(d_hi / d_lo)
+    else:
+        t = (lo.bound - threshold) / max(lo.bound - hi.bound, 1e-12)
+    t = min(max(t, clamp), 1.0 - clamp)
     return float(math.exp(math.log(lo.budget) + t * math.log(hi.budget / lo.budget)))
 
 
