@@ -400,7 +400,7 @@ def test_fashion_mnist_fit_and_val_part_the_training_images(tmp_path, monkeypatc
         with gzip.open(tmp_path / name, "wb") as fh:
             fh.write(head + arr.astype(np.uint8).tobytes())
     monkeypatch.setattr(data, "FASHION_MNIST_VALIDATION", 12)
-    x, y = data.load_fashion_mnist("train", tmp_path)
+    x, _ = data.load_fashion_mnist("train", tmp_path)
     (fx, fy), (vx, vy) = (data.load_fashion_mnist(s, tmp_path) for s in ("fit", "val"))
     assert len(vy) == 12 and len(fy) == n - 12
     rows = {r.tobytes(): i for i, r in enumerate(x)}
