@@ -16,9 +16,11 @@ limit lands low). Nothing from the test split calibrates.
    repaired (no fine-tuning), then fine-tuned briefly (--finetune-epochs, labels) and measured again;
 3. the measured knee of each curve: the largest reduction whose test accuracy is within 1 pp of the base
    (interpolated in log reduction between the last grid point within and the first beyond);
-4. peers at the same MACs before fine-tuning: Torch-Pruning 1.6 (L2 and Taylor, uniform, with BN re-estimation on
-   the same calibration images; the best is kept) and onnxsim 0.8.1 apply_structured_wanda_pruning (+ its
-   apply_pruning_finetune refit) on the BN-folded ONNX (its structured pruning does not cross BatchNormalization).
+4. at the side-by-side targets also what ``prune --macs`` makes (the plan pass within the calibrated floors, the
+   excess past them by the measured rule; planned by MACs), and peers at the same MACs before fine-tuning:
+   Torch-Pruning 1.6 (L2 and Taylor, uniform, with BN re-estimation on the same calibration images; the best is
+   kept) and onnxsim 0.8.1 apply_structured_wanda_pruning (+ its apply_pruning_finetune refit) on the BN-folded
+   ONNX (its structured pruning does not cross BatchNormalization).
 Writes benchmarks/limit_<model>.png and the JSON. Needs: apt-get install -y dataset-fashion-mnist;
 pip install torch==2.13.0 torch-pruning==1.6.* onnxsim==0.8.1.
 """
@@ -52,11 +54,13 @@ from graphprune.pipeline.passes import (
     CompensateOptions,
     CompensatePass,
     FineTunePass,
+    PlanPass,
     RepairPass,
     RewriteOptions,
     RewritePass,
     Workspace,
 )
+from graphprune.planning.options import PlanOptions
 from graphprune.planning.selection import greedy_drop_order
 
 GRID = (1.5, 2.0, 2.5, 3.0, 4.0)
@@ -115,6 +119,20 @@ def graphprune_point(fam: Family, budget: float, test: Calibration, train: Calib
         after = w.model.accuracy(test)
     red = fam.macs / model_cost(w.model.graph).macs
     return {"budget": budget, "macs_reduction": red, "accuracy": before, "accuracy_finetuned": after, "recovery_seconds": seconds}
+
+
+def planned_point(ws: Workspace, red: float, test: Calibration) -> dict[str, Any]:
+    """What ``prune --macs 1/red --allow-over-limit --objective macs`` makes: the plan pass (hierarchical within the
+    calibrated floors, the excess past them by the measured rule), compensated, rewritten, repaired; test accuracy."""
+    w = dataclasses.replace(ws)
+    w = PlanPass(PlanOptions(macs=1 / red, allow_over_limit=True, objective="macs"))(w).workspace
+    assert w.plan is not None
+    opts = CompensateOptions(samples=1024)
+    w = CompensatePass(opts)(w).workspace
+    w = RewritePass(RewriteOptions(verify=False))(w).workspace
+    w = RepairPass(opts)(w).workspace
+    return {"macs_reduction": model_cost(ws.original.graph).macs / model_cost(w.model.graph).macs,
+            "accuracy": w.model.accuracy(test), "excess": w.plan.meta.get("excess")}
 
 
 def knee(points: list[dict[str, Any]], key: str, base: float, tol: float) -> dict[str, Any]:
@@ -275,6 +293,7 @@ def run_model(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any]
             continue
         gp = min(points, key=lambda p: abs(p["macs_reduction"] - red))
         row: dict[str, Any] = {"target": red, "graphprune": {"macs_reduction": gp["macs_reduction"], "accuracy": gp["accuracy"]}}
+        row["graphprune_plan"] = planned_point(ws, red, test)
         try:
             row["torch_pruning"] = torch_pruning_best(copy.deepcopy(module), cal, test, red)
         except Exception as exc:  # noqa: BLE001 - a peer failing is a result, not a crash
@@ -356,7 +375,8 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append(f"| {r['model']} | {r['base']:.4f} | {lim['spectral_macs_reduction']:.2f}x | {lim['macs_reduction']:.2f}x "
                     f"({at['accuracy']:.4f}) | {'>= ' if k['bounded'] else ''}{k['knee']:.2f}x | {err:+.0f}% | {ft_cell} | {kf_cell} | "
                     f"{ft_err} | {cost} |" if at else "")
-    rows += ["", "| model | target | graphprune | Torch-Pruning best + BN re-est. | onnxsim Wanda (refit) |", "|---|---|---|---|---|"]
+    rows += ["", "| model | target | graphprune budget family | graphprune plan pass | Torch-Pruning best + BN re-est. | "
+             "onnxsim Wanda (refit) |", "|---|---|---|---|---|---|"]
     for r in results:
         for row in r["peers"]:
             g, tp, osim = row["graphprune"], row.get("torch_pruning", {}), row.get("onnxsim", {})
@@ -368,7 +388,9 @@ def table(results: list[dict[str, Any]]) -> str:
 
             tp_extra = f" ({tp['criterion']})" if "criterion" in tp else ""
             os_extra = f" (plain {osim['wanda']:.4f})" if "wanda" in osim else ""
-            rows.append(f"| {r['model']} | {row['target']:.2f}x | {cell(g)} | {cell(tp, tp_extra)} | {cell(osim, os_extra)} |")
+            plan = row.get("graphprune_plan", {})
+            rows.append(f"| {r['model']} | {row['target']:.2f}x | {cell(g)} | {cell(plan)} | {cell(tp, tp_extra)} | "
+                        f"{cell(osim, os_extra)} |")
     return "\n".join(rows)
 
 

@@ -30,11 +30,12 @@ def run_demo(
     """Train ``model`` on Fashion-MNIST (cached), export it to ONNX and run the hierarchical pipeline on it.
 
     The model trains on the ``fit`` split (55,000 training images); the
-    pipeline analyses, compensates and fine-tunes on the same images and
+    pipeline analyses, compensates and fine-tunes on the same images,
     calibrates the limit on the other 5,000 (``val``: never trained on, as a
-    deployment's calibration set would be) with a few measured points, prunes every group to its effective filters at the
-    calibrated budget, checks exactness, fine-tunes, validates on onnxruntime and
-    writes an HTML and a JSON report beside the pruned model.
+    deployment's calibration set would be) with a few measured points,
+    prunes every group to its effective filters at the calibrated budget,
+    checks exactness, fine-tunes, validates on onnxruntime and writes an HTML
+    and a JSON report beside the pruned model.
 
     Raises:
         BadInputError: Fashion-MNIST is not installed, or a bad option.

@@ -300,6 +300,7 @@ class LimitPass(Pass):
         max_budget = float(sum(float(removal_envelope(d)[-1]) for d in orders.values())) * 1.01 + 1e-12
         threshold = base_q - o.tolerance
         base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, base_q)
+
         def reduction(budget: float) -> float:
             return original.macs / max(1, cost_with_keep(graph, coupling, counts(budget)).macs)
 
