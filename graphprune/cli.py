@@ -127,10 +127,10 @@ def _limit_arguments(p: argparse.ArgumentParser, command: str) -> None:
                         "points on (default: calibration samples the analysis and compensation do not read; samples "
                         "the model was trained on lose more to pruning, so the limit lands lower)")
     p.add_argument("--limit-points", type=_positive, default=6, help="most measured points of the calibration (default 6)")
-    p.add_argument("--confidence", type=_confidence, default=0.5,
+    p.add_argument("--confidence", type=_confidence, default=0.0,
                    help="a point passes when its drop is within the tolerance at this one-sided confidence, paired with "
-                        "the original on the held-out samples (default 0.5: the measured drop alone; 0.8 adds 0.84 "
-                        "standard errors)")
+                        "the original on the held-out samples (0.5: the measured drop alone; 0.8 adds 0.84 standard "
+                        "errors; default 0.8 with --held-out, else 0.5)")
     if command == "analyze":
         p.add_argument("--finetune-epochs", type=float, default=0.0,
                        help="also estimate the limit after this many epochs of fine-tuning")

@@ -183,6 +183,13 @@ def test_a_point_scores_more_held_out_samples_only_while_its_drop_is_undecided()
     assert enough(flipped(0.012, 4096))  # every sample scored
 
 
+def test_the_default_confidence_depends_on_where_the_held_out_samples_come_from():
+    from graphprune.planning.limit import default_confidence
+
+    assert default_confidence(0.0, unseen=True) == 0.8 and default_confidence(0.0, unseen=False) == 0.5
+    assert default_confidence(0.6, unseen=True) == 0.6 == default_confidence(0.6, unseen=False)  # given: kept
+
+
 def test_paired_margin_is_z_standard_errors_of_the_paired_drop():
     """Samples both models score alike add no variance; the margin is z * sd(d) / sqrt(n), d the per-sample drop."""
     rng = np.random.default_rng(0)
@@ -367,6 +374,7 @@ def test_the_limit_scores_on_held_out_data_when_given(planted):
                    held_out=Calibration((held_x,), labels, "held"))
     limit = ws.limit
     assert limit is not None and limit.metric == "accuracy" and limit.holdout == 600
+    assert limit.confidence == 0.8  # the default on data the model never saw
     assert 0.9 < limit.base_quality < 0.97 and "600 held-out samples of held (held out)" in lines.getvalue()
     assert all(0 < p.samples <= 600 for p in limit.points)
     # the calibration data alone (512 samples, all of them read by the analysis) leaves nothing to score on

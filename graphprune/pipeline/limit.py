@@ -34,6 +34,7 @@ from graphprune.planning.limit import (
     CalibrationPoint,
     FineTunedLimit,
     LimitOptions,
+    default_confidence,
     finetuned_limit,
     measured_curve,
     paired_margin,
@@ -270,6 +271,7 @@ class LimitPass(Pass):
             base_correct = np.ones(held.labels.shape, dtype=np.bool_)
         base_q = float(base_correct.mean())
 
+        o = dataclasses.replace(o, confidence=default_confidence(o.confidence, ws.held_out is not None))
         cache: dict[float, dict[int, int]] = {}
         shared, point_bytes = _shared_original(ws, o)
 
