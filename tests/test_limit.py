@@ -393,6 +393,10 @@ def test_prune_takes_held_out_data_from_the_command_line(planted, tmp_path, caps
     assert code == 0 and out.exists()
     assert "1024 held-out samples of" in capsys.readouterr().out
     assert json.loads((tmp_path / "small.report.json").read_text())["figures"]["limit"]["holdout"] == 1024
+    code = main(["analyze", str(path), "--data", str(tmp_path / "cal.npz"), "--held-out", str(tmp_path / "held.npz"),
+                 "--samples", "512", "--limit-points", "3", "-o", str(tmp_path / "a.json")])
+    assert code == 0 and "1024 held-out samples of" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a.json").read_text())["limit"]["confidence"] == 0.8
 
 
 def test_fashion_mnist_fit_and_val_part_the_training_images(tmp_path, monkeypatch):
