@@ -329,7 +329,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
                 label=f"graphprune, {r['finetune_epochs']:g} epoch fine-tuning (test)")
     lim = r["limit"]
     cal = sorted(lim["points"], key=lambda p: p["macs_reduction"])
-    ax.plot([p["macs_reduction"] for p in cal], [p["quality"] for p in cal], "k+", ms=9, label="calibration points (held-out train)")
+    ax.plot([p["macs_reduction"] for p in cal], [p["quality"] for p in cal], "k+", ms=9, label="calibration points (" + ("val: never trained on" if r.get("calibration") == "val" else "held-out train") + ")")
     for row in r["peers"]:
         for key, style, label in (("torch_pruning", "x", "Torch-Pruning best + BN re-est."), ("onnxsim", "d", "onnxsim Wanda (+refit)")):
             v = row.get(key, {})
