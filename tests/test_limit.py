@@ -420,3 +420,21 @@ def test_fashion_mnist_fit_and_val_part_the_training_images(tmp_path, monkeypatc
     assert not fit_rows & val_rows and fit_rows | val_rows == set(range(n))
     assert sorted(fit_rows) == [rows[r.tobytes()] for r in fx]  # file order kept
     assert (data.load_fashion_mnist("val", tmp_path)[0] == vx).all()  # the same split every time
+
+
+def test_predictions_run_on_onnxruntime_and_fall_back_to_the_interpreter(planted, tmp_path, caplog):
+    """An ONNX model is scored on one onnxruntime session; one whose session cannot run the batches (a fixed batch
+    of 2 here) is scored by the torch interpreter; both give the module's own top-1 classes."""
+    from graphprune.pipeline.limit import predictions
+
+    path, x = planted
+    fixed = tmp_path / "fixed.onnx"
+    torch.onnx.export(_planted(), (torch.zeros(2, 1, 8, 8),), str(fixed), input_names=["input"], dynamo=False)
+    data = Calibration((x[:300],), None, "planted")
+    with torch.no_grad():
+        want = _planted()(torch.from_numpy(x[:300])).argmax(1).numpy()
+    for p, falls_back in ((path, False), (fixed, True)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="graphprune.pipeline.limit"):
+            np.testing.assert_array_equal(predictions(OnnxPrunable(load_onnx(p)), data, 64), want)
+        assert ("the torch interpreter does" in caplog.text) == falls_back
