@@ -2,6 +2,7 @@
 
 Run: nice -n 10 python benchmarks/limit.py [--models resnet20 mobilenetv2] [--finetune-epochs 0.25] [--json benchmarks/limit.json]
      [--limit-only [--confidences 0.5 0.8]: the limit at each confidence, its test accuracy, the no-fine-tune knee]
+     [--cost-only benchmarks/limit_cost.json: the analysis and the limit pass timed, nothing else]
 
 Per model (trained on Fashion-MNIST, cached; exported to ONNX with BN kept). --calibration ``val`` (default): the
 model trains on 55,000 training images (``fit``), is analysed and compensated on 4,096 of them, and the limit's
@@ -262,6 +263,19 @@ def limit_only(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any
     return row
 
 
+def cost_only(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any]:
+    """The analysis and the limit pass at the default confidence, timed: what calibrating costs against one analysis."""
+    _, _, _, ws = analyzed_model(name, args, sp)
+    assert ws.analysis is not None
+    lim = LimitPass(LimitPassOptions(tolerance=TOLERANCE, holdout=args.holdout))(ws).workspace.limit
+    assert lim is not None
+    row = {"model": name, "analysis_seconds": ws.analysis.meta.get("seconds"), "limit_seconds": lim.seconds,
+           "ratio": lim.seconds / float(ws.analysis.meta.get("seconds", 1.0)), "points": len(lim.points),
+           "samples": [p.samples for p in lim.points], "limit": lim.macs_reduction, "confidence": lim.confidence}
+    log(name, row)
+    return row
+
+
 def run_model(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any]:
     t0 = time.perf_counter()
     module, path, base, ws = analyzed_model(name, args, sp)
@@ -418,7 +432,15 @@ def main() -> None:
                              "the no-fine-tune knee (no fine-tuning, peers or plots), written to --limit-json")
     parser.add_argument("--confidences", type=float, nargs="+", default=[0.5, 0.8])
     parser.add_argument("--limit-json", type=Path, default=Path("benchmarks/limit_confidence.json"))
+    parser.add_argument("--cost-only", type=Path, metavar="JSON",
+                        help="only time the analysis and the limit pass per model, written to this JSON")
     args = parser.parse_args()
+    if args.cost_only:
+        sp = splits(args.calibration, args.test_samples)
+        rows = [cost_only(name, args, sp) for name in args.models]
+        args.cost_only.write_text(json.dumps({"rows": rows}, indent=1, default=float))
+        log("wrote", args.cost_only)
+        return
     if args.limit_only:
         sp = splits(args.calibration, args.test_samples)
         rows = json.loads(args.limit_json.read_text())["rows"] if args.limit_json.exists() else []
