@@ -112,6 +112,11 @@ def _confidence(text: str) -> float:
     return value
 
 
+HELD_OUT_HELP = ("data the model was not trained on (fashion-mnist:val, .npz, image folder) for the limit to score its "
+                 "points on (default: calibration samples the analysis and compensation do not read; samples the "
+                 "model was trained on lose more to pruning, so the limit lands lower)")
+
+
 def _limit_arguments(p: argparse.ArgumentParser, command: str) -> None:
     """--calibrate, --tolerance, --holdout, --held-out, --limit-points, --confidence (analyze and prune)."""
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
@@ -123,9 +128,7 @@ def _limit_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--holdout", type=_positive, default=4096,
                    help="most held-out calibration samples a measured point is scored on (default 4096; a point "
                         "clearly within or beyond the tolerance stops after 1024)")
-    p.add_argument("--held-out", metavar="DATA", help="data the model was not trained on (fashion-mnist:val, .npz, image folder) for the limit to score its "
-                        "points on (default: calibration samples the analysis and compensation do not read; samples "
-                        "the model was trained on lose more to pruning, so the limit lands lower)")
+    p.add_argument("--held-out", metavar="DATA", help=HELD_OUT_HELP)
     p.add_argument("--limit-points", type=_positive, default=6, help="most measured points of the calibration (default 6)")
     p.add_argument("--confidence", type=_confidence, default=0.0,
                    help="a point passes when its drop is within the tolerance at this one-sided confidence, paired with "
@@ -245,9 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", type=Path, required=True)
     r.add_argument("--data", help="training / calibration data: fashion-mnist, an .npz or an image folder")
     r.add_argument("--eval-data", help="labelled data for accuracy figures (e.g. fashion-mnist:test)")
-    r.add_argument("--held-out", metavar="DATA", help="data the model was not trained on (fashion-mnist:val, .npz, image folder) for the limit to score its "
-                        "points on (default: calibration samples the analysis and compensation do not read; samples "
-                        "the model was trained on lose more to pruning, so the limit lands lower)")
+    r.add_argument("--held-out", metavar="DATA", help=HELD_OUT_HELP)
     r.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="override a pass option (repeatable)")
     r.add_argument("--force", action="store_true", help="replace an existing output file")
     _add_hidden(r)

@@ -91,6 +91,10 @@ MIN_LOG_DROP = 0.2
 """Interpolate in log drop only where the smaller drop is at least this fraction of the allowed one (noise below)."""
 EXTRA_FINETUNE_POINTS = 2
 """Points measured beyond ``points`` to reach the drop the fine-tuned estimate needs."""
+HELD_OUT_CONFIDENCE = 0.8
+"""The default confidence on held-out data the model never saw (``--held-out``)."""
+CALIBRATION_CONFIDENCE = 0.5
+"""The default confidence on calibration samples (possibly trained on): their larger drops are a margin already."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +104,9 @@ class LimitOptions:
     Attributes:
         tolerance: Quality may drop by at most this (0.01: 1 pp of accuracy or agreement).
         points: Most measured points of the no-fine-tune search.
-        holdout: Most held-out calibration samples a point is scored on (those the analysis and compensation leave;
-            a point whose drop is clearly on one side of the tolerance stops after :data:`graphprune.pipeline.limit.SCORING_STEP` of them).
+        holdout: Most held-out samples a point is scored on (of the held-out data when given, else of the
+            calibration samples the analysis and compensation leave); a point whose drop is clearly on one side of
+            the tolerance stops after :data:`graphprune.pipeline.limit.SCORING_STEP` of them.
         finetune_epochs: When > 0, also estimate the limit after this brief fine-tune.
         confidence: One-sided confidence that a passing point's drop is within the tolerance (0.5: the measured drop
             alone; 0: :func:`default_confidence`, by where the held-out samples come from).
@@ -385,8 +390,8 @@ def _between(lo: CalibrationPoint, hi: CalibrationPoint, threshold: float, base_
     point shrinks the bracket to at most three quarters).
 
     Between two measured drops, both above ``MIN_LOG_DROP`` of the allowed one, the drop is taken as a power of the
-    budget (linear in log drop and log budget: the benchmark models' measured drops grow about so, where a line in the drop
-    itself lands low); otherwise linear in log budget."""
+    budget (linear in log drop and log budget: the benchmark models' measured drops grow about so, where a line in
+    the drop itself lands low); otherwise linear in log budget."""
     if lo.budget <= 0:
         return hi.budget / STEP
     allowed = base_quality - threshold
@@ -397,12 +402,6 @@ def _between(lo: CalibrationPoint, hi: CalibrationPoint, threshold: float, base_
         t = (lo.bound - threshold) / max(lo.bound - hi.bound, 1e-12)
     t = min(max(t, clamp), 1.0 - clamp)
     return float(math.exp(math.log(lo.budget) + t * math.log(hi.budget / lo.budget)))
-
-
-HELD_OUT_CONFIDENCE = 0.8
-"""The default confidence on held-out data the model never saw (``--held-out``)."""
-CALIBRATION_CONFIDENCE = 0.5
-"""The default confidence on calibration samples (possibly trained on): their larger drops are a margin already."""
 
 
 def default_confidence(confidence: float, unseen: bool) -> float:
