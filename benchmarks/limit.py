@@ -6,7 +6,7 @@ Run: nice -n 10 python benchmarks/limit.py [--models resnet20 mobilenetv2] [--fi
 
 Per model (trained on Fashion-MNIST, cached; exported to ONNX with BN kept). --calibration ``val`` (default): the
 model trains on 55,000 training images (``fit``), is analysed and compensated on 4,096 of them, and the limit's
-points are scored on the other 5,000 (``val``, never trained on: the prune command's --held-out), as a deployment
+points are scored on up to 4,096 of the other 5,000 (``val``, never trained on: the prune command's --held-out), as a deployment
 engineer's calibration set would be; ``train``: it trains on all 60,000 and the points are scored on the calibration
 images the analysis and compensation leave (images it fitted: they lose more to pruning than unseen ones, so the
 limit lands low). Nothing from the test split calibrates.
