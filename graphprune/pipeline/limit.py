@@ -39,6 +39,7 @@ from graphprune.planning.limit import (
     finetuned_limit,
     measured_curve,
     paired_margin,
+    paired_standard_error,
     search,
 )
 from graphprune.planning.selection import DropOrder, greedy_drop_order
@@ -228,10 +229,10 @@ def decided(base_correct: np.ndarray, tolerance: float, confidence: float) -> Ca
         n = correct.shape[0]
         if n >= base_correct.shape[0]:
             return True
-        d = base_correct[:n].astype(np.float64) - correct.astype(np.float64)
-        se = float(d.std(ddof=1)) / np.sqrt(d.size) if d.size > 1 else np.inf
+        se = paired_standard_error(base_correct[:n], correct)
         line = tolerance - paired_margin(base_correct[:n], correct, confidence)
-        return abs(float(d.mean()) - line) > DECISIVE_Z * max(se, 1.0 / d.size)
+        drop = float(base_correct[:n].mean() - correct.mean())
+        return abs(drop - line) > DECISIVE_Z * max(se, 1.0 / n)
 
     return enough
 

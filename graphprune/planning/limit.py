@@ -67,6 +67,7 @@ __all__ = [
     "floored",
     "measured_curve",
     "paired_margin",
+    "paired_standard_error",
     "remaining_after",
     "search",
 ]
@@ -419,10 +420,16 @@ def paired_margin(base_correct: np.ndarray, correct: np.ndarray, confidence: flo
     >>> round(paired_margin(np.array([1, 1, 1, 1]), np.array([1, 1, 1, 0]), 0.8), 3)
     0.21
     """
-    d = np.asarray(base_correct, dtype=np.float64) - np.asarray(correct, dtype=np.float64)
-    if confidence <= 0.5 or d.size < 2:
+    if confidence <= 0.5:
         return 0.0
-    return float(NormalDist().inv_cdf(confidence) * d.std(ddof=1) / math.sqrt(d.size))
+    return float(NormalDist().inv_cdf(confidence) * paired_standard_error(base_correct, correct))
+
+
+def paired_standard_error(base_correct: np.ndarray, correct: np.ndarray) -> float:
+    """Standard error of the drop ``mean(base_correct - correct)``, the two scored on the same samples (0 for fewer
+    than two samples)."""
+    d = np.asarray(base_correct, dtype=np.float64) - np.asarray(correct, dtype=np.float64)
+    return 0.0 if d.size < 2 else float(d.std(ddof=1) / math.sqrt(d.size))
 
 
 def remaining_after(epochs: float) -> float:
