@@ -297,7 +297,8 @@ def _analyze(args: argparse.Namespace, console: Console) -> None:
             raise BadInputError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
         extra = args.holdout if calibrate and not args.held_out else 0
         data = load_data(args.data, model.graph, args.samples + extra, args.seed, args.split, images)
-        held = load_data(args.held_out, model.graph, args.holdout, args.seed, args.split, images) if args.held_out else None
+        held = (load_data(args.held_out, model.graph, args.holdout, args.seed, args.split, images, "--held-out")
+                if args.held_out else None)
         resolve_dims(model.graph, args.seq_len, data.inputs)
         if args.loss == "labels" and data.labels is None:
             raise BadInputError("--loss labels needs labels in the data; use --loss fisher for unlabelled data")

@@ -397,6 +397,11 @@ def test_prune_takes_held_out_data_from_the_command_line(planted, tmp_path, caps
                  "--samples", "512", "--limit-points", "3", "-o", str(tmp_path / "a.json")])
     assert code == 0 and "1024 held-out samples of" in capsys.readouterr().out
     assert json.loads((tmp_path / "a.json").read_text())["limit"]["confidence"] == 0.8
+    code = main(["prune", str(path), "-o", str(tmp_path / "other.onnx"), "--data", str(tmp_path / "cal.npz"),
+                 "--held-out", str(tmp_path / "missing.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--held-out {tmp_path / 'missing.npz'}: not 'fashion-mnist'" in err and "Traceback" not in err
+    assert not (tmp_path / "other.onnx").exists()
 
 
 def test_fashion_mnist_fit_and_val_part_the_training_images(tmp_path, monkeypatch):

@@ -199,6 +199,7 @@ def load_data(
     seed: int = 0,
     split: str = "train",
     images: ImageOptions | None = None,
+    flag: str = "--data",
 ) -> Calibration:
     """Load calibration data named by ``spec``.
 
@@ -210,6 +211,7 @@ def load_data(
         seed: Subset seed.
         split: Fashion-MNIST split.
         images: Image folder options.
+        flag: The option that named ``spec``, for the message when it names nothing loadable.
 
     Raises:
         BadInputError: Missing files, wrong shapes, NaN, too few samples.
@@ -226,7 +228,7 @@ def load_data(
         elif path.suffix == ".npz" and path.is_file():
             inputs, labels = _load_npz(path, graph)
         else:
-            raise BadInputError(f"--data {spec}: not 'fashion-mnist', an .npz file or an image folder")
+            raise BadInputError(f"{flag} {spec}: not 'fashion-mnist', an .npz file or an image folder")
     _check(inputs, labels, graph, spec)
     dtypes = {n: graph.tensors[n].dtype for n in graph.inputs}
     inputs = tuple(a.astype(np.float32) if dtypes[n] == "FLOAT" else a for n, a in zip(graph.inputs, inputs))

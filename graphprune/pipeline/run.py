@@ -135,8 +135,8 @@ def run_file(
     check_output_path(model, output, force)
     source = load_model(model)
     train = load_data(data, source.graph) if data else None
-    test = load_data(eval_data, source.graph) if eval_data else None
-    held = load_data(held_out, source.graph) if held_out else None
+    test = load_data(eval_data, source.graph, flag="--eval-data") if eval_data else None
+    held = load_data(held_out, source.graph, flag="--held-out") if held_out else None
     resolve_dims(source.graph, seq_len, train.inputs if train is not None else None)
     with staged_files() as staged:
         ws = Workspace(original=source, model=source, data=train, eval_data=test, held_out=held, source=model, output=output,
