@@ -345,3 +345,26 @@ def test_requantized_values_grow_the_scale_only_where_they_do_not_fit(tmp_path):
     assert grown["s"][0] == scale[0] and grown["s"][1] == pytest.approx(0.2)
     np.testing.assert_array_equal(grown["q"][:, 0], q[:, 0])
     assert grown["q"][0, 1] == -128
+
+
+@pytest.mark.parametrize(("form", "shape", "positions"), [("dense", (3, 6, 5, 4), 1), ("shared", (3, 6, 5, 4), 1),
+                                                          ("dense", (7, 12), 2), ("per-position", (7, 12), 2),
+                                                          ("shared", (7, 12), 2)])
+def test_leading_rows_are_the_full_grams_rows(form, shape, positions):
+    """A Gram of only the first channels' rows (the sequential refit's kept channels) holds the full Gram's rows, on
+    the channel-major path of conv inputs and the flattened one alike."""
+    from graphprune.recovery.compensation import _Stats
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    channels = shape[1] // positions
+    idx = np.arange(shape[1])
+    full, lead = _Stats(channels, positions, form), _Stats(channels, positions, form, rows=2)
+    full.add(x, 1, idx, 1 << 20)
+    lead.add(x, 1, idx, 1 << 20)
+    rows = 2 * positions if form == "dense" else 2
+    part = full.s2[:, :rows] if form == "per-position" else full.s2[:rows]
+    assert lead.n == full.n and torch.allclose(lead.s1, full.s1)
+    assert torch.allclose(lead.s2, part, rtol=1e-6, atol=1e-6)
+    flat = x.movedim(1, -1).reshape(-1, shape[1]).double()
+    if form == "dense":
+        assert torch.allclose(full.s2, flat.T @ flat, rtol=1e-6, atol=1e-5)

@@ -135,14 +135,17 @@ class _Stats:
     """Streamed sums of x and x x^T over samples and positions for one edge's ``C x m`` elements, in one Gram form.
 
     ``dense``: one (C m)^2 Gram; ``per-position``: m Grams of C x C; ``shared``:
-    one C x C Gram of the positions pooled (see :mod:`graphprune.recovery.gram_budget`).
+    one C x C Gram of the positions pooled (see :mod:`graphprune.recovery.gram_budget`). With ``rows``, only the
+    rows of the first ``rows`` channels (their elements in the dense form): the fit reads C_KK and C_KD, so when the
+    kept channels lead the vector (the sequential refit's joint vector) no other row is needed.
     """
 
-    def __init__(self, channels: int, positions: int, form: str) -> None:
+    def __init__(self, channels: int, positions: int, form: str, rows: int | None = None) -> None:
         self.c, self.m, self.form = channels, positions, form
-        shape = {"dense": (channels * positions,) * 2, "per-position": (positions, channels, channels)}
+        self.r = channels if rows is None else rows
+        shape = {"dense": (self.r * positions, channels * positions), "per-position": (positions, self.r, channels)}
         self.s1 = torch.zeros(channels * positions, dtype=torch.float64)
-        self.s2 = torch.zeros(shape.get(form, (channels, channels)), dtype=torch.float64)
+        self.s2 = torch.zeros(shape.get(form, (self.r, channels)), dtype=torch.float64)
         self.n = 0.0
 
     @property
@@ -157,25 +160,36 @@ class _Stats:
         parts = x.split(max(1, chunk_bytes // per_sample), 0) if axis != 0 and x.dim() > 1 else (x,)
         for part in parts:
             picked = part if index is None else part.index_select(axis, index)
+            if axis == 1 and picked.dim() > 2 and self.m == 1 and self.form != "per-position":
+                self._accumulate_channels(picked.reshape(picked.shape[0], width, -1))
+                continue
             flat = picked.movedim(axis, -1).reshape(-1, width)
             step = max(1, min(CHUNK_ROWS, chunk_bytes // (width * 12)))
             for rows in flat.split(step, 0):
                 self._accumulate(rows.float().cpu())
+
+    def _accumulate_channels(self, x: torch.Tensor) -> None:
+        """Add the sums of (samples, channels, positions) ``x``, channels on axis 1 (a conv's input), without moving
+        the channels last: one product per sample (positions as rows), accumulated in float64."""
+        x = x.float().cpu()
+        self.s1 += x.sum((0, 2)).double()
+        self.n += x.shape[0] * x.shape[2]
+        self.s2 += torch.matmul(x[:, :self.r], x.transpose(1, 2)).double().sum(0)
 
     def _accumulate(self, flat: torch.Tensor) -> None:
         """Add one chunk's sums: products in float32 (at most ``CHUNK_ROWS`` rows), accumulated in float64."""
         self.s1 += flat.sum(0).double()
         self.n += flat.shape[0]
         if self.form == "dense":
-            self.s2 += (flat.T @ flat).double()
+            self.s2 += (flat[:, :self.r * self.m].T @ flat).double()
             return
         v = flat.view(-1, self.c, self.m)
         if self.form == "per-position":
             v = v.permute(2, 0, 1)  # (m, rows, C)
-            self.s2 += torch.bmm(v.transpose(1, 2), v).double()
+            self.s2 += torch.bmm(v[:, :, :self.r].transpose(1, 2), v).double()
         else:
             v = v.transpose(1, 2).reshape(-1, self.c)  # (rows m, C)
-            self.s2 += (v.T @ v).double()
+            self.s2 += (v[:, :self.r].T @ v).double()
 
 
 def _collect(graph: ChannelGraph, targets: list[_Target], stats: list[_Stats], data: Calibration,

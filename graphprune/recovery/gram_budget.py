@@ -81,6 +81,9 @@ class Consumer:
     blocks_keep: int = 0
     blocks_drop: int = 0
     """Dense form: kept and dropped elements of its largest block (0: ``keep * positions``, ``drop * positions``)."""
+    leading: bool = False
+    """The Gram holds only the rows of the ``keep`` channels that lead the vector (the sequential refit's joint
+    vector: the pruned model's kept channels, then the original's; the fit reads no other rows)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,13 +101,14 @@ class ConsumerMemory:
 def _cost(c: Consumer, form: str) -> tuple[int, int]:
     """(resident Gram + means, solve workspace) bytes of ``c`` in ``form``."""
     cm = c.channels * c.positions
+    rows = c.keep if c.leading else c.channels
     if form == "dense":
         k = c.blocks_keep or c.keep * c.positions
         d = c.blocks_drop or c.drop * c.positions
-        gram = cm * cm
+        gram = rows * c.positions * cm
     else:
         k, d = c.keep, c.drop
-        gram = c.channels * c.channels * (c.positions if form == "per-position" else 1)
+        gram = rows * c.channels * (c.positions if form == "per-position" else 1)
     return (gram + cm) * _F64, 2 * k * (k + d) * _F64  # solve: C_KK and C_KD, and the solver's copies of both
 
 

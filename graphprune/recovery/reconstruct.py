@@ -179,7 +179,8 @@ def _consumer(r: _Refit, graph: ChannelGraph) -> Consumer:
     c, m = r.target.edge.index.shape
     fits = _fits(r, weight_shape(graph, r.target.weight))
     big = max(fits, key=lambda f: f.regressors.size * (f.regressors.size + f.targets.size))
-    return Consumer(r.target.edge.node, r.group, r.keep.size + c, m, r.keep.size, c, big.regressors.size, big.targets.size)
+    return Consumer(r.target.edge.node, r.group, r.keep.size + c, m, r.keep.size, c, big.regressors.size, big.targets.size,
+                    leading=True)
 
 
 def refit_samples(graph: ChannelGraph, bound: int, samples: int) -> int:
@@ -459,7 +460,7 @@ def reconstruct(graph: ChannelGraph, coupling: Coupling, plan: Plan, data: Calib
         if node.name in chosen:
             r, form = chosen[node.name]
             edge = r.target.edge
-            st = _Stats(r.keep.size + edge.index.shape[0], edge.index.shape[1], form)
+            st = _Stats(r.keep.size + edge.index.shape[0], edge.index.shape[1], form, rows=r.keep.size)
             kept_idx, all_idx = torch.as_tensor(edge.index[r.keep].ravel()), torch.as_tensor(edge.index.ravel())
             whole = _whole(edge.index.ravel(), graph.tensors[node.inputs[0]].size(edge.axis) or -1)
             for want, got in sweep.inputs(node):
