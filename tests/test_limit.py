@@ -162,7 +162,7 @@ def test_a_power_law_drop_is_narrowed_in_log_drop_and_log_budget():
     _, _, plain = search(evaluate, counts, 1.0, 100.0, 0.89, base, points=12)
     lo_b, hi_b, closing = search(evaluate, counts, 1.0, 100.0, 0.89, base, points=12, reduction=lambda b: 1 + b)
     assert hi_b is not None and lo_b.budget <= 1.5812 < hi_b.budget and hi_b.macs_reduction / lo_b.macs_reduction <= 1.05
-    assert len(closing) == 4 < len(plain)  # the point after the crossing closes the bracket: 1, 4, 1.58, 1.70
+    assert len(closing) == 4 < len(plain)  # from START: 4 fails, 1 passes, 1.58, and 1.70 closes the bracket
 
 
 def test_a_point_scores_more_held_out_samples_only_while_its_drop_is_undecided():
@@ -181,6 +181,72 @@ def test_a_point_scores_more_held_out_samples_only_while_its_drop_is_undecided()
     assert enough(flipped(0.2, 1024))  # 20 pp: clearly beyond
     assert not enough(flipped(0.012, 1024))  # about 1 pp: undecided after 1,024
     assert enough(flipped(0.012, 4096))  # every sample scored
+
+
+def _flips_on_the_unsure(rate: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4,096 held-out samples: the original's margins, its correctness (0.9), and a pruned model's whose flips fall on
+    the samples the original is least sure of (``rate`` of them flip, all within the lowest fifth by margin)."""
+    rng = np.random.default_rng(seed)
+    margin = rng.random(4096)
+    base = rng.random(4096) < 0.9
+    pruned = base.copy()
+    unsure = np.flatnonzero(margin < 0.2)
+    pruned[rng.choice(unsure, int(rate * 4096), replace=False)] ^= True
+    return margin, base, pruned
+
+
+def test_stratified_scoring_puts_the_unsure_samples_first_and_weights_them_by_their_share():
+    from graphprune.planning.limit import FRAGILE_SHARE, FRAGILE_RATE, paired_drop, stratified_order
+
+    margin, base, pruned = _flips_on_the_unsure(0.015)
+    order, strata = stratified_order(margin, seed=0)
+    assert sorted(order) == list(range(4096)) and strata.sizes == (1024, 3072)
+    fragile = order[strata.of == 0]
+    assert margin[fragile].max() <= np.quantile(margin, FRAGILE_SHARE) + 1e-9  # the least sure quarter
+    assert (strata.of[:1024] == 0).sum() == round(FRAGILE_RATE * 1024)  # three quarters of the first chunk
+    b, c = base[order], pruned[order]
+    full, full_se = paired_drop(b, c, strata)
+    assert full == pytest.approx(float(base.mean() - pruned.mean()), abs=1e-12)  # all scored: the plain drop
+    assert full_se <= paired_drop(b, c)[1] + 1e-12  # within-stratum variance only
+    half, half_se = paired_drop(b[:2048], c[:2048], strata)
+    assert abs(half - full) < 2 * half_se  # half the samples: the same drop within its error
+    assert paired_drop(b[:2048], c[:2048])[0] > 1.5 * full  # where the plain mean of that prefix is biased
+
+
+def test_a_stratified_point_stops_once_scoring_the_rest_would_not_sharpen_it():
+    """Flips only among the unsure samples: after half of them and a third of the others, scoring the robust rest
+    would narrow the standard error by under 10%, so the point stops there; unstratified, a drop this close to the
+    line needs every sample."""
+    from graphprune.pipeline.limit import decided
+    from graphprune.planning.limit import stratified_order
+
+    margin, base, pruned = _flips_on_the_unsure(0.008)
+    order, strata = stratified_order(margin, seed=0)
+    b, c = base[order], pruned[order]
+    stratified, plain = decided(b, 0.01, 0.8, strata), decided(base, 0.01, 0.8)  # plain: in the held-out order
+    assert not stratified(c[:1024]) and stratified(c[:2048])
+    assert not plain(pruned[:2048]) and not plain(pruned[:3072]) and plain(pruned)
+
+
+def test_the_bracket_steps_to_where_the_drop_is_expected_to_fail_clearly():
+    """A drop growing as budget^1.5 (the prior exponent): from a passing point the bracket's next budget is where the
+    drop reaches twice the allowed one, or 1.5 times what the fine-tuned estimate needs, so one point serves both."""
+    import graphprune.planning.limit as limit
+
+    def evaluate(b: float) -> CalibrationPoint:
+        return CalibrationPoint(b, 1 + b, 1 + b, b, 0.9 - 0.004 * b**1.5)
+
+    first = evaluate(1.0)  # drop 0.004 of the allowed 0.01
+    assert limit._bracket_step(first, 0.01, 0.0, 0.9) == pytest.approx(5.0 ** (1 / 1.5))  # to a drop of 0.02
+    assert limit._bracket_step(first, 0.01, 0.0365, 0.9) == pytest.approx((1.5 * 0.0365 / 0.004) ** (1 / 1.5))
+    assert limit._bracket_step(evaluate(0.1), 0.01, 0.0, 0.9) == limit.STEP  # a drop too small to extrapolate from
+    assert limit._bracket_step(first, 0.01, 10.0, 0.9) == limit.STEP**2  # at most STEP^2
+    base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, 0.9)
+    counts = lambda b: {0: round(10000 * (1 + b))}  # noqa: E731
+    _, hi, measured = search(evaluate, counts, 0.25, 100.0, 0.89, base, points=12, reduction=lambda b: 1 + b,
+                             reach=0.0365)
+    assert measured[0].budget == pytest.approx(0.25 * limit.START)  # the first point: START above the spectral budget
+    assert hi is not None and 0.9 - measured[1].quality >= 0.0365  # the bracket's failing end shows the drop needed
 
 
 def test_the_default_confidence_depends_on_where_the_held_out_samples_come_from():

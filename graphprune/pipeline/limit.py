@@ -29,25 +29,31 @@ from graphprune.pipeline.passes import CompensateOptions, CompensatePass, Repair
 from graphprune.pipeline.workspace import Pass, PassResult, Workspace, register_pass
 from graphprune.planning.limit import (
     EXTRA_FINETUNE_POINTS,
+    MIN_LOG_DROP,
+    REACH_OVERSHOOT,
     SPECTRAL_NATS_PER_TOLERANCE,
-    STEP,
     CalibratedLimit,
     CalibrationPoint,
     FineTunedLimit,
     LimitOptions,
+    Strata,
     default_confidence,
     finetuned_limit,
+    full_standard_error,
     measured_curve,
+    paired_drop,
     paired_margin,
-    paired_standard_error,
+    reaching,
+    remaining_after,
     search,
+    stratified_order,
 )
 from graphprune.planning.selection import DropOrder, greedy_drop_order
 
 if TYPE_CHECKING:
     from graphprune.recovery.reconstruct import OriginalActivations
 
-__all__ = ["LimitPass", "LimitPassOptions", "decided", "held_out", "plan_correct", "predictions", "scoring_samples", "top1"]
+__all__ = ["LimitPass", "LimitPassOptions", "confident", "decided", "held_out", "plan_correct", "predictions", "scoring_samples", "top1"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ SCORING_STEP = 1024
 """A limit point scores its held-out samples this many at a time (:func:`decided` says when to stop)."""
 DECISIVE_Z = 2.0
 """A point's drop this many standard errors from the pass line decides it before every held-out sample is scored."""
+PRECISE = 1.1
+"""A point stops once its drop's standard error is within this factor of the one every held-out sample would give."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,21 +114,40 @@ def predictions(model: PrunableModel, data: Calibration, batch_size: int) -> np.
         return predict(data)
 
 
+def confident(model: PrunableModel, data: Calibration, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predictions`, and how sure the model is of each sample: its top-1 minus top-2 softmax probability
+    (averaged over tokens), in one run."""
+    with _first_outputs(model, batch_size) as run:
+        classes, margin = run(data, lambda y: (_classes(y), _margin(y)))
+        return classes, margin
+
+
 @contextlib.contextmanager
 def top1(model: PrunableModel, batch_size: int) -> Iterator[Callable[[Calibration], np.ndarray]]:
     """A function giving :func:`predictions` of ``model``: on one onnxruntime session for an ONNX model (as many
     intra-op threads as torch has; 1.5x the torch interpreter's speed on one thread, ResNet-20 and ``vgg16s``), else
     through the torch interpreter, which also takes over when the session cannot run the data's batches."""
+    with _first_outputs(model, batch_size) as run:
+        yield lambda data: run(data, lambda y: (_classes(y),))[0]
+
+
+Reduce = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+@contextlib.contextmanager
+def _first_outputs(model: PrunableModel, batch_size: int) -> Iterator[Callable[[Calibration, Reduce], tuple[np.ndarray, ...]]]:
+    """A function running ``model`` on data batch by batch and concatenating what ``reduce`` makes of each batch's
+    first output (see :func:`top1` for where it runs)."""
     from graphprune.execution.interpreter import GraphInterpreter
 
     interp: GraphInterpreter | None = None
 
-    def by_interpreter(data: Calibration) -> np.ndarray:
+    def by_interpreter(data: Calibration, reduce: Reduce) -> tuple[np.ndarray, ...]:
         nonlocal interp
         interp = interp or GraphInterpreter(model.graph).eval()
         with torch.no_grad():
-            return _top1([interp(*(torch.from_numpy(a) for a in inputs))[0].numpy()
-                          for _, inputs, _ in data.batches(batch_size)])
+            return _joined([reduce(interp(*(torch.from_numpy(a) for a in inputs))[0].numpy())
+                            for _, inputs, _ in data.batches(batch_size)])
 
     if model.kind != "onnx":
         yield by_interpreter
@@ -131,28 +158,39 @@ def top1(model: PrunableModel, batch_size: int) -> Iterator[Callable[[Calibratio
         names = [i.name for i in session.get_inputs()]
         broken = False
 
-        def by_session(data: Calibration) -> np.ndarray:
+        def by_session(data: Calibration, reduce: Reduce) -> tuple[np.ndarray, ...]:
             nonlocal broken
             if not broken:
                 try:
-                    return _top1([session.run(None, dict(zip(names, inputs)))[0]
-                                  for _, inputs, _ in data.batches(batch_size)])
+                    return _joined([reduce(session.run(None, dict(zip(names, inputs)))[0])
+                                    for _, inputs, _ in data.batches(batch_size)])
                 except BadInputError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the interpreter computes the same outputs
                     log.info("limit: onnxruntime cannot score batches of %d (%s): the torch interpreter does", batch_size, exc)
                     broken = True
-            return by_interpreter(data)
+            return by_interpreter(data, reduce)
 
         yield by_session
 
 
-def _top1(outputs: Sequence[np.ndarray]) -> np.ndarray:
-    for y in outputs:
-        if y.ndim < 2:
-            raise BadInputError(f"output agreement needs a (batch, ..., classes) first output, got shape "
-                                f"{tuple(y.shape)}: give labelled data or --no-calibrate")
-    return np.concatenate([y.argmax(-1) for y in outputs])
+def _joined(parts: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    return tuple(np.concatenate(column) for column in zip(*parts))
+
+
+def _classes(y: np.ndarray) -> np.ndarray:
+    if y.ndim < 2:
+        raise BadInputError(f"output agreement needs a (batch, ..., classes) first output, got shape "
+                            f"{tuple(y.shape)}: give labelled data or --no-calibrate")
+    return y.argmax(-1)
+
+
+def _margin(y: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 softmax probability over the last axis, averaged over the axes between batch and classes."""
+    z = np.exp(y - y.max(-1, keepdims=True))
+    top = np.sort(z / z.sum(-1, keepdims=True), -1)
+    gap = top[..., -1] - (top[..., -2] if y.shape[-1] > 1 else 0.0)
+    return gap.reshape(gap.shape[0], -1).mean(1)
 
 
 def _plan(ws: Workspace, orders: Mapping[int, DropOrder], counts: Mapping[int, int], budget: float) -> Plan:
@@ -220,19 +258,23 @@ def _rows(data: Calibration, start: int, stop: int) -> Calibration:
     return Calibration(tuple(a[start:stop] for a in data.inputs), labels, data.source)
 
 
-def decided(base_correct: np.ndarray, tolerance: float, confidence: float) -> Callable[[np.ndarray], bool]:
-    """Whether the scores so far (a prefix of the held-out samples) put the paired drop clearly on one side of the
-    pass line: more than ``DECISIVE_Z`` standard errors from ``tolerance`` (plus the confidence margin), or every
-    sample scored."""
+def decided(base_correct: np.ndarray, tolerance: float, confidence: float,
+            strata: Strata | None = None) -> Callable[[np.ndarray], bool]:
+    """Whether the scores so far (a prefix of the held-out samples in scoring order) settle the point: the paired
+    drop more than ``DECISIVE_Z`` standard errors from the pass line (``tolerance`` less the confidence margin), or
+    its standard error within ``PRECISE`` of what scoring every sample would give (stratified: the robust stratum
+    showing too few flips to matter), or every sample scored."""
+    strata = strata or Strata.single(base_correct.shape[0])
 
     def enough(correct: np.ndarray) -> bool:
         n = correct.shape[0]
         if n >= base_correct.shape[0]:
             return True
-        se = paired_standard_error(base_correct[:n], correct)
-        line = tolerance - paired_margin(base_correct[:n], correct, confidence)
-        drop = float(base_correct[:n].mean() - correct.mean())
-        return abs(drop - line) > DECISIVE_Z * max(se, 1.0 / n)
+        drop, se = paired_drop(base_correct[:n], correct, strata)
+        line = tolerance - paired_margin(base_correct[:n], correct, confidence, strata)
+        if abs(drop - line) > DECISIVE_Z * max(se, 1.0 / n):
+            return True
+        return len(strata.sizes) > 1 and se <= PRECISE * full_standard_error(base_correct[:n], correct, strata)
 
     return enough
 
@@ -245,6 +287,12 @@ def scoring_samples(ws: Workspace, options: LimitPassOptions) -> Calibration | N
     Raises:
         BadInputError: Unlabelled data and a first output with no class axis.
     """
+    scored = _scored(ws, options)
+    return None if scored is None else scored[0]
+
+
+def _scored(ws: Workspace, options: LimitPassOptions) -> tuple[Calibration, np.ndarray, np.ndarray] | None:
+    """:func:`scoring_samples`, the original's predictions on them and its margins (:func:`confident`)."""
     assert ws.data is not None
     if ws.held_out is not None:
         held = held_out(ws.held_out, 0, options.holdout, options.seed)
@@ -253,20 +301,30 @@ def scoring_samples(ws: Workspace, options: LimitPassOptions) -> Calibration | N
         held = held_out(ws.data, used, options.holdout, options.seed)
     if len(held) < min(options.holdout, MIN_HOLDOUT):
         return None
+    classes, margin = confident(ws.original, held, options.batch_size)
     if held.labels is None:
-        held = dataclasses.replace(held, labels=predictions(ws.original, held, options.batch_size))
-    return held
+        held = dataclasses.replace(held, labels=classes)
+    return held, classes, margin
+
+
+def _reordered(data: Calibration, order: np.ndarray) -> Calibration:
+    labels = None if data.labels is None else data.labels[order]
+    return Calibration(tuple(a[order] for a in data.inputs), labels, data.source)
 
 
 def _finetuned(o: LimitPassOptions, measured: list[CalibrationPoint], base_q: float,
                evaluate: Callable[[float], CalibrationPoint], max_budget: float) -> tuple[FineTunedLimit, list[CalibrationPoint]]:
-    """The fine-tuned estimate; measures up to ``EXTRA_FINETUNE_POINTS`` larger budgets while the curve has not dropped far enough."""
+    """The fine-tuned estimate; measures up to ``EXTRA_FINETUNE_POINTS`` larger budgets while the curve has not dropped
+    far enough, each aimed past the drop the estimate needs (:func:`~graphprune.planning.limit.reaching`)."""
     ft = finetuned_limit(measured_curve(base_q, measured), base_q, o.tolerance, o.finetune_epochs)
-    budget = max((p.budget for p in measured), default=o.budget or SPECTRAL_NATS_PER_TOLERANCE * o.tolerance)
     for _ in range(EXTRA_FINETUNE_POINTS):
-        if not ft.bounded or budget >= max_budget:
+        if not ft.bounded or not measured:
             break
-        budget = min(budget * STEP, max_budget)
+        last = max(measured, key=lambda p: p.budget)
+        if last.budget >= max_budget:
+            break
+        need = REACH_OVERSHOOT * o.tolerance / ft.remaining
+        budget = min(last.budget * reaching(last, need, base_q, MIN_LOG_DROP * o.tolerance), max_budget)
         measured = [*measured, evaluate(budget)]
         ft = finetuned_limit(measured_curve(base_q, measured), base_q, o.tolerance, o.finetune_epochs)
     return ft, measured
@@ -293,7 +351,7 @@ class LimitPass(Pass):
         full = {g: coupling.by_id(g).channels for g in orders}
         original = cost_with_keep(graph, coupling, full)
         metric = "accuracy" if (ws.held_out if ws.held_out is not None else ws.data).labels is not None else "agreement"
-        scored = scoring_samples(ws, o)
+        scored = _scored(ws, o)
         if scored is None:
             used = max(analysis.samples, o.samples)
             where = ("in the held-out data" if ws.held_out is not None
@@ -301,16 +359,15 @@ class LimitPass(Pass):
             ws.status(f"limit: not calibrated: fewer than {min(o.holdout, MIN_HOLDOUT)} {where}; the plan's floors are "
                       "the analysis's")
             return PassResult(ws, False)
-        held = scored
+        held, classes, margin = scored
         ws.status(f"limit: scoring points on up to {len(held)} held-out samples of {held.source}")
         if 2.0 / len(held) > o.tolerance:
             ws.status(f"limit: {len(held)} held-out samples measure quality in steps of {100 / len(held):.2g} pp, "
                       f"too coarse for a {100 * o.tolerance:g} pp tolerance: give more data")
         assert held.labels is not None
-        if metric == "accuracy":
-            base_correct = predictions(ws.original, held, o.batch_size) == held.labels
-        else:  # the labels are the original's own predictions (scoring_samples): it agrees with every one
-            base_correct = np.ones(held.labels.shape, dtype=np.bool_)
+        base_correct = classes == held.labels  # unlabelled: the labels are the original's own predictions
+        order, strata = stratified_order(margin, o.seed)
+        held, base_correct = _reordered(held, order), base_correct[order]
         base_q = float(base_correct.mean())
 
         o = dataclasses.replace(o, confidence=default_confidence(o.confidence, ws.held_out is not None))
@@ -330,12 +387,12 @@ class LimitPass(Pass):
             loss = float(sum(orders[g].cost[full[g] - k] for g, k in c.items()))
             ws.status(f"limit: measuring budget {budget:.3g} ({original.macs / max(1, cost.macs):.2f}x fewer MACs)")
             correct = plan_correct(ws, _plan(ws, orders, c, budget), o, held, shared, point_bytes,
-                                   decided(base_correct, o.tolerance, o.confidence))
-            n = correct.shape[0]  # a prefix of the held-out samples: the quality is the base's less the paired drop there
-            drop = float(base_correct[:n].mean() - correct.mean())
+                                   decided(base_correct, o.tolerance, o.confidence, strata))
+            n = correct.shape[0]  # a prefix of the scoring order: the quality is the base's less the stratified drop
+            drop = paired_drop(base_correct[:n], correct, strata)[0]
             point = CalibrationPoint(budget, original.macs / max(1, cost.macs), original.params / max(1, cost.params), loss,
                                      base_q - drop, time.perf_counter() - start,
-                                     paired_margin(base_correct[:n], correct, o.confidence), n)
+                                     paired_margin(base_correct[:n], correct, o.confidence, strata), n)
             log.info("limit point: %s", point)
             return point
 
@@ -348,7 +405,8 @@ class LimitPass(Pass):
         def reduction(budget: float) -> float:
             return original.macs / max(1, cost_with_keep(graph, coupling, counts(budget)).macs)
 
-        lo, _hi, measured = search(evaluate, counts, spectral, max_budget, threshold, base, o.points, reduction)
+        reach = o.tolerance / remaining_after(o.finetune_epochs) if o.finetune_epochs > 0 else 0.0
+        lo, _hi, measured = search(evaluate, counts, spectral, max_budget, threshold, base, o.points, reduction, reach)
         finetuned = None
         if o.finetune_epochs > 0:
             finetuned, measured = _finetuned(o, measured, base_q, evaluate, max_budget)

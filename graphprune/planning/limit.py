@@ -12,14 +12,17 @@ at a budget are the effective filters at that budget.
   predict: ``SPECTRAL_NATS_PER_TOLERANCE * tolerance`` nats of predicted loss.
 - The **calibrated limit** comes from a few measured points (each one plan,
   compensation, rewrite, repair and evaluation): the budget is bracketed by
-  steps of ``STEP`` from the spectral budget, then narrowed where the quality,
-  interpolated in log budget between the bracket's points, crosses the
-  threshold (safeguarded: always inside the bracket's middle half).
+  steps of ``STEP`` from ``START`` times the spectral budget, then narrowed
+  where the quality, interpolated in log budget between the bracket's points,
+  crosses the threshold (safeguarded: always inside the bracket's middle half).
 - A point passes when its drop holds at the options' one-sided
   ``confidence``: the measured drop plus ``z`` standard errors of the drop,
   paired sample by sample with the original on the same held-out samples
   (:func:`paired_margin`), is within the tolerance; 0.5 is the measured drop
-  alone. The default (:func:`default_confidence`) is 0.8 on held-out data
+  alone. Points score the held-out samples stratified by how sure the
+  original is of each (:class:`Strata`), and stop once the drop is decided
+  or as precise as scoring them all would make it. The default
+  (:func:`default_confidence`) is 0.8 on held-out data
   the model never saw: on 4,096 samples a drop near 1 pp has a standard
   error of about 0.2-0.3 pp, and the search keeps the largest budget that
   passed, where noise in its favour is likeliest (at 0.5 two of the four
@@ -61,15 +64,20 @@ __all__ = [
     "CalibrationPoint",
     "FineTunedLimit",
     "LimitOptions",
+    "Strata",
     "default_confidence",
     "expected_line",
     "finetuned_limit",
     "floored",
+    "full_standard_error",
     "measured_curve",
+    "paired_drop",
     "paired_margin",
     "paired_standard_error",
+    "reaching",
     "remaining_after",
     "search",
+    "stratified_order",
 ]
 
 SPECTRAL_NATS_PER_TOLERANCE = 1.0
@@ -84,10 +92,21 @@ FINETUNE_REMAINING_EXPONENT = 0.79
 """remaining(E) = 0.274 E^-0.79 (the exponent from earlier ResNet-20 measurements at one and a quarter epoch)."""
 STEP = 4.0
 """Factor between two budgets while bracketing the limit."""
+START = STEP
+"""The first point's budget over the spectral one. With compensation and repair every benchmark model's limit lay
+5-10x above the spectral budget in nats, and a first point at the spectral budget passed on all four
+(benchmarks/limit.json, 2026-12-07): it is measured only when the first point fails (the bracket's lower end then
+comes down by ``STEP``)."""
 RESOLUTION = 1.05
 """The search stops when the failing and passing reductions are within this factor."""
 INTERPOLATION_CLAMP = 0.25
 """Each interpolated budget lies at least this fraction of the bracket (in log budget) from either end."""
+PRIOR_EXPONENT = 1.5
+"""The drop taken to grow as the budget to this power when the bracket extrapolates from one point: between budgets
+0.04 and 0.16 it grew as the power 1.47 / 1.52 / 1.65 on ResNet-20 / ``vgg16s`` / MobileNetV2 (benchmarks/limit.json,
+2026-12-07) and 1.37 on the demo's ResNet-20."""
+REACH_OVERSHOOT = 1.5
+"""A point meant to show a drop (the fine-tuned estimate's) aims this much past it: the exponent varies by model."""
 MIN_LOG_DROP = 0.2
 """Interpolate in log drop only where the smaller drop is at least this fraction of the allowed one (noise below)."""
 EXTRA_FINETUNE_POINTS = 2
@@ -96,6 +115,12 @@ HELD_OUT_CONFIDENCE = 0.8
 """The default confidence on held-out data the model never saw (``--held-out``)."""
 CALIBRATION_CONFIDENCE = 0.5
 """The default confidence on calibration samples (possibly trained on): their larger drops are a margin already."""
+FRAGILE_SHARE = 0.25
+"""The share of held-out samples the original is least sure of that form the fragile stratum (:class:`Strata`)."""
+FRAGILE_RATE = 0.75
+"""The share of fragile samples among the first ones a point scores, until they run out."""
+MIN_STRATUM = 64
+"""Fewer held-out samples than twice this: one stratum."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,20 +332,22 @@ def _same(a: Mapping[int, int], b: Mapping[int, int]) -> bool:
 
 def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budget: float, threshold: float,
            base: CalibrationPoint, points: int, reduction: Callable[[float], float] | None = None,
-           ) -> tuple[CalibrationPoint, CalibrationPoint | None, list[CalibrationPoint]]:
+           reach: float = 0.0) -> tuple[CalibrationPoint, CalibrationPoint | None, list[CalibrationPoint]]:
     """Bracket, then narrow by interpolation, the largest budget whose measured quality is at least ``threshold``.
 
     Args:
         evaluate: Measures one budget.
         counts: The per-group counts of a budget (cheap; ``counts(0)`` is the original's). Two budgets with the
             same counts are one point: the bracket moves without measuring.
-        spectral_budget: Where to start.
+        spectral_budget: The spectral budget: the search starts ``START`` above it.
         max_budget: A budget at which every group keeps one channel.
         threshold: The least quality that passes.
         base: The original as a point (budget 0, reduction 1, the base quality): passing by definition.
         points: Most points to measure.
         reduction: The MACs reduction of a budget (cheap), when known: an interpolated budget within
             ``RESOLUTION`` of a bracket's end is moved to close the bracket (:func:`_closing`).
+        reach: A drop the bracket's upper end should show besides failing (the fine-tuned estimate's), so that
+            one point serves both (:func:`_bracket_step`).
 
     Returns:
         (the passing point with the largest budget, the failing point with the smallest or None, every measured point).
@@ -347,10 +374,10 @@ def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budge
         hi = p
         return False
 
-    b = min(max(spectral_budget, 1e-12), max_budget)
+    b = min(max(spectral_budget * START, 1e-12), max_budget)
     step(b)
-    while hi is None and b < max_budget and len(measured) < points:  # bracket: up by STEP until a point fails
-        b = min(b * STEP, max_budget)
+    while hi is None and b < max_budget and len(measured) < points:  # bracket: up until a point fails
+        b = min(b * _bracket_step(lo, base.quality - threshold, reach, base.quality), max_budget)
         step(b)
     for _ in range(64):  # safeguarded interpolation in log budget
         if hi is None or len(measured) >= points or hi.macs_reduction / lo.macs_reduction <= RESOLUTION:
@@ -360,6 +387,23 @@ def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budge
             b = _closing(lo, hi, _between(lo, hi, threshold, base.quality, clamp=0.0), reduction) or b
         step(b)
     return lo, hi, measured
+
+
+def reaching(p: CalibrationPoint, drop: float, base_quality: float, informative: float) -> float:
+    """The factor from point ``p``'s budget to one whose drop reaches ``drop``, the drop taken to grow as the
+    budget to ``PRIOR_EXPONENT``, between ``sqrt(STEP)`` and ``STEP ** 2``; ``STEP`` when ``p``'s own drop is at
+    most ``informative`` (too small to extrapolate from)."""
+    measured = base_quality - p.quality
+    if p.budget <= 0 or measured <= informative:
+        return STEP
+    factor = (drop / measured) ** (1.0 / PRIOR_EXPONENT)
+    return float(min(max(factor, math.sqrt(STEP)), STEP**2))
+
+
+def _bracket_step(lo: CalibrationPoint, allowed: float, reach: float, base_quality: float) -> float:
+    """The factor from the passing point ``lo`` to the bracket's next budget: where twice the ``allowed`` drop (a
+    clear failure) or ``REACH_OVERSHOOT`` times ``reach``, when larger, is expected (:func:`reaching`)."""
+    return reaching(lo, max(2.0 * allowed, REACH_OVERSHOOT * reach), base_quality, MIN_LOG_DROP * allowed)
 
 
 def _closing(lo: CalibrationPoint, hi: CalibrationPoint, b: float, reduction: Callable[[float], float]) -> float | None:
@@ -413,23 +457,99 @@ def default_confidence(confidence: float, unseen: bool) -> float:
     return HELD_OUT_CONFIDENCE if unseen else CALIBRATION_CONFIDENCE
 
 
-def paired_margin(base_correct: np.ndarray, correct: np.ndarray, confidence: float) -> float:
+def paired_margin(base_correct: np.ndarray, correct: np.ndarray, confidence: float, strata: Strata | None = None) -> float:
     """``z`` standard errors of the drop ``mean(base_correct - correct)``, the two scored on the same samples (a
-    sample both get right or wrong adds no variance), ``z`` the one-sided normal quantile of ``confidence``.
+    sample both get right or wrong adds no variance), ``z`` the one-sided normal quantile of ``confidence``;
+    stratified when ``strata`` are given (:func:`paired_drop`).
 
     >>> round(paired_margin(np.array([1, 1, 1, 1]), np.array([1, 1, 1, 0]), 0.8), 3)
     0.21
     """
     if confidence <= 0.5:
         return 0.0
-    return float(NormalDist().inv_cdf(confidence) * paired_standard_error(base_correct, correct))
+    return float(NormalDist().inv_cdf(confidence) * paired_drop(base_correct, correct, strata)[1])
 
 
-def paired_standard_error(base_correct: np.ndarray, correct: np.ndarray) -> float:
+def paired_standard_error(base_correct: np.ndarray, correct: np.ndarray, strata: Strata | None = None) -> float:
     """Standard error of the drop ``mean(base_correct - correct)``, the two scored on the same samples (0 for fewer
-    than two samples)."""
+    than two samples); stratified when ``strata`` are given (:func:`paired_drop`)."""
+    return paired_drop(base_correct, correct, strata)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Strata:
+    """Stratified scoring of the held-out samples: the stratum of each sample in the order points score them, and
+    each stratum's size in the held-out set.
+
+    A point scores a prefix of that order; its drop is each stratum's mean drop weighted by the stratum's share of
+    the held-out set, and its variance the strata's variances so weighted (stratified sampling). Built by
+    :func:`stratified_order`: flips under pruning gather on the samples the original is least sure of.
+    """
+
+    of: np.ndarray
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def single(cls, n: int) -> Strata:
+        """One stratum: the plain paired drop."""
+        return cls(np.zeros(n, dtype=np.int64), (n,))
+
+    def weights(self) -> np.ndarray:
+        sizes = np.asarray(self.sizes, dtype=np.float64)
+        return sizes / max(sizes.sum(), 1.0)
+
+
+def stratified_order(margin: np.ndarray, seed: int) -> tuple[np.ndarray, Strata]:
+    """The order points score held-out samples in, and its strata: the ``FRAGILE_SHARE`` with the smallest
+    ``margin`` (the original's top-1 minus top-2 probability) are fragile, the rest robust, each in a seeded random
+    order; the first ones scored are ``FRAGILE_RATE`` fragile until those run out (about the Neyman allocation for
+    a 1 pp drop: the fragile samples carry nearly every flip, ResNet-20 on Fashion-MNIST)."""
+    n = len(margin)
+    k = round(FRAGILE_SHARE * n) if n >= 2 * MIN_STRATUM else 0
+    rng = np.random.default_rng(seed)
+    by_margin = np.argsort(margin, kind="stable")
+    fragile, robust = rng.permutation(by_margin[:k]), rng.permutation(by_margin[k:])
+    keys = np.concatenate([np.arange(k) / FRAGILE_RATE, np.arange(n - k) / (1.0 - FRAGILE_RATE)])
+    at = np.argsort(keys, kind="stable")
+    order = np.concatenate([fragile, robust])[at]
+    stratum = np.concatenate([np.zeros(k, dtype=np.int64), np.ones(n - k, dtype=np.int64)])[at]
+    if not k:
+        return order, Strata.single(n)
+    return order, Strata(stratum, (k, n - k))
+
+
+def paired_drop(base_correct: np.ndarray, correct: np.ndarray, strata: Strata | None = None) -> tuple[float, float]:
+    """(drop, standard error) of ``base_correct - correct``, the two scored on the first ``len(correct)`` samples of
+    the scoring order: plain means without ``strata``, else stratified (a stratum none of whose samples were scored
+    yet drops out and the others' weights grow to cover it)."""
     d = np.asarray(base_correct, dtype=np.float64) - np.asarray(correct, dtype=np.float64)
-    return 0.0 if d.size < 2 else float(d.std(ddof=1) / math.sqrt(d.size))
+    if strata is None or len(strata.sizes) == 1:
+        return (float(d.mean()) if d.size else 0.0), (0.0 if d.size < 2 else float(d.std(ddof=1) / math.sqrt(d.size)))
+    of = strata.of[: d.shape[0]]
+    drop = var = total = 0.0
+    for h, w in enumerate(strata.weights()):
+        dh = d[of == h].ravel()
+        if not dh.size:
+            continue
+        total += w
+        drop += w * float(dh.mean())
+        var += w * w * (float(dh.var(ddof=1)) / dh.size if dh.size > 1 else 0.0)
+    total = max(total, 1e-12)
+    return drop / total, math.sqrt(var) / total
+
+
+def full_standard_error(base_correct: np.ndarray, correct: np.ndarray, strata: Strata) -> float:
+    """The standard error the drop would have with every held-out sample scored, from each stratum's variance on
+    the samples scored so far (:func:`paired_drop`'s estimate at full size)."""
+    d = np.asarray(base_correct, dtype=np.float64) - np.asarray(correct, dtype=np.float64)
+    of = strata.of[: d.shape[0]]
+    var = 0.0
+    tokens = d[0].size if d.ndim > 1 and d.shape[0] else 1
+    for h, (w, size) in enumerate(zip(strata.weights(), strata.sizes)):
+        dh = d[of == h].ravel()
+        if dh.size > 1:
+            var += w * w * float(dh.var(ddof=1)) / (size * tokens)
+    return math.sqrt(var)
 
 
 def remaining_after(epochs: float) -> float:
