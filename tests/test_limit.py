@@ -213,6 +213,15 @@ def test_stratified_scoring_puts_the_unsure_samples_first_and_weights_them_by_th
     assert paired_drop(b[:2048], c[:2048])[0] > 1.5 * full  # where the plain mean of that prefix is biased
 
 
+def test_the_margin_is_the_top_two_probabilities_apart_averaged_over_tokens():
+    from graphprune.pipeline.limit import _margin
+
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]))
+    np.testing.assert_allclose(_margin(logits), [0.5, 0.05], atol=1e-12)
+    tokens = np.stack([logits, logits[::-1]], axis=0)  # (2 samples, 2 tokens, 3 classes)
+    np.testing.assert_allclose(_margin(tokens), [0.275, 0.275], atol=1e-12)
+
+
 def test_a_stratified_point_stops_once_scoring_the_rest_would_not_sharpen_it():
     """Flips only among the unsure samples: after half of them and a third of the others, scoring the robust rest
     would narrow the standard error by under 10%, so the point stops there; unstratified, a drop this close to the

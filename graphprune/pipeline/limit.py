@@ -287,24 +287,30 @@ def scoring_samples(ws: Workspace, options: LimitPassOptions) -> Calibration | N
     Raises:
         BadInputError: Unlabelled data and a first output with no class axis.
     """
-    scored = _scored(ws, options)
-    return None if scored is None else scored[0]
+    held = _held(ws, options)
+    if held is not None and held.labels is None:
+        held = dataclasses.replace(held, labels=predictions(ws.original, held, options.batch_size))
+    return held
 
 
-def _scored(ws: Workspace, options: LimitPassOptions) -> tuple[Calibration, np.ndarray, np.ndarray] | None:
-    """:func:`scoring_samples`, the original's predictions on them and its margins (:func:`confident`)."""
+def _held(ws: Workspace, options: LimitPassOptions) -> Calibration | None:
+    """:func:`scoring_samples` before they are labelled."""
     assert ws.data is not None
     if ws.held_out is not None:
         held = held_out(ws.held_out, 0, options.holdout, options.seed)
     else:
         used = max(ws.analysis.samples if ws.analysis is not None else 0, options.samples)
         held = held_out(ws.data, used, options.holdout, options.seed)
-    if len(held) < min(options.holdout, MIN_HOLDOUT):
+    return None if len(held) < min(options.holdout, MIN_HOLDOUT) else held
+
+
+def _scored(ws: Workspace, options: LimitPassOptions) -> tuple[Calibration, np.ndarray, np.ndarray] | None:
+    """:func:`scoring_samples`, the original's predictions on them and its margins, in one run (:func:`confident`)."""
+    held = _held(ws, options)
+    if held is None:
         return None
     classes, margin = confident(ws.original, held, options.batch_size)
-    if held.labels is None:
-        held = dataclasses.replace(held, labels=classes)
-    return held, classes, margin
+    return (held if held.labels is not None else dataclasses.replace(held, labels=classes)), classes, margin
 
 
 def _reordered(data: Calibration, order: np.ndarray) -> Calibration:
