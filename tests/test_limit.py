@@ -237,6 +237,15 @@ def test_a_stratified_point_stops_once_scoring_the_rest_would_not_sharpen_it():
     assert not plain(pruned[:2048]) and not plain(pruned[:3072]) and plain(pruned)
 
 
+def test_the_limit_says_how_many_samples_its_points_scored():
+    def limit(*samples: int) -> CalibratedLimit:
+        points = tuple(CalibrationPoint(0.01 * (i + 1), 1.5, 1.5, 0.0, 0.9, samples=n) for i, n in enumerate(samples))
+        return CalibratedLimit("accuracy", 0.01, 0.9, 4096, 0.01, 1.2, 0.01, 1.5, 1.5, 0.9, {0: 1}, points)
+
+    assert limit(2048, 1024).scored == 2048 and "each point scored 2048 of them at most" in limit(2048, 1024).lines()[2]
+    assert limit(4096, 1024).scored == 0 and "each point" not in limit(4096, 1024).lines()[2]  # one scored them all
+
+
 def test_the_bracket_steps_to_where_the_drop_is_expected_to_fail_clearly():
     """A drop growing as budget^1.5 (the prior exponent): from a passing point the bracket's next budget is where the
     drop reaches twice the allowed one, or 1.5 times what the fine-tuned estimate needs, so one point serves both."""

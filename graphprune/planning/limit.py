@@ -258,6 +258,12 @@ class CalibratedLimit:
                 return q0 + t * (q1 - q0), False
         return curve[-1][1], True
 
+    @property
+    def scored(self) -> int:
+        """The most held-out samples one point scored, when every point stopped early (0 otherwise)."""
+        most = max((p.samples for p in self.points), default=0)
+        return most if 0 < most < self.holdout and all(p.samples for p in self.points) else 0
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["effective"] = {str(k): int(v) for k, v in sorted(self.effective.items())}
@@ -291,7 +297,8 @@ class CalibratedLimit:
                f"{100 * self.confidence:g}% confidence" if self.confidence > 0.5 else "")
             + f"); {self.gap:.2f}x the spectral estimate",
             f"measured {len(self.points)} points on {self.holdout} held-out calibration samples in {self.seconds:.1f} s"
-            + (f" ({self.seconds / self.analysis_seconds:.1f}x the analysis)" if self.analysis_seconds > 0 else ""),
+            + (f" ({self.seconds / self.analysis_seconds:.1f}x the analysis)" if self.analysis_seconds > 0 else "")
+            + (f"; each point scored {self.scored} of them at most, the least sure first" if self.scored else ""),
         ]
         if self.finetuned is not None:
             f = self.finetuned

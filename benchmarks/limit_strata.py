@@ -1,0 +1,81 @@
+"""Does stratified scoring measure what scoring every held-out image does? The limit's points against a full score.
+
+Run: OMP_NUM_THREADS=1 python benchmarks/limit_strata.py [--models resnet20 resnet56] [--budgets 0.04 0.06 0.075]
+     [--json benchmarks/limit_strata.json]
+
+Per model (trained on the ``fit`` split, cached; the same setting as ``benchmarks/limit.py``): analyze on 2,048 of
+4,096 ``fit`` images, then at each predicted-loss budget the limit pass's point (the budget family's plan,
+compensated, rewritten, repaired) scored on all 4,096 held-out ``val`` images; the drop the pass would report (the
+stratified prefix it stops at, :func:`graphprune.pipeline.limit.decided` at tolerance 1 pp and confidence 0.8)
+against the plain paired drop over all 4,096, each with its standard error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import analyzed_workspace, log  # benchmarks/ (same folder)
+
+from graphprune import models
+from graphprune.analysis.effective import budget_removals
+from graphprune.frontends.onnx import load_onnx
+from graphprune.models.fashion import fashion_mnist, trained
+from graphprune.pipeline import limit as limit_pass
+from graphprune.planning.limit import paired_drop, stratified_order
+from graphprune.planning.selection import greedy_drop_order
+
+TOLERANCE, CONFIDENCE = 0.01, 0.8
+
+
+def compare(name: str, budgets: list[float], epochs: float) -> dict[str, Any]:
+    """Each budget's stratified drop at the prefix the pass stops at, and the full paired drop."""
+    net = trained(name, epochs, cache_dir="benchmarks/.cache", split="fit")
+    path = Path(tempfile.mkdtemp()) / f"{name}.onnx"
+    models.export_onnx(net, path, bn="keep")
+    ws = analyzed_workspace(load_onnx(path), fashion_mnist("fit").subset(4096, seed=0))
+    ws.held_out = fashion_mnist("val")
+    assert ws.analysis is not None
+    options = limit_pass.LimitPassOptions()
+    scored = limit_pass._scored(ws, options)
+    assert scored is not None
+    held, classes, margin = scored
+    order, strata = stratified_order(margin, options.seed)
+    held, base = limit_pass._reordered(held, order), (classes == held.labels)[order]
+    orders = {g.group: greedy_drop_order(ws.analysis.fisher[g.group].f) for g in ws.analysis.groups}
+    full = {g: ws.groups().by_id(g).channels for g in orders}
+    shared, point_bytes = limit_pass._shared_original(ws, options)
+    rows = []
+    for budget in budgets:
+        removed = budget_removals(orders, budget)
+        counts = {g: n - removed.get(g, 0) for g, n in full.items()}
+        correct = limit_pass.plan_correct(ws, limit_pass._plan(ws, orders, counts, budget), options, held, shared,
+                                          point_bytes)
+        enough = limit_pass.decided(base, TOLERANCE, CONFIDENCE, strata)
+        n = next(k for k in range(limit_pass.SCORING_STEP, len(base) + limit_pass.SCORING_STEP, limit_pass.SCORING_STEP)
+                 if enough(correct[:k]))
+        n = min(n, len(base))
+        drop, se = paired_drop(base[:n], correct[:n], strata)
+        all_drop, all_se = paired_drop(base, correct)
+        rows.append({"budget": budget, "scored": n, "stratified_drop_pp": 100 * drop, "stratified_se_pp": 100 * se,
+                     "full_drop_pp": 100 * all_drop, "full_se_pp": 100 * all_se, "held_out": len(base)})
+        log(name, rows[-1])
+    return {"model": name, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.04, 0.06, 0.075, 0.09])
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/limit_strata.json"))
+    args = parser.parse_args()
+    out = [compare(name, args.budgets, args.epochs) for name in args.models]
+    args.json.write_text(json.dumps({"models": out, "tolerance": TOLERANCE, "confidence": CONFIDENCE}, indent=1))
+    log("wrote", args.json)
+
+
+if __name__ == "__main__":
+    main()
