@@ -3,6 +3,7 @@
 Run: nice -n 10 python benchmarks/limit.py [--models resnet20 mobilenetv2] [--finetune-epochs 0.25] [--json benchmarks/limit.json]
      [--limit-only [--confidences 0.5 0.8]: the limit at each confidence, its test accuracy, the no-fine-tune knee]
      [--cost-only benchmarks/limit_cost.json: the analysis and the limit pass timed, nothing else]
+     [--plan-only benchmarks/limit_plan.json: the plan pass at --peers-at and at the limit, nothing else]
 
 Per model (trained on Fashion-MNIST, cached; exported to ONNX with BN kept). --calibration ``val`` (default): the
 model trains on 55,000 training images (``fit``), is analysed and compensated on 4,096 of them, and the limit's
@@ -133,7 +134,8 @@ def planned_point(ws: Workspace, red: float, test: Calibration) -> dict[str, Any
     w = RewritePass(RewriteOptions(verify=False))(w).workspace
     w = RepairPass(opts)(w).workspace
     return {"macs_reduction": model_cost(ws.original.graph).macs / model_cost(w.model.graph).macs,
-            "accuracy": w.model.accuracy(test), "excess": w.plan.meta.get("excess")}
+            "accuracy": w.model.accuracy(test), "excess": w.plan.meta.get("excess"),
+            "allocation": w.plan.meta.get("allocation"), "allocation_scores": w.plan.meta.get("allocation_scores")}
 
 
 def knee(points: list[dict[str, Any]], key: str, base: float, tol: float) -> dict[str, Any]:
@@ -261,6 +263,19 @@ def limit_only(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any
     log(name, {"knee": k, "limits": [(r["confidence"], round(r["limit"], 3), round(r["test_drop_pp"], 2),
                                       round(r["error_vs_knee"], 3)) for r in limits]})
     return row
+
+
+def plan_only(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any]:
+    """The analysis, the limit pass, and what ``prune --macs`` makes at ``--peers-at`` and at the limit (the plan
+    pass, compensated, rewritten, repaired), on the test split: the study's "plan pass" column alone."""
+    _, _, base, ws = analyzed_model(name, args, sp)
+    ws = LimitPass(LimitPassOptions(tolerance=TOLERANCE, holdout=args.holdout, confidence=args.confidence))(ws).workspace
+    assert ws.limit is not None
+    rows = []
+    for red in sorted({*args.peers_at, round(ws.limit.macs_reduction, 3)}):
+        rows.append({"target": red, **planned_point(ws, red, sp.test)})
+        log(name, rows[-1])
+    return {"model": name, "base": base, "limit": ws.limit.macs_reduction, "rows": rows}
 
 
 def cost_only(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any]:
@@ -434,7 +449,15 @@ def main() -> None:
     parser.add_argument("--limit-json", type=Path, default=Path("benchmarks/limit_confidence.json"))
     parser.add_argument("--cost-only", type=Path, metavar="JSON",
                         help="only time the analysis and the limit pass per model, written to this JSON")
+    parser.add_argument("--plan-only", type=Path, metavar="JSON",
+                        help="only the plan pass at --peers-at and at the limit per model, written to this JSON")
     args = parser.parse_args()
+    if args.plan_only:
+        sp = splits(args.calibration, args.test_samples)
+        rows = [plan_only(name, args, sp) for name in args.models]
+        args.plan_only.write_text(json.dumps({"rows": rows}, indent=1, default=float))
+        log("wrote", args.plan_only)
+        return
     if args.cost_only:
         sp = splits(args.calibration, args.test_samples)
         rows = [cost_only(name, args, sp) for name in args.models]

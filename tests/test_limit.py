@@ -421,6 +421,79 @@ def test_past_the_floors_the_plan_pass_keeps_the_excess_rule_that_scores_better(
     assert meta["excess"] == best and {g.group: len(g.keep) for g in chosen.groups} == keeps[best]
 
 
+def _two_layers_with_limit(tmp_path):
+    from graphprune.pipeline.limit import LimitPass, LimitPassOptions
+    from graphprune.pipeline.passes import AnalyzePass, AnalyzePassOptions, Workspace
+
+    torch.manual_seed(0)
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(TwoLayers().eval(), (torch.zeros(2, 1, 8, 8),), str(path), input_names=["input"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}})
+    x = np.random.default_rng(0).standard_normal((1536, 1, 8, 8)).astype(np.float32)
+    model = OnnxPrunable(load_onnx(path))
+    ws = Workspace(original=model, model=model, data=Calibration((x,), None, "random"))
+    ws = AnalyzePass(AnalyzePassOptions(samples=256, loss="fisher"))(ws).workspace
+    return LimitPass(LimitPassOptions(tolerance=0.05, points=4))(ws).workspace
+
+
+def test_the_budget_family_reaches_a_target_at_its_smallest_budget(tmp_path):
+    from graphprune.pipeline.limit import BudgetFamily
+
+    ws = _two_layers_with_limit(tmp_path)
+    family = BudgetFamily.of(ws)
+    assert family is not None and ws.limit is not None
+    graph, coupling = ws.original.graph, ws.groups()
+    whole = cost_with_keep(graph, coupling, dict(family.full)).macs
+
+    def kept(budget: float) -> float:
+        return cost_with_keep(graph, coupling, family.counts(budget)).macs / whole
+
+    for target in (0.9, 0.7, 0.5):
+        plan = family.reaching(ws, "macs", target, ws.limit.budget)
+        assert plan is not None
+        budget = float(plan.meta["budget"])
+        assert budget <= ws.limit.budget and kept(budget) <= target < kept(budget * 0.999)
+        assert {g.group: len(g.keep) for g in plan.groups} == {g: k for g, k in family.counts(budget).items() if k < family.full[g]}
+    assert family.reaching(ws, "macs", 0.5, 1e-9) is None  # that budget keeps more than half
+
+
+def test_within_the_limit_the_plan_pass_keeps_the_allocation_that_scores_better(tmp_path, monkeypatch):
+    """A MACs target within the calibrated limit: the hierarchical plan and the budget family's plan at the same
+    target are both scored on held-out samples (compensated, rewritten, repaired) and the better is kept; with a
+    fixed excess rule, or when the family's plan is the same, nothing is measured."""
+    import graphprune.pipeline.limit as limit_mod
+    from graphprune.pipeline.passes import PlanPass
+    from graphprune.planning.options import PlanOptions
+
+    ws = _two_layers_with_limit(tmp_path)
+    family = limit_mod.BudgetFamily.of(ws)
+    assert family is not None and ws.limit is not None and ws.limit.macs_reduction > 2
+    scored: list[float] = []
+    real = limit_mod.plan_correct
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        scored.append(float(out.mean()))
+        return out
+
+    monkeypatch.setattr(limit_mod, "plan_correct", spy)
+    options = PlanOptions(macs=0.7)
+    hierarchical = PlanPass(options)(dataclasses.replace(ws)).workspace.plan
+    assert hierarchical is not None and not scored  # the family plans the same here: nothing to measure
+    other = limit_mod._plan(ws, family.orders, {0: 14, 1: 5}, 0.0, "macs 0.7 (budget family)")  # a different allocation
+    monkeypatch.setattr(limit_mod.BudgetFamily, "reaching", lambda self, w, kind, kept, within: other)
+    chosen = PlanPass(options)(dataclasses.replace(ws)).workspace.plan
+    assert chosen is not None and len(scored) == 2
+    meta = chosen.meta
+    assert meta["allocation_scores"] == pytest.approx(dict(zip(("hierarchical", "budget"), scored)))
+    best = max(("hierarchical", "budget"), key=lambda r: (meta["allocation_scores"][r], r == "hierarchical"))
+    want = hierarchical if best == "hierarchical" else other
+    assert meta["allocation"] == best and [g.keep for g in chosen.groups] == [g.keep for g in want.groups]
+    scored.clear()
+    PlanPass(dataclasses.replace(options, excess="loss"))(dataclasses.replace(ws))
+    assert not scored  # a fixed rule measures nothing
+
+
 def test_a_language_model_is_calibrated_on_per_token_agreement(tmp_path):
     """(batch, tokens, vocabulary) logits with no labels: quality is the top-1 agreement with the original, token by
     token (the limit pass and the excess scoring share it)."""

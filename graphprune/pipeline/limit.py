@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -53,7 +54,7 @@ from graphprune.planning.selection import DropOrder, greedy_drop_order
 if TYPE_CHECKING:
     from graphprune.recovery.reconstruct import OriginalActivations
 
-__all__ = ["LimitPass", "LimitPassOptions", "confident", "decided", "held_out", "plan_correct", "predictions", "scoring_samples", "top1"]
+__all__ = ["BudgetFamily", "LimitPass", "LimitPassOptions", "confident", "decided", "held_out", "plan_correct", "predictions", "scoring_samples", "top1"]
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +194,56 @@ def _margin(y: np.ndarray) -> np.ndarray:
     return gap.reshape(gap.shape[0], -1).mean(1)
 
 
-def _plan(ws: Workspace, orders: Mapping[int, DropOrder], counts: Mapping[int, int], budget: float) -> Plan:
+def _plan(ws: Workspace, orders: Mapping[int, DropOrder], counts: Mapping[int, int], budget: float,
+          target: str = "limit point") -> Plan:
     keep = {g: orders[g].keep(k) for g, k in counts.items()}
-    return plan_from_keep(ws.groups(), keep, {"method": "hierarchical", "criterion": "effective", "target": "limit point",
+    return plan_from_keep(ws.groups(), keep, {"method": "hierarchical", "criterion": "effective", "target": target,
                                               "budget": budget})
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetFamily:
+    """The plans the limit is measured on: every group at its counts under one network-wide predicted-loss budget,
+    its channels in the greedy second-order drop order of its F matrix."""
+
+    orders: Mapping[int, DropOrder]
+    full: Mapping[int, int]
+
+    @classmethod
+    def of(cls, ws: Workspace) -> BudgetFamily | None:
+        """The family of the workspace's analysis (None without its F matrices)."""
+        if ws.analysis is None:
+            return None
+        fisher = ws.analysis.fisher
+        orders = {g.group: greedy_drop_order(fisher[g.group].f) for g in ws.analysis.groups if g.group in fisher}
+        coupling = ws.groups()
+        return cls(orders, {g: coupling.by_id(g).channels for g in orders}) if orders else None
+
+    def counts(self, budget: float) -> dict[int, int]:
+        removed = budget_removals(self.orders, budget) if budget > 0 else {}
+        return {g: c - removed.get(g, 0) for g, c in self.full.items()}
+
+    def max_budget(self) -> float:
+        """A budget at which every group keeps one channel."""
+        return float(sum(float(removal_envelope(d)[-1]) for d in self.orders.values())) * 1.01 + 1e-12
+
+    def reaching(self, ws: Workspace, kind: str, kept: float, within: float) -> Plan | None:
+        """The family's plan with the smallest budget up to ``within`` that keeps at most ``kept`` of the original's
+        ``kind`` (``macs`` or ``params``), by bisection in log budget; None when even ``within`` keeps more."""
+        graph, coupling = ws.original.graph, ws.groups()
+        whole = cost_with_keep(graph, coupling, dict(self.full))
+
+        def fraction(budget: float) -> float:
+            cost = cost_with_keep(graph, coupling, self.counts(budget))
+            return getattr(cost, kind) / max(1, getattr(whole, kind))
+
+        if fraction(within) > kept:
+            return None
+        lo, hi = 1e-12, within
+        for _ in range(60):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (lo, mid) if fraction(mid) <= kept else (mid, hi)
+        return _plan(ws, self.orders, self.counts(hi), hi, target=f"{kind} {kept:g} (budget family)")
 
 
 def _shared_original(ws: Workspace, options: LimitPassOptions) -> tuple[OriginalActivations | None, int]:
@@ -351,10 +398,10 @@ class LimitPass(Pass):
         o: LimitPassOptions = self.options
         t0 = time.perf_counter()
         analysis, coupling, graph = ws.analysis, ws.groups(), ws.original.graph
-        orders = {g.group: greedy_drop_order(analysis.fisher[g.group].f) for g in analysis.groups if g.group in analysis.fisher}
-        if not orders:
+        family = BudgetFamily.of(ws)
+        if family is None:
             raise BadInputError("the limit pass needs the analysis's F matrices (an analysis saved without its .fisher.npz?)")
-        full = {g: coupling.by_id(g).channels for g in orders}
+        orders, full = family.orders, family.full
         original = cost_with_keep(graph, coupling, full)
         metric = "accuracy" if (ws.held_out if ws.held_out is not None else ws.data).labels is not None else "agreement"
         scored = _scored(ws, o)
@@ -382,8 +429,7 @@ class LimitPass(Pass):
 
         def counts(budget: float) -> dict[int, int]:
             if budget not in cache:
-                removed = budget_removals(orders, budget) if budget > 0 else {}
-                cache[budget] = {g: c - removed.get(g, 0) for g, c in full.items()}
+                cache[budget] = family.counts(budget)
             return cache[budget]
 
         def evaluate(budget: float) -> CalibrationPoint:
@@ -404,7 +450,7 @@ class LimitPass(Pass):
 
         spectral = o.budget or SPECTRAL_NATS_PER_TOLERANCE * o.tolerance
         spectral_cost = cost_with_keep(graph, coupling, counts(spectral))
-        max_budget = float(sum(float(removal_envelope(d)[-1]) for d in orders.values())) * 1.01 + 1e-12
+        max_budget = family.max_budget()
         threshold = base_q - o.tolerance
         base = CalibrationPoint(0.0, 1.0, 1.0, 0.0, base_q)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from graphprune.analysis.cost import cost_with_keep, model_cost, param_bytes
@@ -245,34 +245,71 @@ def planned(ws: Workspace, options: PlanOptions) -> tuple[Plan, str]:
         ) from None
 
 
-def _measured_excess(ws: Workspace, options: PlanOptions, plan: Plan, target: str) -> tuple[Plan, str]:
-    """Past the floors, the excess removed per unit saved as well as by predicted loss; both plans compensated,
-    rewritten, repaired and scored on the limit pass's held-out samples, the better kept (the loss plan when they tie,
-    when too few samples are left, or when the output has no class axis to score)."""
+Candidate = tuple[str, str, Plan, str]
+"""(key, words, plan, target) of a plan a measured choice weighs."""
+
+
+def _measured_choice(ws: Workspace, what: str, key: str, candidates: Sequence[Candidate]) -> tuple[Plan, str]:
+    """The candidate that scores best after compensation, rewrite and repair on the limit pass's held-out samples (the
+    first one when they tie, when too few samples are left, or when the output has no class axis to score), its key
+    and the scores in its meta under ``key``; ``what`` opens the status lines."""
     from graphprune.pipeline.limit import LimitPassOptions, plan_correct, scoring_samples
 
-    other, other_target = planned(ws, dataclasses.replace(options, excess="per_unit"))
-    if {g.group: g.keep for g in other.groups} == {g.group: g.keep for g in plan.groups}:
-        return plan, target
+    _, words, plan, target = candidates[0]
     scoring = LimitPassOptions(holdout=ws.limit.holdout) if ws.limit is not None else LimitPassOptions()
     try:
         held = scoring_samples(ws, scoring)
     except BadInputError as exc:
-        ws.status(f"past the limit: the excess goes by predicted loss (the output cannot be scored: {exc})")
+        ws.status(f"{what}: {words} (the output cannot be scored: {exc})")
         return plan, target
     if held is None:
-        ws.status("past the limit: the excess goes by predicted loss (too few held-out calibration samples to measure "
-                  "the per-unit plan against it)")
+        ws.status(f"{what}: {words} (too few held-out calibration samples to measure the other plan against it)")
         return plan, target
-    ws.status(f"past the limit: scoring the excess by predicted loss and per unit saved on {len(held)} held-out samples")
-    scores = {rule: float(plan_correct(ws, p, scoring, held).mean()) for rule, p in (("loss", plan), ("per_unit", other))}
-    best = "per_unit" if scores["per_unit"] > scores["loss"] else "loss"
-    chosen, chosen_target = (other, other_target) if best == "per_unit" else (plan, target)
-    words = {"loss": "by predicted loss", "per_unit": "per unit saved"}
-    ws.status("past the limit: " + ", ".join(f"{words[r]} {q:.4f}" for r, q in scores.items())
-              + f" on held-out samples: the excess goes {words[best]}")
-    meta = {**chosen.meta, "excess": best, "excess_scores": scores, "excess_samples": len(held)}
-    return dataclasses.replace(chosen, meta=meta), chosen_target
+    ws.status(f"{what}: scoring {' and '.join(c[1] for c in candidates)} on {len(held)} held-out samples")
+    scores = {k: float(plan_correct(ws, p, scoring, held).mean()) for k, _, p, _ in candidates}
+    best = max(candidates, key=lambda c: scores[c[0]])  # the first of equals: the default
+    ws.status(f"{what}: " + ", ".join(f"{c[1]} {scores[c[0]]:.4f}" for c in candidates) + f" on held-out samples: {best[1]}")
+    meta = {**best[2].meta, key: best[0], f"{key}_scores": scores, f"{key}_samples": len(held)}
+    return dataclasses.replace(best[2], meta=meta), best[3]
+
+
+def _measured_excess(ws: Workspace, options: PlanOptions, plan: Plan, target: str) -> tuple[Plan, str]:
+    """Past the floors, the excess removed per unit saved as well as by predicted loss, the better on held-out samples
+    kept (:func:`_measured_choice`)."""
+    other, other_target = planned(ws, dataclasses.replace(options, excess="per_unit"))
+    if {g.group: g.keep for g in other.groups} == {g.group: g.keep for g in plan.groups}:
+        return plan, target
+    return _measured_choice(ws, "past the limit", "excess", [("loss", "the excess by predicted loss", plan, target),
+                                                            ("per_unit", "the excess per unit saved", other, other_target)])
+
+
+def _measured_allocation(ws: Workspace, options: PlanOptions, plan: Plan, target: str) -> tuple[Plan, str]:
+    """Within the calibrated floors, a MACs or parameter target planned hierarchically (level 1 per unit saved) and by
+    the limit's own budget family at the same target (every group at its counts under one predicted-loss budget),
+    the better on held-out samples kept (:func:`_measured_choice`): neither allocation was the better one on all
+    four benchmark models (benchmarks/README.md, "the calibrated limit")."""
+    from graphprune.pipeline.limit import BudgetFamily
+
+    aim = options.target
+    family = BudgetFamily.of(ws)
+    if aim is None or ws.limit is None or family is None:
+        return plan, target
+    other = family.reaching(ws, aim.kind, aim.value, ws.limit.budget)
+    if other is None or {g.group: g.keep for g in other.groups} == {g.group: g.keep for g in plan.groups}:
+        return plan, target
+    return _measured_choice(ws, "within the limit", "allocation",
+                            [("hierarchical", "the hierarchical allocation", plan, target),
+                             ("budget", "the budget family", other, target)])
+
+
+def _allocation_measurable(ws: Workspace, options: PlanOptions) -> bool:
+    """A MACs or parameter target within a calibrated limit, planned by the paper's criterion in that unit, with data
+    to score on: not from a saved plan, not rounded, and with no latency model (its plans are priced in predicted ms
+    and measured never slower, which the budget family is not)."""
+    aim = options.target
+    return (aim is not None and aim.kind in ("macs", "params") and ws.limit is not None and ws.data is not None
+            and ws.latency is None and options.method == "hierarchical" and options.criterion == "effective"
+            and options.round_to == 1 and not options.plan_file and options.excess == "measured")
 
 
 @register_pass
@@ -293,6 +330,8 @@ class PlanPass(Pass):
         if ws.plan.meta.get("over_limit") and self.options.excess == "measured" and ws.data is not None \
                 and not self.options.plan_file:
             ws.plan, ws.target = _measured_excess(ws, self.options, ws.plan, ws.target)
+        elif not ws.plan.meta.get("over_limit") and _allocation_measurable(ws, self.options):
+            ws.plan, ws.target = _measured_allocation(ws, self.options, ws.plan, ws.target)
         meta = ws.plan.meta
         if "predicted_ms" in meta and ws.latency is not None:
             how = f"planned by {meta['objective']}" if meta.get("objective") else f"planned at the {meta.get('target', 'target')}"
