@@ -160,7 +160,8 @@ class _Stats:
         parts = x.split(max(1, chunk_bytes // per_sample), 0) if axis != 0 and x.dim() > 1 else (x,)
         for part in parts:
             picked = part if index is None else part.index_select(axis, index)
-            if axis == 1 and picked.dim() > 2 and self.m == 1 and self.form != "per-position":
+            if (axis == 1 and picked.dim() > 2 and self.m == 1 and self.form != "per-position"
+                    and picked[:1].numel() <= CHUNK_ROWS * width):  # a sample's positions: one float32 product
                 self._accumulate_channels(picked.reshape(picked.shape[0], width, -1))
                 continue
             flat = picked.movedim(axis, -1).reshape(-1, width)
