@@ -196,7 +196,7 @@ def _flips_on_the_unsure(rate: float, seed: int = 0) -> tuple[np.ndarray, np.nda
 
 
 def test_stratified_scoring_puts_the_unsure_samples_first_and_weights_them_by_their_share():
-    from graphprune.planning.limit import FRAGILE_SHARE, FRAGILE_RATE, paired_drop, stratified_order
+    from graphprune.planning.limit import FRAGILE_RATE, FRAGILE_SHARE, paired_drop, stratified_order
 
     margin, base, pruned = _flips_on_the_unsure(0.015)
     order, strata = stratified_order(margin, seed=0)
