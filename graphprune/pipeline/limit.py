@@ -39,12 +39,12 @@ from graphprune.planning.limit import (
     LimitOptions,
     Strata,
     default_confidence,
+    factor_to_drop,
     finetuned_limit,
     full_standard_error,
     measured_curve,
     paired_drop,
     paired_margin,
-    reaching,
     remaining_after,
     search,
     stratified_order,
@@ -368,7 +368,7 @@ def _reordered(data: Calibration, order: np.ndarray) -> Calibration:
 def _finetuned(o: LimitPassOptions, measured: list[CalibrationPoint], base_q: float,
                evaluate: Callable[[float], CalibrationPoint], max_budget: float) -> tuple[FineTunedLimit, list[CalibrationPoint]]:
     """The fine-tuned estimate; measures up to ``EXTRA_FINETUNE_POINTS`` larger budgets while the curve has not dropped
-    far enough, each aimed past the drop the estimate needs (:func:`~graphprune.planning.limit.reaching`)."""
+    far enough, each aimed past the drop the estimate needs (:func:`~graphprune.planning.limit.factor_to_drop`)."""
     ft = finetuned_limit(measured_curve(base_q, measured), base_q, o.tolerance, o.finetune_epochs)
     for _ in range(EXTRA_FINETUNE_POINTS):
         if not ft.bounded or not measured:
@@ -377,7 +377,7 @@ def _finetuned(o: LimitPassOptions, measured: list[CalibrationPoint], base_q: fl
         if last.budget >= max_budget:
             break
         need = REACH_OVERSHOOT * o.tolerance / ft.remaining
-        budget = min(last.budget * reaching(last, need, base_q, MIN_LOG_DROP * o.tolerance), max_budget)
+        budget = min(last.budget * factor_to_drop(last, need, base_q, MIN_LOG_DROP * o.tolerance), max_budget)
         measured = [*measured, evaluate(budget)]
         ft = finetuned_limit(measured_curve(base_q, measured), base_q, o.tolerance, o.finetune_epochs)
     return ft, measured

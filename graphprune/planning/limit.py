@@ -67,6 +67,7 @@ __all__ = [
     "Strata",
     "default_confidence",
     "expected_line",
+    "factor_to_drop",
     "finetuned_limit",
     "floored",
     "full_standard_error",
@@ -74,7 +75,6 @@ __all__ = [
     "paired_drop",
     "paired_margin",
     "paired_standard_error",
-    "reaching",
     "remaining_after",
     "search",
     "stratified_order",
@@ -396,7 +396,7 @@ def search(evaluate: Evaluate, counts: Counts, spectral_budget: float, max_budge
     return lo, hi, measured
 
 
-def reaching(p: CalibrationPoint, drop: float, base_quality: float, informative: float) -> float:
+def factor_to_drop(p: CalibrationPoint, drop: float, base_quality: float, informative: float) -> float:
     """The factor from point ``p``'s budget to one whose drop reaches ``drop``, the drop taken to grow as the
     budget to ``PRIOR_EXPONENT``, between ``sqrt(STEP)`` and ``STEP ** 2``; ``STEP`` when ``p``'s own drop is at
     most ``informative`` (too small to extrapolate from)."""
@@ -409,8 +409,8 @@ def reaching(p: CalibrationPoint, drop: float, base_quality: float, informative:
 
 def _bracket_step(lo: CalibrationPoint, allowed: float, reach: float, base_quality: float) -> float:
     """The factor from the passing point ``lo`` to the bracket's next budget: where twice the ``allowed`` drop (a
-    clear failure) or ``REACH_OVERSHOOT`` times ``reach``, when larger, is expected (:func:`reaching`)."""
-    return reaching(lo, max(2.0 * allowed, REACH_OVERSHOOT * reach), base_quality, MIN_LOG_DROP * allowed)
+    clear failure) or ``REACH_OVERSHOOT`` times ``reach``, when larger, is expected (:func:`factor_to_drop`)."""
+    return factor_to_drop(lo, max(2.0 * allowed, REACH_OVERSHOOT * reach), base_quality, MIN_LOG_DROP * allowed)
 
 
 def _closing(lo: CalibrationPoint, hi: CalibrationPoint, b: float, reduction: Callable[[float], float]) -> float | None:
