@@ -43,7 +43,6 @@ from common import analyzed_workspace, bisect_ratio, log  # benchmarks/ (same fo
 
 from graphprune import models
 from graphprune.analysis.cost import cost_with_keep, model_cost
-from graphprune.analysis.effective import budget_removals, removal_envelope
 from graphprune.execution.measure import ort_accuracy
 from graphprune.execution.training import FitOptions
 from graphprune.frontends.data import Calibration
@@ -51,7 +50,7 @@ from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
 from graphprune.ir.plan import plan_from_keep
 from graphprune.models.fashion import fashion_mnist, trained
-from graphprune.pipeline.limit import LimitPass, LimitPassOptions
+from graphprune.pipeline.limit import BudgetFamily, LimitPass, LimitPassOptions
 from graphprune.pipeline.passes import (
     CompensateOptions,
     CompensatePass,
@@ -63,7 +62,6 @@ from graphprune.pipeline.passes import (
     Workspace,
 )
 from graphprune.planning.options import PlanOptions
-from graphprune.planning.selection import greedy_drop_order
 
 GRID = (1.5, 2.0, 2.5, 3.0, 4.0)
 TOLERANCE = 0.01
@@ -73,16 +71,15 @@ class Family:
     """The budget family of plans: counts at a budget, the budget of a MACs reduction."""
 
     def __init__(self, ws: Workspace) -> None:
-        assert ws.analysis is not None
-        self.ws, self.coupling, self.graph = ws, ws.groups(), ws.original.graph
-        self.orders = {g.group: greedy_drop_order(ws.analysis.fisher[g.group].f) for g in ws.analysis.groups}
-        self.full = {g: self.coupling.by_id(g).channels for g in self.orders}
+        family = BudgetFamily.of(ws)  # the limit pass's own family
+        assert family is not None
+        self.ws, self.coupling, self.graph, self.family = ws, ws.groups(), ws.original.graph, family
+        self.orders, self.full = family.orders, family.full
         self.macs = model_cost(self.graph).macs
-        self.max_budget = sum(float(removal_envelope(o)[-1]) for o in self.orders.values()) * 1.01
+        self.max_budget = family.max_budget()
 
     def counts(self, budget: float) -> dict[int, int]:
-        removed = budget_removals(self.orders, budget)
-        return {g: c - removed[g] for g, c in self.full.items()}
+        return self.family.counts(budget)
 
     def reduction(self, budget: float) -> float:
         return self.macs / cost_with_keep(self.graph, self.coupling, self.counts(budget)).macs
