@@ -449,18 +449,12 @@ def main() -> None:
     parser.add_argument("--plan-only", type=Path, metavar="JSON",
                         help="only the plan pass at --peers-at and at the limit per model, written to this JSON")
     args = parser.parse_args()
-    if args.plan_only:
-        sp = splits(args.calibration, args.test_samples)
-        rows = [plan_only(name, args, sp) for name in args.models]
-        args.plan_only.write_text(json.dumps({"rows": rows}, indent=1, default=float))
-        log("wrote", args.plan_only)
-        return
-    if args.cost_only:
-        sp = splits(args.calibration, args.test_samples)
-        rows = [cost_only(name, args, sp) for name in args.models]
-        args.cost_only.write_text(json.dumps({"rows": rows}, indent=1, default=float))
-        log("wrote", args.cost_only)
-        return
+    for out, measure in ((args.plan_only, plan_only), (args.cost_only, cost_only)):  # one part of the study alone
+        if out:
+            sp = splits(args.calibration, args.test_samples)
+            out.write_text(json.dumps({"rows": [measure(name, args, sp) for name in args.models]}, indent=1, default=float))
+            log("wrote", out)
+            return
     if args.limit_only:
         sp = splits(args.calibration, args.test_samples)
         rows = json.loads(args.limit_json.read_text())["rows"] if args.limit_json.exists() else []

@@ -382,12 +382,9 @@ class TwoLayers(nn.Module):
         return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
 
 
-def test_past_the_floors_the_plan_pass_keeps_the_excess_rule_that_scores_better(tmp_path, monkeypatch):
-    """Over the limit, the plan pass plans the excess by predicted loss and per unit saved, scores both on held-out
-    samples (compensated, rewritten, repaired) and keeps the better; with ``excess = "loss"`` it plans one way only."""
-    import graphprune.pipeline.limit as limit_mod
-    from graphprune.pipeline.passes import AnalyzePass, AnalyzePassOptions, PlanPass, Workspace
-    from graphprune.planning.options import PlanOptions
+def _two_layers_analysed(tmp_path):
+    """:class:`TwoLayers` exported to ONNX and analysed on 256 of 1,536 random images (the rest are held out)."""
+    from graphprune.pipeline.passes import AnalyzePass, AnalyzePassOptions, Workspace
 
     torch.manual_seed(0)
     path = tmp_path / "two.onnx"
@@ -396,7 +393,13 @@ def test_past_the_floors_the_plan_pass_keeps_the_excess_rule_that_scores_better(
     x = np.random.default_rng(0).standard_normal((1536, 1, 8, 8)).astype(np.float32)
     model = OnnxPrunable(load_onnx(path))
     ws = Workspace(original=model, model=model, data=Calibration((x,), None, "random"))
-    ws = AnalyzePass(AnalyzePassOptions(samples=256, loss="fisher"))(ws).workspace
+    return AnalyzePass(AnalyzePassOptions(samples=256, loss="fisher"))(ws).workspace
+
+
+def _scores_of_plan_correct(monkeypatch) -> list[float]:
+    """The mean score of every later ``plan_correct`` call, in call order."""
+    import graphprune.pipeline.limit as limit_mod
+
     scored: list[float] = []
     real = limit_mod.plan_correct
 
@@ -406,6 +409,17 @@ def test_past_the_floors_the_plan_pass_keeps_the_excess_rule_that_scores_better(
         return out
 
     monkeypatch.setattr(limit_mod, "plan_correct", spy)
+    return scored
+
+
+def test_past_the_floors_the_plan_pass_keeps_the_excess_rule_that_scores_better(tmp_path, monkeypatch):
+    """Over the limit, the plan pass plans the excess by predicted loss and per unit saved, scores both on held-out
+    samples (compensated, rewritten, repaired) and keeps the better; with ``excess = "loss"`` it plans one way only."""
+    from graphprune.pipeline.passes import PlanPass
+    from graphprune.planning.options import PlanOptions
+
+    ws = _two_layers_analysed(tmp_path)
+    scored = _scores_of_plan_correct(monkeypatch)
     options = PlanOptions(macs=0.1, allow_over_limit=True)
     plans = {rule: PlanPass(dataclasses.replace(options, excess=rule))(dataclasses.replace(ws)).workspace.plan
              for rule in ("loss", "per_unit")}
@@ -423,17 +437,8 @@ def test_past_the_floors_the_plan_pass_keeps_the_excess_rule_that_scores_better(
 
 def _two_layers_with_limit(tmp_path):
     from graphprune.pipeline.limit import LimitPass, LimitPassOptions
-    from graphprune.pipeline.passes import AnalyzePass, AnalyzePassOptions, Workspace
 
-    torch.manual_seed(0)
-    path = tmp_path / "two.onnx"
-    torch.onnx.export(TwoLayers().eval(), (torch.zeros(2, 1, 8, 8),), str(path), input_names=["input"], dynamo=False,
-                      dynamic_axes={"input": {0: "batch"}})
-    x = np.random.default_rng(0).standard_normal((1536, 1, 8, 8)).astype(np.float32)
-    model = OnnxPrunable(load_onnx(path))
-    ws = Workspace(original=model, model=model, data=Calibration((x,), None, "random"))
-    ws = AnalyzePass(AnalyzePassOptions(samples=256, loss="fisher"))(ws).workspace
-    return LimitPass(LimitPassOptions(tolerance=0.05, points=4))(ws).workspace
+    return LimitPass(LimitPassOptions(tolerance=0.05, points=4))(_two_layers_analysed(tmp_path)).workspace
 
 
 def test_the_budget_family_reaches_a_target_at_its_smallest_budget(tmp_path):
@@ -468,15 +473,7 @@ def test_within_the_limit_the_plan_pass_keeps_the_allocation_that_scores_better(
     ws = _two_layers_with_limit(tmp_path)
     family = limit_mod.BudgetFamily.of(ws)
     assert family is not None and ws.limit is not None and ws.limit.macs_reduction > 2
-    scored: list[float] = []
-    real = limit_mod.plan_correct
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        scored.append(float(out.mean()))
-        return out
-
-    monkeypatch.setattr(limit_mod, "plan_correct", spy)
+    scored = _scores_of_plan_correct(monkeypatch)
     options = PlanOptions(macs=0.7)
     hierarchical = PlanPass(options)(dataclasses.replace(ws)).workspace.plan
     assert hierarchical is not None and not scored  # the family plans the same here: nothing to measure
