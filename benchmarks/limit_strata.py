@@ -43,7 +43,7 @@ def compare(name: str, budgets: list[float], epochs: float) -> dict[str, Any]:
     assert scored is not None
     held, classes, margin = scored
     order, strata = stratified_order(margin, options.seed)
-    held, base = limit_pass._reordered(held, order), (classes == held.labels)[order]
+    held, base = limit_pass._taken(held, order), (classes == held.labels)[order]
     orders = {g.group: greedy_drop_order(ws.analysis.fisher[g.group].f) for g in ws.analysis.groups}
     full = {g: ws.groups().by_id(g).channels for g in orders}
     shared, point_bytes = limit_pass._shared_original(ws, options)

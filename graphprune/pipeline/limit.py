@@ -99,9 +99,7 @@ class LimitPassOptions(LimitOptions):
 def held_out(data: Calibration, used: int, n: int, seed: int) -> Calibration:
     """Up to ``n`` samples past the first ``used`` of the seeded permutation the analysis and compensation subsets take."""
     perm = np.random.default_rng(seed).permutation(len(data))
-    pick = np.sort(perm[used:used + n])
-    labels = None if data.labels is None else data.labels[pick]
-    return Calibration(tuple(a[pick] for a in data.inputs), labels, f"{data.source} (held out)")
+    return dataclasses.replace(_taken(data, np.sort(perm[used:used + n])), source=f"{data.source} (held out)")
 
 
 def predictions(model: PrunableModel, data: Calibration, batch_size: int) -> np.ndarray:
@@ -293,16 +291,17 @@ def plan_correct(ws: Workspace, plan: Plan, options: LimitPassOptions, held: Cal
             return predict(held) == held.labels
         scores: list[np.ndarray] = []
         for start in range(0, len(held), SCORING_STEP):
-            part = _rows(held, start, start + SCORING_STEP)
+            part = _taken(held, slice(start, start + SCORING_STEP))
             scores.append(predict(part) == part.labels)
             if enough(np.concatenate(scores)):
                 break
         return np.concatenate(scores)
 
 
-def _rows(data: Calibration, start: int, stop: int) -> Calibration:
-    labels = None if data.labels is None else data.labels[start:stop]
-    return Calibration(tuple(a[start:stop] for a in data.inputs), labels, data.source)
+def _taken(data: Calibration, index: slice | np.ndarray) -> Calibration:
+    """The samples ``index`` picks (a slice, or indices in the order wanted), labels alike."""
+    labels = None if data.labels is None else data.labels[index]
+    return Calibration(tuple(a[index] for a in data.inputs), labels, data.source)
 
 
 def decided(base_correct: np.ndarray, tolerance: float, confidence: float,
@@ -360,11 +359,6 @@ def _scored(ws: Workspace, options: LimitPassOptions) -> tuple[Calibration, np.n
     return (held if held.labels is not None else dataclasses.replace(held, labels=classes)), classes, margin
 
 
-def _reordered(data: Calibration, order: np.ndarray) -> Calibration:
-    labels = None if data.labels is None else data.labels[order]
-    return Calibration(tuple(a[order] for a in data.inputs), labels, data.source)
-
-
 def _finetuned(o: LimitPassOptions, measured: list[CalibrationPoint], base_q: float,
                evaluate: Callable[[float], CalibrationPoint], max_budget: float) -> tuple[FineTunedLimit, list[CalibrationPoint]]:
     """The fine-tuned estimate; measures up to ``EXTRA_FINETUNE_POINTS`` larger budgets while the curve has not dropped
@@ -420,7 +414,7 @@ class LimitPass(Pass):
         assert held.labels is not None
         base_correct = classes == held.labels  # unlabelled: the labels are the original's own predictions
         order, strata = stratified_order(margin, o.seed)
-        held, base_correct = _reordered(held, order), base_correct[order]
+        held, base_correct = _taken(held, order), base_correct[order]
         base_q = float(base_correct.mean())
 
         o = dataclasses.replace(o, confidence=default_confidence(o.confidence, ws.held_out is not None))
