@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import statistics
 import time
 from collections.abc import Mapping
@@ -119,10 +120,22 @@ def sample_inputs(
     return feeds
 
 
-def measure_latency(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5) -> float:
-    """Median wall time of one run, in milliseconds."""
-    for _ in range(warmup):
+MIN_TIMED_MS = 20.0
+"""Warm-up and timing each last at least this long: a 0.1 ms model is timed on ~200 runs, not ``runs``
+(5 runs of a sub-millisecond model swing by 30% or more between two measurements of the same file)."""
+MAX_RUNS = 2000
+
+
+def measure_latency(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5,
+                    min_ms: float = MIN_TIMED_MS) -> float:
+    """Median wall time of one run, in milliseconds: after ``warmup`` runs (and at least ``min_ms``), over ``runs``
+    runs or as many as last ``min_ms``, whichever is more (at most ``MAX_RUNS``)."""
+    done, start = 0, time.perf_counter()
+    while done < warmup or (time.perf_counter() - start) * 1e3 < min_ms and done < MAX_RUNS:
         session.run(None, dict(feeds))
+        done += 1
+    each_ms = (time.perf_counter() - start) * 1e3 / max(1, done)
+    runs = max(runs, min(MAX_RUNS, math.ceil(min_ms / max(each_ms, 1e-6))))
     times = []
     for _ in range(runs):
         t = time.perf_counter()
