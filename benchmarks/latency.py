@@ -217,11 +217,17 @@ def onnxsim_variant(blob: bytes, red: float, base_macs: int, steps: int) -> tupl
 # --- measurement ----------------------------------------------------------------------------------------------------
 
 
+ROUND_MS = 10.0
+"""Each round warms a session up and times it for at least this long (sub-millisecond models get more runs)."""
+
+
 def interleaved(blobs: dict[str, bytes], shape: tuple[int, ...], batch: int, runs: int, threads: int,
                 per_round: int = 2) -> dict[str, float]:
     """Median ms per variant: every round runs each variant, round-robin from a rotating start.
 
-    One session is alive at a time (made for its turn, one warm-up run, ``per_round`` timed runs, then closed):
+    One session is alive at a time (made for its turn, warmed up, timed, then closed; warm-up and timing each last at
+    least ``ROUND_MS`` and ``per_round`` runs, so a 0.1 ms model is timed on ~100 runs a round, not 2, after its
+    thread pool and caches are warm):
     onnxruntime's intra-op threads spin between runs by default, and the pools of other live sessions steal the
     cores. Measured on this machine (ResNet-20, batch 32, 2 threads): 10.4 ms alone, 36-40 ms each with six
     sessions alive and spinning, 10.3-10.8 ms each one at a time. So the figures are the default configuration
@@ -237,13 +243,24 @@ def interleaved(blobs: dict[str, bytes], shape: tuple[int, ...], batch: int, run
         for k in names[r % len(names):] + names[: r % len(names)]:
             session = ort.InferenceSession(blobs[k], opts, providers=["CPUExecutionProvider"])
             feeds = {session.get_inputs()[0].name: x}
-            session.run(None, feeds)
-            for _ in range(per_round):
+            n = _runs_for(session, feeds, per_round)
+            for _ in range(n):
                 t = time.perf_counter()
                 session.run(None, feeds)
                 times[k].append(time.perf_counter() - t)
             del session
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def _runs_for(session: ort.InferenceSession, feeds: dict[str, np.ndarray], least: int) -> int:
+    """Warm ``session`` up for ``ROUND_MS`` (at least 3 runs); the number of timed runs that lasts as long (at least
+    ``least``)."""
+    done, start = 0, time.perf_counter()
+    while done < 3 or time.perf_counter() - start < ROUND_MS / 1e3:
+        session.run(None, feeds)
+        done += 1
+    each = (time.perf_counter() - start) / done
+    return max(least, min(1000, round(ROUND_MS / 1e3 / max(each, 1e-6))))
 
 
 def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
