@@ -2,9 +2,9 @@
 
 Run: nice -n 10 python benchmarks/deploy.py [--models resnet20 mobilenetv2] [--epochs 1] [--json benchmarks/deploy.json]
 
-Part 1, the four columns. A reference CNN trained on Fashion-MNIST (cached),
-exported with BatchNorm folded (the usual deployed form), goes through
-passes/deploy.toml (analyze -> hierarchical plan -> compensate -> rewrite ->
+Part 1, the four columns. A reference CNN trained on Fashion-MNIST (cached; --calibration val: on the 55,000 ``fit``
+images, its limit scored on the 5,000 ``val`` images it never saw, as ``--held-out``), exported with BatchNorm folded
+(the usual deployed form), goes through passes/deploy.toml (analyze -> limit -> profile -> hierarchical plan -> compensate -> rewrite ->
 repair -> fine-tune -> quantize -> validate) with --macs (or --latency, a fraction of the int8 original at batch 32); the validate
 pass measures fp32 original, fp32 pruned, int8 original and int8 pruned in one
 process (accuracy on the test set, size of the constants, onnxruntime latency
@@ -57,13 +57,14 @@ BATCHES = (1, 32)
 log = logging.getLogger("deploy")
 
 
-def _deploy(om, train, test, target: list[str], finetune_epochs: float, runs: int, samples: int) -> dict[str, Any]:
+def _deploy(om, train, test, held, target: list[str], finetune_epochs: float, runs: int, samples: int) -> dict[str, Any]:
     """passes/deploy.toml with the ``target`` overrides (``["plan.macs=0.5"]``, ``["plan.latency=0.8"]``; none: the preset's
-    limit) on one model: the four columns and the quantization check."""
+    default, the calibrated limit) on one model, its limit scored on ``held`` (``--held-out``; None: the calibration
+    images the analysis and compensation leave): the four columns and the quantization check."""
     overrides = [f"analyze.samples={samples}", f"compensate.samples={samples}", f"repair.samples={samples}", *target, f"finetune.epochs={finetune_epochs}", f"validate.latency_runs={runs}", "report.json=false",
                  "report.html=false", "report.table=false"]
     pipeline = load_pipeline("deploy", overrides)
-    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train, eval_data=test)
+    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=train, eval_data=test, held_out=held)
     t = time.perf_counter()
     ws = run_passes(pipeline, ws)
     v, q = ws.validation, ws.quantized
@@ -77,7 +78,9 @@ def _deploy(om, train, test, target: list[str], finetune_epochs: float, runs: in
     assert ws.plan is not None
     plan_meta = {k: ws.plan.meta.get(k) for k in ("objective", "predicted_ms", "original_predicted_ms", "measured_at", "repaired",
                                                    "measured_slower", "fast_counts", "faster_within", "over_limit", "target_kept")}
-    return {"columns": out, "blobs": blobs, "batch": v.batch, "seconds": time.perf_counter() - t, "exact_max_abs_error": ws.exact_max_abs_error,
+    limit = None if ws.limit is None else {"macs_reduction": ws.limit.macs_reduction, "quality": ws.limit.quality,
+                                           "base_quality": ws.limit.base_quality, "holdout": ws.limit.holdout}
+    return {"limit": limit, "columns": out, "blobs": blobs, "batch": v.batch, "seconds": time.perf_counter() - t, "exact_max_abs_error": ws.exact_max_abs_error,
             "plan_meta": plan_meta,
             "check": None if check is None else {"max_steps": check.max_steps, "fused_steps": check.fused_steps,
                                                   "tolerance_steps": check.tolerance_steps, "samples": check.samples}}
@@ -238,6 +241,10 @@ def _print_columns(name: str, deploy: dict[str, Any]) -> None:
     for b in BATCHES:
         table.add_row(f"latency b{b} (ms)", *(f"{cols[c]['interleaved_ms'][b]:.3f}" for c in DEPLOY_COLUMNS))
     console.print(table)
+    if deploy.get("limit"):
+        lim = deploy["limit"]
+        console.print(f"calibrated limit: {lim['macs_reduction']:.2f}x fewer MACs ({lim['quality']:.4f} against "
+                      f"{lim['base_quality']:.4f} on {lim['holdout']} held-out images)")
     i8, i8p = cols["int8 original"]["interleaved_ms"], cols["int8 pruned"]["interleaved_ms"]
     console.print("int8 pruned vs int8 original: " + ", ".join(f"{speed_change(i8[b], i8p[b])} at batch {b}" for b in BATCHES)
                   + f"; check {deploy['check']}")
@@ -261,7 +268,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
     parser.add_argument("--epochs", type=float, default=1.0, help="training epochs of the reference models (cached)")
-    parser.add_argument("--macs", type=float, default=0.5, help="deploy preset's MACs target (fraction kept; 0: none, the preset's default, the estimated limit)")
+    parser.add_argument("--macs", type=float, default=0.5, help="deploy preset's MACs target (fraction kept; 0: none, the preset's default, the calibrated limit)")
     parser.add_argument("--allow-over-limit", action="store_true", help="part 1 may prune past the effective filters")
     parser.add_argument("--skip-qdq", action="store_true", help="part 1 only (the four columns)")
     parser.add_argument("--qdq-only", action="store_true", help="part 2 only (pruning the int8 QDQ model)")
@@ -274,13 +281,18 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.3, help="onnxsim's sparsity (graphprune is set to the MACs it reaches)")
     parser.add_argument("--runs", type=int, default=20, help="latency runs per figure")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("deploy.json"))
+    parser.add_argument("--calibration", choices=("val", "train"), default="val",
+                        help="val: models trained on the fit split, the limit scored on the 5,000 val images (--held-out); "
+                             "train: trained on all 60,000, the limit scored on the calibration images left")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
-    train = fashion_mnist("train").subset(args.train_samples, seed=0)
+    split = "fit" if args.calibration == "val" else "train"
+    train = fashion_mnist(split).subset(args.train_samples, seed=0)
+    held = fashion_mnist("val") if args.calibration == "val" else None
     test = fashion_mnist("test").subset(args.test_samples, seed=0)
     results: dict[str, Any] = {"settings": vars(args) | {"json": str(args.json)}, "models": {}}
     for name in args.models:
-        module = trained(name, args.epochs, cache_dir="benchmarks/.cache")
+        module = trained(name, args.epochs, cache_dir="benchmarks/.cache", split=split)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.onnx"
             models.export_onnx(module, path, bn="fold")
@@ -290,7 +302,7 @@ def main() -> None:
             target.append("plan.allow_over_limit=true")
         deploy: dict[str, Any] = {}
         if not args.qdq_only:
-            deploy = _deploy(om, train, test, target, args.finetune_epochs, args.runs, args.samples)
+            deploy = _deploy(om, train, test, held, target, args.finetune_epochs, args.runs, args.samples)
             for column, ms in _interleaved(deploy.pop("blobs"), args.runs).items():
                 deploy["columns"][column]["interleaved_ms"] = ms
         qdq: dict[str, Any] = {}

@@ -30,7 +30,8 @@ def _npz(path: Path, n: int = 96) -> Path:
 
 def test_deploy_preset_order():
     p = load_pipeline("deploy")
-    assert p.names == ("analyze", "profile", "plan", "compensate", "rewrite", "repair", "finetune", "quantize", "validate", "report")
+    assert p.names == ("analyze", "limit", "profile", "plan", "compensate", "rewrite", "repair", "finetune", "quantize", "validate",
+                       "report")
 
 
 def _profile(overrides: list[str]) -> ProfileOptions:
