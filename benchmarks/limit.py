@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from common import analyzed_workspace, bisect_ratio, log  # benchmarks/ (same folder)
 
 from graphprune import models
@@ -50,7 +51,7 @@ from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
 from graphprune.ir.plan import plan_from_keep
 from graphprune.models.fashion import fashion_mnist, trained
-from graphprune.pipeline.limit import BudgetFamily, LimitPass, LimitPassOptions
+from graphprune.pipeline.limit import BudgetFamily, LimitPass, LimitPassOptions, predictions
 from graphprune.pipeline.passes import (
     CompensateOptions,
     CompensatePass,
@@ -61,6 +62,7 @@ from graphprune.pipeline.passes import (
     RewritePass,
     Workspace,
 )
+from graphprune.planning.limit import paired_drop
 from graphprune.planning.options import PlanOptions
 
 GRID = (1.5, 2.0, 2.5, 3.0, 4.0)
@@ -99,7 +101,10 @@ class Family:
 
 
 def graphprune_point(fam: Family, budget: float, test: Calibration, train: Calibration, finetune_epochs: float,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, base_correct: np.ndarray | None = None) -> dict[str, Any]:
+    """The family's plan at ``budget`` compensated, rewritten and repaired: its test accuracy (and after a brief
+    fine-tune); with ``base_correct`` (the original's per-image correctness on ``test``) also the paired drop's
+    standard error on the test split (``test_drop_se``)."""
     ws = fam.ws
     counts = fam.counts(budget)
     plan = plan_from_keep(fam.coupling, {g: fam.orders[g].keep(k) for g, k in counts.items()}, {"budget": budget})
@@ -111,13 +116,18 @@ def graphprune_point(fam: Family, budget: float, test: Calibration, train: Calib
     w = RepairPass(opts)(w).workspace
     seconds = time.perf_counter() - t
     before = w.model.accuracy(test)
+    se = None
+    if base_correct is not None:
+        assert test.labels is not None
+        se = paired_drop(base_correct, predictions(w.model, test, 64) == test.labels)[1]
     after = None
     if finetune_epochs > 0:
         w.data = train  # the brief fine-tune reads the whole training split
         w = FineTunePass(FitOptions(epochs=finetune_epochs, lr=0.01, seed=seed))(w).workspace
         after = w.model.accuracy(test)
     red = fam.macs / model_cost(w.model.graph).macs
-    return {"budget": budget, "macs_reduction": red, "accuracy": before, "accuracy_finetuned": after, "recovery_seconds": seconds}
+    return {"budget": budget, "macs_reduction": red, "accuracy": before, "accuracy_finetuned": after, "recovery_seconds": seconds,
+            **({} if se is None else {"test_drop_se": se})}
 
 
 def planned_point(ws: Workspace, red: float, test: Calibration) -> dict[str, Any]:
@@ -232,6 +242,8 @@ def limit_only(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any
     assert ws.analysis is not None
     train, test = sp.train, sp.test
     fam = Family(ws)
+    assert test.labels is not None
+    base_correct = predictions(ws.original, test, 64) == test.labels
     limits = []
     for confidence in args.confidences:
         opts = LimitPassOptions(tolerance=TOLERANCE, finetune_epochs=0.0, holdout=args.holdout, confidence=confidence)
@@ -240,10 +252,11 @@ def limit_only(name: str, args: argparse.Namespace, sp: Splits) -> dict[str, Any
         log(name, *lim.lines())
         for p in lim.points:
             log(name, f"point {p.macs_reduction:.3f}x quality {p.quality:.4f} margin {p.margin:.4f} in {p.seconds:.1f} s")
-        at = graphprune_point(fam, lim.budget, test, train, 0.0)
+        at = graphprune_point(fam, lim.budget, test, train, 0.0, base_correct=base_correct)
         limits.append({"confidence": lim.confidence, "limit": lim.macs_reduction, "held_out_quality": lim.quality,
                        "held_out_base": lim.base_quality, "margin": lim.margin, "test_accuracy": at["accuracy"],
-                       "test_drop_pp": 100 * (base - at["accuracy"]), "seconds": lim.seconds, "points": len(lim.points)})
+                       "test_drop_pp": 100 * (base - at["accuracy"]), "test_drop_se_pp": 100 * at["test_drop_se"],
+                       "seconds": lim.seconds, "points": len(lim.points)})
         log(name, limits[-1])
     curve = []
     for red in args.grid:
