@@ -131,7 +131,7 @@ def measure_latency(session: ort.InferenceSession, feeds: Mapping[str, np.ndarra
     """Median wall time of one run, in milliseconds: after ``warmup`` runs (and at least ``min_ms``), over ``runs``
     runs or as many as last ``min_ms``, whichever is more (at most ``MAX_RUNS``)."""
     done, start = 0, time.perf_counter()
-    while done < warmup or (time.perf_counter() - start) * 1e3 < min_ms and done < MAX_RUNS:
+    while done < warmup or ((time.perf_counter() - start) * 1e3 < min_ms and done < MAX_RUNS):
         session.run(None, dict(feeds))
         done += 1
     each_ms = (time.perf_counter() - start) * 1e3 / max(1, done)
