@@ -80,7 +80,7 @@ def _deploy(om, train, test, held, target: list[str], finetune_epochs: float, ru
                                                    "measured_slower", "fast_counts", "faster_within", "over_limit", "target_kept")}
     limit = None if ws.limit is None else {"macs_reduction": ws.limit.macs_reduction, "quality": ws.limit.quality,
                                            "base_quality": ws.limit.base_quality, "holdout": ws.limit.holdout}
-    return {"limit": limit, "columns": out, "blobs": blobs, "batch": v.batch, "seconds": time.perf_counter() - t, "exact_max_abs_error": ws.exact_max_abs_error,
+    return {"limit": limit, "finetune": ws.finetune, "columns": out, "blobs": blobs, "batch": v.batch, "seconds": time.perf_counter() - t, "exact_max_abs_error": ws.exact_max_abs_error,
             "plan_meta": plan_meta,
             "check": None if check is None else {"max_steps": check.max_steps, "fused_steps": check.fused_steps,
                                                   "tolerance_steps": check.tolerance_steps, "samples": check.samples}}

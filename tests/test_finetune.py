@@ -132,3 +132,45 @@ def test_gradients_are_clipped_and_a_diverging_fine_tune_keeps_the_weights_from_
     assert np.isfinite(loss) and step <= 4 * 8 * 0.5 * 1e-3 * 1.01  # steps x lr x clip_norm bounds every change
     with pytest.raises(BadInputError, match="clip_norm"):
         FitOptions(clip_norm=-1).check()
+
+
+def _finetune_pass(om, data: Calibration, held: Calibration | None, **options):
+    from graphprune.backends.onnx_model import OnnxPrunable
+    from graphprune.pipeline.passes import FineTuneOptions, FineTunePass
+    from graphprune.pipeline.workspace import Workspace
+
+    lines: list[str] = []
+    ws = Workspace(original=OnnxPrunable(om), model=OnnxPrunable(om), data=data, held_out=held, status=lines.append)
+    result = FineTunePass(FineTuneOptions(**options))(ws)
+    return result, lines
+
+
+def test_a_fine_tune_that_hurts_on_held_out_data_is_not_kept(exported):
+    """Planted: a model that has learned the task is fine-tuned on scrambled labels; the held-out images (true
+    labels) score it lower, so the model from before is kept, and said; keep_better=false keeps the damaged one."""
+    om = finetune_onnx(load_onnx(exported("vgg", 17, "keep")), _task(), FitOptions(epochs=6, lr=0.05, batch_size=64))
+    held = _task(256, seed=1)
+    good = ort_accuracy(model_bytes(om.model), held)
+    train = _task(seed=2)
+    scrambled = Calibration(train.inputs, np.random.default_rng(0).permutation(train.labels), "scrambled")
+    options = {"epochs": 4, "lr": 0.05, "batch_size": 64}
+    result, lines = _finetune_pass(om, scrambled, held, **options)
+    assert not result.modified and ort_accuracy(model_bytes(result.workspace.model.om.model), held) == good
+    assert result.workspace.finetune is not None and "kept the model from before fine-tuning" in result.workspace.finetune
+    assert any(line.startswith("fine-tune: held-out accuracy ") for line in lines)
+    damaged, _ = _finetune_pass(om, scrambled, held, keep_better=False, **options)
+    assert damaged.modified and ort_accuracy(model_bytes(damaged.workspace.model.om.model), held) < good - 0.1
+
+
+def test_a_fine_tune_that_helps_is_kept_and_none_is_checked_without_held_out_data(exported):
+    om = load_onnx(exported("vgg", 17, "keep"))
+    held = _task(256, seed=1)
+    result, _ = _finetune_pass(om, _task(), held, epochs=4, lr=0.05, batch_size=64)
+    assert result.modified and "kept the fine-tuned model" in (result.workspace.finetune or "")
+    assert ort_accuracy(model_bytes(result.workspace.model.om.model), held) > ort_accuracy(model_bytes(om.model), held)
+    unchecked, lines = _finetune_pass(om, _task(), None, epochs=0.5, lr=0.05, batch_size=64)
+    assert unchecked.modified and unchecked.workspace.finetune is None and not any("held-out" in line for line in lines)
+    from graphprune.pipeline.config import parse_pipeline
+
+    with pytest.raises(BadInputError, match="finetune holdout must be at least 16"):
+        parse_pipeline({"pass": [{"name": "finetune", "holdout": 4}]})

@@ -50,6 +50,7 @@ __all__ = [
     "AnalyzePassOptions",
     "CompensateOptions",
     "CompensatePass",
+    "FineTuneOptions",
     "FineTunePass",
     "HiddenPass",
     "PlanPass",
@@ -571,12 +572,32 @@ class HiddenPass(Pass):
         return PassResult(ws, ws.model is not before)
 
 
+@dataclasses.dataclass(frozen=True)
+class FineTuneOptions(FitOptions):
+    """The training options, and the check after it.
+
+    Attributes:
+        keep_better: With held-out data (``--held-out``), score the model before and after fine-tuning on it and keep
+            the better (a fine-tune at too high a rate can undo a near-lossless prune); without, the fine-tuned one.
+        holdout: Most held-out samples the check scores.
+    """
+
+    keep_better: bool = True
+    holdout: int = 4096
+
+    def check(self) -> None:
+        super().check()
+        if self.holdout < 16:
+            raise BadInputError(f"finetune holdout must be at least 16, got {self.holdout}")
+
+
 @register_pass
 class FineTunePass(Pass):
-    """Train the current model: labels when the data has them, else distillation from the original."""
+    """Train the current model: labels when the data has them, else distillation from the original; then keep the
+    better of the models before and after on held-out data when there is some (:class:`FineTuneOptions`)."""
 
     name = "finetune"
-    Options = FitOptions
+    Options = FineTuneOptions
     requires = frozenset({"data"})
     ensures = frozenset({"finetuned"})
     forbids = frozenset({"quantized"})
@@ -584,9 +605,43 @@ class FineTunePass(Pass):
 
     def run(self, ws: Workspace) -> PassResult:
         assert ws.data is not None
-        ws.status(f"fine-tuning ({self.options.epochs:g} epochs)")
-        ws.model = ws.model.finetuned(ws.data, self.options, ws.original, ws.progress)
-        return PassResult(ws, True)
+        o = self.options if isinstance(self.options, FineTuneOptions) else FineTuneOptions(**dataclasses.asdict(self.options))
+        ws.status(f"fine-tuning ({o.epochs:g} epochs)")
+        before = ws.model
+        training = FitOptions(**{f.name: getattr(o, f.name) for f in dataclasses.fields(FitOptions)})
+        ws.model = ws.model.finetuned(ws.data, training, ws.original, ws.progress)
+        if not o.keep_better or ws.held_out is None:
+            return PassResult(ws, True)
+        scores = _held_out_scores(ws, (before, ws.model), o)
+        if scores is None:
+            return PassResult(ws, True)
+        (b, a), n, metric = scores
+        kept = a >= b
+        ws.finetune = (f"held-out {metric} {b:.4f} before, {a:.4f} after on {n} samples: "
+                       + ("kept the fine-tuned model" if kept else "kept the model from before fine-tuning "
+                          "(finetune.keep_better=false keeps the fine-tuned one)"))
+        ws.status(f"fine-tune: {ws.finetune}")
+        if not kept:
+            ws.model = before
+        return PassResult(ws, kept)
+
+
+def _held_out_scores(ws: Workspace, candidates: Sequence[PrunableModel], o: FineTuneOptions
+                     ) -> tuple[tuple[float, ...], int, str] | None:
+    """Each candidate's accuracy on up to ``o.holdout`` of the workspace's held-out samples (agreement with the
+    original's top-1 when they are unlabelled), their number and the metric's name; None when the output has no class
+    axis to score (said in a status line)."""
+    from graphprune.pipeline.limit import held_out, predictions
+
+    assert ws.held_out is not None
+    held = held_out(ws.held_out, 0, o.holdout, o.seed)
+    try:
+        labels = held.labels if held.labels is not None else predictions(ws.original, held, o.batch_size)
+        scores = tuple(float((predictions(m, held, o.batch_size) == labels).mean()) for m in candidates)
+    except BadInputError as exc:
+        ws.status(f"fine-tune: kept the fine-tuned model (its output cannot be scored on the held-out data: {exc})")
+        return None
+    return scores, len(held), "accuracy" if held.labels is not None else "agreement"
 
 
 @register_pass

@@ -130,7 +130,7 @@ class Workspace:
         exact_max_abs_error: Max abs error of the rewrite against the masked model (when verified).
         rewrite_pair: The rewrite's source and its result, as rewritten (before repair and fine-tuning change weights).
         quantized: What the quantize pass made (``model`` is then the int8 pruned model).
-        compensation, repair: What the recovery passes did.
+        compensation, repair, finetune: What the recovery passes did (``finetune``: the held-out check's line).
         hidden: What the hidden pass did (rotation and slicing of the hidden size) and measured.
         validation: Figures of the original and the current model.
         source, output: The model file read, and where the model will be written (reports go beside it).
@@ -157,6 +157,7 @@ class Workspace:
     quantized: Quantized | None = None
     compensation: CompensationSummary | None = None
     repair: str | None = None
+    finetune: str | None = None
     hidden: HiddenReport | None = None
     validation: Validation | None = None
     source: Path | None = None

@@ -210,6 +210,8 @@ def figures_json(ws: Workspace) -> dict[str, Any]:
                    compensation_memory_bound=ws.compensation.memory_bound, compensation_memory_peak=ws.compensation.memory_peak)
     if ws.repair is not None:
         out["repair"] = ws.repair
+    if ws.finetune is not None:
+        out["finetune"] = ws.finetune
     deploy = deploy_json(ws)
     if deploy is not None:
         out["deploy"] = deploy
