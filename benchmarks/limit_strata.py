@@ -20,12 +20,10 @@ from typing import Any
 from common import analyzed_workspace, log  # benchmarks/ (same folder)
 
 from graphprune import models
-from graphprune.analysis.effective import budget_removals
 from graphprune.frontends.onnx import load_onnx
 from graphprune.models.fashion import fashion_mnist, trained
 from graphprune.pipeline import limit as limit_pass
 from graphprune.planning.limit import paired_drop, stratified_order
-from graphprune.planning.selection import greedy_drop_order
 
 TOLERANCE, CONFIDENCE = 0.01, 0.8
 
@@ -44,15 +42,13 @@ def compare(name: str, budgets: list[float], epochs: float) -> dict[str, Any]:
     held, classes, margin = scored
     order, strata = stratified_order(margin, options.seed)
     held, base = limit_pass._taken(held, order), (classes == held.labels)[order]
-    orders = {g.group: greedy_drop_order(ws.analysis.fisher[g.group].f) for g in ws.analysis.groups}
-    full = {g: ws.groups().by_id(g).channels for g in orders}
+    family = limit_pass.BudgetFamily.of(ws)  # the limit pass's own plans
+    assert family is not None
     shared, point_bytes = limit_pass._shared_original(ws, options)
     rows = []
     for budget in budgets:
-        removed = budget_removals(orders, budget)
-        counts = {g: n - removed.get(g, 0) for g, n in full.items()}
-        correct = limit_pass.plan_correct(ws, limit_pass._plan(ws, orders, counts, budget), options, held, shared,
-                                          point_bytes)
+        plan = limit_pass._plan(ws, family.orders, family.counts(budget), budget)
+        correct = limit_pass.plan_correct(ws, plan, options, held, shared, point_bytes)
         enough = limit_pass.decided(base, TOLERANCE, CONFIDENCE, strata)
         n = next(k for k in range(limit_pass.SCORING_STEP, len(base) + limit_pass.SCORING_STEP, limit_pass.SCORING_STEP)
                  if enough(correct[:k]))
