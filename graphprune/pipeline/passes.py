@@ -252,11 +252,13 @@ Candidate = tuple[str, str, Plan, str]
 
 def _measured_choice(ws: Workspace, what: str, key: str, candidates: Sequence[Candidate]) -> tuple[Plan, str]:
     """The candidate that scores best after compensation, rewrite and repair on the limit pass's held-out samples (the
-    first one when they tie, when too few samples are left, or when the output has no class axis to score), its key
-    and the scores in its meta under ``key``; ``what`` opens the status lines."""
+    first one when they tie, when every other keeps the same channels, when too few samples are left, or when the output
+    has no class axis to score), its key and the scores in its meta under ``key``; ``what`` opens the status lines."""
     from graphprune.pipeline.limit import LimitPassOptions, plan_correct, scoring_samples
 
     _, words, plan, target = candidates[0]
+    if all(_keeps(c[2]) == _keeps(plan) for c in candidates[1:]):
+        return plan, target
     scoring = LimitPassOptions(holdout=ws.limit.holdout) if ws.limit is not None else LimitPassOptions()
     try:
         held = scoring_samples(ws, scoring)
@@ -274,12 +276,14 @@ def _measured_choice(ws: Workspace, what: str, key: str, candidates: Sequence[Ca
     return dataclasses.replace(best[2], meta=meta), best[3]
 
 
+def _keeps(plan: Plan) -> dict[int, tuple[int, ...]]:
+    return {g.group: g.keep for g in plan.groups}
+
+
 def _measured_excess(ws: Workspace, options: PlanOptions, plan: Plan, target: str) -> tuple[Plan, str]:
     """Past the floors, the excess removed per unit saved as well as by predicted loss, the better on held-out samples
     kept (:func:`_measured_choice`)."""
     other, other_target = planned(ws, dataclasses.replace(options, excess="per_unit"))
-    if {g.group: g.keep for g in other.groups} == {g.group: g.keep for g in plan.groups}:
-        return plan, target
     return _measured_choice(ws, "past the limit", "excess", [("loss", "the excess by predicted loss", plan, target),
                                                             ("per_unit", "the excess per unit saved", other, other_target)])
 
@@ -296,7 +300,7 @@ def _measured_allocation(ws: Workspace, options: PlanOptions, plan: Plan, target
     if aim is None or ws.limit is None or family is None:
         return plan, target
     other = family.reaching(ws, aim.kind, aim.value, ws.limit.budget)
-    if other is None or {g.group: g.keep for g in other.groups} == {g.group: g.keep for g in plan.groups}:
+    if other is None:
         return plan, target
     return _measured_choice(ws, "within the limit", "allocation",
                             [("hierarchical", "the hierarchical allocation", plan, target),
