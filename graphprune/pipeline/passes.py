@@ -612,8 +612,7 @@ class FineTunePass(Pass):
         o = self.options if isinstance(self.options, FineTuneOptions) else FineTuneOptions(**dataclasses.asdict(self.options))
         ws.status(f"fine-tuning ({o.epochs:g} epochs)")
         before = ws.model
-        training = FitOptions(**{f.name: getattr(o, f.name) for f in dataclasses.fields(FitOptions)})
-        ws.model = ws.model.finetuned(ws.data, training, ws.original, ws.progress)
+        ws.model = ws.model.finetuned(ws.data, o, ws.original, ws.progress)
         if not o.keep_better or ws.held_out is None:
             return PassResult(ws, True)
         scores = _held_out_scores(ws, (before, ws.model), o)
