@@ -55,6 +55,7 @@ from torch import nn
 from graphprune import models
 from graphprune.analysis.cost import model_cost
 from graphprune.backends.onnx_model import OnnxPrunable
+from graphprune.execution.sessions import warmed_up
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
@@ -243,24 +244,13 @@ def interleaved(blobs: dict[str, bytes], shape: tuple[int, ...], batch: int, run
         for k in names[r % len(names):] + names[: r % len(names)]:
             session = ort.InferenceSession(blobs[k], opts, providers=["CPUExecutionProvider"])
             feeds = {session.get_inputs()[0].name: x}
-            n = _runs_for(session, feeds, per_round)
+            n = warmed_up(session, feeds, 3, per_round, ROUND_MS)
             for _ in range(n):
                 t = time.perf_counter()
                 session.run(None, feeds)
                 times[k].append(time.perf_counter() - t)
             del session
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
-def _runs_for(session: ort.InferenceSession, feeds: dict[str, np.ndarray], least: int) -> int:
-    """Warm ``session`` up for ``ROUND_MS`` (at least 3 runs); the number of timed runs that lasts as long (at least
-    ``least``)."""
-    done, start = 0, time.perf_counter()
-    while done < 3 or time.perf_counter() - start < ROUND_MS / 1e3:
-        session.run(None, feeds)
-        done += 1
-    each = (time.perf_counter() - start) / done
-    return max(least, min(1000, round(ROUND_MS / 1e3 / max(each, 1e-6))))
 
 
 def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:

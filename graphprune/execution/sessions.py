@@ -17,7 +17,7 @@ from graphprune.ir.graph import ChannelGraph
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_session", "measure_latency", "providers", "quiet_onnxruntime", "sample_inputs"]
+__all__ = ["make_session", "measure_latency", "providers", "quiet_onnxruntime", "sample_inputs", "warmed_up"]
 
 MAX_SAMPLE_ELEMENTS = 1 << 28
 """Largest sample input (elements) built for validation runs."""
@@ -126,16 +126,21 @@ MIN_TIMED_MS = 20.0
 MAX_RUNS = 2000
 
 
-def measure_latency(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5,
-                    min_ms: float = MIN_TIMED_MS) -> float:
-    """Median wall time of one run, in milliseconds: after ``warmup`` runs (and at least ``min_ms``), over ``runs``
-    runs or as many as last ``min_ms``, whichever is more (at most ``MAX_RUNS``)."""
+def warmed_up(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], warmup: int, runs: int, min_ms: float) -> int:
+    """Run ``session`` ``warmup`` times and for at least ``min_ms``; the number of runs to time: ``runs``, or as many as
+    last ``min_ms`` when more (at most ``MAX_RUNS``)."""
     done, start = 0, time.perf_counter()
     while done < warmup or ((time.perf_counter() - start) * 1e3 < min_ms and done < MAX_RUNS):
         session.run(None, dict(feeds))
         done += 1
     each_ms = (time.perf_counter() - start) * 1e3 / max(1, done)
-    runs = max(runs, min(MAX_RUNS, math.ceil(min_ms / max(each_ms, 1e-6))))
+    return max(runs, min(MAX_RUNS, math.ceil(min_ms / max(each_ms, 1e-6))))
+
+
+def measure_latency(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5,
+                    min_ms: float = MIN_TIMED_MS) -> float:
+    """Median wall time of one run, in milliseconds, over the runs :func:`warmed_up` gives."""
+    runs = warmed_up(session, feeds, warmup, runs, min_ms)
     times = []
     for _ in range(runs):
         t = time.perf_counter()
