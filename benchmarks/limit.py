@@ -87,17 +87,9 @@ class Family:
         return self.macs / cost_with_keep(self.graph, self.coupling, self.counts(budget)).macs
 
     def budget_for(self, red: float) -> float:
-        """The smallest budget reaching at least ``red`` (bisection in log budget)."""
-        lo, hi = 1e-9, self.max_budget
-        if self.reduction(hi) < red:
-            return hi
-        for _ in range(50):
-            mid = math.sqrt(lo * hi)
-            if self.reduction(mid) >= red:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+        """The smallest budget reaching at least ``red`` (the limit pass's bisection; the largest budget when none does)."""
+        budget = self.family.budget_keeping(self.ws, "macs", 1.0 / red, self.max_budget)
+        return self.max_budget if budget is None else budget
 
 
 def graphprune_point(fam: Family, budget: float, test: Calibration, train: Calibration, finetune_epochs: float,

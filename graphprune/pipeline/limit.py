@@ -225,9 +225,9 @@ class BudgetFamily:
         """A budget at which every group keeps one channel."""
         return float(sum(float(removal_envelope(d)[-1]) for d in self.orders.values())) * 1.01 + 1e-12
 
-    def reaching(self, ws: Workspace, kind: str, kept: float, within: float) -> Plan | None:
-        """The family's plan with the smallest budget up to ``within`` that keeps at most ``kept`` of the original's
-        ``kind`` (``macs`` or ``params``), by bisection in log budget; None when even ``within`` keeps more."""
+    def budget_keeping(self, ws: Workspace, kind: str, kept: float, within: float) -> float | None:
+        """The smallest budget up to ``within`` whose counts keep at most ``kept`` of the original's ``kind``
+        (``macs`` or ``params``), by bisection in log budget; None when even ``within`` keeps more."""
         graph, coupling = ws.original.graph, ws.groups()
         whole = cost_with_keep(graph, coupling, dict(self.full))
 
@@ -241,7 +241,14 @@ class BudgetFamily:
         for _ in range(60):
             mid = math.sqrt(lo * hi)
             lo, hi = (lo, mid) if fraction(mid) <= kept else (mid, hi)
-        return _plan(ws, self.orders, self.counts(hi), hi, target=f"{kind} {kept:g} (budget family)")
+        return hi
+
+    def reaching(self, ws: Workspace, kind: str, kept: float, within: float) -> Plan | None:
+        """The family's plan at :meth:`budget_keeping`; None when even ``within`` keeps more."""
+        budget = self.budget_keeping(ws, kind, kept, within)
+        if budget is None:
+            return None
+        return _plan(ws, self.orders, self.counts(budget), budget, target=f"{kind} {kept:g} (budget family)")
 
 
 def _shared_original(ws: Workspace, options: LimitPassOptions) -> tuple[OriginalActivations | None, int]:
