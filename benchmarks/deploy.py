@@ -123,7 +123,7 @@ def _valid(model: onnx.ModelProto, original: OnnxPrunable) -> dict[str, Any]:
 
 
 def _figures(model: OnnxPrunable, test, runs: int) -> dict[str, Any]:
-    f = measure(model, test, runs, 32)
+    f = measure([model], test, runs, 32)[0]
     return {"accuracy": f.accuracy, "macs": f.macs, "size_bytes": f.size_bytes, "latency_ms_batch_1": f.latency_ms,
             "latency_ms_batch_32": f.latency_batch_ms}
 

@@ -33,14 +33,14 @@ Needs: pip install torch==2.13.0 "torch-pruning==1.6.*" onnxsim==0.8.1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
-import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from torch import nn
 from graphprune import models
 from graphprune.analysis.cost import model_cost
 from graphprune.backends.onnx_model import OnnxPrunable
-from graphprune.execution.sessions import warmed_up
+from graphprune.execution.timing import ROUND_MS, Runner, interleaved_ms
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
@@ -218,13 +218,25 @@ def onnxsim_variant(blob: bytes, red: float, base_macs: int, steps: int) -> tupl
 # --- measurement ----------------------------------------------------------------------------------------------------
 
 
-ROUND_MS = 10.0
-"""Each round warms a session up and times it for at least this long (sub-millisecond models get more runs)."""
+def _cpu_runner(blob: bytes, x: np.ndarray, threads: int) -> Runner:
+    """Opens ``blob`` on onnxruntime's CPU provider with ``threads`` intra-op threads, yielding one run on ``x``."""
+
+    @contextlib.contextmanager
+    def opened() -> Iterator[Callable[[], object]]:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 4
+        session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+        feeds = {session.get_inputs()[0].name: x}
+        yield lambda: session.run(None, feeds)
+
+    return opened
 
 
 def interleaved(blobs: dict[str, bytes], shape: tuple[int, ...], batch: int, runs: int, threads: int,
                 per_round: int = 2) -> dict[str, float]:
-    """Median ms per variant: every round runs each variant, round-robin from a rotating start.
+    """Median ms per variant over ``runs`` rounds (:func:`graphprune.execution.timing.interleaved_ms`): every round
+    runs each variant, round-robin from a rotating start.
 
     One session is alive at a time (made for its turn, warmed up, timed, then closed; warm-up and timing each last at
     least ``ROUND_MS`` and ``per_round`` runs, so a 0.1 ms model is timed on ~100 runs a round, not 2, after its
@@ -234,23 +246,10 @@ def interleaved(blobs: dict[str, bytes], shape: tuple[int, ...], batch: int, run
     sessions alive and spinning, 10.3-10.8 ms each one at a time. So the figures are the default configuration
     of one session, as a deployment runs it.
     """
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 4
     x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-    times: dict[str, list[float]] = {k: [] for k in blobs}
     names = list(blobs)
-    for r in range(runs):
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            session = ort.InferenceSession(blobs[k], opts, providers=["CPUExecutionProvider"])
-            feeds = {session.get_inputs()[0].name: x}
-            n = warmed_up(session, feeds, 3, per_round, ROUND_MS)
-            for _ in range(n):
-                t = time.perf_counter()
-                session.run(None, feeds)
-                times[k].append(time.perf_counter() - t)
-            del session
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ms = interleaved_ms([_cpu_runner(blobs[k], x, threads) for k in names], runs, per_round, warmup=3, min_ms=ROUND_MS)
+    return dict(zip(names, ms))
 
 
 def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:

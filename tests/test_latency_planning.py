@@ -348,6 +348,22 @@ class _Planted:
         return getattr(self.inner, name)
 
 
+@pytest.fixture(autouse=True)
+def _planted_side_by_side(monkeypatch):
+    """Side-by-side timings of planted models read their planted figures, in the order given (the real timing is
+    tested in tests/test_sessions.py)."""
+    from graphprune.execution import timing
+
+    real = timing.side_by_side_ms
+
+    def side_by_side(models, batch, runs, threads=0, quantized=None):
+        if all(isinstance(m, _Planted) for m in models):
+            return [m.latency_ms(batch, runs, threads, quantized) for m in models]
+        return real(models, batch, runs, threads, quantized)
+
+    monkeypatch.setattr(timing, "side_by_side_ms", side_by_side)
+
+
 def _measured_plan(profiled, ms_of, setting=None, **options):
     from graphprune.planning.targets import plan_for
 
@@ -395,8 +411,9 @@ def test_the_plan_is_checked_at_batch_1_and_the_latency_batch_and_repaired_when_
     first, _ = _measured_plan(profiled, lambda counts: 0.5, {"batch": 4})
     slow = {g.group: len(g.keep) for g in first.groups}
     plan, calls = _measured_plan(profiled, lambda counts, b: 1.25 if counts == slow and b == 1 else 0.5, {"batch": 4})
-    # the first plan and the original at batch 4 (the anchor), then original, plan, 8s at both batches
-    assert {b for b, *_ in calls} == {1, 4} and len(calls) == plan.meta["measurements"] == 8
+    # the original and the first plan at batch 4 (the anchor), then the plan and the 8s, each beside the original,
+    # at both batches
+    assert {b for b, *_ in calls} == {1, 4} and len(calls) == plan.meta["measurements"] == 10
     _repaired_multiple(plan, slow, profiled.groups())
     assert "measured_slower" not in plan.meta
     assert plan.meta["measured_at"] == {"1": [0.5, 1.0], "4": [0.5, 1.0]}
@@ -428,14 +445,14 @@ def test_a_plan_measured_slower_is_repaired_by_measurement(profiled):
     """Planted: the first plan measures 2x slower than the original, any other 2x faster: the re-plan at multiples of 8 is kept."""
     first, _ = _measured_plan(profiled, lambda counts: 0.5)
     # the plan and its multiples-of-8 re-plan are both measured; equal times keep the plan
-    assert first.meta["measured_ms"] == 0.5 and first.meta["measurements"] in (4, 5) and "repaired" not in first.meta
+    assert first.meta["measured_ms"] == 0.5 and first.meta["measurements"] in (4, 6) and "repaired" not in first.meta
     slow = {g.group: len(g.keep) for g in first.groups}
     plan, calls = _measured_plan(profiled, lambda counts: 2.0 if counts == slow else 0.5)
     counts = {g.group: len(g.keep) for g in plan.groups}
     multiple = _repaired_multiple(plan, slow, profiled.groups())
     assert counts != slow and all(k % multiple == 0 or k == profiled.groups().by_id(g).channels for g, k in counts.items())
     assert plan.meta["measured_ms"] == 0.5 and plan.meta["measured_original_ms"] == 1.0
-    assert len(calls) == plan.meta["measurements"] == 5  # anchor (2), original, plan, one re-plan (no other needed)
+    assert len(calls) == plan.meta["measurements"] == 6  # anchor (2), plan and one re-plan (no other needed), each beside the original
     assert "measured_slower" not in plan.meta
     assert f"re-planned with counts multiples of {multiple}" in measured_line(plan.meta, 1)
 
@@ -450,13 +467,13 @@ def test_multiples_of_8_measured_faster_than_a_fast_plan_are_kept(profiled):
     checked = never_slower(model, profiled.groups(), plan, profiled.latency, lambda multiple: other, runs=2)
     assert checked.meta["measured_ms"] == 0.4 and "measured_slower" not in checked.meta
     assert checked.meta["repaired"] == "kept with counts multiples of 8, measured faster than the planned counts"
-    assert len(calls) == 3
+    assert len(calls) == 4  # the plan and the re-plan, each beside the original
 
 
 def test_a_plan_still_slower_after_repair_is_kept_and_said_in_one_line(profiled):
     plan, calls = _measured_plan(profiled, lambda counts: 1.5)
     assert plan.meta["measured_slower"] is True and "repaired" not in plan.meta
-    assert plan.meta["measurements"] == len(calls) <= 2 + 2 + 2
+    assert plan.meta["measurements"] == len(calls) <= 2 + 2 * 3  # the anchor; the plan and two re-plans, each beside the original
     line = measured_line(plan.meta, 1)
     assert "1.50x slower" in line and "still slower" in line and "\n" not in line
     v = Validation("CPUExecutionProvider", Figures(1, 1, 1.0, None), Figures(1, 1, 1.5, None))
@@ -485,7 +502,7 @@ def test_a_slow_plan_at_the_limit_names_the_faster_counts_within_it(profiled):
     line = measured_line(checked.meta, 1)
     assert f"keep {other.meta['target_kept']:.3f} of the macs and measured 2.50x faster at batch 1" in line
     assert f"ask for --macs {other.meta['target_kept']:.3f}" in line
-    assert checked.meta["measurements"] == len(calls) == 3  # original, plan, the within-limit plan
+    assert checked.meta["measurements"] == len(calls) == 4  # the plan and the within-limit plan, each beside the original
     # a within-limit plan no faster than the original is not reported
     slow = never_slower(_Planted(profiled.original, lambda counts: 1.5, []), profiled.groups(), plan, profiled.latency, beyond,
                         runs=2, within=lambda multiple: other)
@@ -515,7 +532,7 @@ def test_a_faster_plan_is_not_traded_for_a_re_plan_that_removes_more_than_asked(
         model = _Planted(ws.original, _first_at(planned, first_ms), calls)
         checked = never_slower(model, ws.groups(), plan, lm, lambda multiple: deeper, runs=2)
         assert {g.group: len(g.keep) for g in checked.groups} == kept
-        assert checked.meta["measurements"] == len(calls) == (2 if first_ms < 1.0 else 3)  # original, plan (, re-plan)
+        assert checked.meta["measurements"] == len(calls) == (2 if first_ms < 1.0 else 4)  # the plan (, the re-plan), beside the original
 
 
 def test_the_limit_plan_says_how_it_was_planned(profiled):

@@ -1,9 +1,10 @@
 """An ONNX model behind the :class:`~graphprune.ir.model.PrunableModel` protocol (onnxruntime runs it)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,12 +86,18 @@ class OnnxPrunable:
         self._validate(_onnx(original), None)
 
     def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: Int8Form | None = None) -> float:
-        from graphprune.execution.sessions import measure_latency
+        from graphprune.execution.timing import median_ms
+
+        with self.runner(batch, threads, quantized) as run:
+            return median_ms(run, runs)
+
+    @contextlib.contextmanager
+    def runner(self, batch: int, threads: int = 0, quantized: Int8Form | None = None) -> Iterator[Callable[[], object]]:
         from graphprune.ir.onnx import model_session
 
         feeds = sample_inputs(self.om.graph, batch=batch)
         with model_session(self.timing_int8(quantized) if quantized else self.om.model, threads=threads) as session:
-            return measure_latency(session, feeds, runs=runs)
+            yield lambda: session.run(None, feeds)
 
     def timing_int8(self, form: Int8Form) -> ir.Model:
         """The model quantized in ``form`` once for latency timing at any batch (ranges from batch-1 sample inputs:

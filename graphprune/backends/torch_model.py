@@ -7,13 +7,12 @@ of graph tensor -> state name; the channel graph sees them at once.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -80,15 +79,18 @@ def _float_only(quantized: Int8Form | None) -> None:
         raise BadInputError("int8 latency is measured on onnxruntime: export the torch model to ONNX to profile it quantized")
 
 
-@torch.inference_mode()
-def _latency(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], runs: int) -> float:
-    fn(*inputs)  # warm-up
-    times = []
-    for _ in range(max(1, runs)):
-        t = time.perf_counter()
-        fn(*inputs)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+@contextlib.contextmanager
+def _running(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Iterator[Callable[[], object]]:
+    """One forward pass of ``fn`` on ``inputs`` in inference mode (a :data:`graphprune.execution.timing.Runner`'s yield)."""
+    with torch.inference_mode():
+        yield lambda: fn(*inputs)
+
+
+def _latency(runner: contextlib.AbstractContextManager[Callable[[], object]], runs: int) -> float:
+    from graphprune.execution.timing import median_ms
+
+    with runner as run:
+        return median_ms(run, runs)
 
 
 def _check_signature(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> None:
@@ -189,8 +191,11 @@ class ModulePrunable(_Traced):
             _check_signature(_outputs(self.module.eval()(*inputs)), _outputs(src.module.eval()(*inputs)))
 
     def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: Int8Form | None = None) -> float:
+        return _latency(self.runner(batch, threads, quantized), runs)
+
+    def runner(self, batch: int, threads: int = 0, quantized: Int8Form | None = None) -> contextlib.AbstractContextManager[Callable[[], object]]:
         _float_only(quantized)
-        return _latency(self.module.eval(), _at_batch(self.example_inputs, batch), runs)
+        return _running(self.module.eval(), _at_batch(self.example_inputs, batch))
 
     def accuracy(self, data: Calibration) -> float:
         from graphprune.execution.training import accuracy
@@ -257,8 +262,11 @@ class ProgramPrunable(_Traced):
             _check_signature(_outputs(self.program.module()(*inputs)), _outputs(src.program.module()(*inputs)))
 
     def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: Int8Form | None = None) -> float:
+        return _latency(self.runner(batch, threads, quantized), runs)
+
+    def runner(self, batch: int, threads: int = 0, quantized: Int8Form | None = None) -> contextlib.AbstractContextManager[Callable[[], object]]:
         _float_only(quantized)
-        return _latency(self.program.module(), self._inputs(batch), runs)
+        return _running(self.program.module(), self._inputs(batch))
 
     def accuracy(self, data: Calibration) -> float:
         from graphprune.execution.training import accuracy

@@ -3,21 +3,19 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import statistics
-import time
 from collections.abc import Mapping
 
 import numpy as np
 import onnxruntime as ort
 
 from graphprune.errors import BadInputError
+from graphprune.execution.timing import MIN_TIMED_MS, median_ms
 from graphprune.ir.dtypes import numpy_dtype
 from graphprune.ir.graph import ChannelGraph
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_session", "measure_latency", "providers", "quiet_onnxruntime", "sample_inputs", "warmed_up"]
+__all__ = ["make_session", "measure_latency", "providers", "quiet_onnxruntime", "sample_inputs"]
 
 MAX_SAMPLE_ELEMENTS = 1 << 28
 """Largest sample input (elements) built for validation runs."""
@@ -120,30 +118,7 @@ def sample_inputs(
     return feeds
 
 
-MIN_TIMED_MS = 20.0
-"""Warm-up and timing each last at least this long: a 0.1 ms model is timed on ~200 runs, not ``runs``
-(5 runs of a sub-millisecond model swing by 30% or more between two measurements of the same file)."""
-MAX_RUNS = 2000
-
-
-def warmed_up(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], warmup: int, runs: int, min_ms: float) -> int:
-    """Run ``session`` ``warmup`` times and for at least ``min_ms``; the number of runs to time: ``runs``, or as many as
-    last ``min_ms`` when more (at most ``MAX_RUNS``)."""
-    done, start = 0, time.perf_counter()
-    while done < warmup or ((time.perf_counter() - start) * 1e3 < min_ms and done < MAX_RUNS):
-        session.run(None, dict(feeds))
-        done += 1
-    each_ms = (time.perf_counter() - start) * 1e3 / max(1, done)
-    return max(runs, min(MAX_RUNS, math.ceil(min_ms / max(each_ms, 1e-6))))
-
-
 def measure_latency(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5,
                     min_ms: float = MIN_TIMED_MS) -> float:
-    """Median wall time of one run, in milliseconds, over the runs :func:`warmed_up` gives."""
-    runs = warmed_up(session, feeds, warmup, runs, min_ms)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, dict(feeds))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    """Median wall time of one run of ``session``, in milliseconds (:func:`graphprune.execution.timing.median_ms`)."""
+    return median_ms(lambda: session.run(None, dict(feeds)), runs, warmup, min_ms)

@@ -7,7 +7,8 @@ one pipeline serves every format. Values are keyed by graph tensor names.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -106,6 +107,15 @@ class PrunableModel(Protocol):
     def latency_ms(self, batch: int, runs: int, threads: int = 0, quantized: Int8Form | None = None) -> float:
         """Median latency of one forward pass at ``batch`` on :attr:`runtime` (``threads``: intra-op threads, 0: the runtime's
         default; ``quantized``: of the model quantized to int8 QDQ in that form first, where the runtime quantizes).
+
+        Raises:
+            BadInputError: ``quantized`` on a runtime that does not quantize.
+        """
+        ...
+
+    def runner(self, batch: int, threads: int = 0, quantized: Int8Form | None = None) -> AbstractContextManager[Callable[[], object]]:
+        """The model ready to run on :attr:`runtime` (a session, while the context is open), yielding one forward pass
+        at ``batch`` on sample inputs: a :data:`graphprune.execution.timing.Runner` for side-by-side timings.
 
         Raises:
             BadInputError: ``quantized`` on a runtime that does not quantize.

@@ -22,6 +22,7 @@ from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, GraphpruneError, OverLimitError
 from graphprune.execution.measure import Figures
 from graphprune.execution.progress import Progress as AnalysisProgress
+from graphprune.execution.timing import side_by_side_ms
 from graphprune.execution.training import FitOptions
 from graphprune.frontends.data import Calibration
 from graphprune.ir.graph import ChannelGraph
@@ -727,13 +728,20 @@ class ValidateOptions:
             raise BadInputError(f"batch and threads must be >= 0, got {self.batch} and {self.threads}")
 
 
-def measure(model: PrunableModel, eval_data: Calibration | None, latency_runs: int, batch: int = 1, threads: int = 0) -> Figures:
-    """Parameters and MACs (cost model), latency at batch 1 (and at ``batch``) and accuracy on the model's own runtime."""
-    cost = model_cost(model.graph)
-    latency = model.latency_ms(1, latency_runs, threads) if latency_runs > 0 else None
-    at_batch = model.latency_ms(batch, latency_runs, threads) if latency_runs > 0 and batch > 1 else None
-    acc = model.accuracy(eval_data) if eval_data is not None and eval_data.labels is not None else None
-    return Figures(cost.params, cost.macs, latency, acc, at_batch, param_bytes(model.graph))
+def measure(models: Sequence[PrunableModel], eval_data: Calibration | None, latency_runs: int, batch: int = 1,
+            threads: int = 0) -> list[Figures]:
+    """Parameters and MACs (cost model), latency at batch 1 (and at ``batch``) and accuracy of each model on its own
+    runtime; the latencies of all of them timed side by side (:func:`graphprune.execution.timing.side_by_side_ms`)."""
+    none: list[float | None] = [None] * len(models)
+    at_1: list[float | None] = list(side_by_side_ms(models, 1, latency_runs, threads)) if latency_runs > 0 else none
+    at_batch: list[float | None] = (list(side_by_side_ms(models, batch, latency_runs, threads))
+                                    if latency_runs > 0 and batch > 1 else none)
+    figures = []
+    for model, ms, ms_batch in zip(models, at_1, at_batch):
+        cost = model_cost(model.graph)
+        acc = model.accuracy(eval_data) if eval_data is not None and eval_data.labels is not None else None
+        figures.append(Figures(cost.params, cost.macs, ms, acc, ms_batch, param_bytes(model.graph)))
+    return figures
 
 
 def slower_line(v: Validation, plan_meta: Mapping[str, Any], profiled: bool = False) -> str | None:
@@ -789,12 +797,12 @@ class ValidatePass(Pass):
         if lm is not None and ws.plan is not None and runs > 0 and batch == int(lm.setting["batch"]):
             predicted = lm.predict({g.group: len(g.keep) for g in ws.plan.groups if g.group in lm.channels})
         ws.model.graph.dims.update(ws.original.graph.dims)  # the pruned model is counted at the same sequence length
-        before = measure(ws.original, ws.eval_data, runs, batch, threads)
-        after = measure(ws.model, ws.eval_data, runs, batch, threads)
-        fp32_pruned = int8_original = None
-        if ws.quantized is not None:  # the four columns, measured in this one process
-            fp32_pruned = measure(ws.quantized.fp32_pruned, ws.eval_data, runs, batch, threads)
-            int8_original = measure(ws.quantized.int8_original, ws.eval_data, runs, batch, threads)
+        models = [ws.original, ws.model]
+        if ws.quantized is not None:  # the four columns, measured in this one process, side by side
+            models += [ws.quantized.fp32_pruned, ws.quantized.int8_original]
+        figures = measure(models, ws.eval_data, runs, batch, threads)
+        before, after = figures[:2]
+        fp32_pruned, int8_original = figures[2:] if ws.quantized is not None else (None, None)
         of_fp32 = ws.quantized is not None and lm is not None and not lm.setting.get("quantized")
         ws.validation = Validation(ws.model.runtime, before, after, batch, predicted, fp32_pruned, int8_original, of_fp32)
         line = slower_line(ws.validation, ws.plan.meta if ws.plan is not None else {}, lm is not None)

@@ -12,6 +12,7 @@ from graphprune.analysis.effective import Analysis
 from graphprune.analysis.latency import LatencyModel
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, OverLimitError
+from graphprune.execution import timing
 from graphprune.ir.graph import ChannelGraph
 from graphprune.ir.model import Int8Form, PrunableModel
 from graphprune.ir.plan import Plan, plan_from_keep
@@ -66,7 +67,6 @@ def latency_plan(model: PrunableModel, coupling: Coupling, analysis: Analysis | 
     value, runs = options.latency, options.latency_runs
     if value is None:
         raise BadInputError("latency_plan needs a latency target")
-    original = model.latency_ms(1, runs)
     frac, best, fallback = value, None, None
     for step in range(LATENCY_STEPS):
         try:
@@ -83,7 +83,8 @@ def latency_plan(model: PrunableModel, coupling: Coupling, analysis: Analysis | 
                 ) from None
             frac = limit * (1 + 1e-9)
             continue
-        ratio = model.pruned(coupling, plan).latency_ms(1, runs) / original
+        original, pruned = timing.side_by_side_ms([model, model.pruned(coupling, plan)], 1, runs)
+        ratio = pruned / original
         log.info("latency step %d: MACs target %.3f -> latency %.3f of the original", step, frac, ratio)
         fallback = plan
         if ratio <= value:
@@ -120,8 +121,9 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
     :data:`REPAIR_MULTIPLES` above ``round_to`` is always measured too (isolated probes can favour counts that break
     onnxruntime's channel blocking in the whole model), unless the plan is measured faster and the re-plan removes
     more than :data:`OVERSHOOT` beyond it of the target; the next ones only while the best measured is still slower
-    than the original at one of the batches. Kept: the fastest at the latency model's batch among those no slower at
-    any batch, else the one whose worst ratio to the original is lowest. One measurement per plan and batch.
+    than the original at one of the batches. Kept: the fastest against the original at the latency model's batch among those no
+    slower at any batch, else the one whose worst ratio to the original is lowest. Each plan is timed once a batch, side by
+    side with the original in interleaved rounds (:func:`graphprune.execution.timing.side_by_side_ms`).
 
     ``within(multiple)``: the plan with counts multiples of ``multiple`` that stays within the effective filters
     whatever the target (the limit's floors rounded up). When the plan is still slower and a re-plan failed
@@ -138,56 +140,76 @@ def never_slower(model: PrunableModel, coupling: Coupling, plan: Plan, latency: 
     quantized = Int8Form.of_setting(latency.setting)
     batches = sorted({1, batch})
 
-    def timed(m: PrunableModel) -> dict[int, float]:
-        return {b: m.latency_ms(b, runs, threads, quantized=quantized) for b in batches}
+    def timed(m: PrunableModel) -> Timed:
+        return _side_by_side(model, m, batches, runs, threads, quantized)
 
-    before = timed(model)
-
-    def worst(ms: dict[int, float]) -> float:
-        return max(ms[b] / before[b] for b in batches)
-
-    def better(ms: dict[int, float], than: dict[int, float]) -> bool:
-        if (worst(ms) <= 1.0) != (worst(than) <= 1.0):
-            return worst(ms) <= 1.0
-        return ms[batch] < than[batch] if worst(ms) <= 1.0 else worst(ms) < worst(than)
+    def better(ms: Timed, than: Timed) -> bool:
+        if (_worst(ms) <= 1.0) != (_worst(than) <= 1.0):
+            return _worst(ms) <= 1.0
+        return _ratio(ms, batch) < _ratio(than, batch) if _worst(ms) <= 1.0 else _worst(ms) < _worst(than)
 
     best, best_ms = plan, timed(model.pruned(coupling, plan))
     first_ms, measurements, how, seen = best_ms, 2 * len(batches), "", [_counts(plan)]
     over_limit: list[int] = []
     for i, multiple in enumerate(m for m in REPAIR_MULTIPLES if m > round_to):
-        if i > 0 and worst(best_ms) <= 1.0:
+        if i > 0 and _worst(best_ms) <= 1.0:
             break
         other, past_limit = _unseen(replan, multiple, seen)
         if past_limit:
             over_limit.append(multiple)
         if other is None:
             continue
-        if worst(first_ms) <= 1.0 and _overshoots(other, plan):
+        if _worst(first_ms) <= 1.0 and _overshoots(other, plan):
             log.info("re-plan with multiples of %d not measured: it keeps %.3f of the target against the plan's %.3f",
                      multiple, other.meta["target_kept"], plan.meta["target_kept"])
             continue
         seen.append(_counts(other))
         ms = timed(model.pruned(coupling, other))
-        measurements += len(batches)
-        log.info("re-plan with counts multiples of %d: %s (plan %s, original %s)", multiple, _ms_line(ms), _ms_line(first_ms), _ms_line(before))
+        measurements += 2 * len(batches)
+        log.info("re-plan with counts multiples of %d: %s (plan %s)", multiple, _ms_line(ms), _ms_line(first_ms))
         if better(ms, best_ms):
             best, best_ms = other, ms
-            how = (f"re-planned with counts multiples of {multiple}" if worst(first_ms) > 1.0
+            how = (f"re-planned with counts multiples of {multiple}" if _worst(first_ms) > 1.0
                    else f"kept with counts multiples of {multiple}, measured faster than the planned counts")
-    meta: dict[str, object] = {**best.meta, "measured_ms": best_ms[batch], "measured_original_ms": before[batch],
-                               "measured_latency": best_ms[batch] / before[batch], "measurements": measurements,
-                               "measured_at": {str(b): [best_ms[b], before[b]] for b in batches}}
+    pruned_ms, original_ms = best_ms[batch]
+    meta: dict[str, object] = {**best.meta, "measured_ms": pruned_ms, "measured_original_ms": original_ms,
+                               "measured_latency": pruned_ms / original_ms, "measurements": measurements,
+                               "measured_at": {str(b): list(best_ms[b]) for b in batches}}
     if how:
         meta["repaired"] = how
-    if worst(best_ms) > 1.0:
+    if _worst(best_ms) > 1.0:
         meta["measured_slower"] = True
         if within is not None and over_limit:
-            found, spent = _faster_within(within, over_limit, lambda p: timed(model.pruned(coupling, p)), before, seen)
+            found, spent = _faster_within(within, over_limit, lambda p: timed(model.pruned(coupling, p)), seen)
             meta["measurements"] = measurements + spent
             if found is not None:
                 meta["faster_within"] = found
-    log.info("plan measured: %s against %s (predicted %s at batch %d)", _ms_line(best_ms), _ms_line(before), best.meta.get("predicted_ms"), batch)
+    log.info("plan measured: %s (predicted %s at batch %d)", _ms_line(best_ms), best.meta.get("predicted_ms"), batch)
     return dataclasses.replace(best, meta=meta)
+
+
+Timed = dict[int, tuple[float, float]]
+"""``{batch: (ms, original ms)}``: a pruned model and its original timed side by side at each batch."""
+
+
+def _side_by_side(original: PrunableModel, pruned: PrunableModel, batches: list[int], runs: int, threads: int,
+                  quantized: Int8Form | None) -> Timed:
+    """``pruned`` and ``original`` timed side by side at each batch (:func:`graphprune.execution.timing.side_by_side_ms`):
+    their ratio is not skewed by the machine's load changing between two lone timings."""
+    out: Timed = {}
+    for b in batches:
+        original_ms, pruned_ms = timing.side_by_side_ms([original, pruned], b, runs, threads, quantized)
+        out[b] = (pruned_ms, original_ms)
+    return out
+
+
+def _ratio(ms: Timed, batch: int) -> float:
+    return ms[batch][0] / ms[batch][1]
+
+
+def _worst(ms: Timed) -> float:
+    """The largest ratio to the original over the batches (above 1: slower at one of them)."""
+    return max(_ratio(ms, b) for b in ms)
 
 
 def _unseen(replan: Replan, multiple: int, seen: list[dict[int, int]]) -> tuple[Plan | None, bool]:
@@ -201,11 +223,11 @@ def _unseen(replan: Replan, multiple: int, seen: list[dict[int, int]]) -> tuple[
     return (None if _counts(other) in seen else other), False
 
 
-def _faster_within(within: Replan, multiples: list[int], timed: Callable[[Plan], dict[int, float]],
-                   before: dict[int, float], seen: list[dict[int, int]]) -> tuple[dict[str, object] | None, int]:
+def _faster_within(within: Replan, multiples: list[int], timed: Callable[[Plan], Timed],
+                   seen: list[dict[int, int]]) -> tuple[dict[str, object] | None, int]:
     """The first plan ``within(m)`` (counts multiples of m, within the effective filters) measured no slower than
-    the original (``before``) at any batch, as meta (``target_kept``, ``multiple``, ``measured_at``: ``{batch: [ms,
-    original ms]}``); and the measurements spent."""
+    the original at any batch, as meta (``target_kept``, ``multiple``, ``measured_at``: ``{batch: [ms, original
+    ms]}``); and the measurements spent."""
     spent = 0
     for multiple in multiples:
         other, _ = _unseen(within, multiple, seen)
@@ -213,11 +235,11 @@ def _faster_within(within: Replan, multiples: list[int], timed: Callable[[Plan],
             continue
         seen.append(_counts(other))
         ms = timed(other)
-        spent += len(ms)
+        spent += 2 * len(ms)
         log.info("within the effective filters, counts multiples of %d: %s", multiple, _ms_line(ms))
-        if all(ms[b] <= before[b] for b in ms):
+        if _worst(ms) <= 1.0:
             return {"target_kept": other.meta.get("target_kept"), "multiple": multiple,
-                    "measured_at": {str(b): [ms[b], before[b]] for b in sorted(ms)}}, spent
+                    "measured_at": {str(b): list(ms[b]) for b in sorted(ms)}}, spent
     return None, spent
 
 
@@ -229,8 +251,8 @@ def _overshoots(other: Plan, plan: Plan) -> bool:
     return theirs < mine * (1.0 - OVERSHOOT)
 
 
-def _ms_line(ms: dict[int, float]) -> str:
-    return ", ".join(f"{v:.3f} ms at batch {b}" for b, v in sorted(ms.items()))
+def _ms_line(ms: Timed) -> str:
+    return ", ".join(f"{v:.3f} ms against {o:.3f} ms at batch {b}" for b, (v, o) in sorted(ms.items()))
 
 
 def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions, model: PrunableModel,
@@ -309,15 +331,14 @@ def _within_limit(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, c
 
 
 def at_operating_point(model: PrunableModel, coupling: Coupling, plan: Plan, latency: LatencyModel, runs: int) -> LatencyModel:
-    """``latency`` anchored at ``plan`` (a first plan at the target): the plan and the original measured once each at
+    """``latency`` anchored at ``plan`` (a first plan at the target): the plan and the original timed side by side at
     the latency model's batch (:meth:`LatencyModel.anchored`). Unchanged when the plan has no prediction or keeps all."""
     keep = {g: k for g, k in _counts(plan).items() if g in latency.channels}
     if "predicted_ms" not in plan.meta or all(k == latency.channels[g] for g, k in keep.items()):
         return latency
     batch, threads = int(latency.setting["batch"]), int(latency.setting.get("threads", 0))
     quantized = Int8Form.of_setting(latency.setting)
-    original = model.latency_ms(batch, runs, threads, quantized=quantized)
-    pruned = model.pruned(coupling, plan).latency_ms(batch, runs, threads, quantized=quantized)
+    original, pruned = timing.side_by_side_ms([model, model.pruned(coupling, plan)], batch, runs, threads, quantized)
     log.info("latency model anchored at the first plan: measured %.3f of the original, predicted %.3f",
              pruned / original, float(plan.meta["predicted_ms"]) / latency.original_ms)
     return latency.anchored(keep, pruned / original)
