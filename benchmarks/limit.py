@@ -133,7 +133,7 @@ def planned_point(ws: Workspace, red: float, test: Calibration) -> dict[str, Any
     w = RewritePass(RewriteOptions(verify=False))(w).workspace
     w = RepairPass(opts)(w).workspace
     return {"macs_reduction": model_cost(ws.original.graph).macs / model_cost(w.model.graph).macs,
-            "accuracy": w.model.accuracy(test), "excess": w.plan.meta.get("excess"),
+            "accuracy": w.model.accuracy(test), "excess": w.plan.meta.get("excess"), "excess_scores": w.plan.meta.get("excess_scores"),
             "allocation": w.plan.meta.get("allocation"), "allocation_scores": w.plan.meta.get("allocation_scores")}
 
 
