@@ -287,6 +287,11 @@ def test_anchors_correct_the_prediction_at_their_depth_and_stay_monotone() -> No
     # a shallow point measured faster than the deep one raises the deeper saving (noise never makes deeper cuts slower)
     noisy = cal.anchored({0: 12}, 0.6)
     assert noisy.predict({0: 12}) == pytest.approx(1.2) and noisy.predict(point) == pytest.approx(1.2)
+    # a deeper anchor measured slower than the calibration point holds at its depth: the calibration point is
+    # lowered to it (the anchor is the plan's own depth), never the anchor raised
+    shallow_cal = planted_model().calibrated(shallow, 1.8)  # tables -0.2 ms, measured -0.2 (scale 1)
+    slow = shallow_cal.anchored(point, 0.95)  # measured 1.9 ms (-0.1), though the tables put it deeper (-1.2)
+    assert slow.predict(point) == pytest.approx(1.9) and slow.predict(shallow) == pytest.approx(1.9)
     # a point measured slower than the original, or where the tables see no saving, changes nothing
     assert cal.anchored(shallow, 1.1).predict({0: 8}) == pytest.approx(cal.predict({0: 8}))
     assert cal.anchored({}, 0.5).predict(point) == pytest.approx(1.4)
@@ -298,6 +303,28 @@ def test_blocked_point_keeps_whole_blocks_of_channels() -> None:
     assert blocked_point(lm, 16) == {0: 16, 1: 16}  # no smaller multiple tabulated: the group stays whole
     wide = dataclasses.replace(lm, counts={0: (5, 8, 16, 24, 32), 1: (3, 7, 16)}, channels={0: 32, 1: 16})
     assert blocked_point(wide, 8) == {0: 16, 1: 16}  # 0: the largest multiple up to half; 1: none below C
+
+
+def test_the_calibration_point_is_timed_beside_the_original(vgg: tuple[OnnxModel, Coupling], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted side-by-side timing: the pruned point runs at half the original's time in the same rounds, so it is
+    put at half the build's own timing of the original, whatever the load did to that first timing."""
+    from graphprune.execution import timing
+
+    seen: list[int] = []
+
+    def planted(runners, rounds, per_round=1, warmup=2, min_ms=timing.ROUND_MS):  # type: ignore[no-untyped-def]
+        seen.append(len(runners))
+        for r in runners:  # each opens and runs
+            with r() as run:
+                run()
+        return [2.0, 4.0]  # the point, then the original
+
+    monkeypatch.setattr(timing, "interleaved_ms", planted)
+    om, coupling = vgg
+    lm = build_latency_model(om, coupling, fast_options(tmp_path))
+    assert seen and all(n == 2 for n in seen)
+    assert lm.calibration_ms == pytest.approx(0.5 * lm.original_ms)
 
 
 def test_build_calibrates_on_a_measured_whole_model(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:

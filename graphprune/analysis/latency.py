@@ -26,7 +26,9 @@ predict). So a model can carry more measured points (``anchors``, each a plan
 and its measured ratio to the original: the planner adds the first plan it
 makes, measured at its batch): the correction of the tables' sum is then
 piecewise linear in that sum, through zero, the calibration point and the
-anchors (monotone), proportional beyond the deepest.
+anchors (monotone; where the calibration point and an anchor disagree in order,
+the anchor, measured at the plan's own depth, holds), proportional beyond the
+deepest.
 :func:`graphprune.execution.latency_tables.measure_plan_error` checks it.
 
 Example:
@@ -39,6 +41,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -198,25 +201,27 @@ class LatencyModel:
 
     @functools.cached_property
     def _curve(self) -> tuple[tuple[float, float], ...]:
-        """(tables' saving, measured saving) in ms at the calibration point and the anchors, by saving; savings
-        that measure no larger than a shallower point's are raised to it (noise must not make deeper cuts slower)."""
+        """(tables' saving, measured saving) in ms at the anchors and the calibration point, by saving, monotone.
+
+        An anchor that measures no larger a saving than a shallower anchor is raised to it (noise must not make
+        deeper cuts slower). The calibration point then fits between the anchors: its saving is raised to a
+        shallower anchor's and lowered to a deeper anchor's (an anchor is measured at the plan's own depth, beside
+        the original; MobileNetV2 at 224, 3x: a calibration point at 0.29 of the original, the first plan, deeper
+        by the tables, at 0.41)."""
         if not self.anchors:
             return ()
-        points = []
-        if self.scale is not None and self.calibration:
-            x = -self.table_delta(dict(self.calibration))
-            points.append((x, self.scale * x))
+        anchors = []
         for keep, ratio in self.anchors:
             x, y = -self.table_delta(dict(keep)), (1.0 - ratio) * self.original_ms
             if x > 1e-3 * self.original_ms and y > 0:
-                points.append((x, y))
-        out: list[tuple[float, float]] = []
-        for x, y in sorted(points):
-            if out and x - out[-1][0] < 1e-9:
-                out[-1] = (x, max(out[-1][1], y))
-            else:
-                out.append((x, max(y, out[-1][1] if out else 0.0)))
-        return tuple(out)
+                anchors.append((x, y))
+        points = _monotone(sorted(anchors))
+        if self.scale is not None and self.calibration:
+            x = -self.table_delta(dict(self.calibration))
+            low = max((b for a, b in points if a <= x), default=0.0)
+            high = min((b for a, b in points if a >= x), default=math.inf)
+            points = _monotone(sorted([*points, (x, min(max(self.scale * x, low), high))]))
+        return tuple(points)
 
     def anchored(self, keep: Mapping[int, int], measured_ratio: float) -> LatencyModel:
         """A copy with one more measured point: the model pruned to ``keep`` ran at ``measured_ratio`` x the original
@@ -332,3 +337,14 @@ class LatencyModel:
             return cls.from_json(Path(path).read_text())
         except OSError as exc:
             raise BadInputError(f"{path}: cannot read latency model ({exc.strerror})") from None
+
+
+def _monotone(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted (x, y) points with each y raised to the largest y before it; equal x merged (the larger y)."""
+    out: list[tuple[float, float]] = []
+    for x, y in points:
+        if out and x - out[-1][0] < 1e-9:
+            out[-1] = (x, max(out[-1][1], y))
+        else:
+            out.append((x, max(y, out[-1][1] if out else 0.0)))
+    return out

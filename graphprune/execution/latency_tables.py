@@ -14,7 +14,9 @@ second build measures nothing and identical blocks share one table.
 
 The whole model is timed as the median of its runs, like validation, and once
 more pruned at a calibration point (every group at a fast count near half its
-channels): the latency model's ``scale`` is fitted to that measurement, which
+channels), timed beside the original in interleaved rounds so that its ratio to
+the original is not skewed by a load that changed while the tables were built:
+the latency model's ``scale`` is fitted to that measurement, which
 corrects what the isolated probes miss (their run overhead, onnxruntime's
 layout reorders at their borders, min-of-runs timing). Both whole-model
 figures are measured by every build, never read from the cache: the scale
@@ -29,6 +31,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,7 +40,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ from graphprune.analysis.latency import FORMAT, AxisSpec, BuildStats, LatencyMod
 from graphprune.backends.onnx import apply_kept
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, GraphpruneError, short_message
+from graphprune.execution.timing import Runner
 from graphprune.frontends.onnx import OnnxModel
 from graphprune.ir.dtypes import FLOAT_TYPES
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
@@ -384,23 +388,13 @@ class _Meter:
              statistic: str | None = None, probe: bool = True) -> float:
         """Milliseconds of ``model`` (a cut probe unless ``probe`` is False: quantized as a probe, see
         :func:`graphprune.backends.quantize.quantized_for_timing`)."""
-        import onnxruntime as ort
 
         start = time.perf_counter()
         if feeds is None:
             rng = np.random.default_rng(0)
             feeds = {v.name: rng.standard_normal(v.shape.numpy()).astype(v.dtype.numpy())
                      for v in model.graph.inputs if v.name and v.shape is not None and v.dtype is not None}
-        form = self.options.int8
-        if form is not None:
-            from graphprune.backends.quantize import quantized_for_timing, timing_options
-
-            model = quantized_for_timing(model, feeds, timing_options(form), probe=probe)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        if self.options.threads:
-            opts.intra_op_num_threads = self.options.threads
-        session = ort.InferenceSession(model_bytes(model), opts, providers=list(dict.fromkeys([self.provider, "CPUExecutionProvider"])))
+        session = self._session(self._timed_form(model, feeds, probe))
         for _ in range(self.options.warmup):
             session.run(None, dict(feeds))
         times = []
@@ -412,6 +406,46 @@ class _Meter:
         self.measurements += 1
         self.seconds += time.perf_counter() - start
         return ms
+
+    def _timed_form(self, model: ir.Model, feeds: Mapping[str, np.ndarray], probe: bool) -> bytes:
+        """The bytes timed for ``model``: itself, or quantized first when the tables are of the int8 form."""
+        form = self.options.int8
+        if form is not None:
+            from graphprune.backends.quantize import quantized_for_timing, timing_options
+
+            model = quantized_for_timing(model, feeds, timing_options(form), probe=probe)
+        return model_bytes(model)
+
+    def _session(self, blob: bytes) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        if self.options.threads:
+            opts.intra_op_num_threads = self.options.threads
+        return ort.InferenceSession(blob, opts, providers=list(dict.fromkeys([self.provider, "CPUExecutionProvider"])))
+
+    def time_beside(self, reference: ir.Model, model: ir.Model, feeds: Mapping[str, np.ndarray]) -> tuple[float, float]:
+        """Two whole models timed side by side, like the never-slower check (:func:`graphprune.execution.timing.side_by_side_ms`
+        ``model_runs``): (``model`` ms, ``reference`` ms), their ratio not skewed by a load that changed between them."""
+        from graphprune.execution.timing import interleaved_ms, rounds_for
+
+        start = time.perf_counter()
+        blobs = [self._timed_form(m, feeds, probe=False) for m in (model, reference)]
+
+        def runner(blob: bytes) -> Runner:
+            @contextlib.contextmanager
+            def opened() -> Iterator[Callable[[], object]]:
+                session = self._session(blob)
+                yield lambda: session.run(None, dict(feeds))
+
+            return opened
+
+        rounds, per_round = rounds_for(self.options.model_runs)
+        model_ms, reference_ms = interleaved_ms([runner(b) for b in blobs], rounds, per_round)
+        self.model_timings += 2
+        self.seconds += time.perf_counter() - start
+        return model_ms, reference_ms
 
     def time_model(self, model: ir.Model, feeds: Mapping[str, np.ndarray]) -> float:
         """A whole model, timed like validation (counted apart from the table points)."""
@@ -605,8 +639,9 @@ def _calibrate_at(om: OnnxModel, coupling: Coupling, lm: LatencyModel, point: di
         return lm  # the tables see nothing faster: nothing to fit
     key = tuple(point[g] for g in sorted(point))
     if key not in whole:
-        try:
-            whole[key] = meter.time_model(_pruned(om, coupling, point), feeds)
+        try:  # timed beside the original, as a ratio to it, on the scale of the build's own timing of the original
+            point_ms, original_ms = meter.time_beside(om.model, _pruned(om, coupling, point), feeds)
+            whole[key] = whole[()] * point_ms / original_ms
         except Exception as exc:  # noqa: BLE001 - a calibration that cannot run leaves the model uncalibrated, said
             log.warning("latency calibration skipped: %s", short_message(exc))
             return lm
