@@ -388,7 +388,6 @@ class _Meter:
              statistic: str | None = None, probe: bool = True) -> float:
         """Milliseconds of ``model`` (a cut probe unless ``probe`` is False: quantized as a probe, see
         :func:`graphprune.backends.quantize.quantized_for_timing`)."""
-
         start = time.perf_counter()
         if feeds is None:
             rng = np.random.default_rng(0)
@@ -428,7 +427,7 @@ class _Meter:
     def time_beside(self, reference: ir.Model, model: ir.Model, feeds: Mapping[str, np.ndarray]) -> tuple[float, float]:
         """Two whole models timed side by side, like the never-slower check (:func:`graphprune.execution.timing.side_by_side_ms`
         ``model_runs``): (``model`` ms, ``reference`` ms), their ratio not skewed by a load that changed between them."""
-        from graphprune.execution.timing import interleaved_ms, rounds_for
+        from graphprune.execution.timing import interleaved_ms, rounds_for  # looked up at call time (tests plant it)
 
         start = time.perf_counter()
         blobs = [self._timed_form(m, feeds, probe=False) for m in (model, reference)]
