@@ -309,7 +309,7 @@ def test_the_calibration_point_is_timed_beside_the_original(vgg: tuple[OnnxModel
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Planted side-by-side timing: the pruned point runs at half the original's time in the same rounds, so it is
     put at half the build's own timing of the original, whatever the load did to that first timing."""
-    from graphprune.execution import timing
+    from graphprune.execution import latency_tables, timing
 
     seen: list[int] = []
 
@@ -320,7 +320,7 @@ def test_the_calibration_point_is_timed_beside_the_original(vgg: tuple[OnnxModel
                 run()
         return [2.0, 4.0]  # the point, then the original
 
-    monkeypatch.setattr(timing, "interleaved_ms", planted)
+    monkeypatch.setattr(latency_tables, "interleaved_ms", planted)
     om, coupling = vgg
     lm = build_latency_model(om, coupling, fast_options(tmp_path))
     assert seen and all(n == 2 for n in seen)

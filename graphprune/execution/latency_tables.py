@@ -51,7 +51,7 @@ from graphprune.analysis.latency import FORMAT, AxisSpec, BuildStats, LatencyMod
 from graphprune.backends.onnx import apply_kept
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, GraphpruneError, short_message
-from graphprune.execution.timing import Runner
+from graphprune.execution.timing import Runner, interleaved_ms, rounds_for
 from graphprune.frontends.onnx import OnnxModel
 from graphprune.ir.dtypes import FLOAT_TYPES
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
@@ -427,8 +427,6 @@ class _Meter:
     def time_beside(self, reference: ir.Model, model: ir.Model, feeds: Mapping[str, np.ndarray]) -> tuple[float, float]:
         """Two whole models timed side by side, like the never-slower check (:func:`graphprune.execution.timing.side_by_side_ms`
         ``model_runs``): (``model`` ms, ``reference`` ms), their ratio not skewed by a load that changed between them."""
-        from graphprune.execution.timing import interleaved_ms, rounds_for  # looked up at call time (tests plant it)
-
         start = time.perf_counter()
         blobs = [self._timed_form(m, feeds, probe=False) for m in (model, reference)]
 
