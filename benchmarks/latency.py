@@ -33,14 +33,14 @@ Needs: pip install torch==2.13.0 "torch-pruning==1.6.*" onnxsim==0.8.1
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import functools
 import json
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from torch import nn
 from graphprune import models
 from graphprune.analysis.cost import model_cost
 from graphprune.backends.onnx_model import OnnxPrunable
-from graphprune.execution.timing import ROUND_MS, Runner, interleaved_ms
+from graphprune.execution.timing import ROUND_MS, Runner, interleaved_ms, session_runner
 from graphprune.frontends.data import Calibration
 from graphprune.frontends.onnx import load_onnx
 from graphprune.ir.onnx import model_bytes
@@ -218,19 +218,18 @@ def onnxsim_variant(blob: bytes, red: float, base_macs: int, steps: int) -> tupl
 # --- measurement ----------------------------------------------------------------------------------------------------
 
 
+def _cpu_session(blob: bytes, threads: int) -> ort.InferenceSession:
+    """``blob`` on onnxruntime's CPU provider with ``threads`` intra-op threads."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 4
+    return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+
+
 def _cpu_runner(blob: bytes, x: np.ndarray, threads: int) -> Runner:
-    """Opens ``blob`` on onnxruntime's CPU provider with ``threads`` intra-op threads, yielding one run on ``x``."""
-
-    @contextlib.contextmanager
-    def opened() -> Iterator[Callable[[], object]]:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 4
-        session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
-        feeds = {session.get_inputs()[0].name: x}
-        yield lambda: session.run(None, feeds)
-
-    return opened
+    """A runner of ``blob`` on the CPU provider, each run on ``x`` (its first input)."""
+    name = onnx.ModelProto.FromString(blob).graph.input[0].name
+    return session_runner(functools.partial(_cpu_session, blob, threads), {name: x})
 
 
 def interleaved(blobs: dict[str, bytes], shape: tuple[int, ...], batch: int, runs: int, threads: int,

@@ -271,6 +271,25 @@ def test_calibration_fits_the_scale_to_the_measured_point() -> None:
     assert lm.calibrated(point, 2.0 - 1000).predict(point) == pytest.approx(0.1)
 
 
+def test_blocked_plans_read_the_blocked_calibration() -> None:
+    """Counts off the channel blocking save less in the whole model than their tables say, blocked ones about what
+    they say (ResNet-50 at 224): a plan whose counts keep the blocking is read on the blocked point's curve."""
+    cal = planted_model().calibrated({0: 12, 1: 12}, 1.9)  # tables -0.2 ms, measured -0.1: scale 0.5
+    assert cal.predict({0: 8}) == pytest.approx(2.0 - 0.5 * 0.6)  # no blocked point: one scale for every plan
+    lm = cal.with_blocked({0: 8, 1: 8}, 1.0, 8)  # tables -1.2 ms, measured -1.0
+    assert lm.is_blocked({0: 8, 1: 16}) and not lm.is_blocked({0: 12, 1: 8}) and lm.is_blocked({})
+    assert lm.predict({0: 8, 1: 8}) == pytest.approx(1.0)
+    assert lm.predict({0: 8}) == pytest.approx(2.0 - 0.6 / 1.2)
+    assert lm.predict({0: 12, 1: 8}) == pytest.approx(2.0 - 0.5 * 0.7), "a count off the blocking: the first calibration"
+    assert lm.predict({0: 12}) == pytest.approx(1.95)
+    anchored = lm.anchored({0: 8}, 0.7)  # a blocked plan measured at all of its tables' saving
+    assert anchored.predict({0: 8}) == pytest.approx(1.4)
+    assert anchored.predict({0: 8, 1: 8}) == pytest.approx(1.0)
+    assert anchored.predict({0: 12, 1: 8}) == pytest.approx(lm.predict({0: 12, 1: 8})), "blocked anchors stay on their curve"
+    assert LatencyModel.from_json(anchored.to_json()) == anchored
+    assert dataclasses.replace(lm, block=0).predict({0: 8}) == pytest.approx(cal.predict({0: 8}))
+
+
 def test_anchors_correct_the_prediction_at_their_depth_and_stay_monotone() -> None:
     """Deep cuts measured at half the tables' saving, shallow ones at all of it: one scale cannot hold both."""
     point = {0: 8, 1: 8}
@@ -325,6 +344,8 @@ def test_the_calibration_point_is_timed_beside_the_original(vgg: tuple[OnnxModel
     lm = build_latency_model(om, coupling, fast_options(tmp_path))
     assert seen and all(n == 2 for n in seen)
     assert lm.calibration_ms == pytest.approx(0.5 * lm.original_ms)
+    assert lm.block == 8 and dict(lm.blocked) == blocked_point(dataclasses.replace(lm, scale=None), 16)
+    assert lm.blocked_ms == pytest.approx(0.5 * lm.original_ms)  # timed beside the original too
 
 
 def test_build_calibrates_on_a_measured_whole_model(vgg: tuple[OnnxModel, Coupling], tmp_path: Path) -> None:

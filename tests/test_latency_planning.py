@@ -267,6 +267,22 @@ def test_slower_line_wording():
     assert v.prediction_error == pytest.approx(0.1)  # 1.65 against the fp32 pruned 1.5
 
 
+def test_prediction_error_with_the_machines_change_of_speed_cancelled():
+    from graphprune.report.prune import prediction_change
+
+    # profiled: original 4.0 ms, plan predicted 2.2 (0.55); validated on a machine 1.25x slower: 5.0 and 2.5 (0.5)
+    v = Validation("CPUExecutionProvider", Figures(1, 1, 1.0, None, 5.0), Figures(1, 1, 0.5, None, 2.5), 4, 2.2,
+                   predicted_original_ms=4.0)
+    assert v.prediction_error == pytest.approx(-0.12)
+    assert v.relative_prediction_error == pytest.approx(0.1)
+    assert prediction_change(v) == "-12.0% error (+10.0% as a fraction of the original)"
+    assert Validation("CPUExecutionProvider", v.before, v.after, 4, 2.2).relative_prediction_error is None
+    # after a quantize pass a float prediction is of the fp32 pruned model, against the fp32 original
+    q = Validation("CPUExecutionProvider", Figures(1, 1, 1.0, None, 4.0), Figures(1, 1, 0.9, None, 3.3), 4, 1.65,
+                   Figures(1, 1, 0.5, None, 1.5), Figures(1, 1, 0.8, None, 3.0), True, 3.0)
+    assert q.relative_prediction_error == pytest.approx((0.55 - 0.375) / 0.375)
+
+
 def test_prune_cli_reports_both_batches_and_the_prediction(exported, tmp_path, capsys):
     data = _npz(tmp_path / "cal.npz")
     out = tmp_path / "small.onnx"
@@ -278,7 +294,7 @@ def test_prune_cli_reports_both_batches_and_the_prediction(exported, tmp_path, c
     report = json.loads((tmp_path / "small.report.json").read_text())
     f = report["figures"]
     assert f["latency_batch"] == 2
-    for key in ("speedup_batch_1", "speedup_batch_2", "predicted_ms", "prediction_error"):
+    for key in ("speedup_batch_1", "speedup_batch_2", "predicted_ms", "prediction_error", "relative_prediction_error"):
         assert math.isfinite(f[key])
     assert f["latency_model"]["setting"]["batch"] == 2 and f["latency_model"]["setting"]["threads"] == 1
     assert f["latency_model"]["stats"]["measurements"] + f["latency_model"]["stats"]["cache_hits"] > 0

@@ -18,7 +18,11 @@ channels), timed beside the original in interleaved rounds so that its ratio to
 the original is not skewed by a load that changed while the tables were built:
 the latency model's ``scale`` is fitted to that measurement, which
 corrects what the isolated probes miss (their run overhead, onnxruntime's
-layout reorders at their borders, min-of-runs timing). Both whole-model
+layout reorders at their borders, min-of-runs timing). A second point, every
+group at a multiple of the largest probed multiple, is timed the same way and
+calibrates the plans whose counts keep onnxruntime's channel blocking: the
+whole model reorders its layout around an op whose count breaks it, which an
+isolated probe does not show. Both whole-model
 figures are measured by every build, never read from the cache: the scale
 fitted to them then also absorbs any change of the machine's load or clocks
 since the cached tables were measured (a whole-model figure cached under
@@ -31,8 +35,8 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -40,7 +44,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +55,7 @@ from graphprune.analysis.latency import FORMAT, AxisSpec, BuildStats, LatencyMod
 from graphprune.backends.onnx import apply_kept
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, GraphpruneError, short_message
-from graphprune.execution.timing import Runner, interleaved_ms, rounds_for
+from graphprune.execution.timing import interleaved_ms, rounds_for, session_runner
 from graphprune.frontends.onnx import OnnxModel
 from graphprune.ir.dtypes import FLOAT_TYPES
 from graphprune.ir.graph import Axis, ChannelGraph, OpNode
@@ -430,16 +434,9 @@ class _Meter:
         start = time.perf_counter()
         blobs = [self._timed_form(m, feeds, probe=False) for m in (model, reference)]
 
-        def runner(blob: bytes) -> Runner:
-            @contextlib.contextmanager
-            def opened() -> Iterator[Callable[[], object]]:
-                session = self._session(blob)
-                yield lambda: session.run(None, dict(feeds))
-
-            return opened
-
         rounds, per_round = rounds_for(self.options.model_runs)
-        model_ms, reference_ms = interleaved_ms([runner(b) for b in blobs], rounds, per_round)
+        runners = [session_runner(functools.partial(self._session, b), feeds) for b in blobs]
+        model_ms, reference_ms = interleaved_ms(runners, rounds, per_round)
         self.model_timings += 2
         self.seconds += time.perf_counter() - start
         return model_ms, reference_ms
@@ -621,12 +618,36 @@ def _calibrate(om: OnnxModel, coupling: Coupling, lm: LatencyModel, whole: dict[
                feeds: Mapping[str, np.ndarray]) -> LatencyModel:
     """Fit ``lm``'s scale to one whole-model measurement at :func:`calibration_point`; when that point
     measures no faster than the tables say (isolated probes favour counts that break the channel blocking), to
-    one at :func:`blocked_point` of the largest probed multiple."""
+    one at :func:`blocked_point` of the largest probed multiple. That blocked point is measured either way and
+    calibrates the plans whose counts keep the blocking (multiples of the smallest probed multiple; see
+    :meth:`LatencyModel.corrected`)."""
+    blocked = blocked_point(lm, max(meter.options.multiples))
     fitted = _calibrate_at(om, coupling, lm, calibration_point(lm), whole, meter, feeds)
-    if fitted.scale is not None or fitted.calibration_ms is None:
+    if fitted.scale is None and fitted.calibration_ms is not None:
+        second = _calibrate_at(om, coupling, lm, blocked, whole, meter, feeds)
+        fitted = second if second.scale is not None else fitted
+    if all(k == lm.channels[g] for g, k in blocked.items()):
         return fitted
-    second = _calibrate_at(om, coupling, lm, blocked_point(lm, max(meter.options.multiples)), whole, meter, feeds)
-    return second if second.scale is not None else fitted
+    ms = _measured(om, coupling, blocked, whole, meter, feeds)
+    return fitted if ms is None else fitted.with_blocked(blocked, ms, min(meter.options.multiples))
+
+
+def _key(point: Mapping[int, int]) -> tuple[int, ...]:
+    return tuple(point[g] for g in sorted(point))
+
+
+def _measured(om: OnnxModel, coupling: Coupling, point: dict[int, int], whole: dict[tuple[int, ...], float], meter: _Meter,
+              feeds: Mapping[str, np.ndarray]) -> float | None:
+    """The whole model pruned at ``point``, timed beside the original once per build (None when it cannot run)."""
+    key = _key(point)
+    if key not in whole:
+        try:  # timed beside the original, as a ratio to it, on the scale of the build's own timing of the original
+            point_ms, original_ms = meter.time_beside(om.model, _pruned(om, coupling, point), feeds)
+            whole[key] = whole[()] * point_ms / original_ms
+        except Exception as exc:  # noqa: BLE001 - a calibration that cannot run leaves the model uncalibrated, said
+            log.warning("latency calibration skipped: %s", short_message(exc))
+            return None
+    return whole[key]
 
 
 def _calibrate_at(om: OnnxModel, coupling: Coupling, lm: LatencyModel, point: dict[int, int], whole: dict[tuple[int, ...], float],
@@ -634,15 +655,8 @@ def _calibrate_at(om: OnnxModel, coupling: Coupling, lm: LatencyModel, point: di
     """``lm`` fitted to one whole-model measurement at ``point`` (measured once per build)."""
     if all(k == lm.channels[g] for g, k in point.items()):
         return lm  # the tables see nothing faster: nothing to fit
-    key = tuple(point[g] for g in sorted(point))
-    if key not in whole:
-        try:  # timed beside the original, as a ratio to it, on the scale of the build's own timing of the original
-            point_ms, original_ms = meter.time_beside(om.model, _pruned(om, coupling, point), feeds)
-            whole[key] = whole[()] * point_ms / original_ms
-        except Exception as exc:  # noqa: BLE001 - a calibration that cannot run leaves the model uncalibrated, said
-            log.warning("latency calibration skipped: %s", short_message(exc))
-            return lm
-    return lm.calibrated(point, whole[key])
+    ms = _measured(om, coupling, point, whole, meter, feeds)
+    return lm if ms is None else lm.calibrated(point, ms)
 
 
 def measure_plan_error(om: OnnxModel, coupling: Coupling, latency: LatencyModel, keep: Mapping[int, int],

@@ -16,18 +16,20 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from graphprune.ir.model import Int8Form, PrunableModel
 
-__all__ = ["MAX_ROUNDS", "MAX_RUNS", "MIN_TIMED_MS", "ROUND_MS", "Runner", "interleaved_ms", "median_ms", "rounds_for", "side_by_side_ms", "warmed_up"]
+__all__ = ["MAX_ROUNDS", "MAX_RUNS", "MIN_TIMED_MS", "ROUND_MS", "Runner", "interleaved_ms", "median_ms", "rounds_for", "session_runner", "side_by_side_ms",
+           "warmed_up"]
 
 MIN_TIMED_MS = 20.0
 """A lone timing warms up and times for at least this long: a 0.1 ms model is timed on ~200 runs, not ``runs``
@@ -40,6 +42,18 @@ MAX_ROUNDS = 5
 
 Runner = Callable[[], AbstractContextManager[Callable[[], object]]]
 """Opens a model ready to run (an onnxruntime session, a torch module in eval mode) and yields one forward pass."""
+
+
+def session_runner(open_session: Callable[[], Any], feeds: Mapping[str, Any]) -> Runner:
+    """A :data:`Runner` of an onnxruntime session: ``open_session()`` makes it for its turn, each run feeds ``feeds``,
+    and the session is dropped when the turn ends (one alive at a time)."""
+
+    @contextlib.contextmanager
+    def opened() -> Iterator[Callable[[], object]]:
+        session = open_session()
+        yield lambda: session.run(None, dict(feeds))
+
+    return opened
 
 
 def warmed_up(run: Callable[[], object], warmup: int, runs: int, min_ms: float) -> int:

@@ -804,7 +804,8 @@ class ValidatePass(Pass):
         before, after = figures[:2]
         fp32_pruned, int8_original = figures[2:] if ws.quantized is not None else (None, None)
         of_fp32 = ws.quantized is not None and lm is not None and not lm.setting.get("quantized")
-        ws.validation = Validation(ws.model.runtime, before, after, batch, predicted, fp32_pruned, int8_original, of_fp32)
+        ws.validation = Validation(ws.model.runtime, before, after, batch, predicted, fp32_pruned, int8_original, of_fp32,
+                                   lm.original_ms if predicted is not None and lm is not None else None)
         line = slower_line(ws.validation, ws.plan.meta if ws.plan is not None else {}, lm is not None)
         if line is not None:
             log.warning("%s", line)

@@ -85,15 +85,32 @@ class Validation:
     """After a quantize pass: the original quantized with the same calibration."""
     predicted_fp32: bool = False
     """The prediction is of the fp32 pruned model (a float latency model before a quantize pass), not of ``after``."""
+    predicted_original_ms: float | None = None
+    """The latency model's own timing of the original at ``batch``: the scale the prediction was made on."""
+
+    def _measured(self, figures: Figures) -> float | None:
+        return figures.latency_batch_ms if self.batch > 1 else figures.latency_ms
 
     @property
     def prediction_error(self) -> float | None:
         """(predicted - measured) / measured at the latency batch, when both are known."""
         of = self.fp32_pruned if self.predicted_fp32 and self.fp32_pruned is not None else self.after
-        measured = of.latency_batch_ms if self.batch > 1 else of.latency_ms
+        measured = self._measured(of)
         if self.predicted_ms is None or not measured:
             return None
         return (self.predicted_ms - measured) / measured
+
+    @property
+    def relative_prediction_error(self) -> float | None:
+        """The prediction as a fraction of the latency model's original against the measured fraction of the original
+        timed beside it, (predicted - measured) / measured: what is left of :attr:`prediction_error` once the
+        machine's change of speed between profiling and validating cancels (None when not known)."""
+        of = self.fp32_pruned if self.predicted_fp32 and self.fp32_pruned is not None else self.after
+        measured, original = self._measured(of), self._measured(self.before)
+        if self.predicted_ms is None or not self.predicted_original_ms or not measured or not original:
+            return None
+        fraction = measured / original
+        return (self.predicted_ms / self.predicted_original_ms - fraction) / fraction
 
 
 @dataclasses.dataclass(frozen=True)

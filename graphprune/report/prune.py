@@ -17,10 +17,23 @@ from graphprune.report.plots import figure_png, fmt_count, plot_spectra, pyplot
 
 if TYPE_CHECKING:
     from graphprune.execution.measure import Figures
-    from graphprune.pipeline.workspace import Workspace
+    from graphprune.pipeline.workspace import Validation, Workspace
 
-__all__ = ["DEPLOY_COLUMNS", "ReportOptions", "before_after_rows", "deploy_json", "deploy_rows", "figures_json", "group_rows", "prune_figures_table", "report_json", "speed_change",
-           "write_prune_html", "write_reports"]
+__all__ = [
+    "DEPLOY_COLUMNS",
+    "ReportOptions",
+    "before_after_rows",
+    "deploy_json",
+    "deploy_rows",
+    "figures_json",
+    "group_rows",
+    "prediction_change",
+    "prune_figures_table",
+    "report_json",
+    "speed_change",
+    "write_prune_html",
+    "write_reports",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +51,15 @@ def speed_change(before_ms: float, after_ms: float) -> str:
     """'1.30x faster' or '1.15x slower' (never '0.87x faster')."""
     ratio = before_ms / after_ms
     return f"{ratio:.2f}x faster" if ratio >= 1.0 else f"{1.0 / ratio:.2f}x slower"
+
+
+def prediction_change(v: Validation) -> str:
+    """'+15.1% error (+3.2% as a fraction of the original)': in ms, then with the machine's change of speed since
+    profiling cancelled (the original timed beside the pruned model against the latency model's own timing)."""
+    assert v.prediction_error is not None
+    out = f"{100 * v.prediction_error:+.1f}% error"
+    rel = v.relative_prediction_error
+    return out if rel is None else f"{out} ({100 * rel:+.1f}% as a fraction of the original)"
 
 
 def before_after_rows(ws: Workspace) -> list[tuple[str, str, str, str]]:
@@ -58,7 +80,7 @@ def before_after_rows(ws: Workspace) -> list[tuple[str, str, str, str]]:
                          speed_change(b.latency_batch_ms, a.latency_batch_ms)))
         if v.prediction_error is not None and v.predicted_ms is not None:
             rows.append((f"latency predicted / measured, batch {v.batch}", f"{v.predicted_ms:.3f} ms",
-                         f"{v.predicted_ms / (1 + v.prediction_error):.3f} ms", f"{100 * v.prediction_error:+.1f}% error"))
+                         f"{v.predicted_ms / (1 + v.prediction_error):.3f} ms", prediction_change(v)))
     if ws.latency is not None:
         st = ws.latency.stats
         rows.append(("latency model build", "", f"{st.measurements} measured, {st.cache_hits} cached", f"{st.seconds:.1f} s"))
@@ -189,7 +211,8 @@ def figures_json(ws: Workspace) -> dict[str, Any]:
             if b and a:
                 out[f"speedup_batch_{batch}"] = b / a
         if v.predicted_ms is not None:
-            out.update(predicted_ms=v.predicted_ms, prediction_error=v.prediction_error)
+            out.update(predicted_ms=v.predicted_ms, prediction_error=v.prediction_error,
+                       relative_prediction_error=v.relative_prediction_error)
     if ws.latency is not None:
         out["latency_model"] = {"setting": dict(ws.latency.setting), "stats": dataclasses.asdict(ws.latency.stats),
                                 "tables": len(ws.latency.tables), "left_out": len(ws.latency.left_out),
