@@ -452,6 +452,40 @@ def test_the_first_plan_is_measured_and_anchors_the_latency_model_before_the_pla
     assert plan.meta["predicted_ms"] == pytest.approx(anchored.predict({g.group: len(g.keep) for g in plan.groups}))
 
 
+def test_the_first_plans_blocked_re_plan_anchors_the_blocked_plans_curve(profiled):
+    """Planted: counts that are all multiples of 8 run at 0.5 of the original, others at 0.7. The first plan (counts
+    multiples of 3) anchors its curve; its re-plan with multiples of 8, which the check measures too, anchors the
+    blocked plans' curve; the kept plan is predicted on the curve of its kind."""
+    from graphprune.planning.targets import _blocked_first
+
+    lm, graph, coupling = profiled.latency, profiled.original.graph, profiled.groups()
+    assert lm.block == 8
+
+    def counts(plan):
+        return {g.group: len(g.keep) for g in plan.groups}
+
+    def options(round_to):
+        return PlanOptions(macs=0.6, allow_over_limit=True, round_to=round_to)
+
+    first = make_plan(graph, coupling, options(3), profiled.analysis, lm)
+    assert not lm.is_blocked(counts(first)), "multiples of 3 that are all multiples of 8: the test needs another rounding"
+    plan, calls = _measured_plan(profiled, lambda c: 0.5 if lm.is_blocked(c) else 0.7, round_to=3)
+    once = lm.anchored(counts(first), 0.7)
+    blocked = make_plan(graph, coupling, options(8), profiled.analysis, once)
+    assert calls[3][2] == counts(blocked), "the original and the first plan, then the original and its blocked re-plan"
+    assert plan.meta["anchor_measured"] == pytest.approx(0.7) and plan.meta["blocked_anchor_measured"] == pytest.approx(0.5)
+    assert plan.meta["blocked_anchor_predicted"] == pytest.approx(blocked.meta["predicted_ms"] / lm.original_ms)
+    assert plan.meta["measurements"] == len(calls)
+    assert plan.meta["repaired"] == "kept with counts multiples of 8, measured faster than the planned counts"
+    twice = once.anchored(counts(blocked), 0.5)
+    assert plan.meta["predicted_ms"] == pytest.approx(twice.predict(counts(plan)))
+    # no blocked anchor: a model that does not tell blocked plans apart, or a first plan whose counts keep the blocking
+    replan = lambda m: make_plan(graph, coupling, options(m), profiled.analysis, once)  # noqa: E731
+    assert _blocked_first(replan, first, once, 3) is not None
+    assert _blocked_first(replan, first, dataclasses.replace(once, block=0), 3) is None
+    assert _blocked_first(replan, blocked, once, 1) is None
+
+
 def test_a_latency_model_of_the_int8_model_times_the_check_quantized(profiled):
     plan, calls = _measured_plan(profiled, lambda counts: 0.5, {"quantized": "int8 QDQ", "int8": {"activations": "int8", "reduce_range": False}})
     assert calls and all(q == Int8Form("int8", False) for *_, q in calls) and plan.meta["measured_ms"] == 0.5

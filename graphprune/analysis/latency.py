@@ -28,7 +28,11 @@ makes, measured at its batch): the correction of the tables' sum is then
 piecewise linear in that sum, through zero, the calibration point and the
 anchors (monotone; where the calibration point and an anchor disagree in order,
 the anchor, measured at the plan's own depth, holds), proportional beyond the
-deepest.
+deepest. Nor does one correction hold for every count: in the whole model an op
+whose count breaks onnxruntime's channel blocking pays layout reorders its probe
+does not show. So a model may carry a second calibration point with every count
+a multiple of ``block`` (``blocked``): plans whose counts are all such multiples
+read their own curve, through it and the anchors of their kind.
 :func:`graphprune.execution.latency_tables.measure_plan_error` checks it.
 
 Example:

@@ -308,12 +308,35 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
         anchor: dict[str, object] = {}
         if anchored is not latency:
             latency = anchored  # the re-plans read the anchored model (the closures above see this name)
-            plan, anchor = replan(options.round_to), _first_plan_meta(first, latency)
+            anchor = _first_plan_meta(first, latency, "anchor")
+            blocked = _blocked_first(replan, first, latency, options.round_to)
+            twice = None if blocked is None else at_operating_point(model, coupling, blocked, latency, options.latency_runs)
+            if blocked is not None and twice is not None and twice is not latency:
+                latency = twice  # the check measures this re-plan too: it anchors the blocked plans' curve
+                anchor.update(_first_plan_meta(blocked, latency, "blocked_anchor"), measurements=2)
+            plan = replan(options.round_to)
         plan = never_slower(model, coupling, plan, latency, replan, options.latency_runs, options.round_to, within)
         if anchor:
-            measurements = int(str(plan.meta["measurements"])) + 2
+            measurements = int(str(plan.meta["measurements"])) + 2 + int(str(anchor.pop("measurements", 0)))
             plan = dataclasses.replace(plan, meta={**plan.meta, **anchor, "measurements": measurements})
     return plan, described
+
+
+def _blocked_first(replan: Replan, first: Plan, latency: LatencyModel, round_to: int) -> Plan | None:
+    """The first plan's re-plan with counts multiples of the first of :data:`REPAIR_MULTIPLES` above ``round_to``,
+    when the latency model tells blocked plans apart (:meth:`LatencyModel.is_blocked`), the first plan's counts break
+    the blocking and the re-plan's keep it, and :func:`never_slower` would measure it (it does not overshoot the
+    target while the first plan measured faster). None otherwise."""
+    multiple = next((m for m in REPAIR_MULTIPLES if m > round_to), 0)
+    keep = {g: k for g, k in _counts(first).items() if g in latency.channels}
+    if not multiple or latency.block <= 0 or latency.is_blocked(keep):
+        return None
+    other, _ = _unseen(replan, multiple, [_counts(first)])
+    if other is None or not latency.is_blocked({g: k for g, k in _counts(other).items() if g in latency.channels}):
+        return None
+    if latency.anchors and latency.anchors[-1][1] <= 1.0 and _overshoots(other, first):
+        return None
+    return other
 
 
 def _within_limit(graph: ChannelGraph, coupling: Coupling, analysis: Analysis, criterion: str, kind: str) -> Replan:
@@ -344,7 +367,8 @@ def at_operating_point(model: PrunableModel, coupling: Coupling, plan: Plan, lat
     return latency.anchored(keep, pruned / original)
 
 
-def _first_plan_meta(first: Plan, latency: LatencyModel) -> dict[str, object]:
-    """What the plan's meta says about the anchor: the first plan's prediction and measurement (as ratios)."""
+def _first_plan_meta(first: Plan, latency: LatencyModel, name: str) -> dict[str, object]:
+    """What the plan's meta says about an anchor (``name``: ``anchor`` for the first plan, ``blocked_anchor`` for
+    its blocked re-plan): the plan's prediction before it and its measurement, as ratios to the original."""
     _, ratio = latency.anchors[-1]
-    return {"anchor_predicted": float(first.meta["predicted_ms"]) / latency.original_ms, "anchor_measured": ratio}
+    return {f"{name}_predicted": float(first.meta["predicted_ms"]) / latency.original_ms, f"{name}_measured": ratio}
