@@ -155,7 +155,8 @@ def graphprune_variant(ws: Workspace, red: float, variant: str, args: argparse.N
     out = RewritePass(RewriteOptions(verify=False))(out).workspace
     assert out.plan is not None
     meta = {k: out.plan.meta[k] for k in ("predicted_ms", "measured_ms", "measured_original_ms", "repaired", "measured_slower",
-                                          "measurements", "anchor_predicted", "anchor_measured") if k in out.plan.meta}
+                                          "measurements", "anchor_predicted", "anchor_measured", "blocked_anchor_predicted",
+                                          "blocked_anchor_measured") if k in out.plan.meta}
     return model_bytes(out.model.om.model), {"plan_s": plan_s, **meta}  # type: ignore[attr-defined]
 
 

@@ -262,8 +262,10 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
     With a latency model, level 1 prices by predicted ms, counts snap to fast ones, a latency target is
     planned in one pass, and the plan is measured once against the original and repaired when it is slower
     (:func:`never_slower`). When measuring is allowed (``latency_runs``), the first plan is measured first and
-    anchors the latency model at its depth (:func:`at_operating_point`); the plan kept is made again with it.
-    Its meta says the first plan's predicted and measured ratios (``anchor_predicted``, ``anchor_measured``).
+    anchors the latency model at its depth (:func:`at_operating_point`), and so does its re-plan with counts
+    multiples of 8 when the first plan's counts break the channel blocking (:func:`_blocked_first`: the blocked plans'
+    curve, :meth:`LatencyModel.corrected`); the plan kept is made again with them. Its meta says the first plan's
+    predicted and measured ratios (``anchor_predicted``, ``anchor_measured``; ``blocked_anchor_*`` for the re-plan).
 
     Raises:
         BadInputError: No target without a hierarchical analysis, or bad options.
