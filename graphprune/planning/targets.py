@@ -308,18 +308,20 @@ def plan_for(coupling: Coupling, analysis: Analysis | None, options: PlanOptions
     if latency is not None and options.latency_runs > 0:
         first, anchored = plan, at_operating_point(model, coupling, plan, latency, options.latency_runs)
         anchor: dict[str, object] = {}
+        anchor_timings = 2
         if anchored is not latency:
             latency = anchored  # the re-plans read the anchored model (the closures above see this name)
             anchor = _first_plan_meta(first, latency, "anchor")
             blocked = _blocked_first(replan, first, latency, options.round_to)
-            twice = None if blocked is None else at_operating_point(model, coupling, blocked, latency, options.latency_runs)
-            if blocked is not None and twice is not None and twice is not latency:
-                latency = twice  # the check measures this re-plan too: it anchors the blocked plans' curve
-                anchor.update(_first_plan_meta(blocked, latency, "blocked_anchor"), measurements=2)
+            if blocked is not None:  # the check measures this re-plan too: it anchors the blocked plans' curve
+                twice = at_operating_point(model, coupling, blocked, latency, options.latency_runs)
+                if twice is not latency:
+                    latency, anchor_timings = twice, 4
+                    anchor.update(_first_plan_meta(blocked, latency, "blocked_anchor"))
             plan = replan(options.round_to)
         plan = never_slower(model, coupling, plan, latency, replan, options.latency_runs, options.round_to, within)
         if anchor:
-            measurements = int(str(plan.meta["measurements"])) + 2 + int(str(anchor.pop("measurements", 0)))
+            measurements = int(str(plan.meta["measurements"])) + anchor_timings
             plan = dataclasses.replace(plan, meta={**plan.meta, **anchor, "measurements": measurements})
     return plan, described
 
