@@ -270,6 +270,11 @@ def test_slower_line_wording():
 def test_prediction_error_with_the_machines_change_of_speed_cancelled():
     from graphprune.report.prune import prediction_change
 
+    # the plan pass's line: profiled on a slower machine (0.494 ms), checked at 0.34 ms
+    meta = {"measured_ms": 0.25, "measured_original_ms": 0.34, "predicted_ms": 0.366, "original_predicted_ms": 0.494}
+    assert "predicted 0.366 ms (+46.4% error; +0.8% as a fraction of the original)" in measured_line(meta, 1)
+    assert "predicted 0.366 ms (+46.4% error)" in measured_line({**meta, "original_predicted_ms": None}, 1)
+
     # profiled: original 4.0 ms, plan predicted 2.2 (0.55); validated on a machine 1.25x slower: 5.0 and 2.5 (0.5)
     v = Validation("CPUExecutionProvider", Figures(1, 1, 1.0, None, 5.0), Figures(1, 1, 0.5, None, 2.5), 4, 2.2,
                    predicted_original_ms=4.0)

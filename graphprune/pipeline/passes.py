@@ -359,7 +359,12 @@ def measured_line(meta: Mapping[str, Any], batch: int) -> str:
         if b != batch:
             line += f", at batch {b}: {at:.3f} ms against {orig:.3f} ms ({speed_change(orig, at)})"
     if "predicted_ms" in meta:
-        line += f", predicted {meta['predicted_ms']:.3f} ms ({100 * (float(meta['predicted_ms']) - ms) / ms:+.1f}% error)"
+        predicted = float(meta["predicted_ms"])
+        line += f", predicted {predicted:.3f} ms ({100 * (predicted - ms) / ms:+.1f}% error"
+        if meta.get("original_predicted_ms"):  # the same as fractions of each one's original: a load change cancels
+            fraction = ms / before
+            line += f"; {100 * (predicted / float(meta['original_predicted_ms']) - fraction) / fraction:+.1f}% as a fraction of the original"
+        line += ")"
     if meta.get("repaired"):
         line += f"; {meta['repaired']}"
     if meta.get("measured_slower"):
