@@ -267,6 +267,19 @@ def test_slower_line_wording():
     assert v.prediction_error == pytest.approx(0.1)  # 1.65 against the fp32 pruned 1.5
 
 
+def test_validation_reads_the_plans_own_prediction(profiled):
+    """A plan made on the latency model keeps the prediction the anchors gave it; a plan from elsewhere is predicted."""
+    from graphprune.pipeline.passes import plan_prediction
+
+    lm = profiled.latency
+    plan = make_plan(profiled.original.graph, profiled.groups(), PlanOptions(macs=0.6, allow_over_limit=True), profiled.analysis, lm)
+    counts = {g.group: len(g.keep) for g in plan.groups if g.group in lm.channels}
+    anchored = dataclasses.replace(plan, meta={**plan.meta, "predicted_ms": 0.5 * plan.meta["predicted_ms"]})
+    assert plan_prediction(anchored, lm) == pytest.approx(0.5 * plan.meta["predicted_ms"])
+    other = dataclasses.replace(anchored, meta={**anchored.meta, "original_predicted_ms": 2 * lm.original_ms})
+    assert plan_prediction(other, lm) == pytest.approx(lm.predict(counts))
+
+
 def test_prediction_error_with_the_machines_change_of_speed_cancelled():
     from graphprune.report.prune import prediction_change
 

@@ -783,6 +783,16 @@ def slower_line(v: Validation, plan_meta: Mapping[str, Any], profiled: bool = Fa
     return f"{'; '.join(found)}: {why}; the output is written anyway"
 
 
+def plan_prediction(plan: Plan, latency: LatencyModel) -> float:
+    """The latency ``latency`` predicts for ``plan``: the plan's own prediction when it was planned on this model
+    (its meta's ``predicted_ms``, read on the model anchored at the plans measured while planning), else the
+    model's prediction of its counts."""
+    meta = plan.meta
+    if "predicted_ms" in meta and meta.get("original_predicted_ms") == latency.original_ms:
+        return float(meta["predicted_ms"])
+    return latency.predict({g.group: len(g.keep) for g in plan.groups if g.group in latency.channels})
+
+
 @register_pass
 class ValidatePass(Pass):
     """Check the current model runs like the original, and measure both side by side (batch 1 and the latency batch)."""
@@ -800,7 +810,7 @@ class ValidatePass(Pass):
         threads = self.options.threads or (int(lm.setting.get("threads", 0)) if lm is not None else 0)
         predicted = None
         if lm is not None and ws.plan is not None and runs > 0 and batch == int(lm.setting["batch"]):
-            predicted = lm.predict({g.group: len(g.keep) for g in ws.plan.groups if g.group in lm.channels})
+            predicted = plan_prediction(ws.plan, lm)
         ws.model.graph.dims.update(ws.original.graph.dims)  # the pruned model is counted at the same sequence length
         models = [ws.original, ws.model]
         if ws.quantized is not None:  # the four columns, measured in this one process, side by side
