@@ -54,6 +54,7 @@ from torch import nn
 
 from graphprune import models
 from graphprune.analysis.cost import model_cost
+from graphprune.analysis.latency import fraction_error
 from graphprune.backends.onnx_model import OnnxPrunable
 from graphprune.execution.timing import ROUND_MS, Runner, interleaved_ms, session_runner
 from graphprune.frontends.data import Calibration
@@ -301,8 +302,8 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any
             measured = row[f"lat{pb}_ms"]
             row["prediction_error"] = (row["predicted_ms"] - measured) / measured
             # the same as ratios to each one's own original (load on the machine changes between profiling and measuring)
-            predicted_ratio = row["predicted_ms"] / cost["original_ms_at_plan_batch"]
-            row["prediction_ratio_error"] = predicted_ratio / (measured / info["original"][f"lat{pb}_ms"]) - 1
+            row["prediction_ratio_error"] = fraction_error(row["predicted_ms"], cost["original_ms_at_plan_batch"], measured,
+                                                           info["original"][f"lat{pb}_ms"])
     cost["seconds"] = time.perf_counter() - t_model
     return rows, cost
 

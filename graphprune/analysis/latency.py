@@ -47,7 +47,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ import numpy as np
 
 from graphprune.errors import BadInputError
 
-__all__ = ["FORMAT", "AxisSpec", "BuildStats", "LatencyModel", "OpTable"]
+__all__ = ["FORMAT", "AxisSpec", "BuildStats", "LatencyModel", "OpTable", "fraction_error"]
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,8 @@ class LatencyModel:
         return max(self.original_ms + self.corrected(self.table_delta(keep), self.is_blocked(keep)), MIN_FRACTION * self.original_ms)
 
     def is_blocked(self, keep: Mapping[int, int]) -> bool:
-        """Whether every group ``keep`` prunes keeps a multiple of ``block`` (False when ``block`` is 0)."""
-        return self.block > 0 and all(k % self.block == 0 for g, k in keep.items() if k < self.channels.get(g, k + 1))
+        """Whether every tabulated group ``keep`` prunes keeps a multiple of ``block`` (False when ``block`` is 0)."""
+        return self.block > 0 and all(k % self.block == 0 for g, k in keep.items() if g in self.channels and k < self.channels[g])
 
     def corrected(self, delta: float, blocked: bool = False) -> float:
         """The tables' summed difference ``delta`` (ms) as a whole-model difference: ``factor`` x ``delta`` without
@@ -224,7 +224,7 @@ class LatencyModel:
         shallower anchor's and lowered to a deeper anchor's (an anchor is measured at the plan's own depth, beside
         the original; MobileNetV2 at 224, 3x: a calibration point at 0.29 of the original, the first plan, deeper
         by the tables, at 0.41)."""
-        anchors = self._measured_savings(keep for keep, _ in self.anchors if not self.is_blocked(dict(keep)))
+        anchors = self._anchor_savings(blocked=False)
         if not anchors:
             return ()
         points = _monotone(sorted(anchors))
@@ -247,24 +247,25 @@ class LatencyModel:
         to either misprices the other by up to 20%."""
         if self.block <= 0:
             return ()
-        blocked = [keep for keep, _ in self.anchors if self.is_blocked(dict(keep))]
-        points = self._measured_savings(blocked)
+        points = self._anchor_savings(blocked=True)
         for keep, ms in ((self.blocked, self.blocked_ms), (self.calibration, self.calibration_ms)):
             if keep and ms is not None and self.is_blocked(dict(keep)):
-                x, y = -self.table_delta(dict(keep)), self.original_ms - ms
-                if x > 1e-3 * self.original_ms and y > 0:
-                    points.append((x, y))
+                points += self._saving(keep, ms)
         return tuple(_monotone(sorted(points)))
 
-    def _measured_savings(self, keeps: Iterable[tuple[tuple[int, int], ...]]) -> list[tuple[float, float]]:
-        """(tables' saving, measured saving) in ms of the anchors whose counts are in ``keeps``, where both are
-        positive."""
-        wanted, out = set(keeps), []
+    def _anchor_savings(self, blocked: bool) -> list[tuple[float, float]]:
+        """:meth:`_saving` of each anchor whose counts keep the channel blocking (``blocked``) or break it."""
+        out: list[tuple[float, float]] = []
         for keep, ratio in self.anchors:
-            x, y = -self.table_delta(dict(keep)), (1.0 - ratio) * self.original_ms
-            if keep in wanted and x > 1e-3 * self.original_ms and y > 0:
-                out.append((x, y))
+            if self.is_blocked(dict(keep)) == blocked:
+                out += self._saving(keep, ratio * self.original_ms)
         return out
+
+    def _saving(self, keep: tuple[tuple[int, int], ...], measured_ms: float) -> list[tuple[float, float]]:
+        """[(tables' saving, measured saving)] in ms of the model pruned to ``keep`` and measured at ``measured_ms``;
+        [] unless both are positive."""
+        x, y = -self.table_delta(dict(keep)), self.original_ms - measured_ms
+        return [(x, y)] if x > 1e-3 * self.original_ms and y > 0 else []
 
     def with_blocked(self, keep: Mapping[int, int], measured_ms: float, block: int) -> LatencyModel:
         """A copy with the blocked calibration point: the model pruned to ``keep`` (counts multiples of ``block``)
@@ -389,6 +390,18 @@ class LatencyModel:
             return cls.from_json(Path(path).read_text())
         except OSError as exc:
             raise BadInputError(f"{path}: cannot read latency model ({exc.strerror})") from None
+
+
+def fraction_error(predicted_ms: float, predicted_original_ms: float, measured_ms: float, original_ms: float) -> float:
+    """A prediction's error as fractions of each one's own original: the predicted fraction of the latency model's
+    original against the measured fraction of the original timed beside it, (predicted - measured) / measured. A
+    change of the machine's speed between profiling and measuring cancels.
+
+    >>> round(fraction_error(2.2, 4.0, 2.5, 5.0), 3)
+    0.1
+    """
+    fraction = measured_ms / original_ms
+    return (predicted_ms / predicted_original_ms - fraction) / fraction
 
 
 def _monotone(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -388,24 +388,23 @@ class _Meter:
     spot_checks: int = 0
     stale_tables: int = 0
 
-    def time(self, model: ir.Model, feeds: Mapping[str, np.ndarray] | None = None, runs: int | None = None,
-             statistic: str | None = None, probe: bool = True) -> float:
-        """Milliseconds of ``model`` (a cut probe unless ``probe`` is False: quantized as a probe, see
-        :func:`graphprune.backends.quantize.quantized_for_timing`)."""
+    def time(self, model: ir.Model) -> float:
+        """Milliseconds of the cut probe ``model`` on random inputs, by the options' statistic of their runs
+        (quantized as a probe, see :func:`graphprune.backends.quantize.quantized_for_timing`; whole models:
+        :meth:`time_model`)."""
         start = time.perf_counter()
-        if feeds is None:
-            rng = np.random.default_rng(0)
-            feeds = {v.name: rng.standard_normal(v.shape.numpy()).astype(v.dtype.numpy())
-                     for v in model.graph.inputs if v.name and v.shape is not None and v.dtype is not None}
-        session = self._session(self._timed_form(model, feeds, probe))
+        rng = np.random.default_rng(0)
+        feeds = {v.name: rng.standard_normal(v.shape.numpy()).astype(v.dtype.numpy())
+                 for v in model.graph.inputs if v.name and v.shape is not None and v.dtype is not None}
+        session = self._session(self._timed_form(model, feeds, probe=True))
         for _ in range(self.options.warmup):
             session.run(None, dict(feeds))
         times = []
-        for _ in range(runs or self.options.runs):
+        for _ in range(self.options.runs):
             t = time.perf_counter()
             session.run(None, dict(feeds))
             times.append(time.perf_counter() - t)
-        ms = 1e3 * (min(times) if (statistic or self.options.statistic) == "min" else float(np.median(times)))
+        ms = 1e3 * (min(times) if self.options.statistic == "min" else float(np.median(times)))
         self.measurements += 1
         self.seconds += time.perf_counter() - start
         return ms
@@ -685,6 +684,5 @@ def measure_plan_error(om: OnnxModel, coupling: Coupling, latency: LatencyModel,
                                          statistic=str(s["statistic"]), quantized=bool(s.get("quantized")))
     predicted = latency.predict(keep)
     meter = _Meter(options, options.resolved_provider())
-    measured = meter.time(_pruned(om, coupling, keep), sample_inputs(om.graph, batch=options.batch), runs=options.model_runs, probe=False,
-                          statistic=MODEL_STATISTIC)
+    measured = meter.time_model(_pruned(om, coupling, keep), sample_inputs(om.graph, batch=options.batch))
     return predicted, measured, (predicted - measured) / measured

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from graphprune.analysis.cost import cost_with_keep, model_cost, param_bytes
 from graphprune.analysis.effective import Analysis, AnalysisOptions, analyze
-from graphprune.analysis.latency import LatencyModel
+from graphprune.analysis.latency import LatencyModel, fraction_error
 from graphprune.backends.quantize import QuantizeOptions
 from graphprune.coupling.groups import Coupling
 from graphprune.errors import BadInputError, GraphpruneError, OverLimitError
@@ -362,8 +362,8 @@ def measured_line(meta: Mapping[str, Any], batch: int) -> str:
         predicted = float(meta["predicted_ms"])
         line += f", predicted {predicted:.3f} ms ({100 * (predicted - ms) / ms:+.1f}% error"
         if meta.get("original_predicted_ms"):  # the same as fractions of each one's original: a load change cancels
-            fraction = ms / before
-            line += f"; {100 * (predicted / float(meta['original_predicted_ms']) - fraction) / fraction:+.1f}% as a fraction of the original"
+            rel = fraction_error(predicted, float(meta["original_predicted_ms"]), ms, before)
+            line += f"; {100 * rel:+.1f}% as a fraction of the original"
         line += ")"
     if meta.get("repaired"):
         line += f"; {meta['repaired']}"

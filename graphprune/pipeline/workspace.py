@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 
 from graphprune.analysis.effective import Analysis
-from graphprune.analysis.latency import LatencyModel
+from graphprune.analysis.latency import LatencyModel, fraction_error
 from graphprune.coupling.groups import Coupling, build_groups
 from graphprune.errors import BadInputError
 from graphprune.execution.measure import Figures
@@ -109,8 +109,7 @@ class Validation:
         measured, original = self._measured(of), self._measured(self.before)
         if self.predicted_ms is None or not self.predicted_original_ms or not measured or not original:
             return None
-        fraction = measured / original
-        return (self.predicted_ms / self.predicted_original_ms - fraction) / fraction
+        return fraction_error(self.predicted_ms, self.predicted_original_ms, measured, original)
 
 
 @dataclasses.dataclass(frozen=True)

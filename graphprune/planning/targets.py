@@ -332,11 +332,10 @@ def _blocked_first(replan: Replan, first: Plan, latency: LatencyModel, round_to:
     the blocking and the re-plan's keep it, and :func:`never_slower` would measure it (it does not overshoot the
     target while the first plan measured faster). None otherwise."""
     multiple = next((m for m in REPAIR_MULTIPLES if m > round_to), 0)
-    keep = {g: k for g, k in _counts(first).items() if g in latency.channels}
-    if not multiple or latency.block <= 0 or latency.is_blocked(keep):
+    if not multiple or latency.block <= 0 or latency.is_blocked(_counts(first)):
         return None
     other, _ = _unseen(replan, multiple, [_counts(first)])
-    if other is None or not latency.is_blocked({g: k for g, k in _counts(other).items() if g in latency.channels}):
+    if other is None or not latency.is_blocked(_counts(other)):
         return None
     if latency.anchors and latency.anchors[-1][1] <= 1.0 and _overshoots(other, first):
         return None
